@@ -1,0 +1,3 @@
+"""migrate: checkpoint, restore and live migration of running Linux processes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,448 @@
+"""Image files: header, length-prefixed protobuf records, raw page files.
+
+Layout of every file (DESIGN.md §2)::
+
+    0   magic "MGRT"        4 bytes
+    4   format version      u16 LE
+    6   kind (ImageKind)    u16 LE
+    8   flags, reserved     2 x u32 (zero)
+    16  records: u32 LE length, then that many bytes of protobuf, repeated
+
+A pages file has the same 16-byte header padded with zeros to 4096 bytes, then
+raw 4 KiB pages in pagemap order, page aligned (mmap or O_DIRECT friendly).
+Every file's size and xxh3-128 are listed in inventory.img, which is written
+last: a directory without a valid inventory is not an image.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import re
+import struct
+import time
+
+import xxhash
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+
+from migrate.errors import ImageError
+from migrate.images import _pb
+
+MAGIC = b"MGRT"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<4sHHII")
+RECLEN = struct.Struct("<I")
+PAGE_SIZE = 4096
+PAGES_DATA_OFFSET = PAGE_SIZE
+MAX_RECORD = 64 << 20   # the largest single message we accept (an mm of ~500k VMAs)
+MAX_RECORDS = 1 << 22
+
+PE_PRESENT = 1
+PE_IN_PARENT = 2
+PE_LAZY = 4
+PE_ZERO = 8
+
+
+class ImageKind(enum.IntEnum):
+    INVENTORY = 1
+    PSTREE = 2
+    CORE = 3
+    MM = 4
+    PAGEMAP = 5
+    PAGES = 6
+    FILES = 7
+    FDINFO = 8
+    FS = 9
+    STATS = 10
+
+
+# kind -> (message class of the first record, of the following records)
+_SCHEMA = {
+    ImageKind.INVENTORY: (_pb.inventory_pb2.inventory_entry, None),
+    ImageKind.PSTREE: (_pb.pstree_pb2.pstree_entry, _pb.pstree_pb2.pstree_entry),
+    ImageKind.CORE: (_pb.core_pb2.task_core_entry, None),
+    ImageKind.MM: (_pb.mm_pb2.mm_entry, None),
+    ImageKind.PAGEMAP: (_pb.pagemap_pb2.pagemap_head, _pb.pagemap_pb2.pagemap_entry),
+    ImageKind.FILES: (_pb.files_pb2.file_entry, _pb.files_pb2.file_entry),
+    ImageKind.FDINFO: (_pb.files_pb2.fdinfo_entry, _pb.files_pb2.fdinfo_entry),
+    ImageKind.FS: (_pb.files_pb2.fs_entry, None),
+    ImageKind.STATS: (_pb.stats_pb2.stats_entry, None),
+}
+
+_NAMES = [
+    (re.compile(r"inventory\.img"), ImageKind.INVENTORY),
+    (re.compile(r"pstree\.img"), ImageKind.PSTREE),
+    (re.compile(r"core-\d+\.img"), ImageKind.CORE),
+    (re.compile(r"mm-\d+\.img"), ImageKind.MM),
+    (re.compile(r"pagemap-\d+\.img"), ImageKind.PAGEMAP),
+    (re.compile(r"pages-\d+\.img"), ImageKind.PAGES),
+    (re.compile(r"files\.img"), ImageKind.FILES),
+    (re.compile(r"fdinfo-\d+\.img"), ImageKind.FDINFO),
+    (re.compile(r"fs-\d+\.img"), ImageKind.FS),
+    (re.compile(r"stats-(dump|restore)\.img"), ImageKind.STATS),
+]
+
+
+def kind_of(name: str) -> ImageKind | None:
+    base = os.path.basename(name)
+    for rx, kind in _NAMES:
+        if rx.fullmatch(base):
+            return kind
+    return None
+
+
+def header(kind: ImageKind) -> bytes:
+    return HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, 0)
+
+
+def parse_header(data: bytes, path: str, expect: ImageKind | None = None) -> ImageKind:
+    if len(data) < HEADER.size:
+        raise ImageError(path, 0, f"truncated header: {len(data)} of {HEADER.size} bytes")
+    magic, version, kind, _, _ = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ImageError(path, 0, f"bad magic {magic!r}, expected {MAGIC!r}: not a migrate image")
+    if version != FORMAT_VERSION:
+        raise ImageError(path, 4, f"format version {version}, this migrate reads "
+                                  f"version {FORMAT_VERSION}")
+    try:
+        k = ImageKind(kind)
+    except ValueError:
+        raise ImageError(path, 6, f"unknown image kind {kind}") from None
+    if expect is not None and k != expect:
+        raise ImageError(path, 6, f"image kind {k.name}, expected {expect.name}")
+    return k
+
+
+def encode_records(kind: ImageKind, msgs) -> bytes:
+    parts = [header(kind)]
+    for m in msgs:
+        b = m.SerializeToString()
+        if len(b) > MAX_RECORD:
+            raise ValueError(f"{kind.name} record of {len(b)} bytes exceeds {MAX_RECORD}")
+        parts.append(RECLEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
+    """Parse a records file; every length is checked before it is used."""
+    kind = parse_header(data, path, expect)
+    if kind == ImageKind.PAGES:
+        raise ImageError(path, 0, "a pages file holds raw pages, not records")
+    first_cls, rest_cls = _SCHEMA[kind]
+    out = []
+    off = HEADER.size
+    while off < len(data):
+        if len(out) >= MAX_RECORDS:
+            raise ImageError(path, off, f"more than {MAX_RECORDS} records")
+        if len(data) - off < RECLEN.size:
+            raise ImageError(path, off, f"truncated record length: {len(data) - off} "
+                                        f"of {RECLEN.size} bytes")
+        (n,) = RECLEN.unpack_from(data, off)
+        if n > MAX_RECORD:
+            raise ImageError(path, off, f"record length {n} exceeds the limit {MAX_RECORD}")
+        if n > len(data) - off - RECLEN.size:
+            raise ImageError(path, off, f"truncated record: length {n} but only "
+                                        f"{len(data) - off - RECLEN.size} bytes follow")
+        cls = first_cls if not out else rest_cls
+        if cls is None:
+            raise ImageError(path, off, f"{kind.name} image holds one record, found more")
+        msg = cls()
+        try:
+            msg.ParseFromString(data[off + RECLEN.size: off + RECLEN.size + n])
+        except DecodeError as e:
+            raise ImageError(path, off, f"malformed {cls.DESCRIPTOR.name} record: {e}") from None
+        out.append(msg)
+        off += RECLEN.size + n
+    if not out:
+        raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
+    return kind, out
+
+
+def _hexdigest(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class PagesWriter:
+    """Streams raw pages to pages-PID.img, hashing as it goes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.hasher = xxhash.xxh3_128()
+        head = header(ImageKind.PAGES).ljust(PAGES_DATA_OFFSET, b"\0")
+        self._write(head)
+        self.nr_pages = 0
+
+    def _write(self, view) -> None:
+        view = memoryview(view)
+        self.hasher.update(view)
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as e:
+                raise ImageError(self.path, self.size + done,
+                                 f"write failed: {os.strerror(e.errno)}") from e
+        self.size_written = getattr(self, "size_written", 0) + len(view)
+
+    @property
+    def size(self) -> int:
+        return getattr(self, "size_written", 0)
+
+    def write(self, view) -> None:
+        n = len(view)
+        if n % PAGE_SIZE:
+            raise ValueError(f"page data of {n} bytes is not page aligned")
+        self._write(view)
+        self.nr_pages += n // PAGE_SIZE
+
+    def close(self) -> tuple[int, str]:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
+        finally:
+            os.close(self.fd)
+        return self.size, self.hasher.hexdigest()
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class PagesReader:
+    """Reads pages-PID.img sequentially, checking its checksum at the end."""
+
+    def __init__(self, path: str, size: int | None, digest: str | None) -> None:
+        self.path = path
+        self.expect_size = size
+        self.expect_digest = digest
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ImageError(path, None, "missing") from None
+        st = os.fstat(self.fd)
+        if size is not None and st.st_size != size:
+            os.close(self.fd)
+            raise ImageError(path, min(st.st_size, size),
+                             f"size {st.st_size}, the inventory says {size} (truncated or grown)")
+        head = os.pread(self.fd, PAGES_DATA_OFFSET, 0)
+        parse_header(head, path, ImageKind.PAGES)
+        if len(head) < PAGES_DATA_OFFSET:
+            raise ImageError(path, len(head), "truncated before the first page")
+        self.hasher = xxhash.xxh3_128(head)
+        self.pos = PAGES_DATA_OFFSET
+        self.nr_pages = (st.st_size - PAGES_DATA_OFFSET) // PAGE_SIZE
+
+    def readinto(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], self.pos)
+            if n <= 0:
+                raise ImageError(self.path, self.pos, f"truncated: wanted {len(view) - got} "
+                                                      "more bytes of pages")
+            got += n
+            self.pos += n
+        self.hasher.update(view)
+
+    def seek_page(self, index: int) -> None:
+        """Random access (lazy pages); the checksum is then not checked."""
+        self.pos = PAGES_DATA_OFFSET + index * PAGE_SIZE
+        self.expect_digest = None
+
+    def verify(self) -> None:
+        if self.expect_digest is None:
+            return
+        if self.pos != self.expect_size:
+            rest = bytearray(1 << 20)
+            while True:
+                n = os.preadv(self.fd, [rest], self.pos)
+                if n <= 0:
+                    break
+                self.hasher.update(memoryview(rest)[:n])
+                self.pos += n
+        got = self.hasher.hexdigest()
+        if got != self.expect_digest:
+            raise ImageError(self.path, None, f"checksum mismatch: xxh3-128 {got}, "
+                                              f"the inventory says {self.expect_digest}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class ImageDir:
+    """An image directory: write files, then commit the inventory last."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.checksums: dict[str, tuple[int, str]] = {}
+        self.inventory = None
+
+    # -- writing ---------------------------------------------------------
+    @classmethod
+    def create(cls, path: str) -> "ImageDir":
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ImageError(path, None, f"cannot create image directory: "
+                                         f"{os.strerror(e.errno)}") from e
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ImageError(path, None, "image directory is not writable")
+        inv = os.path.join(path, "inventory.img")
+        if os.path.exists(inv):
+            os.unlink(inv)  # an old image is incomplete until we commit again
+        return cls(path)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write_image(self, name: str, msgs) -> None:
+        kind = kind_of(name)
+        if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
+            raise ValueError(f"{name}: not a records image name")
+        data = encode_records(kind, msgs)
+        self._write_file(name, data)
+        self.checksums[name] = (len(data), _hexdigest(data))
+
+    def _write_file(self, name: str, data: bytes) -> None:
+        path = self._file(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise ImageError(path, None, f"write failed: {os.strerror(e.errno)}") from e
+
+    def pages_writer(self, pid: int) -> PagesWriter:
+        path = self._file(f"pages-{pid}.img")
+        try:
+            return PagesWriter(path)
+        except OSError as e:
+            raise ImageError(path, None, f"cannot create: {os.strerror(e.errno)}") from e
+
+    def add_pages(self, pid: int, writer: PagesWriter) -> None:
+        self.checksums[f"pages-{pid}.img"] = writer.close()
+
+    def commit(self, inv) -> None:
+        """Write inventory.img with every file's checksum, then sync the dir."""
+        del inv.files[:]
+        for name in sorted(self.checksums):
+            size, digest = self.checksums[name]
+            inv.files.add(name=name, size=size, xxh3_128=digest)
+        inv.format_version = FORMAT_VERSION
+        if not inv.created_ns:
+            inv.created_ns = time.time_ns()
+        self._write_file("inventory.img", encode_records(ImageKind.INVENTORY, [inv]))
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+        self.inventory = inv
+
+    # -- reading ---------------------------------------------------------
+    @classmethod
+    def open(cls, path: str) -> "ImageDir":
+        if not os.path.isdir(path):
+            raise ImageError(path, None, "no such image directory")
+        d = cls(path)
+        inv_path = d._file("inventory.img")
+        try:
+            with open(inv_path, "rb") as f:
+                data = f.read(MAX_RECORD + HEADER.size + RECLEN.size + 1)
+        except FileNotFoundError:
+            raise ImageError(inv_path, None, "missing: the image is incomplete "
+                                             "(a dump that did not finish?)") from None
+        _, (inv,) = decode_records(data, inv_path, ImageKind.INVENTORY)
+        d.inventory = inv
+        for f in inv.files:
+            d.checksums[f.name] = (f.size, f.xxh3_128)
+        return d
+
+    def has(self, name: str) -> bool:
+        return name in self.checksums
+
+    def read_image(self, name: str):
+        path = self._file(name)
+        if name not in self.checksums:
+            raise ImageError(path, None, "not listed in inventory.img")
+        size, digest = self.checksums[name]
+        try:
+            with open(path, "rb") as f:
+                data = f.read(size + 1)
+        except FileNotFoundError:
+            raise ImageError(path, None, "missing (listed in inventory.img)") from None
+        if len(data) != size:
+            raise ImageError(path, min(len(data), size),
+                             f"size {len(data) if len(data) <= size else 'over ' + str(size)}, "
+                             f"the inventory says {size} (truncated or grown)")
+        got = _hexdigest(data)
+        if got != digest:
+            # Find the first bad record for a useful offset, else report the file.
+            decode_records(data, path, kind_of(name))
+            raise ImageError(path, None, f"checksum mismatch: xxh3-128 {got}, "
+                                         f"the inventory says {digest}")
+        return decode_records(data, path, kind_of(name))[1]
+
+    def read_one(self, name: str):
+        return self.read_image(name)[0]
+
+    def pages_reader(self, pid: int) -> PagesReader:
+        name = f"pages-{pid}.img"
+        size, digest = self.checksums.get(name, (None, None))
+        if size is None:
+            raise ImageError(self._file(name), None, "not listed in inventory.img")
+        return PagesReader(self._file(name), size, digest)
+
+    def verify_all(self) -> None:
+        """Check every listed file (used by `migrate show --verify`)."""
+        for name in self.checksums:
+            if kind_of(name) == ImageKind.PAGES:
+                r = self.pages_reader(int(name[6:-4]))
+                r.verify()
+                r.close()
+            else:
+                self.read_image(name)
+
+
+def decode_file(path: str, max_pages: int = 0) -> dict:
+    """Any image file as a JSON-ready dict (`migrate show`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PAGES_DATA_OFFSET)
+            kind = parse_header(head, path)
+            if kind == ImageKind.PAGES:
+                size = os.fstat(f.fileno()).st_size
+                return {"magic": "PAGES", "file": os.path.basename(path),
+                        "nr_pages": (size - PAGES_DATA_OFFSET) // PAGE_SIZE}
+            f.seek(0)
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(path, None, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(path, None, "is a directory") from None
+    kind, msgs = decode_records(data, path)
+    entries = [json_format.MessageToDict(m, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=False)
+               for m in msgs]
+    return {"magic": kind.name, "file": os.path.basename(path), "entries": entries}
+
+
+def errno_name(e: int) -> str:
+    return errno.errorcode.get(e, str(e))

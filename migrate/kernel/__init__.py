@@ -1,0 +1,1 @@
+"""Linux interfaces: the only package that touches cffi or raw syscalls."""

@@ -1,0 +1,228 @@
+"""Another process's memory: process_vm_readv/writev, /proc/PID/mem, PAGEMAP_SCAN."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+from migrate import errors
+from migrate.kernel._ffi import ffi, libc
+
+PAGE_SIZE = 4096
+IOV_MAX = 1024
+
+# include/uapi/linux/fs.h, Documentation/admin-guide/mm/pagemap.rst
+PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageRegion:
+    """struct page_region: [start, end) with the categories all its pages share."""
+    start: int
+    end: int
+    categories: int
+
+    @property
+    def nr_pages(self) -> int:
+        return (self.end - self.start) // PAGE_SIZE
+
+
+class PagemapScanner:
+    """ioctl(PAGEMAP_SCAN) on /proc/PID/pagemap: page ranges, not a u64 per page."""
+
+    VEC_LEN = 4096
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise errors.from_errno("open pagemap", e.errno, pid) from e
+        self._vec = ffi.new("struct page_region[]", self.VEC_LEN)
+        self._arg = ffi.new("struct pm_scan_arg *")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "PagemapScanner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def scan(self, start: int, end: int, *, require: int = 0, exclude: int = 0,
+             anyof: int = 0, return_mask: int | None = None,
+             flags: int = 0) -> list[PageRegion]:
+        """Regions in [start, end) whose pages have every category in
+        ``require``, none in ``exclude`` and at least one in ``anyof``."""
+        a = self._arg
+        out: list[PageRegion] = []
+        pos = start
+        while pos < end:
+            a.size = ffi.sizeof("struct pm_scan_arg")
+            a.flags = flags
+            a.start = pos
+            a.end = end
+            a.walk_end = 0
+            a.vec = int(ffi.cast("uintptr_t", self._vec))
+            a.vec_len = self.VEC_LEN
+            a.max_pages = 0
+            a.category_inverted = exclude
+            a.category_mask = require | exclude
+            a.category_anyof_mask = anyof
+            a.return_mask = (return_mask if return_mask is not None
+                             else require | exclude | anyof)
+            n = libc.ioctl(self.fd, ffi.cast("unsigned long", PAGEMAP_SCAN), a)
+            if n < 0:
+                raise errors.from_errno("ioctl(PAGEMAP_SCAN)", ffi.errno, self.pid,
+                                        f"range {pos:#x}-{end:#x}")
+            v = self._vec
+            for i in range(n):
+                out.append(PageRegion(int(v[i].start), int(v[i].end), int(v[i].categories)))
+            walk_end = int(a.walk_end)
+            if walk_end <= pos:  # no progress: should not happen, never loop
+                break
+            pos = walk_end
+        return out
+
+
+def supports_pagemap_scan() -> bool:
+    try:
+        with PagemapScanner(os.getpid()) as s:
+            s.scan(0, PAGE_SIZE, anyof=PAGE_IS_PRESENT)
+        return True
+    except errors.KernelError:
+        return False
+
+
+class _IovBatch:
+    """Reusable iovec arrays for one process_vm_* call."""
+
+    def __init__(self) -> None:
+        self.local = ffi.new("struct iovec[]", IOV_MAX)
+        self.remote = ffi.new("struct iovec[]", IOV_MAX)
+
+
+_batch = _IovBatch()
+
+
+def _vm_rw(fn, name: str, pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
+    """ranges: (remote_addr, length, offset in buf).  Returns bytes moved."""
+    total = 0
+    base = ffi.cast("char *", ffi.from_buffer(buf)) if not isinstance(buf, ffi.CData) else buf
+    for i0 in range(0, len(ranges), IOV_MAX):
+        chunk = ranges[i0:i0 + IOV_MAX]
+        want = 0
+        for j, (addr, ln, off) in enumerate(chunk):
+            _batch.local[j].iov_base = base + off
+            _batch.local[j].iov_len = ln
+            _batch.remote[j].iov_base = ffi.cast("void *", addr)
+            _batch.remote[j].iov_len = ln
+            want += ln
+        n = fn(pid, _batch.local, len(chunk), _batch.remote, len(chunk), 0)
+        if n < 0:
+            err = ffi.errno
+            raise errors.from_errno(name, err, pid, f"at {chunk[0][0]:#x}, {want} bytes")
+        if n != want:
+            # Short transfer: find the first address that failed.
+            done = n
+            for addr, ln, _ in chunk:
+                if done < ln:
+                    raise errors.KernelError(name, errno.EFAULT, pid,
+                                             f"short transfer at {addr + done:#x}")
+                done -= ln
+        total += n
+    return total
+
+
+def vm_read(pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
+    """process_vm_readv in large iovec batches into ``buf``."""
+    return _vm_rw(libc.process_vm_readv, "process_vm_readv", pid, buf, ranges)
+
+
+def vm_write(pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
+    """process_vm_writev in large iovec batches from ``buf``."""
+    return _vm_rw(libc.process_vm_writev, "process_vm_writev", pid, buf, ranges)
+
+
+def read_bytes(pid: int, addr: int, size: int) -> bytes:
+    buf = bytearray(size)
+    vm_read(pid, buf, [(addr, size, 0)])
+    return bytes(buf)
+
+
+def write_bytes(pid: int, addr: int, data: bytes) -> None:
+    vm_write(pid, data, [(addr, len(data), 0)])
+
+
+class ProcMem:
+    """/proc/PID/mem: reaches PROT_NONE and read-only areas (FOLL_FORCE)."""
+
+    def __init__(self, pid: int, write: bool = False) -> None:
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem",
+                              (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as e:
+            raise errors.from_errno("open /proc/PID/mem", e.errno, pid) from e
+
+    def read(self, addr: int, size: int) -> bytes:
+        try:
+            data = os.pread(self.fd, size, addr)
+        except OSError as e:
+            raise errors.from_errno("pread /proc/PID/mem", e.errno, self.pid,
+                                    f"at {addr:#x}") from e
+        if len(data) != size:
+            raise errors.KernelError("pread /proc/PID/mem", errno.EFAULT, self.pid,
+                                     f"short read at {addr + len(data):#x}")
+        return data
+
+    def readinto(self, addr: int, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = os.preadv(self.fd, [view[got:]], addr + got)
+            except OSError as e:
+                raise errors.from_errno("pread /proc/PID/mem", e.errno, self.pid,
+                                        f"at {addr + got:#x}") from e
+            if n <= 0:
+                raise errors.KernelError("pread /proc/PID/mem", errno.EFAULT, self.pid,
+                                         f"short read at {addr + got:#x}")
+            got += n
+
+    def write(self, addr: int, data) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.pwrite(self.fd, view[done:], addr + done)
+            except OSError as e:
+                raise errors.from_errno("pwrite /proc/PID/mem", e.errno, self.pid,
+                                        f"at {addr + done:#x}") from e
+            if n <= 0:
+                raise errors.KernelError("pwrite /proc/PID/mem", errno.EFAULT, self.pid,
+                                         f"short write at {addr + done:#x}")
+            done += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "ProcMem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

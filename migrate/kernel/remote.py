@@ -1,0 +1,127 @@
+"""Remote system calls in a stopped task, no parasite (DESIGN.md §3).
+
+The task is seized and sits in a ptrace stop.  For each call we point rip at
+a ``syscall`` instruction (0f 05) that already exists in the task (its vdso
+has several), load rax and the arguments, set orig_rax = -1 so that the
+kernel does no syscall-restart processing, and step with PTRACE_SYSCALL to the
+syscall-exit stop, where rax holds the result.  No breakpoint is written and
+no signal is raised, so the task's memory, handlers and mask are untouched:
+a forced SIGTRAP would reset a handler the task set to SIG_IGN.
+
+``finish()`` puts the saved registers back from a fresh PTRACE_INTERRUPT
+stop, where the kernel's syscall-restart logic still runs on them when the
+task resumes: a task frozen in clock_nanosleep restarts it as if nothing
+happened.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from migrate import errors
+from migrate.kernel import memory, ptrace, sysno
+from migrate.kernel._ffi import ffi, libc
+from migrate.kernel.proc import Vma
+
+log = logging.getLogger(__name__)
+
+SYSCALL_INSN = b"\x0f\x05"
+_MASK64 = (1 << 64) - 1
+MAX_ERRNO = 4095
+
+
+class RemoteSyscallError(errors.KernelError):
+    """A remote syscall could not be run at all (not: it returned -errno)."""
+
+
+def find_syscall_insn(pid: int, vmas: list[Vma]) -> int:
+    """Address of a ``syscall`` instruction in an executable area of ``pid``.
+
+    The vdso comes first: every x86_64 vdso has syscall fallbacks and it is
+    never written, so nothing of the task changes.
+    """
+    cands = sorted((v for v in vmas if v.executable and v.path != "[vsyscall]"),
+                   key=lambda v: (v.path != "[vdso]", v.start))
+    with memory.ProcMem(pid) as mem:
+        for v in cands:
+            size = min(v.size, 1 << 20)
+            try:
+                data = mem.read(v.start, size)
+            except errors.KernelError:
+                continue
+            i = data.find(SYSCALL_INSN)
+            if i >= 0:
+                return v.start + i
+    raise RemoteSyscallError("find syscall instruction", errno.ENOEXEC, pid,
+                             "no executable area holds a syscall instruction")
+
+
+class RemoteTask:
+    """Issue system calls inside a seized task that is in a ptrace stop."""
+
+    def __init__(self, pid: int, gadget: int) -> None:
+        self.pid = pid
+        self.gadget = gadget
+        self.saved = ptrace.getregs(pid)
+        self.calls = 0
+        self.at_syscall_exit = False
+        self._work = ffi.new("struct user_regs_struct *")
+        for n in ptrace.REG_NAMES:
+            setattr(self._work, n, getattr(self.saved, n) & _MASK64)
+        self._work.orig_rax = _MASK64  # -1: no restart processing on the way out
+        self._work.rip = gadget
+        self._rax = ffi.new("unsigned long *")
+        self._status = ffi.new("int *")
+        self._long = ffi.typeof("long")
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
+    def _pt(self, req: int, addr, data) -> None:
+        L = self._long
+        r = libc.syscall(ffi.cast(L, sysno.ptrace), ffi.cast(L, req), ffi.cast(L, self.pid),
+                         ffi.cast(L, addr), ffi.cast(L, data))
+        if r == -1:
+            raise errors.from_errno(f"ptrace({req:#x})", ffi.errno, self.pid)
+
+    def call(self, nr: int, *args: int, check: bool = True, what: str = "") -> int:
+        if len(args) > 6:
+            raise ValueError("a syscall takes at most 6 arguments")
+        w = self._work
+        w.rax = nr
+        a = list(args) + [0] * (6 - len(args))
+        w.rdi = a[0] & _MASK64
+        w.rsi = a[1] & _MASK64
+        w.rdx = a[2] & _MASK64
+        w.r10 = a[3] & _MASK64
+        w.r8 = a[4] & _MASK64
+        w.r9 = a[5] & _MASK64
+        pid = self.pid
+        self._pt(ptrace.PTRACE_SETREGS, 0, w)
+        for phase in ("entry", "exit"):
+            self._pt(ptrace.PTRACE_SYSCALL, 0, 0)
+            st = ptrace.wait(pid)
+            if not st.is_syscall_stop:
+                raise RemoteSyscallError(
+                    f"remote {sysno.name(nr)}", errno.EFAULT, pid,
+                    f"expected syscall-{phase} stop at {self.gadget:#x}, "
+                    f"task {st.describe()}")
+        self.at_syscall_exit = True
+        self.calls += 1
+        # PTRACE_PEEKUSER of offsetof(struct user_regs_struct, rax)
+        self._pt(3, 10 * 8, self._rax)
+        res = int(self._rax[0])
+        if res > _MASK64 >> 1:
+            res -= 1 << 64
+        if check and -MAX_ERRNO <= res < 0:
+            raise errors.from_errno(f"remote {what or sysno.name(nr)}", -res, pid)
+        if self._debug:
+            log.debug("pid %d: remote %s%s = %#x", pid, sysno.name(nr),
+                      tuple(hex(x) for x in args), res & _MASK64)
+        return res
+
+    def finish(self) -> None:
+        """Put the saved registers back from an interrupt stop (see module doc)."""
+        if self.at_syscall_exit:
+            ptrace.interrupt_and_wait_from_stop(self.pid)
+            self.at_syscall_exit = False
+        ptrace.setregs(self.pid, self.saved)

@@ -1,0 +1,109 @@
+"""Raw system calls through libc's syscall(2), with errno turned into errors."""
+
+from __future__ import annotations
+
+from migrate import errors
+from migrate.kernel import sysno
+from migrate.kernel._ffi import ffi, libc
+
+_long = ffi.typeof("long")
+
+
+def _arg(a):
+    if isinstance(a, int):
+        return ffi.cast(_long, a)
+    return ffi.cast(_long, a)  # cdata pointer
+
+
+def raw(nr: int, *args) -> tuple[int, int]:
+    """Issue syscall ``nr``; return (result, errno) without raising."""
+    r = libc.syscall(ffi.cast(_long, nr), *[_arg(a) for a in args])
+    return r, (ffi.errno if r == -1 else 0)
+
+
+def call(nr: int, *args, pid: int | None = None, detail: str = "") -> int:
+    """Issue syscall ``nr`` and raise a KernelError subclass on failure."""
+    r = libc.syscall(ffi.cast(_long, nr), *[_arg(a) for a in args])
+    if r == -1:
+        raise errors.from_errno(sysno.name(nr), ffi.errno, pid, detail)
+    return r
+
+
+def ioctl(fd: int, request: int, arg) -> int:
+    r = libc.ioctl(fd, ffi.cast("unsigned long", request), arg)
+    if r == -1:
+        raise errors.from_errno("ioctl", ffi.errno, None, f"fd {fd} request {request:#x}")
+    return r
+
+
+def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
+    return call(sysno.prctl, option, a2, a3, a4, a5)
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_MM = 35
+PR_SET_MM_MAP = 14
+PR_GET_TID_ADDRESS = 40
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+PR_GET_THP_DISABLE = 42
+PR_SET_THP_DISABLE = 41
+PR_GET_PDEATHSIG = 2
+
+
+def set_child_subreaper() -> None:
+    """Become a subreaper: orphans below us are reparented to us, not init."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def get_robust_list(pid: int) -> tuple[int, int]:
+    head = ffi.new("uint64_t *")
+    size = ffi.new("size_t *")
+    call(sysno.get_robust_list, pid, head, size, pid=pid)
+    return int(head[0]), int(size[0])
+
+
+def prlimit(pid: int, resource: int) -> tuple[int, int]:
+    old = ffi.new("uint64_t[2]")
+    call(sysno.prlimit64, pid, resource, ffi.NULL, old, pid=pid,
+         detail=f"resource {resource}")
+    return int(old[0]), int(old[1])
+
+
+def set_prlimit(pid: int, resource: int, soft: int, hard: int) -> None:
+    new = ffi.new("uint64_t[2]", [soft, hard])
+    call(sysno.prlimit64, pid, resource, new, ffi.NULL, pid=pid,
+         detail=f"resource {resource}")
+
+
+CLONE_PARENT = 0x8000
+
+
+def clone3_with_pid(pid: int, *, flags: int = 0, exit_signal: int = 17) -> int:
+    """Fork this process with raw clone3(2) at exactly ``pid`` (set_tid).
+
+    Returns 0 in the child and the pid in the parent.  EEXIST: pid taken.
+    Race-free, unlike writing ns_last_pid (DESIGN.md §3).
+    """
+    tid = ffi.new("int64_t[1]", [pid])
+    args = ffi.new("struct clone_args *")
+    args.flags = flags
+    args.exit_signal = exit_signal
+    args.set_tid = int(ffi.cast("uintptr_t", tid))
+    args.set_tid_size = 1
+    return call(sysno.clone3, args, ffi.sizeof("struct clone_args"),
+                detail=f"set_tid {pid}")
+
+
+def pidfd_open(pid: int) -> int:
+    return call(sysno.pidfd_open, pid, 0, pid=pid)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
+    return call(sysno.pidfd_getfd, pidfd, targetfd, 0, pid=pid, detail=f"fd {targetfd}")
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    call(sysno.tgkill, tgid, tid, sig, pid=tid)

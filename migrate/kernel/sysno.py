@@ -1,0 +1,79 @@
+"""x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+
+python-ptrace has the full table for names in logs; these are the calls
+migrate issues itself, locally or as remote syscalls.
+"""
+
+from __future__ import annotations
+
+read = 0
+write = 1
+open = 2
+close = 3
+lseek = 8
+mmap = 9
+mprotect = 10
+munmap = 11
+brk = 12
+rt_sigaction = 13
+rt_sigprocmask = 14
+ioctl = 16
+pread64 = 17
+pwrite64 = 18
+mremap = 25
+madvise = 28
+dup2 = 33
+getitimer = 36
+setitimer = 38
+getpid = 39
+exit = 60
+kill = 62
+fcntl = 72
+chdir = 80
+fchdir = 81
+umask = 95
+ptrace = 101
+setpgid = 109
+setsid = 112
+setgroups = 116
+setresuid = 117
+setresgid = 119
+getpgid = 121
+getsid = 124
+capget = 125
+capset = 126
+rt_sigqueueinfo = 129
+sigaltstack = 131
+personality = 135
+prctl = 157
+arch_prctl = 158
+setrlimit = 160
+chroot = 161
+gettid = 186
+set_tid_address = 218
+exit_group = 231
+tgkill = 234
+openat = 257
+set_robust_list = 273
+get_robust_list = 274
+rt_tgsigqueueinfo = 297
+prlimit64 = 302
+process_vm_readv = 310
+process_vm_writev = 311
+memfd_create = 319
+userfaultfd = 323
+rseq = 334
+pidfd_send_signal = 424
+pidfd_open = 434
+clone3 = 435
+close_range = 436
+pidfd_getfd = 438
+
+
+def name(nr: int) -> str:
+    """Name of a syscall number, for logs (python-ptrace's table)."""
+    try:
+        from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
+        return SYSCALL_NAMES.get(nr, f"syscall_{nr}")
+    except ImportError:  # pragma: no cover - python-ptrace is a dependency
+        return f"syscall_{nr}"
