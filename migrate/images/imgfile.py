@@ -156,7 +156,7 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
             raise ImageError(path, off, f"malformed {cls.DESCRIPTOR.name} record: {e}") from None
         out.append(msg)
         off += RECLEN.size + n
-    if not out:
+    if not out and kind not in (ImageKind.FILES, ImageKind.FDINFO):
         raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
     return kind, out
 

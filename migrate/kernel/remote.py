@@ -76,6 +76,11 @@ class RemoteTask:
         self._long = ffi.typeof("long")
         self._debug = log.isEnabledFor(logging.DEBUG)
 
+    def set_gadget(self, gadget: int) -> None:
+        """Use another ``syscall`` instruction from now on."""
+        self.gadget = gadget
+        self._work.rip = gadget
+
     def _pt(self, req: int, addr, data) -> None:
         L = self._long
         r = libc.syscall(ffi.cast(L, sysno.ptrace), ffi.cast(L, req), ffi.cast(L, self.pid),

@@ -1,0 +1,213 @@
+"""The `migrate` command: parses flags (criu(8) names), sets up logging, calls
+the packages.  No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from migrate import __version__, errors
+
+log = logging.getLogger("migrate")
+
+# criu(8): -v0 silent, -v1 errors, -v2 warnings (default), -v3 info, -v4 debug
+LEVELS = {0: logging.CRITICAL + 10, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO,
+          4: logging.DEBUG}
+
+
+def _verbosity(value: str | None) -> int:
+    return 2 if value is None else int(value)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", dest="verbosity", nargs="?", const="v", default=None,
+                   metavar="N", help="verbosity: -v0 silent .. -v4 debug; -v, -vv, ... "
+                                     "add one level each (default 2: warnings)")
+    p.add_argument("--verbosity", dest="verbosity_long", type=int, default=None,
+                   metavar="N", help="same as -vN")
+    p.add_argument("-o", "--log-file", metavar="FILE",
+                   help="write the log to FILE (relative to -D/-W) instead of stderr")
+    p.add_argument("-W", "--work-dir", metavar="DIR",
+                   help="directory for logs and pidfiles (default: the -D directory)")
+    p.add_argument("--display-stats", action="store_true",
+                   help="print the operation's statistics at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="migrate",
+        description="Checkpoint, restore and live-migrate running Linux processes. "
+                    "Commands and flags follow criu(8).")
+    ap.add_argument("-V", "--version", action="version", version=f"migrate {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("dump", help="checkpoint a process into an image directory")
+    d.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
+                   help="the process to dump")
+    d.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    d.add_argument("-R", "--leave-running", action="store_true",
+                   help="leave the process running after the dump (default: kill it)")
+    d.add_argument("-s", "--leave-stopped", action="store_true",
+                   help="leave the process stopped (SIGSTOP) after the dump")
+    d.add_argument("-j", "--shell-job", action="store_true",
+                   help="the process is a job of a shell: dump its terminal fds")
+    _add_common(d)
+
+    r = sub.add_parser("restore", help="bring a dumped process back at its PID")
+    r.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    r.add_argument("-d", "--restore-detached", action="store_true",
+                   help="exit once the process runs (default: wait for it to exit and "
+                        "exit with its status)")
+    r.add_argument("--pidfile", metavar="FILE", help="write the restored PID to FILE")
+    r.add_argument("-j", "--shell-job", action="store_true",
+                   help="give the process this terminal and keep it in this session")
+    r.add_argument("-s", "--leave-stopped", action="store_true",
+                   help="leave the process stopped (SIGSTOP) after the restore")
+    _add_common(r)
+
+    s = sub.add_parser("show", help="decode image files to JSON (like crit)")
+    s.add_argument("path", metavar="FILE|DIR")
+    s.add_argument("--verify", action="store_true",
+                   help="for a directory: check every file against the inventory")
+
+    c = sub.add_parser("check", help="report which kernel features this host has")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--feature", metavar="NAME", help="check one feature (exit 1 if missing)")
+    g.add_argument("--all", action="store_true", help="check every feature")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    return ap
+
+
+def _setup_logging(args) -> None:
+    v = getattr(args, "verbosity", None)
+    if getattr(args, "verbosity_long", None) is not None:
+        level = args.verbosity_long
+    elif v is None:
+        level = 2
+    elif v.isdigit():
+        level = int(v)
+    else:
+        level = 2 + len(v)   # -v, -vv, ...
+    level = max(0, min(4, level))
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if level >= 3:
+        fmt = "%(asctime)s.%(msecs)03d " + fmt
+    handler: logging.Handler
+    logfile = getattr(args, "log_file", None)
+    if logfile:
+        base = getattr(args, "work_dir", None) or getattr(args, "images_dir", None) or "."
+        path = logfile if os.path.isabs(logfile) else os.path.join(base, logfile)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+
+
+def _print_stats(st) -> None:
+    from google.protobuf import json_format
+    print(json.dumps(json_format.MessageToDict(st.to_pb(), preserving_proto_field_name=True),
+                     indent=2))
+
+
+def cmd_dump(args) -> int:
+    from migrate.source.dump import DumpOptions, dump
+    st = dump(DumpOptions(pid=args.tree, images_dir=args.images_dir,
+                          leave_running=args.leave_running,
+                          leave_stopped=args.leave_stopped, shell_job=args.shell_job))
+    if args.display_stats:
+        _print_stats(st)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from migrate.dest.restore import RestoreOptions, restore
+    from migrate.kernel import ptrace
+    pidfile = args.pidfile
+    if pidfile and not os.path.isabs(pidfile):
+        pidfile = os.path.join(args.work_dir or args.images_dir, pidfile)
+    pid, st = restore(RestoreOptions(images_dir=args.images_dir,
+                                     detach=args.restore_detached, pidfile=pidfile,
+                                     shell_job=args.shell_job,
+                                     leave_stopped=args.leave_stopped))
+    if args.display_stats:
+        _print_stats(st)
+    if args.restore_detached:
+        return 0
+    # Like criu: stay the parent and exit with the restored process's status.
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        break
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    return 128 + os.WTERMSIG(status)
+
+
+def cmd_show(args) -> int:
+    from migrate.images import ImageDir, decode_file
+    path = args.path
+    if os.path.isdir(path):
+        d = ImageDir.open(path)
+        if args.verify:
+            d.verify_all()
+        out = {"dir": path, "files": [decode_file(os.path.join(path, "inventory.img"))]}
+        for f in d.inventory.files:
+            out["files"].append(decode_file(os.path.join(path, f.name)))
+        if args.verify:
+            out["verified"] = True
+    else:
+        out = decode_file(path)
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from migrate.source import check
+    results = check.run(args.feature)
+    if args.json:
+        json.dump([r.as_dict() for r in results], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for r in results:
+            mark = "yes" if r.ok else "NO "
+            line = f"{mark}  {r.name:<16} {r.detail}"
+            if not r.ok and r.disables:
+                line += f"  (missing: {r.disables})"
+            print(line)
+    if args.feature:
+        return 0 if results[0].ok else 1
+    return 0
+
+
+COMMANDS = {"dump": cmd_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return COMMANDS[args.command](args)
+    except errors.MigrateError as e:
+        log.error("%s", e)
+        print(f"migrate {args.command}: error: {e}", file=sys.stderr) \
+            if not logging.getLogger().isEnabledFor(logging.ERROR) or \
+            getattr(args, "log_file", None) else None
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

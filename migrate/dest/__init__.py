@@ -1,0 +1,1 @@
+"""The destination side: the restore pipeline."""

@@ -1,0 +1,1 @@
+"""Process state, one module per kind, dump and restore side by side."""

@@ -1,0 +1,375 @@
+"""Memory: VMAs and pages, dump and restore side by side.
+
+Dump: classify every VMA from smaps, find the pages that hold data with
+PAGEMAP_SCAN (present or swapped; not the zero page; in private file
+mappings only pages no longer backed by the file), copy them with
+process_vm_readv in large batches (``/proc/PID/mem`` for unreadable areas,
+the shmem object itself for shared anonymous memory) into the page store.
+
+Restore: recreate every VMA with MAP_FIXED by remote mmap, fill the pages
+(process_vm_writev, ``/proc/PID/mem`` for areas without write permission),
+then set the final protections and madvise flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat as stat_mod
+
+from migrate import errors
+from migrate.images import PE_PRESENT
+from migrate.images._pb import mm_pb2, pagemap_pb2
+from migrate.kernel import memory as kmem
+from migrate.kernel import sysno
+from migrate.kernel.proc import Vma
+from migrate.resources.taskctl import (
+    MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED,
+    O_CLOEXEC, O_RDONLY, O_RDWR, PROT_EXEC, PROT_READ, PROT_WRITE, TaskCtl)
+
+log = logging.getLogger(__name__)
+
+PAGE = kmem.PAGE_SIZE
+K = mm_pb2
+BATCH = 8 << 20          # bytes copied per process_vm_readv / written per write
+SPECIAL = {"[vdso]": K.VDSO, "[vvar]": K.VVAR, "[vvar_vclock]": K.VVAR_VCLOCK,
+           "[vsyscall]": K.VSYSCALL}
+
+# madvise(2) advice for smaps VmFlags (Documentation/filesystems/proc.rst)
+MADV_FOR_FLAG = {"hg": 14, "nh": 15, "dc": 10, "dd": 16, "wf": 18, "mg": 12}
+
+
+def prot_of(perms: str) -> int:
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def perms_of(prot: int, shared: bool) -> str:
+    return ("r" if prot & PROT_READ else "-") + ("w" if prot & PROT_WRITE else "-") + \
+        ("x" if prot & PROT_EXEC else "-") + ("s" if shared else "p")
+
+
+def classify(pid: int, v: Vma) -> int:
+    """The vma_kind of a VMA, or UnsupportedResource."""
+    if v.path in SPECIAL:
+        return SPECIAL[v.path]
+    if v.path == "[stack]":
+        return K.STACK
+    if v.path == "[heap]":
+        return K.HEAP
+    if v.path == "[uprobes]":
+        raise errors.UnsupportedResource(pid, "vma", f"[uprobes] at {v.start:#x}")
+    if v.path == "" or v.path.startswith("[anon:"):
+        return K.ANON_SHARED if v.shared else K.ANON_PRIVATE
+    if v.path.startswith("[anon_shmem:"):
+        return K.ANON_SHARED
+    if v.path.startswith("["):
+        raise errors.UnsupportedResource(pid, "vma", f"{v.path} at {v.start:#x}-{v.end:#x}")
+    # shmem behind a shared anonymous mapping or a memfd: content is ours to keep
+    if v.deleted and (v.path == "/dev/zero" or v.path.startswith("/memfd:")):
+        return K.ANON_SHARED
+    if v.path.startswith("/SYSV"):
+        raise errors.UnsupportedResource(pid, "vma", f"System V shared memory {v.path} at "
+                                                     f"{v.start:#x}")
+    if v.deleted:
+        raise errors.UnsupportedResource(
+            pid, "vma", f"mapping of deleted file {v.path} at {v.start:#x}-{v.end:#x}")
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+    except OSError as e:
+        raise errors.from_errno("stat map_files", e.errno, pid, f"vma {v.start:#x}") from e
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise errors.UnsupportedResource(
+            pid, "vma", f"mapping of non-regular file {v.path} at {v.start:#x}-{v.end:#x}")
+    return K.FILE_SHARED if v.shared else K.FILE_PRIVATE
+
+
+def dump_vmas(pid: int, vmas: list[Vma]) -> list:
+    """vma_entry messages for every VMA (UnsupportedResource before any change)."""
+    out = []
+    for v in vmas:
+        kind = classify(pid, v)
+        e = K.vma_entry(start=v.start, end=v.end, pgoff=v.pgoff,
+                        prot=prot_of(v.perms), kind=kind, path=v.path,
+                        vmflags=list(v.vmflags), deleted=v.deleted)
+        flags = MAP_SHARED if v.shared else MAP_PRIVATE
+        if kind in (K.ANON_PRIVATE, K.ANON_SHARED, K.STACK, K.HEAP):
+            flags |= MAP_ANONYMOUS
+        if "gd" in v.vmflags:
+            flags |= MAP_GROWSDOWN
+        if "nr" in v.vmflags:
+            flags |= MAP_NORESERVE
+        e.flags = flags
+        if kind in (K.FILE_PRIVATE, K.FILE_SHARED):
+            st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+            e.file_size, e.file_ino, e.file_dev = st.st_size, st.st_ino, st.st_dev
+            e.file_mtime_ns = st.st_mtime_ns
+        out.append(e)
+    return out
+
+
+@dataclasses.dataclass(slots=True)
+class PageRun:
+    """Pages [addr, addr + nr_pages * 4096) and where to read them from."""
+    addr: int
+    nr_pages: int
+    source: str          # "vm" (process_vm_readv), "mem" (/proc/PID/mem), "shm"
+    vma_start: int = 0
+    vma_end: int = 0
+    vma_pgoff: int = 0
+
+
+def scan_pages(pid: int, entries: list) -> tuple[list[PageRun], dict[str, int]]:
+    """Which pages of which VMAs hold data that must go into the image."""
+    runs: list[PageRun] = []
+    counts = {"zero": 0, "file": 0}
+    present = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
+    with kmem.PagemapScanner(pid) as sc:
+        for e in entries:
+            if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL, K.FILE_SHARED):
+                continue
+            if e.kind == K.ANON_SHARED:
+                runs.extend(_shmem_runs(pid, e))
+                continue
+            exclude = kmem.PAGE_IS_PFNZERO
+            if e.kind == K.FILE_PRIVATE:
+                exclude |= kmem.PAGE_IS_FILE  # still the file's page: not ours to copy
+            src = "vm" if e.prot & PROT_READ else "mem"
+            for r in sc.scan(e.start, e.end, anyof=present, exclude=exclude):
+                runs.append(PageRun(r.start, r.nr_pages, src))
+    return runs, counts
+
+
+def _shmem_runs(pid: int, e) -> list[PageRun]:
+    """Data ranges of the shmem object behind a shared anonymous VMA.
+
+    SEEK_DATA on the object (through map_files) also finds pages that this
+    process never faulted in, or dropped from its page table.
+    """
+    path = f"/proc/{pid}/map_files/{e.start:x}-{e.end:x}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise errors.from_errno("open map_files", err.errno, pid, f"vma {e.start:#x}") from err
+    runs = []
+    try:
+        lo, hi = e.pgoff, e.pgoff + (e.end - e.start)
+        off = lo
+        while off < hi:
+            try:
+                d = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:
+                    break
+                raise
+            if d >= hi:
+                break
+            h = min(os.lseek(fd, d, os.SEEK_HOLE), hi)
+            runs.append(PageRun(e.start + (d - lo), (h - d) // PAGE, "shm",
+                                e.start, e.end, e.pgoff))
+            off = h
+    finally:
+        os.close(fd)
+    return runs
+
+
+def write_pages(pid: int, runs: list[PageRun], writer) -> list:
+    """Copy the runs into ``writer`` in large batches; return pagemap entries."""
+    buf = bytearray(BATCH)
+    view = memoryview(buf)
+    entries = []
+    batch: list[tuple[int, int, int]] = []
+    fill = 0
+    mem = None
+    shm_fds: dict[int, int] = {}
+
+    def flush() -> None:
+        nonlocal fill, batch
+        if batch:
+            kmem.vm_read(pid, buf, batch)
+            writer.write(view[:fill])
+        batch, fill = [], 0
+
+    try:
+        for r in runs:
+            entries.append(pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages,
+                                                     flags=PE_PRESENT))
+            addr, left = r.addr, r.nr_pages * PAGE
+            while left:
+                if fill == BATCH:
+                    flush()
+                n = min(left, BATCH - fill)
+                if r.source == "vm":
+                    batch.append((addr, n, fill))
+                    if len(batch) == kmem.IOV_MAX:
+                        fill += n
+                        flush()
+                        addr += n
+                        left -= n
+                        continue
+                else:
+                    flush()
+                    if r.source == "mem":
+                        if mem is None:
+                            mem = kmem.ProcMem(pid)
+                        mem.readinto(addr, view[:n])
+                    else:
+                        fd = shm_fds.get(r.vma_start)
+                        if fd is None:
+                            fd = os.open(f"/proc/{pid}/map_files/{r.vma_start:x}-"
+                                         f"{r.vma_end:x}", os.O_RDONLY | os.O_CLOEXEC)
+                            shm_fds[r.vma_start] = fd
+                        _pread_full(fd, view[:n], r.vma_pgoff + addr - r.vma_start, pid)
+                    writer.write(view[:n])
+                    addr += n
+                    left -= n
+                    continue
+                fill += n
+                addr += n
+                left -= n
+        flush()
+    finally:
+        if mem is not None:
+            mem.close()
+        for fd in shm_fds.values():
+            os.close(fd)
+    return entries
+
+
+def _pread_full(fd: int, view: memoryview, off: int, pid: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], off + got)
+        if n <= 0:
+            raise errors.KernelError("pread shmem", errno.EIO, pid, f"offset {off + got:#x}")
+        got += n
+
+
+# --------------------------------------------------------------------------
+# restore
+
+
+def check_files(entries: list) -> None:
+    """Every mapped file must still be there, the same size (before any fork)."""
+    for e in entries:
+        if e.kind not in (K.FILE_PRIVATE, K.FILE_SHARED):
+            continue
+        try:
+            st = os.stat(e.path)
+        except OSError as err:
+            raise errors.RestoreError(
+                f"mapped file {e.path} (vma {e.start:#x}-{e.end:#x}): "
+                f"{os.strerror(err.errno)}") from None
+        if st.st_size != e.file_size:
+            raise errors.RestoreError(
+                f"mapped file {e.path} (vma {e.start:#x}-{e.end:#x}) changed size: "
+                f"{st.st_size} bytes, {e.file_size} at dump")
+        if st.st_mtime_ns != e.file_mtime_ns:
+            log.warning("mapped file %s was modified after the dump", e.path)
+
+
+def initial_prot(e) -> int:
+    """Protection to map with so that VM_ACCOUNT matches the dumped VMA.
+
+    A private VMA that was writable once keeps VM_ACCOUNT ("ac") after an
+    mprotect to read-only; mapping it writable first and mprotecting later
+    reproduces that, and keeps it from merging with neighbours that differ.
+    """
+    prot = e.prot
+    if not (e.flags & MAP_SHARED) and "ac" in e.vmflags:
+        prot |= PROT_WRITE
+    return prot
+
+
+def map_vmas(ctl: TaskCtl, entries: list) -> None:
+    """Recreate every VMA at its address (remote mmap with MAP_FIXED)."""
+    for e in entries:
+        if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
+            continue
+        length = e.end - e.start
+        prot = initial_prot(e)
+        flags = e.flags | MAP_FIXED
+        if e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
+            oflags = O_RDWR if (e.kind == K.FILE_SHARED and "mw" in e.vmflags) else O_RDONLY
+            fd = ctl.open(e.path, oflags | O_CLOEXEC)
+            try:
+                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS, fd,
+                         e.pgoff, what=f"mmap {e.path} at {e.start:#x}")
+            finally:
+                ctl.close(fd)
+        else:
+            flags |= MAP_ANONYMOUS
+            ctl.call(sysno.mmap, e.start, length, prot, flags, -1, 0,
+                     what=f"mmap at {e.start:#x}")
+        for fl, advice in MADV_FOR_FLAG.items():
+            if fl in e.vmflags:
+                ctl.call(sysno.madvise, e.start, length, advice, check=False)
+
+
+def fill_pages(pid: int, entries: list, pagemap: list, reader) -> int:
+    """Copy pages from the page store into the mapped VMAs."""
+    writable = []
+    for e in entries:
+        if initial_prot(e) & PROT_WRITE:
+            writable.append((e.start, e.end))
+    writable.sort()
+
+    def is_writable(addr: int, end: int) -> bool:
+        for s, t in writable:
+            if s <= addr and end <= t:
+                return True
+            if s > addr:
+                break
+        return False
+
+    buf = bytearray(BATCH)
+    view = memoryview(buf)
+    mem = None
+    pages = 0
+    batch: list[tuple[int, int, int]] = []
+    fill = 0
+
+    def flush():
+        nonlocal batch, fill
+        if batch:
+            reader.readinto(view[:fill])
+            kmem.vm_write(pid, buf, batch)
+        batch, fill = [], 0
+
+    try:
+        for pe in pagemap:
+            if not pe.flags & PE_PRESENT:
+                continue
+            addr, left = pe.vaddr, pe.nr_pages * PAGE
+            pages += pe.nr_pages
+            direct = is_writable(addr, addr + left)
+            while left:
+                if fill == BATCH or len(batch) == kmem.IOV_MAX:
+                    flush()
+                n = min(left, BATCH - fill)
+                if direct:
+                    batch.append((addr, n, fill))
+                    fill += n
+                else:
+                    flush()
+                    reader.readinto(view[:n])
+                    if mem is None:
+                        mem = kmem.ProcMem(pid, write=True)
+                    mem.write(addr, view[:n])
+                addr += n
+                left -= n
+        flush()
+    finally:
+        if mem is not None:
+            mem.close()
+    return pages
+
+
+def protect_vmas(ctl: TaskCtl, entries: list) -> None:
+    for e in entries:
+        if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
+            continue
+        if initial_prot(e) != e.prot:
+            ctl.call(sysno.mprotect, e.start, e.end - e.start, e.prot)

@@ -1,0 +1,90 @@
+"""Signals: dispositions, mask, pending queues, sigaltstack, interval timers."""
+
+from __future__ import annotations
+
+import struct
+
+from migrate.images._pb import core_pb2
+from migrate.kernel import ptrace, sysno
+from migrate.resources.taskctl import TaskCtl
+
+NSIG = 64
+SIGKILL, SIGSTOP = 9, 19
+KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask (kernel layout)
+STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
+ITIMERVAL = struct.Struct("<qqqq")    # it_interval {sec, usec}, it_value {sec, usec}
+SS_DISABLE = 2
+
+
+def dump_sigactions(ctl: TaskCtl) -> list:
+    out = []
+    for sig in range(1, NSIG + 1):
+        if sig in (SIGKILL, SIGSTOP):
+            continue
+        ctl.call(sysno.rt_sigaction, sig, 0, ctl.scratch, 8)
+        h, fl, rest, mask = KSIGACTION.unpack(ctl.get(KSIGACTION.size))
+        out.append(core_pb2.sigaction_entry(sig=sig, handler=h, flags=fl, restorer=rest,
+                                            mask=mask))
+    return out
+
+
+def restore_sigactions(ctl: TaskCtl, entries) -> None:
+    # One buffer with every sigaction, then one call each.
+    blob = b"".join(KSIGACTION.pack(e.handler, e.flags, e.restorer, e.mask) for e in entries)
+    base = ctl.put(blob)
+    for i, e in enumerate(entries):
+        ctl.call(sysno.rt_sigaction, e.sig, base + i * KSIGACTION.size, 0, 8,
+                 what=f"rt_sigaction({e.sig})")
+
+
+def dump_sigaltstack(ctl: TaskCtl):
+    ctl.call(sysno.sigaltstack, 0, ctl.scratch)
+    sp, flags, _, size = STACK_T.unpack(ctl.get(STACK_T.size))
+    return core_pb2.sigaltstack_entry(ss_sp=sp, ss_flags=flags, ss_size=size)
+
+
+def restore_sigaltstack(ctl: TaskCtl, e) -> None:
+    flags = e.ss_flags & ~1  # SS_ONSTACK is a state, not a setting
+    if flags & SS_DISABLE:
+        addr = ctl.put(STACK_T.pack(0, SS_DISABLE, 0, 0))
+    else:
+        addr = ctl.put(STACK_T.pack(e.ss_sp, flags, 0, e.ss_size))
+    ctl.call(sysno.sigaltstack, addr, 0)
+
+
+def dump_itimers(ctl: TaskCtl) -> list:
+    out = []
+    for which in range(3):  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
+        ctl.call(sysno.getitimer, which, ctl.scratch)
+        isec, iusec, vsec, vusec = ITIMERVAL.unpack(ctl.get(ITIMERVAL.size))
+        out.append(core_pb2.itimer_entry(interval_sec=isec, interval_usec=iusec,
+                                         value_sec=vsec, value_usec=vusec))
+    return out
+
+
+def restore_itimers(ctl: TaskCtl, entries) -> None:
+    for which, e in enumerate(entries):
+        if not (e.value_sec or e.value_usec):
+            continue  # disarmed: nothing to set in a fresh task
+        addr = ctl.put(ITIMERVAL.pack(e.interval_sec, e.interval_usec,
+                                      e.value_sec, e.value_usec))
+        ctl.call(sysno.setitimer, which, addr, 0)
+
+
+def dump_pending(pid: int, shared: bool) -> list[bytes]:
+    return ptrace.peek_siginfo(pid, shared)
+
+
+def restore_pending(ctl: TaskCtl, tgid: int, tid: int, private: list[bytes],
+                    shared: list[bytes]) -> None:
+    """Queue the signals again; the task sends them to itself, so any si_code is allowed
+    (kernel/signal.c: do_rt_sigqueueinfo checks si_code only for other tasks)."""
+    for info in shared:
+        sig = struct.unpack_from("<i", info)[0]
+        addr = ctl.put(info)
+        ctl.call(sysno.rt_sigqueueinfo, tgid, sig, addr, what=f"rt_sigqueueinfo({sig})")
+    for info in private:
+        sig = struct.unpack_from("<i", info)[0]
+        addr = ctl.put(info)
+        ctl.call(sysno.rt_tgsigqueueinfo, tgid, tid, sig, addr,
+                 what=f"rt_tgsigqueueinfo({sig})")

@@ -1,0 +1,1 @@
+"""The source side: freeze, dump and pre-dump pipelines."""

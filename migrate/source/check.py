@@ -1,0 +1,53 @@
+"""`migrate check`: which kernel features this host has and what each enables."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from migrate.kernel import features
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    ok: bool
+    detail: str
+    disables: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# name -> (probe, what is lost without it)
+FEATURES = {
+    "ptrace": (features.ptrace_scope, "every dump (freezing needs ptrace)"),
+    "pagemap_scan": (features.pagemap_scan,
+                     "fast present-page scans and uffd dirty tracking"),
+    "uffd_wp_async": (features.uffd_wp_async,
+                      "pre-dump dirty tracking without soft-dirty"),
+    "soft_dirty": (features.soft_dirty, "the soft-dirty fallback tracker"),
+    "pidfd_getfd": (features.pidfd_getfd, "dumping sockets, eventfds and other fds "
+                                          "from outside"),
+    "clone3_set_tid": (features.clone3_set_tid, "every restore (the PID cannot be chosen)"),
+    "set_mm_map": (features.set_mm_map, "restoring exe link, auxv and mm bounds"),
+    "sys_resource": (features.sys_resource, "raising hard rlimits on restore (they are "
+                                            "capped, with a warning)"),
+    "tcp_repair": (features.tcp_repair, "--tcp-established"),
+    "nftables": (features.nftables, "the nftables network lock (iptables is the fallback)"),
+}
+
+
+def run(only: str | None = None) -> list[Result]:
+    names = [only] if only else list(FEATURES)
+    out = []
+    for n in names:
+        if n not in FEATURES:
+            out.append(Result(n, False, f"unknown feature; known: {', '.join(FEATURES)}", ""))
+            continue
+        probe, disables = FEATURES[n]
+        try:
+            ok, detail = probe()
+        except OSError as e:
+            ok, detail = False, str(e)
+        out.append(Result(n, ok, detail, disables))
+    return out
