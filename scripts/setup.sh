@@ -1,0 +1,15 @@
+#!/bin/sh
+# Install what migrate needs on a fresh Debian machine: a C compiler for the
+# test programs, then the Python package with its test dependencies.
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+missing=""
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+command -v make >/dev/null 2>&1 || missing="$missing make"
+if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q $missing
+fi
+$PYTHON -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -1,0 +1,129 @@
+"""The image format: round trips, and every malformed file refused with its
+name and offset (ImageError only, never another exception)."""
+
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from migrate.errors import ImageError
+from migrate.images import ImageDir, ImageKind, decode_file, imgfile
+from migrate.images._pb import inventory_pb2, pagemap_pb2, pstree_pb2
+
+
+def _make(tmp_path, pages=b"x" * 8192):
+    d = ImageDir.create(str(tmp_path))
+    d.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=42, pgid=42, sid=42, threads=[42])])
+    d.write_image("pagemap-42.img", [pagemap_pb2.pagemap_head(pid=42, nr_pages=2),
+                                     pagemap_pb2.pagemap_entry(vaddr=0x1000, nr_pages=2,
+                                                               flags=1)])
+    w = d.pages_writer(42)
+    w.write(pages)
+    d.add_pages(42, w)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    return str(tmp_path)
+
+
+def test_round_trip(tmp_path):
+    path = _make(tmp_path)
+    d = ImageDir.open(path)
+    assert d.inventory.root_pid == 42
+    assert d.read_one("pstree.img").threads == [42]
+    head, ent = d.read_image("pagemap-42.img")
+    assert head.nr_pages == 2 and ent.vaddr == 0x1000
+    r = d.pages_reader(42)
+    buf = bytearray(8192)
+    r.readinto(memoryview(buf))
+    r.verify()
+    assert bytes(buf) == b"x" * 8192
+    assert os.path.getsize(os.path.join(path, "pages-42.img")) % 4096 == 0
+
+
+def test_missing_inventory_is_incomplete(tmp_path):
+    path = _make(tmp_path)
+    os.unlink(os.path.join(path, "inventory.img"))
+    with pytest.raises(ImageError, match="incomplete"):
+        ImageDir.open(path)
+
+
+def test_truncated_file_names_file_and_offset(tmp_path):
+    path = _make(tmp_path)
+    f = os.path.join(path, "pagemap-42.img")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[:-3])
+    with pytest.raises(ImageError) as e:
+        ImageDir.open(path).read_image("pagemap-42.img")
+    assert "pagemap-42.img" in str(e.value) and e.value.offset is not None
+
+
+def test_corrupt_byte_is_a_checksum_mismatch(tmp_path):
+    path = _make(tmp_path)
+    f = os.path.join(path, "pstree.img")
+    data = bytearray(open(f, "rb").read())
+    data[-1] ^= 0x01
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(ImageError, match="pstree.img"):
+        ImageDir.open(path).read_image("pstree.img")
+
+
+def test_corrupt_page_detected_at_verify(tmp_path):
+    path = _make(tmp_path)
+    f = os.path.join(path, "pages-42.img")
+    with open(f, "r+b") as fh:
+        fh.seek(4096 + 100)
+        fh.write(b"y")
+    r = ImageDir.open(path).pages_reader(42)
+    r.readinto(memoryview(bytearray(8192)))
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        r.verify()
+
+
+def test_wrong_version_and_magic(tmp_path):
+    path = _make(tmp_path)
+    f = os.path.join(path, "inventory.img")
+    data = bytearray(open(f, "rb").read())
+    data[4] = 99
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(ImageError, match="format version 99"):
+        ImageDir.open(path)
+    data[0:4] = b"CRIU"
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(ImageError, match="bad magic"):
+        ImageDir.open(path)
+
+
+def test_oversized_record_length_refused_before_allocation():
+    data = imgfile.header(ImageKind.PSTREE) + (2**31).to_bytes(4, "little")
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        imgfile.decode_records(data, "pstree.img")
+
+
+def test_decode_file_for_show(tmp_path):
+    path = _make(tmp_path)
+    out = decode_file(os.path.join(path, "pstree.img"))
+    assert out["magic"] == "PSTREE" and out["entries"][0]["pid"] == 42
+    assert decode_file(os.path.join(path, "pages-42.img"))["nr_pages"] == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_raises_only_image_error(blob):
+    for kind in (ImageKind.PSTREE, ImageKind.CORE, ImageKind.PAGEMAP, ImageKind.MM):
+        try:
+            imgfile.decode_records(imgfile.header(kind) + blob, "x.img")
+        except ImageError:
+            pass
+        try:
+            imgfile.decode_records(blob, "x.img")
+        except ImageError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**47), st.integers(1, 2**20)), max_size=50))
+def test_pagemap_round_trip(entries):
+    msgs = [pagemap_pb2.pagemap_head(pid=1, nr_pages=len(entries))] + [
+        pagemap_pb2.pagemap_entry(vaddr=a, nr_pages=n, flags=1) for a, n in entries]
+    data = imgfile.encode_records(ImageKind.PAGEMAP, msgs)
+    kind, out = imgfile.decode_records(data, "pagemap-1.img")
+    assert kind == ImageKind.PAGEMAP and out == msgs

@@ -1,0 +1,71 @@
+"""/proc parsers on canned contents (no I/O)."""
+
+import struct
+
+import pytest
+
+from migrate.kernel import proc
+
+SMAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:00 26723   /usr/bin/python3.11
+Size:                  4 kB
+Rss:                   4 kB
+Anonymous:             0 kB
+AnonHugePages:         0 kB
+VmFlags: rd mr mw me
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                2048 kB
+Anonymous:          2048 kB
+AnonHugePages:      2048 kB
+VmFlags: rd wr mr mw me ac hg
+7f0000400000-7f0000401000 rw-s 00000000 00:01 1234    /dev/zero (deleted)
+VmFlags: rd wr sh mr mw me ms
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0       [stack]
+VmFlags: rd wr mr mw me gd ac
+"""
+
+
+def test_parse_smaps():
+    v = proc.parse_smaps(SMAPS)
+    assert [x.start for x in v] == [0x55d0c0a00000, 0x7f0000000000, 0x7f0000400000,
+                                    0x7ffd00000000]
+    assert v[0].path == "/usr/bin/python3.11" and v[0].is_file and not v[0].writable
+    assert v[1].vmflags[-1] == "hg" and v[1].anon_huge_kb == 2048 and v[1].path == ""
+    assert v[2].deleted and v[2].path == "/dev/zero" and v[2].shared
+    assert v[3].path == "[stack]" and "gd" in v[3].vmflags and not v[3].is_file
+
+
+def test_parse_maps_path_with_spaces():
+    v = proc.parse_maps_line("7f00-7f01 r-xp 00001000 08:01 99  /tmp/a b/lib x.so\n")
+    assert v.path == "/tmp/a b/lib x.so" and v.pgoff == 0x1000 and v.dev == (8, 1)
+
+
+def test_parse_smaps_rejects_field_before_vma():
+    with pytest.raises(ValueError):
+        proc.parse_smaps("Rss: 4 kB\n")
+
+
+def test_parse_stat_comm_with_parens_and_spaces():
+    fields = ["S"] + [str(i) for i in range(4, 53)]
+    text = "1234 (a) (b c) " + " ".join(fields) + "\n"
+    st = proc.parse_stat(text)
+    assert st.pid == 1234 and st.comm == "a) (b c" and st.state == "S"
+    assert st.ppid == 4 and st.pgrp == 5 and st.session == 6
+    assert st.start_code == 26 and st.end_code == 27 and st.start_stack == 28
+    assert (st.start_data, st.end_data, st.start_brk) == (45, 46, 47)
+    assert (st.arg_start, st.arg_end, st.env_start, st.env_end) == (48, 49, 50, 51)
+
+
+def test_parse_status_and_fdinfo():
+    s = proc.parse_status("Name:\tcat\nUmask:\t0022\nTracerPid:\t0\nUid:\t0\t0\t0\t0\n")
+    assert s["Umask"] == "0022" and s["Uid"].split() == ["0", "0", "0", "0"]
+    f = proc.parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t24\nino:\t7\n")
+    assert int(f["pos"]) == 4096 and int(f["flags"], 8) == 0o2100002
+
+
+def test_parse_auxv_stops_at_null():
+    data = struct.pack("<6Q", 33, 0x7fff0000, 6, 4096, 0, 0) + b"\xff" * 16
+    assert proc.parse_auxv(data) == [(33, 0x7fff0000), (6, 4096), (0, 0)]
+    with pytest.raises(ValueError):
+        proc.parse_auxv(b"\0" * 15)
