@@ -59,9 +59,10 @@ class RestoreStats:
     restore_us: int = 0
     pages_restored: int = 0
     remote_syscalls: int = 0
+    peak_rss_kb: int = 0
 
     def to_pb(self):
-        return stats_pb2.stats_entry(kind="restore", forking_us=self.forking_us,
+        return stats_pb2.stats_entry(kind="restore", peak_rss_kb=self.peak_rss_kb, forking_us=self.forking_us,
                                      restore_us=self.restore_us,
                                      pages_restored=self.pages_restored,
                                      remote_syscalls=self.remote_syscalls,
@@ -161,6 +162,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
         os.close(go_w)
         pages.close()
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
+    stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:
         with open(opts.pidfile, "w") as f:
             f.write(f"{pid}\n")

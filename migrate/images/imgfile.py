@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import mmap
 import os
 import re
 import struct
@@ -165,39 +166,65 @@ def _hexdigest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+CHUNK_PAGES = 2048      # 8 MiB: the unit of the page file's checksum and of copying
+
+
+def pages_digest(header_digest: bytes, chunk_digests: list[bytes]) -> str:
+    """The checksum of a page file, as listed in the inventory: xxh3-128 over
+    the digest of its header page followed by the digest of every 8 MiB chunk
+    of page data, in order.  Chunks hash independently, so they can be
+    written and checked on several cores."""
+    h = xxhash.xxh3_128(header_digest)
+    for d in chunk_digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def chunk_digest(data) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
 class PagesWriter:
-    """Streams raw pages to pages-PID.img, hashing as it goes."""
+    """Writes pages-PID.img chunk by chunk; chunks may be written from several
+    threads (pwrite at their offset), and are accounted in order."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self.hasher = xxhash.xxh3_128()
         head = header(ImageKind.PAGES).ljust(PAGES_DATA_OFFSET, b"\0")
-        self._write(head)
+        self._pwrite(head, 0)
+        self.header_digest = chunk_digest(head)
+        self.digests: list[bytes] = []
         self.nr_pages = 0
 
-    def _write(self, view) -> None:
+    def _pwrite(self, view, off: int) -> None:
         view = memoryview(view)
-        self.hasher.update(view)
         done = 0
         while done < len(view):
             try:
-                done += os.write(self.fd, view[done:])
+                done += os.pwrite(self.fd, view[done:], off + done)
             except OSError as e:
-                raise ImageError(self.path, self.size + done,
+                raise ImageError(self.path, off + done,
                                  f"write failed: {os.strerror(e.errno)}") from e
-        self.size_written = getattr(self, "size_written", 0) + len(view)
 
     @property
     def size(self) -> int:
-        return getattr(self, "size_written", 0)
+        return PAGES_DATA_OFFSET + self.nr_pages * PAGE_SIZE
 
-    def write(self, view) -> None:
-        n = len(view)
-        if n % PAGE_SIZE:
-            raise ValueError(f"page data of {n} bytes is not page aligned")
-        self._write(view)
-        self.nr_pages += n // PAGE_SIZE
+    def write_chunk(self, index: int, view) -> bytes:
+        """Write chunk ``index`` (at most CHUNK_PAGES pages); return its digest.
+        Thread-safe; call ``account`` with the digests in chunk order."""
+        if len(view) % PAGE_SIZE or len(view) > CHUNK_PAGES * PAGE_SIZE:
+            raise ValueError(f"chunk of {len(view)} bytes")
+        self._pwrite(view, PAGES_DATA_OFFSET + index * CHUNK_PAGES * PAGE_SIZE)
+        return chunk_digest(view)
+
+    def account(self, nr_pages: int, digest: bytes) -> None:
+        self.nr_pages += nr_pages
+        self.digests.append(digest)
 
     def close(self) -> tuple[int, str]:
         try:
@@ -206,7 +233,7 @@ class PagesWriter:
             raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
         finally:
             os.close(self.fd)
-        return self.size, self.hasher.hexdigest()
+        return self.size, pages_digest(self.header_digest, self.digests)
 
     def abort(self) -> None:
         try:
@@ -216,7 +243,8 @@ class PagesWriter:
 
 
 class PagesReader:
-    """Reads pages-PID.img sequentially, checking its checksum at the end."""
+    """Reads pages-PID.img chunk by chunk (from several threads if wanted) and
+    checks its checksum once every chunk was accounted in order."""
 
     def __init__(self, path: str, size: int | None, digest: str | None) -> None:
         self.path = path
@@ -232,41 +260,63 @@ class PagesReader:
             raise ImageError(path, min(st.st_size, size),
                              f"size {st.st_size}, the inventory says {size} (truncated or grown)")
         head = os.pread(self.fd, PAGES_DATA_OFFSET, 0)
-        parse_header(head, path, ImageKind.PAGES)
-        if len(head) < PAGES_DATA_OFFSET:
-            raise ImageError(path, len(head), "truncated before the first page")
-        self.hasher = xxhash.xxh3_128(head)
-        self.pos = PAGES_DATA_OFFSET
+        try:
+            parse_header(head, path, ImageKind.PAGES)
+            if len(head) < PAGES_DATA_OFFSET:
+                raise ImageError(path, len(head), "truncated before the first page")
+            if (st.st_size - PAGES_DATA_OFFSET) % PAGE_SIZE:
+                raise ImageError(path, st.st_size, "size is not a whole number of pages")
+        except ImageError:
+            os.close(self.fd)
+            raise
+        self.header_digest = chunk_digest(head)
+        self.digests: list[bytes] = []
         self.nr_pages = (st.st_size - PAGES_DATA_OFFSET) // PAGE_SIZE
+        self.accounted = 0
 
-    def readinto(self, view: memoryview) -> None:
+    def read_chunk(self, index: int, view) -> bytes:
+        """Fill ``view`` with chunk ``index`` (or its first len(view) bytes);
+        return the chunk's digest.  Thread-safe."""
+        off = PAGES_DATA_OFFSET + index * CHUNK_PAGES * PAGE_SIZE
         got = 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], self.pos)
+            n = os.preadv(self.fd, [view[got:]], off + got)
             if n <= 0:
-                raise ImageError(self.path, self.pos, f"truncated: wanted {len(view) - got} "
-                                                      "more bytes of pages")
+                raise ImageError(self.path, off + got, f"truncated: wanted {len(view) - got} "
+                                                       "more bytes of pages")
             got += n
-            self.pos += n
-        self.hasher.update(view)
+        return chunk_digest(view)
 
-    def seek_page(self, index: int) -> None:
-        """Random access (lazy pages); the checksum is then not checked."""
-        self.pos = PAGES_DATA_OFFSET + index * PAGE_SIZE
-        self.expect_digest = None
+    def map_chunk(self, index: int, nr_pages: int) -> mmap.mmap:
+        """Chunk ``index`` mapped read-only and populated: no copy out of the
+        page cache.  Thread-safe; the caller closes it and hashes it with
+        ``chunk_digest``."""
+        off = PAGES_DATA_OFFSET + index * CHUNK_PAGES * PAGE_SIZE
+        if off + nr_pages * PAGE_SIZE > PAGES_DATA_OFFSET + self.nr_pages * PAGE_SIZE:
+            raise ImageError(self.path, off, f"truncated: chunk {index} of {nr_pages} pages "
+                                             f"is past the end ({self.nr_pages} pages)")
+        try:
+            return mmap.mmap(self.fd, nr_pages * PAGE_SIZE, mmap.MAP_SHARED | _POPULATE,
+                             mmap.PROT_READ, offset=off)
+        except OSError as e:
+            raise ImageError(self.path, off, f"mmap failed: {os.strerror(e.errno)}") from e
+
+    def account(self, nr_pages: int, digest: bytes) -> None:
+        self.accounted += nr_pages
+        self.digests.append(digest)
 
     def verify(self) -> None:
+        """Compare with the inventory; chunks not read yet are read here."""
         if self.expect_digest is None:
             return
-        if self.pos != self.expect_size:
-            rest = bytearray(1 << 20)
-            while True:
-                n = os.preadv(self.fd, [rest], self.pos)
-                if n <= 0:
-                    break
-                self.hasher.update(memoryview(rest)[:n])
-                self.pos += n
-        got = self.hasher.hexdigest()
+        buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
+        while self.accounted < self.nr_pages:
+            n = min(CHUNK_PAGES, self.nr_pages - self.accounted)
+            if self.accounted % CHUNK_PAGES:
+                raise ImageError(self.path, None, "partial chunk accounted")
+            view = memoryview(buf)[:n * PAGE_SIZE]
+            self.account(n, self.read_chunk(self.accounted // CHUNK_PAGES, view))
+        got = pages_digest(self.header_digest, self.digests)
         if got != self.expect_digest:
             raise ImageError(self.path, None, f"checksum mismatch: xxh3-128 {got}, "
                                               f"the inventory says {self.expect_digest}")
@@ -415,8 +465,10 @@ class ImageDir:
         for name in self.checksums:
             if kind_of(name) == ImageKind.PAGES:
                 r = self.pages_reader(int(name[6:-4]))
-                r.verify()
-                r.close()
+                try:
+                    r.verify()
+                finally:
+                    r.close()
             else:
                 self.read_image(name)
 

@@ -1,59 +1,23 @@
-"""cffi declarations (ABI mode): the only place migrate talks C.
+"""cffi (out-of-line ABI mode): the only place migrate talks C.
 
 Nothing outside ``migrate/kernel/`` imports this module, and no cdata
-leaves the kernel package (CONVENTIONS.md §1).
+leaves the kernel package (CONVENTIONS.md §1).  The declarations live in
+``_ffi_build.py``; the generated ``_ffi_gen.py`` is made at build time, or
+here on first import of a fresh checkout.
 """
 
 from __future__ import annotations
 
-import cffi
+import os
 
-ffi = cffi.FFI()
-ffi.cdef(r"""
-long syscall(long number, ...);
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_GEN = os.path.join(_HERE, "_ffi_gen.py")
+_SRC = os.path.join(_HERE, "_ffi_build.py")
 
-struct iovec { void *iov_base; size_t iov_len; };
+if not os.path.exists(_GEN) or os.path.getmtime(_GEN) < os.path.getmtime(_SRC):
+    from migrate.kernel import _ffi_build
+    _ffi_build.build()
 
-ssize_t process_vm_readv(int pid, const struct iovec *local, unsigned long liovcnt,
-                         const struct iovec *remote, unsigned long riovcnt,
-                         unsigned long flags);
-ssize_t process_vm_writev(int pid, const struct iovec *local, unsigned long liovcnt,
-                          const struct iovec *remote, unsigned long riovcnt,
-                          unsigned long flags);
-int ioctl(int fd, unsigned long request, ...);
-void *memcpy(void *dest, const void *src, size_t n);
-
-/* arch/x86/include/asm/user_64.h */
-struct user_regs_struct {
-    unsigned long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8;
-    unsigned long rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs, eflags;
-    unsigned long rsp, ss, fs_base, gs_base, ds, es, fs, gs;
-};
-
-/* include/uapi/linux/fs.h: PAGEMAP_SCAN */
-struct page_region { uint64_t start; uint64_t end; uint64_t categories; };
-struct pm_scan_arg {
-    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-
-/* include/uapi/linux/sched.h */
-struct clone_args {
-    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-             tls, set_tid, set_tid_size, cgroup;
-};
-
-/* include/uapi/linux/ptrace.h */
-struct ptrace_rseq_configuration {
-    uint64_t rseq_abi_pointer; uint32_t rseq_abi_size; uint32_t signature;
-    uint32_t flags; uint32_t pad;
-};
-struct ptrace_peeksiginfo_args { uint64_t off; uint32_t flags; int32_t nr; };
-
-/* include/uapi/linux/userfaultfd.h */
-struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
-struct uffdio_range { uint64_t start; uint64_t len; };
-struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
-""")
+from migrate.kernel._ffi_gen import ffi  # noqa: E402
 
 libc = ffi.dlopen(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import threading
 
 from migrate import errors
 from migrate.kernel._ffi import ffi, libc
@@ -107,8 +108,9 @@ def supports_pagemap_scan() -> bool:
         return False
 
 
-class _IovBatch:
-    """Reusable iovec arrays for one process_vm_* call."""
+class _IovBatch(threading.local):
+    """Reusable iovec arrays for process_vm_* calls, one pair per thread
+    (cffi releases the GIL around the call, so threads copy in parallel)."""
 
     def __init__(self) -> None:
         self.local = ffi.new("struct iovec[]", IOV_MAX)
@@ -121,7 +123,8 @@ _batch = _IovBatch()
 def _vm_rw(fn, name: str, pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
     """ranges: (remote_addr, length, offset in buf).  Returns bytes moved."""
     total = 0
-    base = ffi.cast("char *", ffi.from_buffer(buf)) if not isinstance(buf, ffi.CData) else buf
+    keep = ffi.from_buffer(buf) if not isinstance(buf, ffi.CData) else buf
+    base = ffi.cast("char *", keep)
     for i0 in range(0, len(ranges), IOV_MAX):
         chunk = ranges[i0:i0 + IOV_MAX]
         want = 0

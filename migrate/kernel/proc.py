@@ -257,3 +257,12 @@ def list_children(pid: int) -> list[int]:
 
 def read_text(pid: int, name: str) -> str:
     return _read(pid, name)
+
+
+def peak_rss_kb() -> int:
+    """VmHWM of this process: its peak RSS since exec (ru_maxrss would also
+    count the parent's peak, inherited across fork and exec)."""
+    for line in _read("self", "status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0

@@ -10,6 +10,7 @@ read = 0
 write = 1
 open = 2
 close = 3
+poll = 7
 lseek = 8
 mmap = 9
 mprotect = 10
@@ -20,13 +21,21 @@ rt_sigprocmask = 14
 ioctl = 16
 pread64 = 17
 pwrite64 = 18
+select = 23
 mremap = 25
 madvise = 28
+pause = 34
+nanosleep = 35
 dup2 = 33
 getitimer = 36
 setitimer = 38
 getpid = 39
+connect = 42
+accept = 43
+sendto = 44
+recvfrom = 45
 exit = 60
+wait4 = 61
 kill = 62
 fcntl = 72
 chdir = 80
@@ -50,10 +59,15 @@ arch_prctl = 158
 setrlimit = 160
 chroot = 161
 gettid = 186
+futex = 202
+clock_nanosleep = 230
 set_tid_address = 218
 exit_group = 231
+epoll_wait = 232
 tgkill = 234
 openat = 257
+pselect6 = 270
+ppoll = 271
 set_robust_list = 273
 get_robust_list = 274
 rt_tgsigqueueinfo = 297
@@ -70,8 +84,14 @@ close_range = 436
 pidfd_getfd = 438
 
 
+_OURS = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and not k.startswith("_")}
+
+
 def name(nr: int) -> str:
-    """Name of a syscall number, for logs (python-ptrace's table)."""
+    """Name of a syscall number, for logs (ours first, then python-ptrace's table)."""
+    n = _OURS.get(nr)
+    if n is not None:
+        return n
     try:
         from ptrace.syscall.linux.x86_64 import SYSCALL_NAMES
         return SYSCALL_NAMES.get(nr, f"syscall_{nr}")

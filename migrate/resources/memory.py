@@ -13,14 +13,20 @@ then set the final protections and madvise flags.
 
 from __future__ import annotations
 
+import bisect
+import collections
+import concurrent.futures
 import dataclasses
 import errno
+import itertools
+import threading
 import logging
 import os
 import stat as stat_mod
 
 from migrate import errors
 from migrate.images import PE_PRESENT
+from migrate.images.imgfile import CHUNK_PAGES, chunk_digest
 from migrate.images._pb import mm_pb2, pagemap_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import sysno
@@ -33,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PAGE = kmem.PAGE_SIZE
 K = mm_pb2
-BATCH = 8 << 20          # bytes copied per process_vm_readv / written per write
 SPECIAL = {"[vdso]": K.VDSO, "[vvar]": K.VVAR, "[vvar_vclock]": K.VVAR_VCLOCK,
            "[vsyscall]": K.VSYSCALL}
 
@@ -175,67 +180,101 @@ def _shmem_runs(pid: int, e) -> list[PageRun]:
     return runs
 
 
+WINDOW_PAGES = CHUNK_PAGES  # 8 MiB: one checksum chunk of the page file
+IN_FLIGHT = 3              # windows being copied at once: bounds the tool's RSS
+WORKERS = 2                # process_vm_* and pread/pwrite run without the GIL
+
+
+def _windows(runs) -> list[tuple[int, int, list]]:
+    """Split runs (in page-file order) into windows of the page file's chunks:
+    (chunk index, nr pages, [(addr, nr pages, run)])."""
+    out, cur, cur_n = [], [], 0
+    for r in runs:
+        addr, left = r.addr, r.nr_pages
+        while left:
+            n = min(left, WINDOW_PAGES - cur_n)
+            cur.append((addr, n, r))
+            cur_n += n
+            addr += n * PAGE
+            left -= n
+            if cur_n == WINDOW_PAGES:
+                out.append((len(out), cur_n, cur))
+                cur, cur_n = [], 0
+    if cur:
+        out.append((len(out), cur_n, cur))
+    return out
+
+
+class _Buffers(threading.local):
+    """One reusable window-sized buffer per worker thread."""
+
+    def get(self) -> bytearray:
+        buf = getattr(self, "buf", None)
+        if buf is None:
+            buf = self.buf = bytearray(WINDOW_PAGES * PAGE)
+        return buf
+
+
+def _pipeline(windows, job, consume) -> None:
+    """Run ``job`` over windows on WORKERS threads, at most IN_FLIGHT ahead,
+    and ``consume`` the results in order (chunk digests are combined in order)."""
+    pending: collections.deque = collections.deque()
+    it = iter(windows)
+    with concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pages") as ex:
+        try:
+            for w in itertools.islice(it, IN_FLIGHT):
+                pending.append(ex.submit(job, w))
+            while pending:
+                consume(*pending.popleft().result())
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(ex.submit(job, nxt))
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
 def write_pages(pid: int, runs: list[PageRun], writer) -> list:
-    """Copy the runs into ``writer`` in large batches; return pagemap entries."""
-    buf = bytearray(BATCH)
-    view = memoryview(buf)
-    entries = []
-    batch: list[tuple[int, int, int]] = []
-    fill = 0
-    mem = None
-    shm_fds: dict[int, int] = {}
+    """Copy the runs into the page file; return pagemap entries.
 
-    def flush() -> None:
-        nonlocal fill, batch
-        if batch:
-            kmem.vm_read(pid, buf, batch)
-            writer.write(view[:fill])
-        batch, fill = [], 0
+    Two worker threads each copy an 8 MiB window from the task with
+    process_vm_readv into their own buffer and pwrite it at its place in the
+    page file, hashing it there; the digests are combined in order.
+    """
+    entries = [pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages, flags=PE_PRESENT)
+               for r in runs]
+    bufs = _Buffers()
 
-    try:
-        for r in runs:
-            entries.append(pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages,
-                                                     flags=PE_PRESENT))
-            addr, left = r.addr, r.nr_pages * PAGE
-            while left:
-                if fill == BATCH:
-                    flush()
-                n = min(left, BATCH - fill)
-                if r.source == "vm":
-                    batch.append((addr, n, fill))
-                    if len(batch) == kmem.IOV_MAX:
-                        fill += n
-                        flush()
-                        addr += n
-                        left -= n
-                        continue
-                else:
-                    flush()
-                    if r.source == "mem":
-                        if mem is None:
-                            mem = kmem.ProcMem(pid)
-                        mem.readinto(addr, view[:n])
-                    else:
-                        fd = shm_fds.get(r.vma_start)
-                        if fd is None:
-                            fd = os.open(f"/proc/{pid}/map_files/{r.vma_start:x}-"
-                                         f"{r.vma_end:x}", os.O_RDONLY | os.O_CLOEXEC)
-                            shm_fds[r.vma_start] = fd
-                        _pread_full(fd, view[:n], r.vma_pgoff + addr - r.vma_start, pid)
-                    writer.write(view[:n])
-                    addr += n
-                    left -= n
-                    continue
-                fill += n
-                addr += n
-                left -= n
-        flush()
-    finally:
-        if mem is not None:
-            mem.close()
-        for fd in shm_fds.values():
-            os.close(fd)
+    def job(w):
+        index, n, parts = w
+        view = memoryview(bufs.get())[:n * PAGE]
+        _copy_from_task(pid, view, parts)
+        return n, writer.write_chunk(index, view)
+
+    _pipeline(_windows(runs), job, writer.account)
     return entries
+
+
+def _copy_from_task(pid: int, view: memoryview, parts) -> None:
+    vm, off = [], 0
+    for addr, n, r in parts:
+        length = n * PAGE
+        if r.source == "vm":
+            vm.append((addr, length, off))
+        elif r.source == "mem":
+            with kmem.ProcMem(pid) as mem:
+                mem.readinto(addr, view[off:off + length])
+        else:
+            path = f"/proc/{pid}/map_files/{r.vma_start:x}-{r.vma_end:x}"
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _pread_full(fd, view[off:off + length], r.vma_pgoff + addr - r.vma_start, pid)
+            finally:
+                os.close(fd)
+        off += length
+    if vm:
+        kmem.vm_read(pid, view, vm)
 
 
 def _pread_full(fd: int, view: memoryview, off: int, pid: int) -> None:
@@ -309,62 +348,47 @@ def map_vmas(ctl: TaskCtl, entries: list) -> None:
 
 
 def fill_pages(pid: int, entries: list, pagemap: list, reader) -> int:
-    """Copy pages from the page store into the mapped VMAs."""
-    writable = []
-    for e in entries:
-        if initial_prot(e) & PROT_WRITE:
-            writable.append((e.start, e.end))
-    writable.sort()
+    """Copy pages from the page store into the mapped VMAs.
+
+    Two worker threads each map an 8 MiB chunk of the page file (no copy out
+    of the page cache), hash it, and write it into the task with process_vm_writev (``/proc/PID/mem`` where the
+    area is not writable); chunk digests are combined in order.
+    """
+    writable = sorted((e.start, e.end) for e in entries if initial_prot(e) & PROT_WRITE)
+    starts = [s for s, _ in writable]
 
     def is_writable(addr: int, end: int) -> bool:
-        for s, t in writable:
-            if s <= addr and end <= t:
-                return True
-            if s > addr:
-                break
-        return False
+        i = bisect.bisect_right(starts, addr) - 1
+        return i >= 0 and writable[i][0] <= addr and end <= writable[i][1]
 
-    buf = bytearray(BATCH)
-    view = memoryview(buf)
-    mem = None
-    pages = 0
-    batch: list[tuple[int, int, int]] = []
-    fill = 0
+    runs = [PageRun(pe.vaddr, pe.nr_pages, "vm") for pe in pagemap if pe.flags & PE_PRESENT]
+    for r in runs:
+        if not is_writable(r.addr, r.addr + r.nr_pages * PAGE):
+            r.source = "mem"
 
-    def flush():
-        nonlocal batch, fill
-        if batch:
-            reader.readinto(view[:fill])
-            kmem.vm_write(pid, buf, batch)
-        batch, fill = [], 0
+    def job(w):
+        index, n, parts = w
+        win = reader.map_chunk(index, n)
+        try:
+            digest = chunk_digest(win)
+            vm, off = [], 0
+            with memoryview(win) as view:
+                for addr, k, r in parts:
+                    length = k * PAGE
+                    if r.source == "vm":
+                        vm.append((addr, length, off))
+                    else:
+                        with kmem.ProcMem(pid, write=True) as mem:
+                            mem.write(addr, view[off:off + length])
+                    off += length
+            if vm:
+                kmem.vm_write(pid, win, vm)
+        finally:
+            win.close()
+        return n, digest
 
-    try:
-        for pe in pagemap:
-            if not pe.flags & PE_PRESENT:
-                continue
-            addr, left = pe.vaddr, pe.nr_pages * PAGE
-            pages += pe.nr_pages
-            direct = is_writable(addr, addr + left)
-            while left:
-                if fill == BATCH or len(batch) == kmem.IOV_MAX:
-                    flush()
-                n = min(left, BATCH - fill)
-                if direct:
-                    batch.append((addr, n, fill))
-                    fill += n
-                else:
-                    flush()
-                    reader.readinto(view[:n])
-                    if mem is None:
-                        mem = kmem.ProcMem(pid, write=True)
-                    mem.write(addr, view[:n])
-                addr += n
-                left -= n
-        flush()
-    finally:
-        if mem is not None:
-            mem.close()
-    return pages
+    _pipeline(_windows(runs), job, reader.account)
+    return sum(r.nr_pages for r in runs)
 
 
 def protect_vmas(ctl: TaskCtl, entries: list) -> None:

@@ -48,7 +48,8 @@ def fix_syscall_restart(r: ptrace.Regs, pid: int) -> ptrace.Regs:
             rax == -ERESTART_RESTARTBLOCK and nr in RESTART_SAME_ARGS):
         r.rax = nr
         r.rip = (r.rip - 2) & _M
-        log.debug("pid %d: %s will restart", pid, sysno.name(nr))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("pid %d: %s will restart", pid, sysno.name(nr))
     elif rax == -ERESTART_RESTARTBLOCK:
         r.rax = (-errno.EINTR) & _M
         log.warning("pid %d: interrupted %s will return EINTR", pid, sysno.name(nr))

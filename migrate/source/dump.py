@@ -45,9 +45,10 @@ class DumpStats:
     pages_written: int = 0
     remote_syscalls: int = 0
     total_us: int = 0
+    peak_rss_kb: int = 0
 
     def to_pb(self):
-        return stats_pb2.stats_entry(kind="dump", freezing_us=self.freezing_us,
+        return stats_pb2.stats_entry(kind="dump", peak_rss_kb=self.peak_rss_kb, freezing_us=self.freezing_us,
                                      frozen_us=self.frozen_us, memdump_us=self.memdump_us,
                                      pages_written=self.pages_written,
                                      remote_syscalls=self.remote_syscalls,
@@ -96,6 +97,7 @@ def dump(opts: DumpOptions) -> DumpStats:
     t_end = time.perf_counter()
     stats.frozen_us = _us(t_frozen, t_end)
     stats.total_us = _us(t_start, t_end)
+    stats.peak_rss_kb = proc.peak_rss_kb()
     log.info("pid %d: dumped to %s, %d pages, frozen %.1f ms", pid, opts.images_dir,
              stats.pages_written, stats.frozen_us / 1000)
     return stats
