@@ -23,7 +23,7 @@ def _verbosity(value: str | None) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-v", dest="verbosity", nargs="?", const="v", default=None,
+    p.add_argument("-v", dest="verbosity", nargs="?", const="", default=None,
                    metavar="N", help="verbosity: -v0 silent .. -v4 debug; -v, -vv, ... "
                                      "add one level each (default 2: warnings)")
     p.add_argument("--verbosity", dest="verbosity_long", type=int, default=None,
@@ -90,8 +90,10 @@ def _setup_logging(args) -> None:
         level = 2
     elif v.isdigit():
         level = int(v)
+    elif set(v) <= {"v"}:
+        level = 3 + len(v)   # -v is 3, -vv is 4
     else:
-        level = 2 + len(v)   # -v, -vv, ...
+        raise SystemExit(f"migrate: bad verbosity -v{v}")
     level = max(0, min(4, level))
     fmt = "%(levelname)s %(name)s: %(message)s"
     if level >= 3:
@@ -201,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except errors.MigrateError as e:
         log.error("%s", e)
-        print(f"migrate {args.command}: error: {e}", file=sys.stderr) \
-            if not logging.getLogger().isEnabledFor(logging.ERROR) or \
-            getattr(args, "log_file", None) else None
+        # With the log in a file (-o), say it on stderr too; -v0 stays silent.
+        to_stderr = any(isinstance(h, logging.StreamHandler) and
+                        not isinstance(h, logging.FileHandler) and
+                        h.stream is sys.stderr for h in logging.getLogger().handlers)
+        if not to_stderr and logging.getLogger().isEnabledFor(logging.ERROR):
+            print(f"migrate {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
