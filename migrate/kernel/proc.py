@@ -266,3 +266,32 @@ def peak_rss_kb() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+# /proc/PID/limits rows, in RLIMIT_* order (fs/proc/base.c lnames[])
+LIMIT_NAMES = ("Max cpu time", "Max file size", "Max data size", "Max stack size",
+               "Max core file size", "Max resident set", "Max processes", "Max open files",
+               "Max locked memory", "Max address space", "Max file locks",
+               "Max pending signals", "Max msgqueue size", "Max nice priority",
+               "Max realtime priority", "Max realtime timeout")
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def parse_limits(text: str) -> list[tuple[int, int]]:
+    """(soft, hard) per resource.  Readable by root for any process, unlike
+    prlimit(2) on another user's process, which needs CAP_SYS_RESOURCE."""
+    rows = {}
+    for line in text.splitlines()[1:]:
+        for i, name in enumerate(LIMIT_NAMES):
+            if line.startswith(name):
+                soft, hard = line[len(name):].split()[:2]
+                rows[i] = tuple(RLIM_INFINITY if v == "unlimited" else int(v)
+                                for v in (soft, hard))
+                break
+    if len(rows) != len(LIMIT_NAMES):
+        raise ValueError(f"limits: {len(rows)} of {len(LIMIT_NAMES)} resources found")
+    return [rows[i] for i in range(len(LIMIT_NAMES))]
+
+
+def read_limits(pid: int) -> list[tuple[int, int]]:
+    return parse_limits(_read(pid, "limits"))

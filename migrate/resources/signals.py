@@ -71,8 +71,21 @@ def restore_itimers(ctl: TaskCtl, entries) -> None:
         ctl.call(sysno.setitimer, which, addr, 0)
 
 
-def dump_pending(pid: int, shared: bool) -> list[bytes]:
-    return ptrace.peek_siginfo(pid, shared)
+SIGCONT = 18
+SI_USER = 0
+
+
+def dump_pending(pid: int, shared: bool, drop_sigcont_from: int | None = None) -> list[bytes]:
+    """Queued signals (siginfo_t each).  ``drop_sigcont_from``: a SIGCONT that
+    pid sent (freezing a stopped task) is ours, not the task's."""
+    out = ptrace.peek_siginfo(pid, shared)
+    if drop_sigcont_from is not None:
+        for i, info in enumerate(out):
+            signo, _errno, code, si_pid = struct.unpack_from("<iii4xi", info)
+            if signo == SIGCONT and code == SI_USER and si_pid == drop_sigcont_from:
+                del out[i]
+                break
+    return out
 
 
 def restore_pending(ctl: TaskCtl, tgid: int, tid: int, private: list[bytes],

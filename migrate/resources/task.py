@@ -20,11 +20,8 @@ RLIMIT_NAMES = ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE
 
 
 def dump_rlimits(pid: int) -> list:
-    out = []
-    for res in range(RLIM_NLIMITS):
-        cur, mx = syscalls.prlimit(pid, res)
-        out.append(core_pb2.rlimit_entry(resource=res, cur=cur, max=mx))
-    return out
+    return [core_pb2.rlimit_entry(resource=res, cur=cur, max=mx)
+            for res, (cur, mx) in enumerate(proc.read_limits(pid))]
 
 
 def restore_rlimits(pid: int, entries) -> None:

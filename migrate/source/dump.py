@@ -136,7 +136,8 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images: ImageDir,
     st = proc.read_stat(pid)
     thread = regs.dump_thread(pid, pid, fr.regs[pid])
     status = proc.read_status(pid)
-    shared_pending = signals.dump_pending(pid, shared=True)
+    shared_pending = signals.dump_pending(pid, shared=True,
+                                          drop_sigcont_from=os.getpid() if fr.stopped else None)
     thread.pending.extend(signals.dump_pending(pid, shared=False))
 
     # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.

@@ -57,6 +57,33 @@ def check_target(pid: int) -> proc.Stat:
     return st
 
 
+STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+def _leave_group_stop(pid: int, tids: list[int]) -> None:
+    """A task in group stop cannot run remote syscalls: a restart from the
+    stop traps straight back into it.  SIGCONT ends the group stop (the
+    signal itself is suppressed at its delivery stop, no handler runs), and
+    each thread is interrupted again; thaw() and restore stop it again.  The
+    SIGCONT stays queued (a traced task queues even ignored signals): the
+    dump leaves it out, and the SIGSTOP of thaw() flushes it."""
+    os.kill(pid, signal.SIGCONT)
+    for tid in tids:
+        ptrace.interrupt(tid)
+        ptrace.cont(tid, 0)   # out of the (traced) group stop, into the interrupt
+        while True:
+            st = ptrace.wait(tid)
+            if st.exited:
+                raise errors.NoSuchProcess("freeze", errno.ESRCH, tid, st.describe())
+            if st.is_event_stop and st.sig == signal.SIGTRAP:
+                break
+            if st.is_event_stop or st.event:
+                ptrace.cont(tid, 0)
+            else:  # signal-delivery stop: drop our SIGCONT, re-inject others
+                ptrace.cont(tid, 0 if st.sig == signal.SIGCONT else st.sig)
+    log.info("pid %d: was stopped; continued for the dump, will be stopped again", pid)
+
+
 def freeze(pid: int) -> Frozen:
     """Seize every thread and stop it; repeat until no new thread appears."""
     seized: list[int] = []
@@ -77,7 +104,11 @@ def freeze(pid: int) -> Frozen:
                 except errors.NoSuchProcess:
                     continue  # the thread exited meanwhile
                 seized.append(tid)
-                ptrace.interrupt_and_wait(tid)
+                st = ptrace.interrupt_and_wait(tid)
+                if st.sig in STOP_SIGNALS:
+                    stopped_before = True
+        if stopped_before:
+            _leave_group_stop(pid, seized)
         regs = {tid: ptrace.getregs(tid) for tid in seized}
     except BaseException:
         for tid in seized:

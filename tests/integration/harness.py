@@ -90,7 +90,7 @@ class Workload:
         if p.returncode != 0:
             raise AssertionError(f"dump of {self.name} failed:\n{p.stderr}\n"
                                  f"{_tail(os.path.join(images, 'dump.log'))}")
-        if "--leave-running" not in extra and "-R" not in extra:
+        if not {"--leave-running", "-R", "--leave-stopped", "-s"} & set(extra):
             self.reap_dumped()
         return p
 

@@ -69,3 +69,34 @@ def test_parse_auxv_stops_at_null():
     assert proc.parse_auxv(data) == [(33, 0x7fff0000), (6, 4096), (0, 0)]
     with pytest.raises(ValueError):
         proc.parse_auxv(b"\0" * 15)
+
+
+LIMITS = """\
+Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max file size             unlimited            unlimited            bytes
+Max data size             unlimited            unlimited            bytes
+Max stack size            8388608              unlimited            bytes
+Max core file size        0                    unlimited            bytes
+Max resident set          unlimited            unlimited            bytes
+Max processes             95603                95603                processes
+Max open files            1024                 524288               files
+Max locked memory         8388608              8388608              bytes
+Max address space         unlimited            unlimited            bytes
+Max file locks            unlimited            unlimited            locks
+Max pending signals       95603                95603                signals
+Max msgqueue size         819200               819200               bytes
+Max nice priority         0                    0
+Max realtime priority     0                    0
+Max realtime timeout      unlimited            unlimited            us
+"""
+
+
+def test_parse_limits():
+    lim = proc.parse_limits(LIMITS)
+    assert len(lim) == 16
+    assert lim[3] == (8388608, proc.RLIM_INFINITY)      # RLIMIT_STACK
+    assert lim[7] == (1024, 524288)                     # RLIMIT_NOFILE
+    assert lim[13] == (0, 0)                            # RLIMIT_NICE, no unit
+    with pytest.raises(ValueError):
+        proc.parse_limits(LIMITS.replace("Max open files", "Max open filez"))
