@@ -328,12 +328,21 @@ class PagesReader:
 
 
 class ImageDir:
-    """An image directory: write files, then commit the inventory last."""
+    """An image directory: write files, then commit the inventory last.
+
+    Its write side is the *image sink* the dump pipeline writes to:
+    ``write_image(name, msgs)``, ``pages_writer(pid)`` (an object with
+    ``write_chunk(index, view) -> digest`` callable from several threads,
+    ``account(nr_pages, digest)`` in chunk order, ``close() -> (size, digest)``
+    and ``abort()``), ``add_pages(pid, writer)``, ``commit(inventory)`` and
+    ``discard()``.  Another sink (the page-server client) streams the same
+    calls to a remote directory."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.checksums: dict[str, tuple[int, str]] = {}
         self.inventory = None
+        self._open_pages: list[str] = []
 
     # -- writing ---------------------------------------------------------
     @classmethod
@@ -358,8 +367,8 @@ class ImageDir:
         if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
             raise ValueError(f"{name}: not a records image name")
         data = encode_records(kind, msgs)
-        self._write_file(name, data)
         self.checksums[name] = (len(data), _hexdigest(data))
+        self._write_file(name, data)
 
     def _write_file(self, name: str, data: bytes) -> None:
         path = self._file(name)
@@ -378,6 +387,7 @@ class ImageDir:
 
     def pages_writer(self, pid: int) -> PagesWriter:
         path = self._file(f"pages-{pid}.img")
+        self._open_pages.append(f"pages-{pid}.img")
         try:
             return PagesWriter(path)
         except OSError as e:
@@ -385,6 +395,15 @@ class ImageDir:
 
     def add_pages(self, pid: int, writer: PagesWriter) -> None:
         self.checksums[f"pages-{pid}.img"] = writer.close()
+
+    def discard(self) -> None:
+        """Remove every file this sink wrote (a dump that failed)."""
+        for name in list(self.checksums) + ["inventory.img"] + self._open_pages:
+            try:
+                os.unlink(self._file(name))
+            except OSError:
+                pass
+        self.checksums.clear()
 
     def commit(self, inv) -> None:
         """Write inventory.img with every file's checksum, then sync the dir."""

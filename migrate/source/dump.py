@@ -59,7 +59,9 @@ def _us(t0: float, t1: float) -> int:
     return int((t1 - t0) * 1e6)
 
 
-def dump(opts: DumpOptions) -> DumpStats:
+def dump(opts: DumpOptions, sink=None) -> DumpStats:
+    """Dump ``opts.pid``.  ``sink`` receives the image (an ImageDir by default,
+    or a page-server client; see images.ImageDir for the interface)."""
     t_start = time.perf_counter()
     stats = DumpStats()
     pid = opts.pid
@@ -72,20 +74,19 @@ def dump(opts: DumpOptions) -> DumpStats:
     if proc.list_children(pid):
         raise errors.UnsupportedResource(pid, "children", "process trees are not "
                                                           "supported yet")
-    images = ImageDir.create(opts.images_dir)
+    images = sink if sink is not None else ImageDir.create(opts.images_dir)
     t0 = time.perf_counter()
     fr = freezer.freeze(pid)
     t_frozen = time.perf_counter()
     stats.freezing_us = _us(t0, t_frozen)
-    written: list[str] = []
     ctl = None
     try:
         if len(fr.tids) > 1 or proc.list_children(pid):
             raise errors.UnsupportedResource(pid, "threads", "the process started threads "
                                                              "or children while freezing")
-        ctl = _collect_and_write(opts, fr, images, stats, written)
+        ctl = _collect_and_write(opts, fr, images, stats)
     except BaseException as exc:
-        _rollback(fr, ctl, images, written)
+        _rollback(fr, ctl, images)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
             raise errors.DumpError(f"dump of pid {pid} failed, the process was left running "
                                    f"as it was: {exc}") from exc
@@ -103,8 +104,7 @@ def dump(opts: DumpOptions) -> DumpStats:
     return stats
 
 
-def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images: ImageDir,
-              written: list[str]) -> None:
+def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
     """Leave the target exactly as it was: scratch unmapped, regs, mask, detached."""
     try:
         if ctl is not None:
@@ -115,15 +115,11 @@ def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images: ImageDir,
                 ptrace.set_sigmask(fr.pid, ctl.saved_mask)
     finally:
         freezer.thaw(fr)
-        for name in written:
-            try:
-                os.unlink(os.path.join(images.path, name))
-            except OSError:
-                pass
+        images.discard()
 
 
-def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images: ImageDir,
-                       stats: DumpStats, written: list[str]) -> TaskCtl:
+def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images,
+                       stats: DumpStats) -> TaskCtl:
     pid = fr.pid
     # 1. Everything that can refuse, before any change to the task.
     vmas = proc.read_smaps(pid)
@@ -176,7 +172,6 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images: ImageDir,
     # 3. Memory: present pages only, streamed to the page store.
     t0 = time.perf_counter()
     runs, _ = memory.scan_pages(pid, vma_entries)
-    written.append(f"pages-{pid}.img")
     pw = images.pages_writer(pid)
     try:
         pagemap = memory.write_pages(pid, runs, pw)
@@ -189,7 +184,6 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images: ImageDir,
 
     # 4. The other image files, then the inventory last.
     def put(name, msgs):
-        written.append(name)
         images.write_image(name, msgs)
 
     put(f"pagemap-{pid}.img", [pagemap_pb2.pagemap_head(pid=pid, nr_pages=stats.pages_written),
@@ -206,7 +200,6 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images: ImageDir,
                                         kernel=platform.release(), arch=platform.machine(),
                                         kind=inventory_pb2.DUMP, root_pid=pid,
                                         shell_job=opts.shell_job)
-    written.append("inventory.img")
     images.commit(inv)
     return ctl
 
