@@ -334,7 +334,8 @@ class ImageDir:
     ``write_image(name, msgs)``, ``pages_writer(pid)`` (an object with
     ``write_chunk(index, view) -> digest`` callable from several threads,
     ``account(nr_pages, digest)`` in chunk order, ``close() -> (size, digest)``
-    and ``abort()``), ``add_pages(pid, writer)``, ``commit(inventory)`` and
+    and ``abort()``), ``add_pages(pid, writer)``, ``set_parent(rel)`` (the
+    ``parent`` symlink of an incremental image), ``commit(inventory)`` and
     ``discard()``.  Another sink (the page-server client) streams the same
     calls to a remote directory."""
 
@@ -395,6 +396,17 @@ class ImageDir:
 
     def add_pages(self, pid: int, writer: PagesWriter) -> None:
         self.checksums[f"pages-{pid}.img"] = writer.close()
+
+    def set_parent(self, rel: str) -> None:
+        """Point ``parent`` at the previous image of a pre-dump chain."""
+        link = self._file("parent")
+        try:
+            if os.path.islink(link) or os.path.exists(link):
+                os.unlink(link)
+            os.symlink(rel, link)
+        except OSError as e:
+            raise ImageError(link, None, f"cannot link parent {rel}: "
+                                         f"{os.strerror(e.errno)}") from e
 
     def discard(self) -> None:
         """Remove every file this sink wrote (a dump that failed)."""
