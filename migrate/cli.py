@@ -36,6 +36,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="print the operation's statistics at the end")
 
 
+def _add_incremental(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prev-images-dir", metavar="REL",
+                   help="the parent image, relative to -D: only pages written since it "
+                        "are copied")
+    p.add_argument("--track-mem", action="store_true",
+                   help="keep tracking dirty pages after this dump (with -R), for a later "
+                        "incremental dump (pre-dump always tracks)")
+    p.add_argument("--tracker", choices=("uffd", "soft-dirty"),
+                   help="force a dirty-page tracker (default: uffd-wp where the kernel has "
+                        "it, else soft-dirty)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="migrate",
@@ -55,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the process stopped (SIGSTOP) after the dump")
     d.add_argument("-j", "--shell-job", action="store_true",
                    help="the process is a job of a shell: dump its terminal fds")
+    _add_incremental(d)
     _add_common(d)
+
+    pd = sub.add_parser("pre-dump", help="copy memory while the process runs (incremental)")
+    pd.add_argument("-t", "--tree", type=int, required=True, metavar="PID",
+                    help="the process to pre-dump")
+    pd.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    _add_incremental(pd)
+    _add_common(pd)
 
     r = sub.add_parser("restore", help="bring a dumped process back at its PID")
     r.add_argument("-D", "--images-dir", required=True, metavar="DIR")
@@ -123,7 +143,19 @@ def cmd_dump(args) -> int:
     from migrate.source.dump import DumpOptions, dump
     st = dump(DumpOptions(pid=args.tree, images_dir=args.images_dir,
                           leave_running=args.leave_running,
-                          leave_stopped=args.leave_stopped, shell_job=args.shell_job))
+                          leave_stopped=args.leave_stopped, shell_job=args.shell_job,
+                          prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
+                          tracker=args.tracker))
+    if args.display_stats:
+        _print_stats(st)
+    return 0
+
+
+def cmd_pre_dump(args) -> int:
+    from migrate.source.dump import DumpOptions, pre_dump
+    st = pre_dump(DumpOptions(pid=args.tree, images_dir=args.images_dir,
+                              prev_images_dir=args.prev_images_dir, track_mem=True,
+                              tracker=args.tracker))
     if args.display_stats:
         _print_stats(st)
     return 0
@@ -192,7 +224,7 @@ def cmd_check(args) -> int:
     return 0
 
 
-COMMANDS = {"dump": cmd_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+COMMANDS = {"dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import time
 
 from migrate import errors
 from migrate.images import ImageDir
+from migrate.images import pagemap
 from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
@@ -82,6 +83,32 @@ class Image:
     files: list
     fdinfos: list
     fs: object
+    chain: list[ImageDir]                       # this image, then its parents
+    parts: list[list[tuple[int, int, int]]]     # pages each level provides
+
+MAX_CHAIN = 256
+
+
+def load_chain(d: ImageDir, pid: int) -> tuple[list[ImageDir], list[list]]:
+    """The image and its parents (``parent`` symlinks) with their pagemaps."""
+    chain, maps = [d], [d.read_image(f"pagemap-{pid}.img")[1:]]
+    start = d.inventory.root_start_time
+    while chain[-1].inventory.parent:
+        cur = chain[-1]
+        if len(chain) >= MAX_CHAIN:
+            raise errors.ImageError(cur.path, None, f"parent chain longer than {MAX_CHAIN}")
+        link = os.path.join(cur.path, "parent")
+        if not os.path.exists(link):
+            raise errors.ImageError(link, None, f"missing: the image has parent "
+                                                f"{cur.inventory.parent!r}")
+        p = ImageDir.open(link)
+        if p.inventory.root_pid != pid or (start and p.inventory.root_start_time not in
+                                            (0, start)):
+            raise errors.ImageError(link, None, f"parent is of pid {p.inventory.root_pid}, "
+                                                f"not of this process (pid {pid})")
+        chain.append(p)
+        maps.append(p.read_image(f"pagemap-{pid}.img")[1:])
+    return chain, maps
 
 
 def load(images_dir: str) -> Image:
@@ -94,10 +121,12 @@ def load(images_dir: str) -> Image:
         raise errors.RestoreError(f"{images_dir}: process trees and threads are not "
                                   "supported yet")
     pid = tree[0].pid
-    pm = d.read_image(f"pagemap-{pid}.img")
+    pmap = d.read_image(f"pagemap-{pid}.img")
+    chain, maps = load_chain(d, pid)
+    parts = pagemap.resolve(maps, [c.path for c in chain])
     return Image(d, pid, tree[0], d.read_one(f"core-{pid}.img"), d.read_one(f"mm-{pid}.img"),
-                 pm[0], pm[1:], d.read_image("files.img"), d.read_image(f"fdinfo-{pid}.img"),
-                 d.read_one(f"fs-{pid}.img"))
+                 pmap[0], pmap[1:], d.read_image("files.img"),
+                 d.read_image(f"fdinfo-{pid}.img"), d.read_one(f"fs-{pid}.img"), chain, parts)
 
 
 def preflight(img: Image) -> None:
@@ -129,7 +158,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     img = load(opts.images_dir)
     preflight(img)
     stats = RestoreStats()
-    pages = img.dir.pages_reader(img.pid)
+    pages = [level.pages_reader(img.pid) for level in img.chain]
     tty = _own_tty() if opts.shell_job else None
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
@@ -160,7 +189,8 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     finally:
         os.close(ready_r)
         os.close(go_w)
-        pages.close()
+        for r in pages:
+            r.close()
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
     stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:
@@ -311,8 +341,9 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
 
     # The address space.
     memory.map_vmas(ctl, mm.vmas)
-    stats.pages_restored = memory.fill_pages(pid, mm.vmas, img.pagemap, pages)
-    pages.verify()
+    for reader, parts in zip(pages, img.parts):   # the image, then its parents
+        stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
+        reader.verify()
     memory.protect_vmas(ctl, mm.vmas)
 
     # Per-task state.

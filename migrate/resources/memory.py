@@ -235,12 +235,33 @@ def _pipeline(windows, job, consume) -> None:
             raise
 
 
-def write_pages(pid: int, runs: list[PageRun], writer) -> list:
+def split_runs(runs: list[PageRun], keep: list[tuple[int, int]]) -> list[PageRun]:
+    """The parts of ``runs`` inside the normalized byte ranges ``keep``."""
+    out = []
+    j = 0
+    for r in runs:
+        s, e = r.addr, r.addr + r.nr_pages * PAGE
+        while j < len(keep) and keep[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(keep) and keep[k][0] < e:
+            a, b = max(s, keep[k][0]), min(e, keep[k][1])
+            if a < b:
+                out.append(dataclasses.replace(r, addr=a, nr_pages=(b - a) // PAGE))
+            k += 1
+    return out
+
+
+def write_pages(pid: int, runs: list[PageRun], writer, tolerant: bool = False) -> list:
     """Copy the runs into the page file; return pagemap entries.
 
     Two worker threads each copy an 8 MiB window from the task with
     process_vm_readv into their own buffer and pwrite it at its place in the
     page file, hashing it there; the digests are combined in order.
+
+    ``tolerant`` (a pre-dump of a running task): an area that changed under
+    us is read through /proc/PID/mem, and a page that is gone is stored as
+    zeros; it belongs to no VMA any more, so no later image refers to it.
     """
     entries = [pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages, flags=PE_PRESENT)
                for r in runs]
@@ -249,14 +270,14 @@ def write_pages(pid: int, runs: list[PageRun], writer) -> list:
     def job(w):
         index, n, parts = w
         view = memoryview(bufs.get())[:n * PAGE]
-        _copy_from_task(pid, view, parts)
+        _copy_from_task(pid, view, parts, tolerant)
         return n, writer.write_chunk(index, view)
 
     _pipeline(_windows(runs), job, writer.account)
     return entries
 
 
-def _copy_from_task(pid: int, view: memoryview, parts) -> None:
+def _copy_from_task(pid: int, view: memoryview, parts, tolerant: bool = False) -> None:
     vm, off = [], 0
     for addr, n, r in parts:
         length = n * PAGE
@@ -273,8 +294,27 @@ def _copy_from_task(pid: int, view: memoryview, parts) -> None:
             finally:
                 os.close(fd)
         off += length
-    if vm:
+    if not vm:
+        return
+    try:
         kmem.vm_read(pid, view, vm)
+    except errors.KernelError as e:
+        if not tolerant or e.errno not in (errno.EFAULT, errno.ENOMEM):
+            raise
+        with kmem.ProcMem(pid) as mem:
+            for addr, length, off in vm:
+                try:
+                    mem.readinto(addr, view[off:off + length])
+                    continue
+                except errors.KernelError:
+                    pass
+                for p in range(0, length, PAGE):   # page by page: keep what is there
+                    try:
+                        mem.readinto(addr + p, view[off + p:off + p + PAGE])
+                    except errors.KernelError:
+                        view[off + p:off + p + PAGE] = bytes(PAGE)
+                        log.info("pid %d: page %#x vanished during the pre-dump", pid,
+                                 addr + p)
 
 
 def _pread_full(fd: int, view: memoryview, off: int, pid: int) -> None:
@@ -347,12 +387,15 @@ def map_vmas(ctl: TaskCtl, entries: list) -> None:
                 ctl.call(sysno.madvise, e.start, length, advice, check=False)
 
 
-def fill_pages(pid: int, entries: list, pagemap: list, reader) -> int:
-    """Copy pages from the page store into the mapped VMAs.
+def fill_pages(pid: int, entries: list, parts: list[tuple[int, int, int]], reader) -> int:
+    """Copy stored pages into the mapped VMAs.
 
-    Two worker threads each map an 8 MiB chunk of the page file (no copy out
-    of the page cache), hash it, and write it into the task with process_vm_writev (``/proc/PID/mem`` where the
-    area is not writable); chunk digests are combined in order.
+    ``parts`` are (file page index, vaddr, nr_pages) of ``reader``'s page
+    file, sorted by index (images.pagemap.resolve).  Every chunk of the file
+    is mapped read-only (no copy out of the page cache) and hashed, so the
+    whole file's checksum is checked; the needed pages are written into the
+    task with process_vm_writev (``/proc/PID/mem`` where the area is not
+    writable), two chunks at a time on two cores.
     """
     writable = sorted((e.start, e.end) for e in entries if initial_prot(e) & PROT_WRITE)
     starts = [s for s, _ in writable]
@@ -361,34 +404,46 @@ def fill_pages(pid: int, entries: list, pagemap: list, reader) -> int:
         i = bisect.bisect_right(starts, addr) - 1
         return i >= 0 and writable[i][0] <= addr and end <= writable[i][1]
 
-    runs = [PageRun(pe.vaddr, pe.nr_pages, "vm") for pe in pagemap if pe.flags & PE_PRESENT]
-    for r in runs:
-        if not is_writable(r.addr, r.addr + r.nr_pages * PAGE):
-            r.source = "mem"
+    nchunks = (reader.nr_pages + CHUNK_PAGES - 1) // CHUNK_PAGES
+    by_chunk: list[list[tuple[int, int, int, bool]]] = [[] for _ in range(nchunks)]
+    total = 0
+    for idx, addr, n in parts:
+        if idx + n > reader.nr_pages:
+            raise errors.ImageError(reader.path, None, f"pages {idx}..{idx + n} needed, the "
+                                                       f"file holds {reader.nr_pages}")
+        total += n
+        while n:
+            c = idx // CHUNK_PAGES
+            k = min(n, (c + 1) * CHUNK_PAGES - idx)
+            by_chunk[c].append((idx - c * CHUNK_PAGES, addr, k,
+                                is_writable(addr, addr + k * PAGE)))
+            idx += k
+            addr += k * PAGE
+            n -= k
+    windows = [(c, min(CHUNK_PAGES, reader.nr_pages - c * CHUNK_PAGES), by_chunk[c])
+               for c in range(nchunks)]
 
     def job(w):
-        index, n, parts = w
+        index, n, chunk_parts = w
         win = reader.map_chunk(index, n)
         try:
             digest = chunk_digest(win)
-            vm, off = [], 0
+            vm = []
             with memoryview(win) as view:
-                for addr, k, r in parts:
-                    length = k * PAGE
-                    if r.source == "vm":
-                        vm.append((addr, length, off))
+                for off, addr, k, direct in chunk_parts:
+                    if direct:
+                        vm.append((addr, k * PAGE, off * PAGE))
                     else:
                         with kmem.ProcMem(pid, write=True) as mem:
-                            mem.write(addr, view[off:off + length])
-                    off += length
+                            mem.write(addr, view[off * PAGE:(off + k) * PAGE])
             if vm:
                 kmem.vm_write(pid, win, vm)
         finally:
             win.close()
         return n, digest
 
-    _pipeline(_windows(runs), job, reader.account)
-    return sum(r.nr_pages for r in runs)
+    _pipeline(windows, job, reader.account)
+    return total
 
 
 def protect_vmas(ctl: TaskCtl, entries: list) -> None:

@@ -1,10 +1,18 @@
-"""The dump pipeline: freeze, collect, write the image, then kill or release.
+"""The dump and pre-dump pipelines.
 
-Order matters for the promise that a failed dump leaves the target as it was:
-everything that can refuse (unsupported VMAs and fds, seccomp...) is checked
-before the first remote syscall; the remote syscalls only read state and run
-with every signal blocked; on any error the registers and mask are put back
-and the task is detached, and the files written so far are removed.
+dump: freeze, collect, write the image, then kill or release.  Order matters
+for the promise that a failed dump leaves the target as it was: everything
+that can refuse (unsupported VMAs and fds, seccomp...) is checked before the
+first remote syscall; the remote syscalls only read state and run with every
+signal blocked; on any error the registers and mask are put back, the task is
+detached, and the sink discards what was written.
+
+pre-dump: memory only, while the task runs (DESIGN.md §3).  The first round
+copies every page and starts a dirty tracker; each later round copies only
+the pages written since the previous one and marks the others PE_IN_PARENT.
+A dump with a parent does the same for its memory.  A page is left to the
+parent only if the parent holds it, the tracker covered its VMA since then,
+and the tracker says it was not written: anything else is copied.
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ import time
 
 from migrate import __version__, errors
 from migrate.images import ImageDir
-from migrate.images._pb import core_pb2, inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
+from migrate.images import pagemap as pm
+from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
+from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
 from migrate.resources import files, fs, memory, regs, signals, task
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
+from migrate.source import tracker as trackers
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +46,218 @@ class DumpOptions:
     leave_running: bool = False
     leave_stopped: bool = False
     shell_job: bool = False
+    prev_images_dir: str | None = None   # relative to images_dir, as in criu
+    track_mem: bool = False
+    tracker: str | None = None           # force "uffd" or "soft-dirty"
 
 
 @dataclasses.dataclass
 class DumpStats:
+    kind: str = "dump"
     freezing_us: int = 0
     frozen_us: int = 0
     memdump_us: int = 0
+    scan_us: int = 0
     pages_written: int = 0
+    pages_in_parent: int = 0
     remote_syscalls: int = 0
     total_us: int = 0
     peak_rss_kb: int = 0
+    tracker: str = ""
 
     def to_pb(self):
-        return stats_pb2.stats_entry(kind="dump", peak_rss_kb=self.peak_rss_kb, freezing_us=self.freezing_us,
-                                     frozen_us=self.frozen_us, memdump_us=self.memdump_us,
-                                     pages_written=self.pages_written,
-                                     remote_syscalls=self.remote_syscalls,
-                                     total_us=self.total_us)
+        return stats_pb2.stats_entry(**dataclasses.asdict(self))
 
 
 def _us(t0: float, t1: float) -> int:
     return int((t1 - t0) * 1e6)
+
+
+# --------------------------------------------------------------------------
+# incremental memory
+
+
+@dataclasses.dataclass
+class Parent:
+    rel: str
+    cover: list[tuple[int, int]]     # pages the parent chain holds
+
+
+def _open_parent(opts: DumpOptions, pid: int, start_time: int) -> Parent | None:
+    if not opts.prev_images_dir:
+        return None
+    path = os.path.join(opts.images_dir, opts.prev_images_dir)
+    d = ImageDir.open(path)
+    inv = d.inventory
+    if inv.root_pid != pid or (inv.root_start_time and inv.root_start_time != start_time):
+        raise errors.DumpError(f"parent image {path} is of another process (pid "
+                               f"{inv.root_pid}), not of pid {pid}")
+    entries = d.read_image(f"pagemap-{pid}.img")[1:]
+    return Parent(opts.prev_images_dir, pm.ranges_of(entries, pm.PE_PRESENT | pm.PE_IN_PARENT))
+
+
+def _get_tracker(opts: DumpOptions, pid: int, start_time: int, frozen_ctl: TaskCtl | None,
+                 want: bool):
+    """The tracker for this round: attached to a holder, or created (needs a
+    frozen task: ``frozen_ctl``), or None (no tracking: copy everything)."""
+    if not want:
+        return None
+    kind = trackers.choose(opts.tracker)
+    if kind == "uffd":
+        t = trackers.UffdTracker.attach(pid, start_time)
+        if t is None and frozen_ctl is not None:
+            t = trackers.UffdTracker.create(frozen_ctl, pid, start_time)
+        return t
+    if kind == "soft-dirty":
+        return trackers.SoftDirtyTracker(pid, fresh=False)
+    log.warning("pid %d: no dirty-page tracker on this kernel: every round copies all", pid)
+    return None
+
+
+def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tracker,
+                 stats: DumpStats) -> tuple[list, list[tuple[int, int]]]:
+    """(runs to copy, ranges left IN_PARENT) of this image."""
+    runs, _ = memory.scan_pages(pid, entries)
+    if tracker is None:
+        return runs, []
+    t0 = time.perf_counter()
+    untracked = {v.start for v in tracker.register(smaps)}
+    dirty: list[tuple[int, int]] = []
+    with kmem.PagemapScanner(pid) as sc:
+        for v in smaps:
+            if v.is_special:
+                continue
+            if not trackers.trackable(v) or v.start in untracked:
+                dirty.append((v.start, v.end))
+                continue
+            w = tracker.written(sc, v)
+            dirty.extend([(v.start, v.end)] if w is None else w)
+    stats.scan_us = _us(t0, time.perf_counter())
+    if parent is None or tracker.fresh:
+        return runs, []
+    data = pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE) for r in runs)
+    copy = pm.intersect(data, pm.union(pm.normalize(dirty), pm.subtract(data, parent.cover)))
+    return memory.split_runs(runs, copy), pm.subtract(data, copy)
+
+
+def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
+                  tolerant: bool) -> None:
+    t0 = time.perf_counter()
+    pw = images.pages_writer(pid)
+    try:
+        present = memory.write_pages(pid, runs, pw, tolerant=tolerant)
+    except BaseException:
+        pw.abort()
+        raise
+    images.add_pages(pid, pw)
+    stats.pages_written = pw.nr_pages
+    stats.pages_in_parent = pm.pages(in_parent)
+    flags = [(e.vaddr, e.vaddr + e.nr_pages * memory.PAGE, pm.PE_PRESENT) for e in present]
+    flags += [(s, e, pm.PE_IN_PARENT) for s, e in in_parent]
+    # PRESENT entries must stay in page-file order (address order here).
+    entries = pm.to_entries(flags, pagemap_pb2.pagemap_entry)
+    images.write_image(f"pagemap-{pid}.img",
+                       [pagemap_pb2.pagemap_head(pid=pid, nr_pages=stats.pages_written),
+                        *entries])
+    stats.memdump_us = _us(t0, time.perf_counter())
+
+
+def _inventory(opts: DumpOptions, pid: int, start_time: int, kind, tracker) -> object:
+    return inventory_pb2.inventory_entry(
+        tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+        kind=kind, root_pid=pid, root_start_time=start_time, shell_job=opts.shell_job,
+        parent=opts.prev_images_dir or "", tracker=tracker.kind if tracker else "")
+
+
+# --------------------------------------------------------------------------
+# pre-dump
+
+
+def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
+    """Memory only, the task running; starts or continues dirty tracking."""
+    t_start = time.perf_counter()
+    stats = DumpStats(kind="pre-dump")
+    pid = opts.pid
+    st = freezer.check_target(pid)
+    _refuse_trees(pid)
+    parent = _open_parent(opts, pid, st.start_time)
+    images = sink if sink is not None else ImageDir.create(opts.images_dir)
+    kind = trackers.choose(opts.tracker)
+    tracker = trackers.UffdTracker.attach(pid, st.start_time) if kind == "uffd" else None
+    fr = None
+    ctl = None
+    try:
+        if kind == "soft-dirty" or (kind == "uffd" and tracker is None):
+            # Freeze: to create the uffd inside the task, or for the whole
+            # soft-dirty round (its scan and clear are not atomic).
+            t0 = time.perf_counter()
+            fr = freezer.freeze(pid)
+            t_frozen = time.perf_counter()
+            stats.freezing_us = _us(t0, t_frozen)
+            _refuse_trees(pid, fr)
+            if kind == "uffd":
+                ctl = _remote(pid, fr)
+                tracker = trackers.UffdTracker.create(ctl, pid, st.start_time)
+                _end_remote(pid, ctl)
+                ctl = None
+            else:
+                tracker = trackers.SoftDirtyTracker(pid, fresh=parent is None)
+        smaps = proc.read_smaps(pid)
+        entries = memory.dump_vmas(pid, smaps)
+        runs, in_parent = _plan_memory(pid, smaps, entries, parent, tracker, stats)
+        if fr is not None and kind == "soft-dirty":
+            tracker.clear()
+        if fr is not None and kind == "uffd":
+            freezer.thaw(fr)          # the copy runs while the task runs
+            stats.frozen_us = _us(t_frozen, time.perf_counter())
+            fr = None
+        if fr is None and tracker is None:
+            log.warning("pid %d: no dirty-page tracker: this pre-dump copies all", pid)
+        _write_memory(pid, images, runs, in_parent, stats, tolerant=fr is None)
+        if fr is not None:
+            freezer.thaw(fr)
+            stats.frozen_us = _us(t_frozen, time.perf_counter())
+            fr = None
+        images.write_image("pstree.img", [pstree_pb2.pstree_entry(
+            pid=pid, pgid=st.pgrp, sid=st.session, threads=[pid])])
+        stats.tracker = tracker.kind if tracker else ""
+        stats.total_us = _us(t_start, time.perf_counter())
+        stats.peak_rss_kb = proc.peak_rss_kb()
+        images.write_image("stats-dump.img", [stats.to_pb()])
+        if parent:
+            images.set_parent(parent.rel)
+        images.commit(_inventory(opts, pid, st.start_time, inventory_pb2.PRE_DUMP, tracker))
+    except BaseException as exc:
+        if fr is not None:
+            _rollback(fr, ctl, images)
+        else:
+            images.discard()
+        if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
+            raise errors.DumpError(f"pre-dump of pid {pid} failed, the process was left "
+                                   f"running as it was: {exc}") from exc
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close()
+    log.info("pid %d: pre-dump to %s: %d pages written, %d in parent, frozen %.2f ms",
+             pid, opts.images_dir, stats.pages_written, stats.pages_in_parent,
+             stats.frozen_us / 1000)
+    return stats
+
+
+# --------------------------------------------------------------------------
+# dump
+
+
+def _refuse_trees(pid: int, fr: freezer.Frozen | None = None) -> None:
+    status = proc.read_status(pid)
+    if int(status.get("Threads", "1")) > 1 or (fr is not None and len(fr.tids) > 1):
+        raise errors.UnsupportedResource(pid, "threads",
+                                         f"{status['Threads']} threads: multi-threaded "
+                                         "processes are not supported yet")
+    if proc.list_children(pid):
+        raise errors.UnsupportedResource(pid, "children", "process trees are not "
+                                                          "supported yet")
 
 
 def dump(opts: DumpOptions, sink=None) -> DumpStats:
@@ -65,43 +266,60 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     t_start = time.perf_counter()
     stats = DumpStats()
     pid = opts.pid
-    freezer.check_target(pid)
-    status = proc.read_status(pid)
-    if int(status.get("Threads", "1")) > 1:
-        raise errors.UnsupportedResource(pid, "threads",
-                                         f"{status['Threads']} threads: multi-threaded "
-                                         "processes are not supported yet")
-    if proc.list_children(pid):
-        raise errors.UnsupportedResource(pid, "children", "process trees are not "
-                                                          "supported yet")
+    st = freezer.check_target(pid)
+    _refuse_trees(pid)
+    parent = _open_parent(opts, pid, st.start_time)
     images = sink if sink is not None else ImageDir.create(opts.images_dir)
     t0 = time.perf_counter()
     fr = freezer.freeze(pid)
     t_frozen = time.perf_counter()
     stats.freezing_us = _us(t0, t_frozen)
     ctl = None
+    tracker = None
     try:
-        if len(fr.tids) > 1 or proc.list_children(pid):
-            raise errors.UnsupportedResource(pid, "threads", "the process started threads "
-                                                             "or children while freezing")
-        ctl = _collect_and_write(opts, fr, images, stats)
+        _refuse_trees(pid, fr)
+        ctl, tracker = _collect_and_write(opts, fr, images, stats, parent, st.start_time)
     except BaseException as exc:
         _rollback(fr, ctl, images)
+        if tracker is not None:
+            tracker.close()
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
             raise errors.DumpError(f"dump of pid {pid} failed, the process was left running "
                                    f"as it was: {exc}") from exc
         raise
     if opts.leave_running or opts.leave_stopped:
         freezer.thaw(fr, leave_stopped=opts.leave_stopped)
+        if tracker is not None and not opts.track_mem and not parent:
+            tracker.stop()
     else:
-        freezer.kill(fr)
+        freezer.kill(fr)      # the holder, if any, exits with the task
+    if tracker is not None:
+        tracker.close()
     t_end = time.perf_counter()
     stats.frozen_us = _us(t_frozen, t_end)
     stats.total_us = _us(t_start, t_end)
     stats.peak_rss_kb = proc.peak_rss_kb()
-    log.info("pid %d: dumped to %s, %d pages, frozen %.1f ms", pid, opts.images_dir,
-             stats.pages_written, stats.frozen_us / 1000)
+    log.info("pid %d: dumped to %s, %d pages (%d in parent), frozen %.1f ms", pid,
+             opts.images_dir, stats.pages_written, stats.pages_in_parent,
+             stats.frozen_us / 1000)
     return stats
+
+
+def _remote(pid: int, fr: freezer.Frozen, vmas=None) -> TaskCtl:
+    """Remote syscalls in the frozen task, every signal blocked meanwhile."""
+    vmas = vmas if vmas is not None else proc.read_maps(pid)
+    rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, vmas))
+    ctl = TaskCtl(rt)
+    ctl.saved_mask = ptrace.get_sigmask(pid)
+    ptrace.set_sigmask(pid, ALL_SIGNALS)
+    ctl.map_scratch()
+    return ctl
+
+
+def _end_remote(pid: int, ctl: TaskCtl) -> None:
+    ctl.unmap_scratch()
+    ctl.remote.finish()
+    ptrace.set_sigmask(pid, ctl.saved_mask)
 
 
 def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
@@ -118,8 +336,8 @@ def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
         images.discard()
 
 
-def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images,
-                       stats: DumpStats) -> TaskCtl:
+def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: DumpStats,
+                       parent: Parent | None, start_time: int):
     pid = fr.pid
     # 1. Everything that can refuse, before any change to the task.
     vmas = proc.read_smaps(pid)
@@ -137,12 +355,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images,
     thread.pending.extend(signals.dump_pending(pid, shared=False))
 
     # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.
-    gadget = remote.find_syscall_insn(pid, vmas)
-    rt = remote.RemoteTask(pid, gadget)
-    ctl = TaskCtl(rt)
-    ctl.saved_mask = thread.blocked
-    ptrace.set_sigmask(pid, ALL_SIGNALS)
-    ctl.map_scratch()
+    ctl = _remote(pid, fr, vmas)
     core = task.dump_task(ctl, pid, status)
     core.sigactions.extend(signals.dump_sigactions(ctl))
     core.itimers.extend(signals.dump_itimers(ctl))
@@ -150,10 +363,13 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images,
     ctl.call(sysno.prctl, 40, ctl.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
     thread.clear_child_tid = int.from_bytes(ctl.get(8), "little")
     brk = ctl.call(sysno.brk, 0)
-    ctl.unmap_scratch()
-    rt.finish()
-    ptrace.set_sigmask(pid, thread.blocked)
-    stats.remote_syscalls = rt.calls
+    keeps_running = opts.leave_running or opts.leave_stopped
+    want_tracking = parent is not None or (opts.track_mem and keeps_running)
+    # A new tracker is only worth starting if the task lives on.
+    tracker = _get_tracker(opts, pid, start_time, ctl if keeps_running else None,
+                           want_tracking)
+    _end_remote(pid, ctl)
+    stats.remote_syscalls = ctl.remote.calls
     thread.robust_list, thread.robust_list_len = _robust_list(pid)
     thread.comm = st.comm
     core.shared_pending.extend(shared_pending)
@@ -169,39 +385,31 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images,
         mm.auxv.extend([t, v])
     mm.vmas.extend(vma_entries)
 
-    # 3. Memory: present pages only, streamed to the page store.
-    t0 = time.perf_counter()
-    runs, _ = memory.scan_pages(pid, vma_entries)
-    pw = images.pages_writer(pid)
-    try:
-        pagemap = memory.write_pages(pid, runs, pw)
-    except BaseException:
-        pw.abort()
-        raise
-    stats.pages_written = pw.nr_pages
-    images.add_pages(pid, pw)
-    stats.memdump_us = _us(t0, time.perf_counter())
+    # 3. Memory: present pages only (or only those not in the parent chain).
+    if parent is not None and tracker is None:
+        log.warning("pid %d: dirty tracking was lost: the dump copies every page", pid)
+    if tracker is not None and parent is None:
+        tracker.fresh = True
+    smaps = proc.read_smaps(pid) if tracker is not None else vmas
+    runs, in_parent = _plan_memory(pid, smaps, vma_entries, parent, tracker, stats)
+    if isinstance(tracker, trackers.SoftDirtyTracker) and keeps_running:
+        tracker.clear()       # the next round starts now
+    stats.tracker = tracker.kind if tracker else ""
+    _write_memory(pid, images, runs, in_parent, stats, tolerant=False)
 
     # 4. The other image files, then the inventory last.
-    def put(name, msgs):
-        images.write_image(name, msgs)
-
-    put(f"pagemap-{pid}.img", [pagemap_pb2.pagemap_head(pid=pid, nr_pages=stats.pages_written),
-                               *pagemap])
-    put(f"mm-{pid}.img", [mm])
-    put(f"core-{pid}.img", [core])
-    put(f"fdinfo-{pid}.img", fdinfos or [])
-    put("files.img", file_entries or [])
-    put(f"fs-{pid}.img", [fs_entry])
-    put("pstree.img", [pstree_pb2.pstree_entry(pid=pid, ppid=0, pgid=st.pgrp, sid=st.session,
-                                               threads=fr.tids)])
-    put("stats-dump.img", [stats.to_pb()])
-    inv = inventory_pb2.inventory_entry(tool_version=__version__,
-                                        kernel=platform.release(), arch=platform.machine(),
-                                        kind=inventory_pb2.DUMP, root_pid=pid,
-                                        shell_job=opts.shell_job)
-    images.commit(inv)
-    return ctl
+    images.write_image(f"mm-{pid}.img", [mm])
+    images.write_image(f"core-{pid}.img", [core])
+    images.write_image(f"fdinfo-{pid}.img", fdinfos or [])
+    images.write_image("files.img", file_entries or [])
+    images.write_image(f"fs-{pid}.img", [fs_entry])
+    images.write_image("pstree.img", [pstree_pb2.pstree_entry(
+        pid=pid, ppid=0, pgid=st.pgrp, sid=st.session, threads=fr.tids)])
+    images.write_image("stats-dump.img", [stats.to_pb()])
+    if parent:
+        images.set_parent(parent.rel)
+    images.commit(_inventory(opts, pid, start_time, inventory_pb2.DUMP, tracker))
+    return ctl, tracker
 
 
 def _robust_list(pid: int) -> tuple[int, int]:

@@ -1,0 +1,135 @@
+"""Page ranges and parent chains: pure arithmetic on pagemap entries.
+
+A pagemap entry covers [vaddr, vaddr + nr_pages * 4096) with a flag:
+PE_PRESENT (the data is in this image's page file, in entry order),
+PE_IN_PARENT (the data is in the parent image, or further up the chain),
+PE_ZERO (the page reads as zero: nothing stored).  ``resolve`` follows a chain
+and says, for every image, which of its stored pages a restore needs.
+"""
+
+from __future__ import annotations
+
+from migrate.errors import ImageError
+
+PAGE = 4096
+PE_PRESENT, PE_IN_PARENT, PE_LAZY, PE_ZERO = 1, 2, 4, 8
+
+Range = tuple[int, int]   # [start, end) in bytes
+
+
+def normalize(ranges) -> list[Range]:
+    """Sorted, merged, empty ranges dropped."""
+    out: list[list[int]] = []
+    for s, e in sorted(r for r in ranges if r[1] > r[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return [(s, e) for s, e in out]
+
+
+def intersect(a: list[Range], b: list[Range]) -> list[Range]:
+    """a ∩ b, both normalized."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if s < e:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: list[Range], b: list[Range]) -> list[Range]:
+    """a \\ b, both normalized."""
+    out, j = [], 0
+    for s, e in a:
+        cur = s
+        while j < len(b) and b[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < e:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < e:
+            out.append((cur, e))
+    return out
+
+
+def union(a: list[Range], b: list[Range]) -> list[Range]:
+    return normalize(list(a) + list(b))
+
+
+def pages(ranges: list[Range]) -> int:
+    return sum(e - s for s, e in ranges) // PAGE
+
+
+def ranges_of(entries, flag: int | None = None) -> list[Range]:
+    """Ranges of the entries (with ``flag`` set, or all)."""
+    return normalize((e.vaddr, e.vaddr + e.nr_pages * PAGE) for e in entries
+                     if flag is None or e.flags & flag)
+
+
+def _present_index(entries) -> list[tuple[int, int, int]]:
+    """(start, end, first page index in the page file) of PRESENT entries."""
+    out, idx = [], 0
+    for e in entries:
+        if e.flags & PE_PRESENT:
+            out.append((e.vaddr, e.vaddr + e.nr_pages * PAGE, idx))
+            idx += e.nr_pages
+    out.sort()
+    return out
+
+
+def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tuple[int, int, int]]]:
+    """For an image and its parents (``chain[0]`` is the image restored), the
+    stored pages each level must provide: ``[(file page index, vaddr,
+    nr_pages), ...]`` per level, sorted by file index.  A page marked
+    IN_PARENT that no parent stores is an ImageError."""
+    names = names or [f"image {i}" for i in range(len(chain))]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in chain]
+    todo = ranges_of(chain[0], PE_PRESENT | PE_IN_PARENT) if chain else []
+    for level, entries in enumerate(chain):
+        if not todo:
+            break
+        present = _present_index(entries)
+        pres_ranges = normalize((s, e) for s, e, _ in present)
+        here = intersect(todo, pres_ranges)
+        for s, e in here:                       # map each piece to file indexes
+            for ps, pe, idx in present:
+                if pe <= s or ps >= e:
+                    continue
+                a, b = max(s, ps), min(e, pe)
+                out[level].append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+        rest = subtract(todo, here)
+        inparent = ranges_of(entries, PE_IN_PARENT)
+        missing = subtract(rest, inparent)
+        if missing:
+            s, _ = missing[0]
+            raise ImageError(f"pagemap of {names[level]}", None,
+                             f"page {s:#x} is needed but neither stored nor in a parent "
+                             f"({pages(missing)} pages missing)")
+        todo = rest
+    if todo:
+        s, _ = todo[0]
+        raise ImageError(f"pagemap of {names[-1]}", None,
+                         f"page {s:#x} is marked in parent but the chain ends here "
+                         f"({pages(todo)} pages)")
+    for lst in out:
+        lst.sort()
+    return out
+
+
+def to_entries(ranges_flags: list[tuple[int, int, int]], entry_cls) -> list:
+    """pagemap entries from (start, end, flags), merging neighbours with equal flags."""
+    out = []
+    for s, e, fl in sorted(ranges_flags):
+        if out and out[-1].flags == fl and out[-1].vaddr + out[-1].nr_pages * PAGE == s:
+            out[-1].nr_pages += (e - s) // PAGE
+        else:
+            out.append(entry_cls(vaddr=s, nr_pages=(e - s) // PAGE, flags=fl))
+    return out
