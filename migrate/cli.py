@@ -135,7 +135,8 @@ def _setup_logging(args) -> None:
 
 def _print_stats(st) -> None:
     from google.protobuf import json_format
-    print(json.dumps(json_format.MessageToDict(st.to_pb(), preserving_proto_field_name=True),
+    print(json.dumps(json_format.MessageToDict(st.to_pb(), preserving_proto_field_name=True,
+                                               always_print_fields_with_no_presence=True),
                      indent=2))
 
 
@@ -194,7 +195,8 @@ def cmd_show(args) -> int:
         d = ImageDir.open(path)
         if args.verify:
             d.verify_all()
-        out = {"dir": path, "files": [decode_file(os.path.join(path, "inventory.img"))]}
+        out = {"dir": path, "chain": _chain_summary(d),
+               "files": [decode_file(os.path.join(path, "inventory.img"))]}
         for f in d.inventory.files:
             out["files"].append(decode_file(os.path.join(path, f.name)))
         if args.verify:
@@ -204,6 +206,30 @@ def cmd_show(args) -> int:
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
+
+
+def _chain_summary(d) -> list[dict]:
+    """The image and its parents, with page counts by kind (PRESENT, IN_PARENT, ZERO)."""
+    from migrate.images import ImageDir
+    from migrate.images import pagemap as pm
+    from migrate.images._pb import inventory_pb2
+    out = []
+    cur = d
+    while True:
+        inv = cur.inventory
+        row = {"dir": cur.path, "kind": inventory_pb2.dump_kind.Name(inv.kind),
+               "tracker": inv.tracker, "present": 0, "in_parent": 0, "zero": 0}
+        name = f"pagemap-{inv.root_pid}.img"
+        if cur.has(name):
+            for e in cur.read_image(name)[1:]:
+                for flag, key in ((pm.PE_PRESENT, "present"), (pm.PE_IN_PARENT, "in_parent"),
+                                  (pm.PE_ZERO, "zero")):
+                    if e.flags & flag:
+                        row[key] += e.nr_pages
+        out.append(row)
+        if not inv.parent or len(out) > 256:
+            return out
+        cur = ImageDir.open(os.path.join(cur.path, "parent"))
 
 
 def cmd_check(args) -> int:

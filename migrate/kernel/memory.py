@@ -96,7 +96,68 @@ class PagemapScanner:
             if walk_end <= pos:  # no progress: should not happen, never loop
                 break
             pos = walk_end
-        return out
+        return _merge(out)
+
+
+def _merge(regions: list[PageRegion]) -> list[PageRegion]:
+    """Sorted, non-overlapping regions.  Seen on 6.18: an ioctl can return
+    regions past the walk_end it reports, and the next call (from walk_end)
+    returns them again.  With PM_SCAN_WP_MATCHING those first reports were
+    already write-protected, so none may be dropped: take the union."""
+    if all(a.end <= b.start for a, b in zip(regions, regions[1:])):
+        return regions
+    out: list[PageRegion] = []
+    for r in sorted(regions, key=lambda r: r.start):
+        if out and r.start <= out[-1].end and (r.start < out[-1].end or
+                                                r.categories == out[-1].categories):
+            last = out[-1]
+            out[-1] = PageRegion(last.start, max(last.end, r.end),
+                                 last.categories | r.categories)
+        else:
+            out.append(r)
+    return out
+
+
+# Documentation/admin-guide/mm/pagemap.rst: the u64 per page
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_UFFD_WP = 1 << 57
+SWP_TYPE_BITS = 5
+SWP_PTE_MARKER = (1 << SWP_TYPE_BITS) - 1   # include/linux/swapops.h: the last type
+
+
+def non_marker_pages(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Within [start, end) (pages PAGEMAP_SCAN called "swapped"), the ranges
+    that are real swap or migration entries, not uffd-wp PTE markers.
+
+    The kernel installs markers in the holes of uffd-wp ranges, and
+    PAGEMAP_SCAN reports them as PAGE_IS_SWAPPED; they hold no data.  The
+    classic pagemap tells them apart: a swap entry of type SWP_PTE_MARKER.
+    """
+    import array
+    n = (end - start) // PAGE_SIZE
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise errors.from_errno("open pagemap", e.errno, pid) from e
+    try:
+        raw = os.pread(fd, n * 8, start // PAGE_SIZE * 8)
+    except OSError as e:
+        raise errors.from_errno("pread pagemap", e.errno, pid, f"at {start:#x}") from e
+    finally:
+        os.close(fd)
+    ents = array.array("Q", raw)
+    out: list[tuple[int, int]] = []
+    mask = (1 << SWP_TYPE_BITS) - 1
+    for i, e in enumerate(ents):
+        if (e & PM_SWAP) and (e & mask) == SWP_PTE_MARKER:
+            continue
+        a = start + i * PAGE_SIZE
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], a + PAGE_SIZE)
+        else:
+            out.append((a, a + PAGE_SIZE))
+    return out
 
 
 def supports_pagemap_scan() -> bool:

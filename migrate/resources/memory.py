@@ -91,11 +91,19 @@ def classify(pid: int, v: Vma) -> int:
     return K.FILE_SHARED if v.shared else K.FILE_PRIVATE
 
 
-def dump_vmas(pid: int, vmas: list[Vma]) -> list:
-    """vma_entry messages for every VMA (UnsupportedResource before any change)."""
+def dump_vmas(pid: int, vmas: list[Vma], tolerant: bool = False) -> list:
+    """vma_entry messages for every VMA (UnsupportedResource before any change).
+    ``tolerant``: the task runs (pre-dump); a VMA that vanished is left out."""
     out = []
     for v in vmas:
-        kind = classify(pid, v)
+        try:
+            kind = classify(pid, v)
+            if kind in (K.FILE_PRIVATE, K.FILE_SHARED):
+                st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+        except (errors.KernelError, OSError) as e:
+            if tolerant and e.errno == errno.ENOENT:
+                continue
+            raise
         e = K.vma_entry(start=v.start, end=v.end, pgoff=v.pgoff,
                         prot=prot_of(v.perms), kind=kind, path=v.path,
                         vmflags=list(v.vmflags), deleted=v.deleted)
@@ -108,7 +116,6 @@ def dump_vmas(pid: int, vmas: list[Vma]) -> list:
             flags |= MAP_NORESERVE
         e.flags = flags
         if kind in (K.FILE_PRIVATE, K.FILE_SHARED):
-            st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
             e.file_size, e.file_ino, e.file_dev = st.st_size, st.st_ino, st.st_dev
             e.file_mtime_ns = st.st_mtime_ns
         out.append(e)
@@ -126,7 +133,8 @@ class PageRun:
     vma_pgoff: int = 0
 
 
-def scan_pages(pid: int, entries: list) -> tuple[list[PageRun], dict[str, int]]:
+def scan_pages(pid: int, entries: list, tolerant: bool = False
+               ) -> tuple[list[PageRun], dict[str, int]]:
     """Which pages of which VMAs hold data that must go into the image."""
     runs: list[PageRun] = []
     counts = {"zero": 0, "file": 0}
@@ -136,14 +144,23 @@ def scan_pages(pid: int, entries: list) -> tuple[list[PageRun], dict[str, int]]:
             if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL, K.FILE_SHARED):
                 continue
             if e.kind == K.ANON_SHARED:
-                runs.extend(_shmem_runs(pid, e))
+                try:
+                    runs.extend(_shmem_runs(pid, e))
+                except errors.KernelError as err:
+                    if not tolerant or err.errno != errno.ENOENT:
+                        raise
                 continue
             exclude = kmem.PAGE_IS_PFNZERO
             if e.kind == K.FILE_PRIVATE:
                 exclude |= kmem.PAGE_IS_FILE  # still the file's page: not ours to copy
             src = "vm" if e.prot & PROT_READ else "mem"
             for r in sc.scan(e.start, e.end, anyof=present, exclude=exclude):
-                runs.append(PageRun(r.start, r.nr_pages, src))
+                if r.categories & kmem.PAGE_IS_PRESENT:
+                    runs.append(PageRun(r.start, r.nr_pages, src))
+                    continue
+                # "swapped": real swap entries, or uffd-wp markers (no data)
+                for s, t in kmem.non_marker_pages(pid, r.start, r.end):
+                    runs.append(PageRun(s, (t - s) // PAGE, src))
     return runs, counts
 
 
@@ -281,18 +298,18 @@ def _copy_from_task(pid: int, view: memoryview, parts, tolerant: bool = False) -
     vm, off = [], 0
     for addr, n, r in parts:
         length = n * PAGE
-        if r.source == "vm":
-            vm.append((addr, length, off))
-        elif r.source == "mem":
-            with kmem.ProcMem(pid) as mem:
-                mem.readinto(addr, view[off:off + length])
-        else:
-            path = f"/proc/{pid}/map_files/{r.vma_start:x}-{r.vma_end:x}"
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _pread_full(fd, view[off:off + length], r.vma_pgoff + addr - r.vma_start, pid)
-            finally:
-                os.close(fd)
+        try:
+            if r.source == "vm":
+                vm.append((addr, length, off))
+            elif r.source == "mem":
+                with kmem.ProcMem(pid) as mem:
+                    mem.readinto(addr, view[off:off + length])
+            else:
+                _read_shmem(pid, r, addr, view[off:off + length])
+        except OSError:
+            if not tolerant:
+                raise
+            _salvage(pid, addr, view[off:off + length])
         off += length
     if not vm:
         return
@@ -301,20 +318,42 @@ def _copy_from_task(pid: int, view: memoryview, parts, tolerant: bool = False) -
     except errors.KernelError as e:
         if not tolerant or e.errno not in (errno.EFAULT, errno.ENOMEM):
             raise
-        with kmem.ProcMem(pid) as mem:
-            for addr, length, off in vm:
-                try:
-                    mem.readinto(addr, view[off:off + length])
-                    continue
-                except errors.KernelError:
-                    pass
-                for p in range(0, length, PAGE):   # page by page: keep what is there
-                    try:
-                        mem.readinto(addr + p, view[off + p:off + p + PAGE])
-                    except errors.KernelError:
-                        view[off + p:off + p + PAGE] = bytes(PAGE)
-                        log.info("pid %d: page %#x vanished during the pre-dump", pid,
-                                 addr + p)
+        for addr, length, off in vm:
+            _salvage(pid, addr, view[off:off + length])
+
+
+def _read_shmem(pid: int, r: PageRun, addr: int, view: memoryview) -> None:
+    path = f"/proc/{pid}/map_files/{r.vma_start:x}-{r.vma_end:x}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise errors.from_errno("open map_files", e.errno, pid, f"vma {r.vma_start:#x}") from e
+    try:
+        _pread_full(fd, view, r.vma_pgoff + addr - r.vma_start, pid)
+    finally:
+        os.close(fd)
+
+
+def _salvage(pid: int, addr: int, view: memoryview) -> None:
+    """A pre-dump of a running task: the area changed under us.  Read what is
+    still there through /proc/PID/mem, page by page; a page that is gone is
+    stored as zeros: it belongs to no VMA any more, and a VMA mapped there
+    later is new, untracked, and copied whole by the next image."""
+    gone = 0
+    with kmem.ProcMem(pid) as mem:
+        try:
+            mem.readinto(addr, view)
+            return
+        except errors.KernelError:
+            pass
+        for p in range(0, len(view), PAGE):
+            try:
+                mem.readinto(addr + p, view[p:p + PAGE])
+            except errors.KernelError:
+                view[p:p + PAGE] = bytes(PAGE)
+                gone += 1
+    if gone:
+        log.debug("pid %d: %d pages at %#x vanished during the pre-dump", pid, gone, addr)
 
 
 def _pread_full(fd: int, view: memoryview, off: int, pid: int) -> None:

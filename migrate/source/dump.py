@@ -86,7 +86,7 @@ class Parent:
 def _open_parent(opts: DumpOptions, pid: int, start_time: int) -> Parent | None:
     if not opts.prev_images_dir:
         return None
-    path = os.path.join(opts.images_dir, opts.prev_images_dir)
+    path = os.path.normpath(os.path.join(opts.images_dir, opts.prev_images_dir))
     d = ImageDir.open(path)
     inv = d.inventory
     if inv.root_pid != pid or (inv.root_start_time and inv.root_start_time != start_time):
@@ -115,23 +115,31 @@ def _get_tracker(opts: DumpOptions, pid: int, start_time: int, frozen_ctl: TaskC
 
 
 def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tracker,
-                 stats: DumpStats) -> tuple[list, list[tuple[int, int]]]:
-    """(runs to copy, ranges left IN_PARENT) of this image."""
-    runs, _ = memory.scan_pages(pid, entries)
+                 stats: DumpStats, untracked: set[int] | None = None, tolerant: bool = False
+                 ) -> tuple[list, list[tuple[int, int]]]:
+    """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
+    VMAs registered this round (None: register now; the task is frozen)."""
+    runs, _ = memory.scan_pages(pid, entries, tolerant)
     if tracker is None:
         return runs, []
     t0 = time.perf_counter()
-    untracked = {v.start for v in tracker.register(smaps)}
+    if untracked is None:
+        untracked = {v.start for v in tracker.register(smaps)}
     dirty: list[tuple[int, int]] = []
     with kmem.PagemapScanner(pid) as sc:
         for v in smaps:
             if v.is_special:
                 continue
-            if not trackers.trackable(v) or v.start in untracked:
+            if not trackers.trackable(v):
                 dirty.append((v.start, v.end))
                 continue
+            # Scan even a VMA registered this round: the scan write-protects
+            # its pages, which starts their tracking for the next round.
             w = tracker.written(sc, v)
-            dirty.extend([(v.start, v.end)] if w is None else w)
+            if w is None or v.start in untracked:
+                dirty.append((v.start, v.end))
+            else:
+                dirty.extend(w)
     stats.scan_us = _us(t0, time.perf_counter())
     if parent is None or tracker.fresh:
         return runs, []
@@ -186,31 +194,43 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
     tracker = trackers.UffdTracker.attach(pid, st.start_time) if kind == "uffd" else None
     fr = None
     ctl = None
+    untracked: set[int] | None = set()
     try:
-        if kind == "soft-dirty" or (kind == "uffd" and tracker is None):
-            # Freeze: to create the uffd inside the task, or for the whole
-            # soft-dirty round (its scan and clear are not atomic).
+        smaps = proc.read_smaps(pid)
+        # Freeze only to make the uffd inside the task, to register VMAs (a
+        # registration racing with the task's own mmap/munmap could split one
+        # of its mappings), or for a whole soft-dirty round (scan and clear
+        # are not atomic).  The scan, the copy and the holder start run with
+        # the task running.
+        if kind == "soft-dirty" or (kind == "uffd" and (
+                tracker is None or any(trackers.trackable(v) and "uw" not in v.vmflags
+                                       for v in smaps))):
             t0 = time.perf_counter()
             fr = freezer.freeze(pid)
             t_frozen = time.perf_counter()
             stats.freezing_us = _us(t0, t_frozen)
             _refuse_trees(pid, fr)
+            smaps = proc.read_smaps(pid)
             if kind == "uffd":
-                ctl = _remote(pid, fr)
-                tracker = trackers.UffdTracker.create(ctl, pid, st.start_time)
-                _end_remote(pid, ctl)
-                ctl = None
+                if tracker is None:
+                    ctl = _remote(pid, fr, smaps)
+                    tracker = trackers.UffdTracker.create(ctl, pid, st.start_time)
+                    _end_remote(pid, ctl)
+                    ctl = None
+                untracked = {v.start for v in tracker.register(smaps)}
+                freezer.thaw(fr)
+                stats.frozen_us = _us(t_frozen, time.perf_counter())
+                fr = None
+                if tracker.fresh:
+                    tracker.hold()
             else:
                 tracker = trackers.SoftDirtyTracker(pid, fresh=parent is None)
-        smaps = proc.read_smaps(pid)
-        entries = memory.dump_vmas(pid, smaps)
-        runs, in_parent = _plan_memory(pid, smaps, entries, parent, tracker, stats)
+                untracked = None
+        entries = memory.dump_vmas(pid, smaps, tolerant=fr is None)
+        runs, in_parent = _plan_memory(pid, smaps, entries, parent, tracker, stats,
+                                       untracked, tolerant=fr is None)
         if fr is not None and kind == "soft-dirty":
             tracker.clear()
-        if fr is not None and kind == "uffd":
-            freezer.thaw(fr)          # the copy runs while the task runs
-            stats.frozen_us = _us(t_frozen, time.perf_counter())
-            fr = None
         if fr is None and tracker is None:
             log.warning("pid %d: no dirty-page tracker: this pre-dump copies all", pid)
         _write_memory(pid, images, runs, in_parent, stats, tolerant=fr is None)
@@ -369,6 +389,8 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     tracker = _get_tracker(opts, pid, start_time, ctl if keeps_running else None,
                            want_tracking)
     _end_remote(pid, ctl)
+    if tracker is not None and tracker.fresh:
+        tracker.hold()
     stats.remote_syscalls = ctl.remote.calls
     thread.robust_list, thread.robust_list_len = _robust_list(pid)
     thread.comm = st.comm

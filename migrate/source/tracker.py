@@ -104,12 +104,17 @@ class UffdTracker:
             ctl.call(sysno.close, r)
         try:
             userfaultfd.api(uffd, UFFD_FEATURES)
-            holder.spawn(pid, start_time, uffd)
         except BaseException:
             os.close(uffd)
             raise
-        log.info("pid %d: uffd-wp tracking started (held by a holder process)", pid)
         return cls(pid, start_time, uffd, fresh=True)
+
+    def hold(self) -> None:
+        """Hand a copy of the uffd to a holder process, so that tracking
+        outlives this command (starting it takes a process start: do it
+        with the task running)."""
+        holder.spawn(self.pid, self.start_time, self.uffd)
+        log.info("pid %d: uffd-wp tracking started (held by a holder process)", self.pid)
 
     def register(self, vmas: list[Vma]) -> list[Vma]:
         """Register what is not tracked yet; return the VMAs that were not

@@ -100,3 +100,13 @@ def test_parse_limits():
     assert lim[13] == (0, 0)                            # RLIMIT_NICE, no unit
     with pytest.raises(ValueError):
         proc.parse_limits(LIMITS.replace("Max open files", "Max open filez"))
+
+
+def test_pagemap_regions_merged():
+    """Regions reported twice across PAGEMAP_SCAN calls come out once, sorted."""
+    from migrate.kernel.memory import PageRegion, _merge
+    P = 4096
+    got = _merge([PageRegion(0, P, 8), PageRegion(3 * P, 4 * P, 8), PageRegion(9 * P, 10 * P, 8),
+                  PageRegion(3 * P, 4 * P, 8), PageRegion(9 * P, 10 * P, 8),
+                  PageRegion(12 * P, 13 * P, 8)])
+    assert [(r.start // P, r.end // P) for r in got] == [(0, 1), (3, 4), (9, 10), (12, 13)]

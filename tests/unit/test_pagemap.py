@@ -1,0 +1,98 @@
+"""Chain logic: range arithmetic and resolving IN_PARENT pages up a chain."""
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from migrate.errors import ImageError
+from migrate.images import pagemap as pm
+from migrate.images._pb import pagemap_pb2
+
+P = pm.PAGE
+
+
+def E(vaddr_page, n, flags):
+    return pagemap_pb2.pagemap_entry(vaddr=vaddr_page * P, nr_pages=n, flags=flags)
+
+
+def R(a, b):
+    return (a * P, b * P)
+
+
+def test_range_ops():
+    a = pm.normalize([R(0, 4), R(3, 6), R(10, 12), R(7, 7)])
+    assert a == [R(0, 6), R(10, 12)]
+    b = [R(2, 11)]
+    assert pm.intersect(a, b) == [R(2, 6), R(10, 11)]
+    assert pm.subtract(a, b) == [R(0, 2), R(11, 12)]
+    assert pm.union(a, b) == [R(0, 12)]
+    assert pm.pages(a) == 8
+
+
+pages_set = st.sets(st.integers(0, 200), max_size=80)
+
+
+def _ranges(s):
+    return pm.normalize((R(p, p + 1) for p in s))
+
+
+@settings(max_examples=300, deadline=None)
+@given(pages_set, pages_set)
+def test_range_ops_match_sets(a, b):
+    ra, rb = _ranges(a), _ranges(b)
+    assert pm.intersect(ra, rb) == _ranges(a & b)
+    assert pm.subtract(ra, rb) == _ranges(a - b)
+    assert pm.union(ra, rb) == _ranges(a | b)
+
+
+def test_resolve_chain():
+    base = [E(0, 10, pm.PE_PRESENT)]                                  # file 0..9
+    mid = [E(0, 2, pm.PE_IN_PARENT), E(2, 2, pm.PE_PRESENT),          # file 0..1
+           E(4, 6, pm.PE_IN_PARENT)]
+    top = [E(0, 3, pm.PE_IN_PARENT), E(3, 1, pm.PE_PRESENT),          # file 0
+           E(4, 5, pm.PE_IN_PARENT), E(20, 2, pm.PE_PRESENT)]         # file 1..2
+    parts = pm.resolve([top, mid, base])
+    assert parts[0] == [(0, 3 * P, 1), (1, 20 * P, 2)]
+    assert parts[1] == [(0, 2 * P, 1)]                 # page 2 from mid (file index 0)
+    assert parts[2] == [(0, 0, 2), (4, 4 * P, 5)]       # pages 0-1 and 4-8 from base
+    # every page of top is provided exactly once
+    got = pm.normalize((a, a + n * P) for lvl in parts for _, a, n in lvl)
+    assert got == pm.ranges_of(top)
+
+
+def test_resolve_missing_page_is_an_error():
+    base = [E(0, 2, pm.PE_PRESENT)]
+    top = [E(0, 4, pm.PE_IN_PARENT)]
+    with pytest.raises(ImageError, match="0x2000"):
+        pm.resolve([top, base], ["top", "base"])
+    with pytest.raises(ImageError, match="chain ends"):
+        pm.resolve([top], ["top"])
+
+
+def test_to_entries_merges_neighbours():
+    out = pm.to_entries([(0, P, 1), (P, 3 * P, 1), (3 * P, 4 * P, 2), (8 * P, 9 * P, 2)],
+                        pagemap_pb2.pagemap_entry)
+    assert [(e.vaddr // P, e.nr_pages, e.flags) for e in out] == [(0, 3, 1), (3, 1, 2),
+                                                                   (8, 1, 2)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(pages_set, pages_set), min_size=1, max_size=5))
+def test_resolve_random_chains(levels):
+    """Build a chain where each level stores some pages and leaves the rest of
+    what it covers to its parent; resolve must hand out every covered page
+    exactly once, from the nearest level that stores it."""
+    chain, covered = [], set()
+    # from base (last) to top (first)
+    for stored, extra in reversed(levels):
+        inparent = (covered | (extra & covered)) - stored
+        entries = pm.to_entries([(p * P, (p + 1) * P, pm.PE_PRESENT) for p in sorted(stored)]
+                                + [(p * P, (p + 1) * P, pm.PE_IN_PARENT) for p in inparent],
+                                pagemap_pb2.pagemap_entry)
+        chain.insert(0, entries)
+        covered = stored | inparent
+    parts = pm.resolve(chain)
+    seen = []
+    for lvl in parts:
+        for _, a, n in lvl:
+            seen.extend(range(a // P, a // P + n))
+    assert sorted(seen) == sorted(covered) and len(seen) == len(set(seen))
