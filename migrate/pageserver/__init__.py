@@ -1,0 +1,1 @@
+"""The page-server: wire protocol (docs/protocol.md), asyncio server, client sink."""

@@ -1,0 +1,729 @@
+"""The page-server wire protocol (docs/protocol.md): framing and parsing only.
+
+Sans-I/O, after h11: bytes in with ``receive_data``, events out with
+``next_event`` (an event, ``NEED_DATA``, or ``ConnectionClosed`` at the end of
+the stream), events in with ``send`` and bytes out.  No sockets, no asyncio,
+no ssl, no hashing: the server, the client and the fuzzer drive it alike.
+
+Every frame is checked as soon as its 8-byte header is complete: known type,
+allowed flags, zero reserved bits, a length inside the bounds of its type,
+and a type allowed in the current state from that sender.  Only then is the
+payload waited for, so a lying length or a huge count never makes us buffer
+more than ``MAX_FRAME``.  Errors name the byte offset in the stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import re
+import struct
+
+from migrate.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "VERSION", "SUPPORTED_VERSIONS", "MAGIC", "PAGE_SIZE", "MAX_FRAME", "MAX_CHUNK_PAGES",
+    "MAX_GET_PAGES", "MAX_CHUNK_INDEX", "MAX_SESSION_NAME", "MAX_FILE_NAME", "MAX_LINK",
+    "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MODE_WRITE", "MODE_READ",
+    "CAP_GET", "CAP_ZSTD", "FLAG_LAST", "Code", "Role", "State", "NEED_DATA", "Connection",
+    "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin", "PageChunk", "ZeroRange",
+    "ParentRange", "Commit", "Committed", "Abort", "Get", "PageData", "Error",
+    "ConnectionClosed", "EVENTS", "ProtocolError", "LocalProtocolError",
+    "RemoteProtocolError", "check_session_name", "check_link_target",
+]
+
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAGIC = b"MGPS"
+PAGE_SIZE = 4096
+
+MAX_CHUNK_PAGES = 2048                   # one 8 MiB checksum chunk of pages-PID.img
+MAX_GET_PAGES = 2048
+MAX_FRAME = MAX_CHUNK_PAGES * PAGE_SIZE + 64
+MAX_CHUNK_INDEX = (1 << 17) - 1          # 1 TiB of pages per task
+MAX_SESSION_NAME = 200
+MAX_FILE_NAME = 64
+MAX_LINK = 255
+MAX_FILE_SIZE = 256 << 20
+MAX_ERROR_TEXT = 1024
+MAX_OUTSTANDING_GETS = 64
+
+MODE_WRITE = 1
+MODE_READ = 2
+CAP_GET = 1
+CAP_ZSTD = 2                             # reserved, never granted in version 1
+FLAG_LAST = 1
+
+HEADER = struct.Struct("<BBHI")          # type, flags, reserved, length
+_HELLO = struct.Struct("<4sHBBI")
+_WELCOME = struct.Struct("<HHII")
+_FILE = struct.Struct("<QB")
+_U32 = struct.Struct("<I")
+_CHUNK = struct.Struct("<IIII16s")
+_RANGE = struct.Struct("<IIQ")
+_COMMITTED = struct.Struct("<IIQ")
+_GET = struct.Struct("<IIQII")
+_DATA = struct.Struct("<IIQ16s")
+_ERROR = struct.Struct("<H")
+
+
+class Code(enum.IntEnum):
+    """ERROR codes (docs/protocol.md)."""
+    PROTOCOL = 1
+    BAD_NAME = 2
+    NO_SPACE = 3
+    IO = 4
+    CHECKSUM = 5
+    BUSY = 6
+    NOT_FOUND = 7
+    VERSION = 8
+    SHUTDOWN = 9
+    ABORTED = 10
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "AWAIT_HELLO"
+    AWAIT_WELCOME_WRITE = "AWAIT_WELCOME_WRITE"
+    AWAIT_WELCOME_READ = "AWAIT_WELCOME_READ"
+    WRITE = "WRITE"
+    READ = "READ"
+    COMMITTING = "COMMITTING"
+    DONE = "DONE"
+    CLOSED = "CLOSED"
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+
+
+class _Bad(Exception):
+    """A field check failed: (message, offset of the field in the payload)."""
+
+    def __init__(self, why: str, at: int = 0, code: int = 1) -> None:
+        super().__init__(why)
+        self.why = why
+        self.at = at
+        self.code = code
+
+
+_NAME_COMPONENT = re.compile(rb"[A-Za-z0-9._-]+")
+_FILE_NAME = re.compile(rb"(pstree|files|stats-dump|stats-restore)\.img|"
+                        rb"(core|mm|pagemap|fdinfo|fs)-[0-9]+\.img")
+
+
+def check_session_name(name: bytes | str) -> str:
+    """The session name rules of docs/protocol.md, or ValueError saying why."""
+    b = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else bytes(name)
+    if not b:
+        raise ValueError("empty session name")
+    if len(b) > MAX_SESSION_NAME:
+        raise ValueError(f"session name of {len(b)} bytes, the limit is {MAX_SESSION_NAME}")
+    if b"\0" in b:
+        raise ValueError("session name holds a NUL byte")
+    if b.startswith(b"/"):
+        raise ValueError(f"session name {b[:60]!r} is an absolute path")
+    for comp in b.split(b"/"):
+        if comp in (b".", b".."):
+            raise ValueError(f"session name {b[:60]!r} has a {comp.decode()!r} component")
+        if not _NAME_COMPONENT.fullmatch(comp):
+            raise ValueError(f"session name {b[:60]!r}: components are made of "
+                             "[A-Za-z0-9._-]")
+    return b.decode()
+
+
+def check_link_target(target: bytes | str) -> str:
+    b = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else bytes(target)
+    if not b or len(b) > MAX_LINK:
+        raise ValueError(f"parent link target of {len(b)} bytes (1..{MAX_LINK})")
+    if b"\0" in b:
+        raise ValueError("parent link target holds a NUL byte")
+    if b.startswith(b"/"):
+        raise ValueError(f"parent link target {b[:60]!r} is absolute")
+    try:
+        return b.decode()
+    except UnicodeDecodeError:
+        raise ValueError("parent link target is not UTF-8") from None
+
+
+def _check_file_name(b: bytes) -> str:
+    if not _FILE_NAME.fullmatch(b):
+        raise ValueError(f"file name {b[:MAX_FILE_NAME]!r} is not an image file this "
+                         "message may carry")
+    return b.decode()
+
+
+def _text(b: bytes, what: str) -> str:
+    try:
+        return b.decode()
+    except UnicodeDecodeError as e:
+        raise _Bad(f"{what} is not UTF-8", e.start) from None
+
+
+# ------------------------------------------------------------------ events
+# Each event knows its type code, the bounds of its payload length, its
+# allowed flags, how to check itself, and how to encode and decode itself.
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """C->S, opens a session: its name, mode (MODE_WRITE or MODE_READ), caps."""
+    name: str
+    mode: int = MODE_WRITE
+    caps: int = 0
+    version: int = VERSION
+    TYPE = 1
+    BOUNDS = (_HELLO.size, _HELLO.size + MAX_SESSION_NAME)
+
+    def check(self) -> None:
+        if self.mode not in (MODE_WRITE, MODE_READ):
+            raise _Bad(f"mode {self.mode} (1 write, 2 read)", 6)
+        if not 0 <= self.version <= 0xFFFF or not 0 <= self.caps <= 0xFFFFFFFF:
+            raise _Bad("version or caps out of range", 4)
+        try:
+            check_session_name(self.name)
+        except (ValueError, UnicodeEncodeError) as e:
+            raise _Bad(str(e), _HELLO.size, Code.BAD_NAME) from None
+
+    def encode(self) -> tuple[int, list]:
+        return 0, [_HELLO.pack(MAGIC, self.version, self.mode, 0, self.caps),
+                   self.name.encode()]
+
+    @classmethod
+    def decode(cls, flags: int, p: bytes) -> "Hello":
+        magic, version, mode, res, caps = _HELLO.unpack_from(p)
+        if magic != MAGIC:
+            raise _Bad(f"bad magic {magic!r}, expected {MAGIC!r}: not a migrate page-server "
+                       "client", 0)
+        if res:
+            raise _Bad("reserved byte is not 0", 7)
+        return cls(_text(p[_HELLO.size:], "session name"), mode, caps, version)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Welcome:
+    """S->C, accepts the session: the version and the capabilities granted."""
+    version: int = VERSION
+    caps: int = 0
+    max_frame: int = MAX_FRAME
+    TYPE = 2
+    BOUNDS = (_WELCOME.size, _WELCOME.size)
+
+    def check(self) -> None:
+        if not 0 <= self.version <= 0xFFFF or not 0 <= self.caps <= 0xFFFFFFFF:
+            raise _Bad("version or caps out of range")
+        if not 0 < self.max_frame <= 0xFFFFFFFF:
+            raise _Bad(f"max_frame {self.max_frame}", 8)
+
+    def encode(self):
+        return 0, [_WELCOME.pack(self.version, 0, self.caps, self.max_frame)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        version, res, caps, max_frame = _WELCOME.unpack(p)
+        if res:
+            raise _Bad("reserved field is not 0", 2)
+        return cls(version, caps, max_frame)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FilePart:
+    """C->S, bytes [offset, offset + len(data)) of a records image file."""
+    name: str
+    offset: int
+    data: bytes
+    last: bool = False
+    TYPE = 3
+    BOUNDS = (_FILE.size + 1, MAX_FRAME)
+    FLAGS = FLAG_LAST
+
+    def check(self) -> None:
+        try:
+            b = self.name.encode()
+            _check_file_name(b)
+        except (ValueError, UnicodeEncodeError) as e:
+            raise _Bad(str(e), _FILE.size, Code.BAD_NAME) from None
+        if self.offset < 0 or self.offset + len(self.data) > MAX_FILE_SIZE:
+            raise _Bad(f"{self.name}: part [{self.offset}, +{len(self.data)}) is past "
+                       f"MAX_FILE_SIZE {MAX_FILE_SIZE}", 0)
+        if _FILE.size + len(b) + len(self.data) > MAX_FRAME:
+            raise _Bad(f"{self.name}: part of {len(self.data)} bytes exceeds MAX_FRAME")
+
+    def encode(self):
+        b = self.name.encode()
+        return (FLAG_LAST if self.last else 0), [_FILE.pack(self.offset, len(b)) + b,
+                                                 self.data]
+
+    @classmethod
+    def decode(cls, flags, p):
+        offset, n = _FILE.unpack_from(p)
+        if n == 0 or n > MAX_FILE_NAME:
+            raise _Bad(f"file name length {n} (1..{MAX_FILE_NAME})", 8)
+        if _FILE.size + n > len(p):
+            raise _Bad(f"file name length {n} runs past the payload ({len(p)} bytes)", 8)
+        return cls(_text(p[_FILE.size:_FILE.size + n], "file name"), offset,
+                   p[_FILE.size + n:], bool(flags & FLAG_LAST))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetParent:
+    """C->S, the ``parent`` symlink of an incremental image."""
+    target: str
+    TYPE = 4
+    BOUNDS = (1, MAX_LINK)
+
+    def check(self) -> None:
+        try:
+            check_link_target(self.target)
+        except (ValueError, UnicodeEncodeError) as e:
+            raise _Bad(str(e), 0, Code.BAD_NAME) from None
+
+    def encode(self):
+        return 0, [self.target.encode()]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls(_text(p, "parent link target"))
+
+
+def _check_pid(pid: int) -> None:
+    if not 0 < pid < (1 << 22) + 1:     # pid_max is at most 4194304 (man 5 proc)
+        raise _Bad(f"pid {pid} out of range", 0)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PagesBegin:
+    """C->S, creates pages-PID.img; its chunks follow."""
+    pid: int
+    TYPE = 5
+    BOUNDS = (4, 4)
+
+    def check(self) -> None:
+        _check_pid(self.pid)
+
+    def encode(self):
+        return 0, [_U32.pack(self.pid)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls(_U32.unpack(p)[0])
+
+
+def _check_pages(data_len: int, nr_pages: int, limit: int, at: int) -> None:
+    if not 0 < nr_pages <= limit:
+        raise _Bad(f"nr_pages {nr_pages} (1..{limit})", at)
+    if data_len != nr_pages * PAGE_SIZE:
+        raise _Bad(f"nr_pages {nr_pages} but {data_len} bytes of data", at)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageChunk:
+    """C->S, chunk ``index`` of pages-PID.img with the xxh3-128 of its data."""
+    pid: int
+    index: int
+    nr_pages: int
+    digest: bytes
+    data: bytes
+    TYPE = 6
+    BOUNDS = (_CHUNK.size + PAGE_SIZE, _CHUNK.size + MAX_CHUNK_PAGES * PAGE_SIZE)
+
+    def check(self) -> None:
+        _check_pid(self.pid)
+        if not 0 <= self.index <= MAX_CHUNK_INDEX:
+            raise _Bad(f"chunk index {self.index} (0..{MAX_CHUNK_INDEX})", 4)
+        _check_pages(len(self.data), self.nr_pages, MAX_CHUNK_PAGES, 8)
+        if len(self.digest) != 16:
+            raise _Bad("digest is not 16 bytes", 16)
+
+    def parts(self):
+        return [_CHUNK.pack(self.pid, self.index, self.nr_pages, 0, self.digest), self.data]
+
+    def encode(self):
+        return 0, self.parts()
+
+    @classmethod
+    def decode(cls, flags, p):
+        pid, index, nr, res, digest = _CHUNK.unpack_from(p)
+        if res:
+            raise _Bad("reserved field is not 0", 12)
+        return cls(pid, index, nr, digest, memoryview(p)[_CHUNK.size:])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ZeroRange:
+    """C->S, pages of pid that read as zeros (sent as a range, never as data)."""
+    pid: int
+    vaddr: int
+    nr_pages: int
+    TYPE = 7
+    BOUNDS = (_RANGE.size, _RANGE.size)
+
+    def check(self) -> None:
+        _check_pid(self.pid)
+        if not 0 < self.nr_pages <= 0xFFFFFFFF:
+            raise _Bad(f"nr_pages {self.nr_pages}", 4)
+        if self.vaddr % PAGE_SIZE or not 0 <= self.vaddr < (1 << 64) - self.nr_pages * PAGE_SIZE:
+            raise _Bad(f"vaddr {self.vaddr:#x} is not page aligned or the range wraps", 8)
+
+    def encode(self):
+        return 0, [_RANGE.pack(self.pid, self.nr_pages, self.vaddr)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        pid, nr, vaddr = _RANGE.unpack(p)
+        return cls(pid, vaddr, nr)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParentRange(ZeroRange):
+    """C->S, pages of pid that are found in the parent image."""
+    TYPE = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Commit:
+    """C->S, the bytes of inventory.img: every file's size and xxh3-128."""
+    inventory: bytes
+    TYPE = 9
+    BOUNDS = (16, MAX_FRAME)
+
+    def check(self) -> None:
+        if not 16 <= len(self.inventory) <= MAX_FRAME:
+            raise _Bad(f"inventory of {len(self.inventory)} bytes (16..{MAX_FRAME})")
+
+    def encode(self):
+        return 0, [self.inventory]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls(bytes(p))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Committed:
+    """S->C, everything is written and synced, inventory.img last."""
+    nr_files: int
+    nbytes: int
+    TYPE = 10
+    BOUNDS = (_COMMITTED.size, _COMMITTED.size)
+
+    def check(self) -> None:
+        if not 0 <= self.nr_files <= 0xFFFFFFFF or not 0 <= self.nbytes < 1 << 64:
+            raise _Bad("count out of range")
+
+    def encode(self):
+        return 0, [_COMMITTED.pack(self.nr_files, 0, self.nbytes)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        n, res, nbytes = _COMMITTED.unpack(p)
+        if res:
+            raise _Bad("reserved field is not 0", 4)
+        return cls(n, nbytes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Abort:
+    """C->S, drop the session: the server removes what it wrote."""
+    reason: str = ""
+    TYPE = 11
+    BOUNDS = (0, MAX_ERROR_TEXT)
+
+    def check(self) -> None:
+        if len(self.reason.encode()) > MAX_ERROR_TEXT:
+            raise _Bad(f"reason over {MAX_ERROR_TEXT} bytes")
+
+    def encode(self):
+        return 0, [self.reason.encode()]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls(_text(p, "abort reason"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Get:
+    """C->S (read sessions), pages [vaddr, vaddr + nr_pages * 4096) of pid."""
+    req_id: int
+    pid: int
+    vaddr: int
+    nr_pages: int
+    TYPE = 12
+    BOUNDS = (_GET.size, _GET.size)
+
+    def check(self) -> None:
+        if not 0 <= self.req_id <= 0xFFFFFFFF:
+            raise _Bad(f"req_id {self.req_id}")
+        _check_pid(self.pid)
+        if not 0 < self.nr_pages <= MAX_GET_PAGES:
+            raise _Bad(f"nr_pages {self.nr_pages} (1..{MAX_GET_PAGES})", 16)
+        if self.vaddr % PAGE_SIZE or not 0 <= self.vaddr < (1 << 64) - self.nr_pages * PAGE_SIZE:
+            raise _Bad(f"vaddr {self.vaddr:#x} is not page aligned or the range wraps", 8)
+
+    def encode(self):
+        return 0, [_GET.pack(self.req_id, self.pid, self.vaddr, self.nr_pages, 0)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        req, pid, vaddr, nr, res = _GET.unpack(p)
+        if res:
+            raise _Bad("reserved field is not 0", 20)
+        return cls(req, pid, vaddr, nr)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageData:
+    """S->C, the answer to a Get: the data and its xxh3-128."""
+    req_id: int
+    vaddr: int
+    nr_pages: int
+    digest: bytes
+    data: bytes
+    TYPE = 13
+    BOUNDS = (_DATA.size + PAGE_SIZE, _DATA.size + MAX_GET_PAGES * PAGE_SIZE)
+
+    def check(self) -> None:
+        if not 0 <= self.req_id <= 0xFFFFFFFF or self.vaddr % PAGE_SIZE \
+                or not 0 <= self.vaddr < 1 << 64:
+            raise _Bad(f"req_id {self.req_id} or vaddr {self.vaddr:#x}")
+        _check_pages(len(self.data), self.nr_pages, MAX_GET_PAGES, 4)
+        if len(self.digest) != 16:
+            raise _Bad("digest is not 16 bytes", 16)
+
+    def parts(self):
+        return [_DATA.pack(self.req_id, self.nr_pages, self.vaddr, self.digest), self.data]
+
+    def encode(self):
+        return 0, self.parts()
+
+    @classmethod
+    def decode(cls, flags, p):
+        req, nr, vaddr, digest = _DATA.unpack_from(p)
+        return cls(req, vaddr, nr, digest, memoryview(p)[_DATA.size:])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Error:
+    """Either way: what went wrong; the connection closes after it."""
+    code: int
+    text: str = ""
+    TYPE = 14
+    BOUNDS = (_ERROR.size, _ERROR.size + MAX_ERROR_TEXT)
+
+    def check(self) -> None:
+        if not 0 <= self.code <= 0xFFFF:
+            raise _Bad(f"error code {self.code}")
+        if len(self.text.encode()) > MAX_ERROR_TEXT:
+            raise _Bad(f"error text over {MAX_ERROR_TEXT} bytes", 2)
+
+    def encode(self):
+        return 0, [_ERROR.pack(self.code), self.text.encode()]
+
+    @classmethod
+    def decode(cls, flags, p):
+        (code,) = _ERROR.unpack_from(p)
+        return cls(code, p[_ERROR.size:].decode("utf-8", "replace"))
+
+    @property
+    def code_name(self) -> str:
+        try:
+            return Code(self.code).name
+        except ValueError:
+            return str(self.code)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer ended the stream (not a frame)."""
+
+
+EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
+          ParentRange, Commit, Committed, Abort, Get, PageData, Error)
+_BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
+
+
+# ------------------------------------------------------------------ state table
+C, S = Role.CLIENT, Role.SERVER
+_ST = State
+# (state, sender, key) -> next state; key is the event class, or (Hello, mode).
+TRANSITIONS: dict = {
+    (_ST.AWAIT_HELLO, C, (Hello, MODE_WRITE)): _ST.AWAIT_WELCOME_WRITE,
+    (_ST.AWAIT_HELLO, C, (Hello, MODE_READ)): _ST.AWAIT_WELCOME_READ,
+    (_ST.AWAIT_WELCOME_WRITE, S, Welcome): _ST.WRITE,
+    (_ST.AWAIT_WELCOME_READ, S, Welcome): _ST.READ,
+    **{(_ST.WRITE, C, cls): _ST.WRITE
+       for cls in (FilePart, SetParent, PagesBegin, PageChunk, ZeroRange, ParentRange)},
+    (_ST.WRITE, C, Commit): _ST.COMMITTING,
+    (_ST.WRITE, C, Abort): _ST.CLOSED,
+    (_ST.COMMITTING, S, Committed): _ST.DONE,
+    (_ST.READ, C, Get): _ST.READ,
+    (_ST.READ, S, PageData): _ST.READ,
+    **{(st, who, Error): _ST.CLOSED for st in State if st is not _ST.CLOSED
+       for who in (C, S)},
+}
+_ALLOWED = collections.defaultdict(set)
+for (_s, _who, _key) in TRANSITIONS:
+    _ALLOWED[(_s, _who)].add(_key[0] if isinstance(_key, tuple) else _key)
+
+
+def _key(ev):
+    return (Hello, ev.mode) if isinstance(ev, Hello) else type(ev)
+
+
+class Connection:
+    """One end of one connection: ``Connection(Role.SERVER)`` or CLIENT."""
+
+    MAX_BUFFER = MAX_FRAME + HEADER.size + (4 << 20)
+
+    def __init__(self, role: Role) -> None:
+        self.our_role = role
+        self.their_role = S if role is C else C
+        self.state = State.AWAIT_HELLO
+        self.mode = 0
+        self._buf = bytearray()
+        self._pos = 0            # stream offset of _buf[0]
+        self._eof = False
+        self._gets: collections.deque = collections.deque()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- receiving -----------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next unparsed byte."""
+        return self._pos
+
+    def receive_data(self, data) -> None:
+        """Buffer bytes from the peer; ``b""`` means end of stream."""
+        if self._eof:
+            raise LocalProtocolError("receive_data after the end of the stream")
+        if not data:
+            self._eof = True
+            return
+        if len(self._buf) > self.MAX_BUFFER:
+            raise LocalProtocolError(f"receive buffer over {self.MAX_BUFFER} bytes: "
+                                     "call next_event() before receiving more")
+        self._buf += data
+        self.bytes_received += len(data)
+
+    def _remote(self, why: str, at: int, code: int = 1) -> RemoteProtocolError:
+        """The error, with ``offset`` and ``code`` (the ERROR code to answer with)."""
+        e = RemoteProtocolError(f"{why} (at byte {at} of the stream from the "
+                                f"{self.their_role.value})")
+        e.offset = at
+        e.code = code
+        return e
+
+    def next_event(self):
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            if self._eof:
+                if buf:
+                    raise self._remote(f"stream ended inside a frame header "
+                                       f"({len(buf)} of {HEADER.size} bytes)", self._pos)
+                return ConnectionClosed()
+            return NEED_DATA
+        typ, flags, res, length = HEADER.unpack_from(buf)
+        cls = self._check_header(typ, flags, res, length)
+        end = HEADER.size + length
+        if len(buf) < end:
+            if self._eof:
+                raise self._remote(f"stream ended inside a {cls.__name__} frame: "
+                                   f"{len(buf) - HEADER.size} of {length} payload bytes",
+                                   self._pos)
+            return NEED_DATA
+        payload = bytes(buf[HEADER.size:end])
+        start = self._pos
+        del buf[:end]
+        self._pos += end
+        try:
+            ev = cls.decode(flags, payload)
+            ev.check()
+        except _Bad as e:
+            raise self._remote(f"{cls.__name__}: {e.why}", start + HEADER.size + e.at,
+                               e.code) from None
+        except struct.error as e:
+            raise self._remote(f"{cls.__name__}: {e}", start + HEADER.size) from None
+        try:
+            self._transition(self.their_role, ev)
+        except _Bad as e:
+            raise self._remote(e.why, start) from None
+        return ev
+
+    def _check_header(self, typ: int, flags: int, res: int, length: int):
+        at = self._pos
+        cls = _BY_TYPE.get(typ)
+        if cls is None:
+            raise self._remote(f"unknown message type {typ}", at)
+        if flags & ~getattr(cls, "FLAGS", 0):
+            raise self._remote(f"{cls.__name__}: flags {flags:#x} not allowed", at + 1)
+        if res:
+            raise self._remote(f"{cls.__name__}: reserved header field {res:#x} is not 0",
+                               at + 2)
+        lo, hi = cls.BOUNDS
+        if not lo <= length <= hi:
+            raise self._remote(f"{cls.__name__}: payload length {length} outside "
+                               f"{lo}..{hi}", at + 4)
+        if cls in (PageChunk, PageData) and (length - lo) % PAGE_SIZE:
+            raise self._remote(f"{cls.__name__}: payload length {length} is not a whole "
+                               "number of pages", at + 4)
+        if cls not in _ALLOWED[(self.state, self.their_role)]:
+            raise self._remote(f"{cls.__name__} from the {self.their_role.value} not "
+                               f"allowed in state {self.state.value}", at)
+        return cls
+
+    # -- sending -------------------------------------------------------------
+    def send_parts(self, ev) -> list:
+        """The frame of ``ev`` as a list of buffers (page data is not copied)."""
+        if isinstance(ev, ConnectionClosed):
+            raise LocalProtocolError("ConnectionClosed is not sent: close the transport")
+        if type(ev) not in _BY_TYPE.values():
+            raise LocalProtocolError(f"not an event: {ev!r}")
+        try:
+            ev.check()
+            self._transition(self.our_role, ev)
+        except _Bad as e:
+            raise LocalProtocolError(f"{type(ev).__name__}: {e.why}") from None
+        flags, parts = ev.encode()
+        length = sum(len(p) for p in parts)
+        hdr = HEADER.pack(ev.TYPE, flags, 0, length)
+        self.bytes_sent += HEADER.size + length
+        if len(parts[0]) < 256:
+            return [hdr + parts[0], *parts[1:]]
+        return [hdr, *parts]
+
+    def send(self, ev) -> bytes:
+        """The frame of ``ev`` as bytes."""
+        return b"".join(bytes(p) if isinstance(p, memoryview) else p
+                        for p in self.send_parts(ev))
+
+    # -- state ---------------------------------------------------------------
+    def _transition(self, sender: Role, ev) -> None:
+        key = (self.state, sender, _key(ev))
+        nxt = TRANSITIONS.get(key)
+        if nxt is None:
+            raise _Bad(f"{type(ev).__name__} from the {sender.value} not allowed in state "
+                       f"{self.state.value}")
+        if isinstance(ev, Get):
+            if len(self._gets) >= MAX_OUTSTANDING_GETS:
+                raise _Bad(f"more than {MAX_OUTSTANDING_GETS} GETs outstanding")
+            self._gets.append(ev.req_id)
+        elif isinstance(ev, PageData):
+            if not self._gets or self._gets[0] != ev.req_id:
+                want = self._gets[0] if self._gets else "none"
+                raise _Bad(f"PageData for req_id {ev.req_id}, outstanding: {want}")
+            self._gets.popleft()
+        elif isinstance(ev, Hello):
+            self.mode = ev.mode
+        self.state = nxt

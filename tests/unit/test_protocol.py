@@ -1,0 +1,358 @@
+"""migrate/pageserver/protocol.py on canned bytes, with hypothesis, and fuzzed."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from migrate.pageserver import protocol as P
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+C, S = P.Role.CLIENT, P.Role.SERVER
+
+
+def pair():
+    return P.Connection(C), P.Connection(S)
+
+
+def events_of(conn, data, splits=()):
+    """Feed ``data`` cut at ``splits``, then EOF; return every event.  A server
+    answers HELLO with WELCOME, as the real one does."""
+    out = []
+
+    def got(ev):
+        out.append(ev)
+        if isinstance(ev, P.Hello) and conn.our_role is S:
+            conn.send(P.Welcome())
+
+    cuts = [0, *sorted(set(min(max(0, s), len(data)) for s in splits)), len(data)]
+    for a, b in zip(cuts, cuts[1:]):
+        if a == b:
+            continue
+        conn.receive_data(data[a:b])
+        while (ev := conn.next_event()) is not P.NEED_DATA:
+            got(ev)
+    conn.receive_data(b"")
+    while not isinstance(ev := conn.next_event(), P.ConnectionClosed):
+        got(ev)
+    return out
+
+
+def opened(mode=P.MODE_WRITE):
+    """A client and a server past HELLO/WELCOME."""
+    c, s = pair()
+    s.receive_data(c.send(P.Hello("sess", mode)))
+    assert isinstance(s.next_event(), P.Hello)
+    c.receive_data(s.send(P.Welcome(caps=P.CAP_GET)))
+    assert isinstance(c.next_event(), P.Welcome)
+    return c, s
+
+
+def chunk(pid=7, index=0, nr=1, fill=b"\xab"):
+    return P.PageChunk(pid, index, nr, b"d" * 16, fill * (nr * P.PAGE_SIZE))
+
+
+# ------------------------------------------------------------------ canned
+
+def test_write_session_round_trip():
+    c, s = pair()
+    sent = [P.Hello("hostA/job-1"), ]
+    data = c.send(sent[0])
+    assert events_of(s, data)[0] == sent[0]
+    c2, s2 = opened()
+    evs = [P.FilePart("core-7.img", 0, b"abc"), P.FilePart("core-7.img", 3, b"de", last=True),
+           P.SetParent("../pre1"), P.PagesBegin(7), chunk(index=1, nr=3), chunk(index=0),
+           P.ZeroRange(7, 0x1000, 5), P.ParentRange(7, 0x7000, 2), P.Commit(b"I" * 40)]
+    got = events_of(s2, b"".join(c2.send(e) for e in evs))
+    assert got == evs
+    assert s2.state is P.State.COMMITTING
+    c2.receive_data(s2.send(P.Committed(9, 12345)))
+    assert c2.next_event() == P.Committed(9, 12345)
+    assert c2.state is s2.state is P.State.DONE
+
+
+def test_read_session_gets_answered_in_order():
+    c, s = opened(P.MODE_READ)
+    gets = [P.Get(i, 7, 0x1000 * i, 1) for i in range(3)]
+    assert events_of(s, b"".join(c.send(g) for g in gets)) == gets
+    for i in range(3):
+        d = P.PageData(i, 0x1000 * i, 1, b"x" * 16, b"p" * 4096)
+        c.receive_data(s.send(d))
+        assert c.next_event() == d
+    with pytest.raises(P.LocalProtocolError, match="req_id 5, outstanding: none"):
+        s.send(P.PageData(5, 0, 1, b"x" * 16, b"p" * 4096))
+
+
+def test_out_of_order_is_refused_both_ways():
+    c, s = pair()
+    with pytest.raises(P.LocalProtocolError, match="not allowed in state AWAIT_HELLO"):
+        c.send(P.PagesBegin(1))
+    s.receive_data(P.Connection(C).send(P.Hello("x")) and
+                   struct.pack("<BBHI", 5, 0, 0, 4) + b"\1\0\0\0")
+    with pytest.raises(P.RemoteProtocolError, match=r"PagesBegin from the client not "
+                                                    r"allowed in state AWAIT_HELLO \(at byte 0"):
+        s.next_event()
+
+
+@pytest.mark.parametrize("name,why", [
+    ("/etc", "absolute"), ("../x", "'..' component"), ("a/../../b", "'..'"),
+    ("a\0b", "NUL"), ("x" * 201, "limit is 200"), ("", "empty"), ("a b", "components"),
+    ("a//b", "components"), ("./a", "'.'"),
+])
+def test_bad_session_names(name, why):
+    c = P.Connection(C)
+    with pytest.raises(P.LocalProtocolError, match=re.escape(why)):
+        c.send(P.Hello(name))
+    # The same bytes from a peer are refused with BAD_NAME and the offset.
+    raw = name.encode()
+    frame = struct.pack("<BBHI", 1, 0, 0, 12 + len(raw)) + struct.pack(
+        "<4sHBBI", b"MGPS", 1, 1, 0, 0) + raw
+    s = P.Connection(S)
+    s.receive_data(frame)
+    with pytest.raises(P.RemoteProtocolError) as ei:
+        s.next_event()
+    if len(raw) > P.MAX_SESSION_NAME:   # refused on the frame header's length
+        assert ei.value.offset == 4 and "payload length 213" in str(ei.value)
+    else:
+        assert ei.value.code == P.Code.BAD_NAME
+        assert ei.value.offset == 8 + 12
+
+
+def test_file_names_and_link_targets():
+    c, _ = opened()
+    for bad in ("inventory.img", "pages-1.img", "../core-1.img", "core-x.img", "x"):
+        with pytest.raises(P.LocalProtocolError, match="not an image file"):
+            c.send(P.FilePart(bad, 0, b""))
+    for bad in ("/abs", "a\0", "x" * 256):
+        with pytest.raises(P.LocalProtocolError):
+            c.send(P.SetParent(bad))
+    c.send(P.FilePart("stats-dump.img", 0, b""))
+    c.send(P.SetParent("../../a/b"))
+
+
+def test_lying_length_refused_at_header():
+    _, s = opened()
+    # A chunk header claiming 2 GiB: refused with the offset of the length field
+    # before a single payload byte arrived.
+    base = s.offset
+    s.receive_data(struct.pack("<BBHI", 6, 0, 0, 0x7FFFFFFF))
+    with pytest.raises(P.RemoteProtocolError, match=rf"outside 4128\.\.8388640 \(at byte "
+                                                    rf"{base + 4} "):
+        s.next_event()
+
+
+def test_chunk_count_must_match_data():
+    _, s = opened()
+    body = struct.pack("<IIII16s", 7, 0, 2048, 0, b"d" * 16) + b"\0" * 4096
+    s.receive_data(struct.pack("<BBHI", 6, 0, 0, len(body)) + body)
+    with pytest.raises(P.RemoteProtocolError, match="nr_pages 2048 but 4096 bytes"):
+        s.next_event()
+
+
+def test_huge_counts():
+    c, s = opened()
+    for ev, why in [(P.PageChunk(7, 0, 4096, b"d" * 16, b""), "nr_pages 4096"),
+                    (P.PageChunk(7, 1 << 20, 1, b"d" * 16, b"\0" * 4096), "chunk index"),
+                    (P.FilePart("mm-1.img", P.MAX_FILE_SIZE, b"x"), "MAX_FILE_SIZE")]:
+        with pytest.raises(P.LocalProtocolError, match=why):
+            c.send(ev)
+    c2, s2 = opened(P.MODE_READ)
+    for i in range(P.MAX_OUTSTANDING_GETS):
+        s2.receive_data(c2.send(P.Get(i, 1, 0, 1)))
+        s2.next_event()
+    s2.receive_data(struct.pack("<BBHI", 12, 0, 0, 24) + struct.pack("<IIQII", 99, 1, 0, 1, 0))
+    with pytest.raises(P.RemoteProtocolError, match="more than 64 GETs"):
+        s2.next_event()
+
+
+def test_truncated_stream():
+    c, s = opened()
+    data = c.send(chunk())
+    s.receive_data(data[:100])
+    assert s.next_event() is P.NEED_DATA
+    s.receive_data(b"")
+    with pytest.raises(P.RemoteProtocolError, match="stream ended inside a PageChunk frame"):
+        s.next_event()
+
+
+def test_error_closes():
+    c, s = opened()
+    c.receive_data(s.send(P.Error(P.Code.NO_SPACE, "pages-7.img: no space")))
+    ev = c.next_event()
+    assert ev.code_name == "NO_SPACE" and c.state is P.State.CLOSED
+    with pytest.raises(P.LocalProtocolError):
+        c.send(chunk())
+
+
+def test_every_event_and_state_is_documented():
+    doc = open(os.path.join(ROOT, "docs", "protocol.md")).read()
+    arch = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+    for cls in P.EVENTS:
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
+        assert f"| {cls.TYPE} | `{name}` |" in doc, f"{cls.__name__} missing in protocol.md"
+        assert cls.__name__ in arch, f"{cls.__name__} missing in architecture.md"
+    for st_ in P.State:
+        assert f"`{st_.value}`" in doc
+
+
+def test_boundaries_protocol_is_stdlib_only():
+    import ast
+    src = open(P.__file__).read()
+    mods = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            mods.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mods.add(node.module)
+    assert not mods & {"asyncio", "socket", "ssl", "xxhash", "uvloop"}
+    assert {m for m in mods if m.startswith("migrate")} <= {"migrate.errors"}
+
+
+# ------------------------------------------------------------------ hypothesis
+
+names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}(/[A-Za-z0-9_-]{1,10}){0,3}",
+                      fullmatch=True)
+file_names = st.sampled_from(["core-1.img", "mm-22.img", "pagemap-3.img", "files.img",
+                              "pstree.img", "fs-4.img", "fdinfo-5.img", "stats-dump.img"])
+pids = st.integers(1, 1 << 22)
+write_events = st.one_of(
+    st.builds(P.FilePart, file_names, st.integers(0, 1 << 20), st.binary(max_size=300),
+              st.booleans()),
+    st.builds(P.SetParent, st.from_regex(r"(\.\./)?[a-z0-9]{1,20}", fullmatch=True)),
+    st.builds(P.PagesBegin, pids),
+    st.builds(lambda pid, idx, nr, b: P.PageChunk(pid, idx, nr, b * 16, b * (4096 * nr)),
+              pids, st.integers(0, P.MAX_CHUNK_INDEX), st.integers(1, 3),
+              st.binary(min_size=1, max_size=1)),
+    st.builds(P.ZeroRange, pids, st.integers(0, 1 << 40).map(lambda x: x * 4096),
+              st.integers(1, 1 << 20)),
+    st.builds(P.ParentRange, pids, st.integers(0, 1 << 40).map(lambda x: x * 4096),
+              st.integers(1, 1 << 20)),
+)
+
+
+def _session_bytes(name, evs, inv):
+    c = P.Connection(C)
+    s = P.Connection(S)
+    out = c.send(P.Hello(name))
+    s.receive_data(out)
+    s.next_event()
+    c.receive_data(s.send(P.Welcome()))
+    c.next_event()
+    body = b"".join(c.send(e) for e in evs) + c.send(P.Commit(inv))
+    return out, body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(names, st.lists(write_events, max_size=12), st.binary(min_size=16, max_size=64),
+       st.lists(st.integers(0, 1 << 16), max_size=8))
+def test_round_trip_any_split(name, evs, inv, splits):
+    hello, body = _session_bytes(name, evs, inv)
+    whole = events_of(P.Connection(S), hello + body)
+    assert whole == [P.Hello(name), *evs, P.Commit(inv)]
+    assert events_of(P.Connection(S), hello + body, splits) == whole
+    # byte by byte for short streams
+    if len(body) < 400:
+        assert events_of(P.Connection(S), hello + body, range(len(hello + body))) == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000), st.integers(0, 3))
+def test_garbage_raises_only_protocol_error(garbage, prefix):
+    s = P.Connection(S)
+    if prefix:
+        hello, body = _session_bytes("g", [], b"I" * 16)
+        s.receive_data(hello)
+        s.next_event()
+        s.send(P.Welcome())
+    try:
+        events_of(s, garbage, [len(garbage) // 2])
+    except P.ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(write_events, st.integers(0, 200), st.integers(0, 255))
+def test_mutated_frames_raise_only_protocol_error(ev, pos, byte):
+    c, s = opened()
+    data = bytearray(c.send(ev))
+    data[pos % len(data)] = byte
+    try:
+        events_of(s, bytes(data))
+    except P.ProtocolError:
+        pass
+
+
+# ------------------------------------------------------------------ fuzz
+
+def malformed_frames(rng: random.Random, n: int):
+    """``n`` malformed frames for a server in WRITE state, each with its kind."""
+    good = [P.FilePart("core-1.img", 0, b"hello", True), P.PagesBegin(7),
+            chunk(nr=1), P.ZeroRange(7, 0x1000, 3), P.SetParent("../p"),
+            P.Commit(b"I" * 32)]
+    kinds = ["type", "flags", "reserved", "length-lie", "length-huge", "truncated",
+             "bad-field", "state", "name"]
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        ev = good[rng.randrange(len(good))]
+        c, _ = opened()
+        frame = bytearray(c.send(ev))
+        if kind == "type":
+            frame[0] = rng.choice([0, *range(15, 256)])
+        elif kind == "flags":
+            frame[1] = rng.randrange(2, 256)
+        elif kind == "reserved":
+            frame[2:4] = struct.pack("<H", rng.randrange(1, 65536))
+        elif kind == "length-lie":
+            real = len(frame) - 8
+            # longer: the stream ends inside the frame; shorter: what is left
+            # over (under a header's worth) is a truncated next frame.
+            lie = real + rng.choice([-1, 1]) * rng.randrange(1, 8)
+            frame[4:8] = struct.pack("<I", max(0, lie))
+        elif kind == "length-huge":
+            frame[4:8] = struct.pack("<I", rng.randrange(P.MAX_FRAME + 1, 1 << 32))
+        elif kind == "truncated":
+            frame = frame[:rng.randrange(1, len(frame))]
+        elif kind == "bad-field":
+            body = struct.pack("<IIII16s", rng.choice([0, (1 << 22) + 5, 7]),
+                               rng.choice([1 << 20, 0xFFFFFFFF]),
+                               rng.choice([0, 5000, 2]), rng.randrange(0, 2), b"d" * 16)
+            body += b"\0" * 4096
+            frame = bytearray(struct.pack("<BBHI", 6, 0, 0, len(body)) + body)
+        elif kind == "state":
+            frame = bytearray(struct.pack("<BBHIHHII", 2, 0, 0, 12, 1, 0, 0, 4096)
+                              if rng.random() < .5 else
+                              struct.pack("<BBHI", 12, 0, 0, 24) + bytes(24))
+        elif kind == "name":
+            name = rng.choice([b"../../etc/passwd", b"/abs", b"a\0b", b"x" * 60,
+                               b"inventory.img", b"pages-1.img"])
+            body = struct.pack("<QB", 0, len(name)) + name + b"data"
+            frame = bytearray(struct.pack("<BBHI", 3, 0, 0, len(body)) + body)
+        yield kind, bytes(frame)
+
+
+def test_fuzz_10000_malformed_messages(capsys, record_property):
+    rng = random.Random(4)
+    refused, by_kind, accepted = 0, {}, []
+    for kind, frame in malformed_frames(rng, 10_000):
+        _, s = opened()
+        try:
+            events_of(s, frame)
+        except P.RemoteProtocolError as e:
+            assert "at byte" in str(e)
+            refused += 1
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        else:
+            accepted.append((kind, frame[:16]))
+    record_property("fuzz_refused", refused)
+    with capsys.disabled():
+        print(f"\nprotocol fuzz: {refused} of 10000 malformed messages refused with "
+              f"RemoteProtocolError, {len(accepted)} accepted, no other exception; "
+              f"by kind: {by_kind}")
+    assert not accepted, accepted[:5]
+    assert refused == 10_000
