@@ -48,6 +48,38 @@ def _add_incremental(p: argparse.ArgumentParser) -> None:
                         "it, else soft-dirty)")
 
 
+DEFAULT_PS_PORT = 27027
+
+
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    from migrate.pageserver import tls
+    p.add_argument("--tls-cacert", metavar="FILE",
+                   help=f"CA certificate to check the peer with (default {tls.DEFAULT_CACERT})")
+    p.add_argument("--tls-cacrl", metavar="FILE",
+                   help=f"revoked certificates (default {tls.DEFAULT_CACRL} if present)")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help=f"our certificate (default {tls.DEFAULT_CERT})")
+    p.add_argument("--tls-key", metavar="FILE", help=f"our key (default {tls.DEFAULT_KEY})")
+    p.add_argument("--tls-no-cn-verify", action="store_true",
+                   help="do not check that the server's certificate names --address")
+    p.add_argument("--tls", action="store_true", help="use TLS (the default; criu compat)")
+    p.add_argument("--no-tls", action="store_true",
+                   help="plaintext TCP, no certificates (warns)")
+
+
+def _add_page_server_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--page-server", action="store_true",
+                   help="send the whole image to a `migrate page-server` (-D then holds "
+                        "only logs)")
+    p.add_argument("--address", metavar="HOST", help="the page-server's address")
+    p.add_argument("--port", type=int, default=DEFAULT_PS_PORT, metavar="N",
+                   help=f"the page-server's port (default {DEFAULT_PS_PORT})")
+    p.add_argument("--session", metavar="NAME",
+                   help="session name: the image's directory under the server's -D "
+                        "(default: the basename of -D)")
+    _add_tls(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="migrate",
@@ -68,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-j", "--shell-job", action="store_true",
                    help="the process is a job of a shell: dump its terminal fds")
     _add_incremental(d)
+    _add_page_server_client(d)
     _add_common(d)
 
     pd = sub.add_parser("pre-dump", help="copy memory while the process runs (incremental)")
@@ -75,7 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the process to pre-dump")
     pd.add_argument("-D", "--images-dir", required=True, metavar="DIR")
     _add_incremental(pd)
+    _add_page_server_client(pd)
     _add_common(pd)
+
+    ps = sub.add_parser("page-server", help="receive images over the network")
+    ps.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                    help="with --serve: sessions go into DIR/<session name>; without: "
+                         "the one session goes into DIR")
+    ps.add_argument("--address", default="0.0.0.0", metavar="HOST",
+                    help="address to listen on (default 0.0.0.0)")
+    ps.add_argument("--port", type=int, default=DEFAULT_PS_PORT, metavar="N",
+                    help=f"port to listen on (default {DEFAULT_PS_PORT})")
+    ps.add_argument("--serve", action="store_true",
+                    help="keep serving any number of concurrent sessions (default: one "
+                         "session, then exit, like criu)")
+    ps.add_argument("-d", "--daemon", action="store_true",
+                    help="run in the background once listening")
+    ps.add_argument("--pidfile", metavar="FILE", help="write the server's PID to FILE")
+    ps.add_argument("--status-fd", type=int, metavar="FD",
+                    help="write \\0 to FD and close it once listening")
+    ps.add_argument("--ps-socket", type=int, metavar="FD",
+                    help="listen on this already bound socket (--address/--port ignored)")
+    _add_tls(ps)
+    _add_common(ps)
+
+    ct = sub.add_parser("certs", help="make a CA and host certificates for mutual TLS")
+    csub = ct.add_subparsers(dest="certs_command", metavar="ACTION")
+    csub.required = True
+    ci = csub.add_parser("init", help="make a CA in DIR (DIR/cacert.pem, "
+                                      "DIR/private/cakey.pem)")
+    ci.add_argument("dir", metavar="DIR")
+    ci.add_argument("--force", action="store_true", help="replace an existing CA")
+    cs = csub.add_parser("issue", help="make DIR/HOST/cert.pem and DIR/HOST/private/key.pem"
+                                       " (server and client use)")
+    cs.add_argument("dir", metavar="DIR")
+    cs.add_argument("host", metavar="HOSTNAME", help="DNS name or IP address")
+    cs.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    cr = csub.add_parser("revoke", help="add HOST's certificate to DIR/cacrl.pem")
+    cr.add_argument("dir", metavar="DIR")
+    cr.add_argument("host", metavar="HOSTNAME")
 
     r = sub.add_parser("restore", help="bring a dumped process back at its PID")
     r.add_argument("-D", "--images-dir", required=True, metavar="DIR")
@@ -140,13 +211,51 @@ def _print_stats(st) -> None:
                      indent=2))
 
 
+def _tls_context(args, server: bool):
+    from migrate.pageserver import tls
+    if args.no_tls:
+        if args.tls:
+            raise SystemExit("migrate: --tls and --no-tls together")
+        log.warning("--no-tls: the image crosses the network in plaintext, unauthenticated")
+        return None
+    if server:
+        return tls.server_context(args.tls_cacert, args.tls_cert, args.tls_key,
+                                  args.tls_cacrl)
+    return tls.client_context(args.tls_cacert, args.tls_cert, args.tls_key, args.tls_cacrl,
+                              verify_cn=not args.tls_no_cn_verify)
+
+
+def _sink(args):
+    """The page-server client sink for dump/pre-dump --page-server, or None."""
+    if not args.page_server:
+        return None
+    if not args.address:
+        raise SystemExit("migrate: --page-server needs --address")
+    from migrate.pageserver.client import PageServerSink
+    os.makedirs(args.images_dir, exist_ok=True)      # logs only
+    session = args.session or os.path.basename(os.path.normpath(
+        os.path.abspath(args.images_dir)))
+    return PageServerSink(args.address, args.port, session,
+                          ssl_context=_tls_context(args, server=False))
+
+
+def _with_sink(sink, fn, opts):
+    """Run the dump; a session the dump never reached is aborted too."""
+    try:
+        return fn(opts, sink=sink)
+    finally:
+        if sink is not None and sink.inventory is None:
+            sink.discard()
+
+
 def cmd_dump(args) -> int:
     from migrate.source.dump import DumpOptions, dump
-    st = dump(DumpOptions(pid=args.tree, images_dir=args.images_dir,
-                          leave_running=args.leave_running,
-                          leave_stopped=args.leave_stopped, shell_job=args.shell_job,
-                          prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
-                          tracker=args.tracker))
+    sink = _sink(args)
+    st = _with_sink(sink, dump, DumpOptions(
+        pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
+        leave_stopped=args.leave_stopped, shell_job=args.shell_job,
+        prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
+        tracker=args.tracker))
     if args.display_stats:
         _print_stats(st)
     return 0
@@ -154,9 +263,10 @@ def cmd_dump(args) -> int:
 
 def cmd_pre_dump(args) -> int:
     from migrate.source.dump import DumpOptions, pre_dump
-    st = pre_dump(DumpOptions(pid=args.tree, images_dir=args.images_dir,
-                              prev_images_dir=args.prev_images_dir, track_mem=True,
-                              tracker=args.tracker))
+    sink = _sink(args)
+    st = _with_sink(sink, pre_dump, DumpOptions(
+        pid=args.tree, images_dir=args.images_dir, prev_images_dir=args.prev_images_dir,
+        track_mem=True, tracker=args.tracker))
     if args.display_stats:
         _print_stats(st)
     return 0
@@ -250,7 +360,31 @@ def cmd_check(args) -> int:
     return 0
 
 
-COMMANDS = {"dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+def cmd_page_server(args) -> int:
+    from migrate.pageserver import server
+    pidfile = args.pidfile
+    if pidfile and not os.path.isabs(pidfile):
+        pidfile = os.path.join(args.work_dir or args.images_dir, pidfile)
+    return server.run(args.images_dir, args.address, args.port,
+                      ssl_context=_tls_context(args, server=True), serve=args.serve,
+                      ps_socket=args.ps_socket, status_fd=args.status_fd, pidfile=pidfile,
+                      daemon=args.daemon)
+
+
+def cmd_certs(args) -> int:
+    from migrate.pageserver import certs
+    if args.certs_command == "init":
+        print(certs.init(args.dir, force=args.force))
+    elif args.certs_command == "issue":
+        p = certs.issue(args.dir, args.host, days=args.days)
+        print(f"--tls-cacert {certs.paths(args.dir)['cacert']} --tls-cert {p['cert']} "
+              f"--tls-key {p['key']}")
+    else:
+        print(certs.revoke(args.dir, args.host))
+    return 0
+
+
+COMMANDS = {"page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,3 +97,14 @@ def from_errno(syscall: str, err: int, pid: int | None = None,
     if err in (_errno.EPERM, _errno.EACCES):
         return AccessDenied(syscall, err, pid, detail)
     return KernelError(syscall, err, pid, detail)
+
+
+class PageServerError(MigrateError):
+    """The page-server refused or failed a session (disk full, bad name,
+    checksum, lost connection...).  ``code`` is the protocol's ERROR code name
+    ("NO_SPACE", "CHECKSUM", ...) or "CONNECTION"; ``peer`` is "host:port"."""
+
+    def __init__(self, peer: str, code: str, why: str) -> None:
+        self.peer = peer
+        self.code = code
+        super().__init__(f"page-server {peer}: {why}")

@@ -84,7 +84,7 @@ class Image:
     fdinfos: list
     fs: object
     chain: list[ImageDir]                       # this image, then its parents
-    parts: list[list[tuple[int, int, int]]]     # pages each level provides
+    parts: list[list[tuple[int, int, int]]]     # pages each level writes (overlay)
 
 MAX_CHAIN = 256
 
@@ -123,7 +123,7 @@ def load(images_dir: str) -> Image:
     pid = tree[0].pid
     pmap = d.read_image(f"pagemap-{pid}.img")
     chain, maps = load_chain(d, pid)
-    parts = pagemap.resolve(maps, [c.path for c in chain])
+    parts = pagemap.overlay(maps, [c.path for c in chain])
     return Image(d, pid, tree[0], d.read_one(f"core-{pid}.img"), d.read_one(f"mm-{pid}.img"),
                  pmap[0], pmap[1:], d.read_image("files.img"),
                  d.read_image(f"fdinfo-{pid}.img"), d.read_one(f"fs-{pid}.img"), chain, parts)
@@ -341,7 +341,8 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
 
     # The address space.
     memory.map_vmas(ctl, mm.vmas)
-    for reader, parts in zip(pages, img.parts):   # the image, then its parents
+    # The deepest parent first: each image overwrites what its parents wrote.
+    for reader, parts in reversed(list(zip(pages, img.parts))):
         stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
         reader.verify()
     memory.protect_vmas(ctl, mm.vmas)

@@ -184,6 +184,11 @@ def chunk_digest(data) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+def chunk_hasher():
+    """Streaming form of chunk_digest: update() piece by piece, then digest()."""
+    return xxhash.xxh3_128()
+
+
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -213,6 +218,13 @@ class PagesWriter:
     @property
     def size(self) -> int:
         return PAGES_DATA_OFFSET + self.nr_pages * PAGE_SIZE
+
+    def write_at(self, page_index: int, view) -> None:
+        """pwrite whole pages at page ``page_index`` of the data area; thread-safe.
+        The caller hashes each chunk (``chunk_hasher``) and accounts it in order."""
+        if len(view) % PAGE_SIZE:
+            raise ValueError(f"{len(view)} bytes are not whole pages")
+        self._pwrite(view, PAGES_DATA_OFFSET + page_index * PAGE_SIZE)
 
     def write_chunk(self, index: int, view) -> bytes:
         """Write chunk ``index`` (at most CHUNK_PAGES pages); return its digest.

@@ -99,12 +99,17 @@ def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tupl
         present = _present_index(entries)
         pres_ranges = normalize((s, e) for s, e, _ in present)
         here = intersect(todo, pres_ranges)
-        for s, e in here:                       # map each piece to file indexes
-            for ps, pe, idx in present:
-                if pe <= s or ps >= e:
-                    continue
+        j = 0                                   # map each piece to file indexes
+        for s, e in here:                       # (both lists sorted: one pass)
+            while j < len(present) and present[j][1] <= s:
+                j += 1
+            k = j
+            while k < len(present) and present[k][0] < e:
+                ps, pe, idx = present[k]
                 a, b = max(s, ps), min(e, pe)
-                out[level].append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+                if a < b:
+                    out[level].append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+                k += 1
         rest = subtract(todo, here)
         inparent = ranges_of(entries, PE_IN_PARENT)
         missing = subtract(rest, inparent)
@@ -121,6 +126,36 @@ def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tupl
                          f"({pages(todo)} pages)")
     for lst in out:
         lst.sort()
+    return out
+
+
+def overlay(chain: list[list], names: list[str] | None = None
+            ) -> list[list[tuple[int, int, int]]]:
+    """Like ``resolve`` (and checked by it), but each level provides every
+    page it stores that the image covers, superseded or not: written from
+    the deepest level up, later levels overwrite earlier ones, and each
+    level's pages stay in long contiguous runs.  Costs the superseded pages
+    once more; saves a fragmented copy of the whole base image."""
+    resolve(chain, names)                      # every page is somewhere: or ImageError
+    covered = ranges_of(chain[0], PE_PRESENT | PE_IN_PARENT) if chain else []
+    out: list[list[tuple[int, int, int]]] = []
+    for entries in chain:
+        parts = []
+        present = _present_index(entries)
+        wanted = intersect(normalize((s, e) for s, e, _ in present), covered)
+        j = 0
+        for s, e in wanted:
+            while j < len(present) and present[j][1] <= s:
+                j += 1
+            k = j
+            while k < len(present) and present[k][0] < e:
+                ps, pe, idx = present[k]
+                a, b = max(s, ps), min(e, pe)
+                if a < b:
+                    parts.append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+                k += 1
+        parts.sort()
+        out.append(parts)
     return out
 
 

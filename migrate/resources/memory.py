@@ -26,7 +26,7 @@ import stat as stat_mod
 
 from migrate import errors
 from migrate.images import PE_PRESENT
-from migrate.images.imgfile import CHUNK_PAGES, chunk_digest
+from migrate.images.imgfile import CHUNK_PAGES, chunk_digest, chunk_hasher
 from migrate.images._pb import mm_pb2, pagemap_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import sysno
@@ -222,13 +222,17 @@ def _windows(runs) -> list[tuple[int, int, list]]:
     return out
 
 
-class _Buffers(threading.local):
-    """One reusable window-sized buffer per worker thread."""
+PIECE = 1 << 20            # bytes copied per step inside a window: small, reused
+                           # buffers (fresh memory is slow to touch the first time)
 
-    def get(self) -> bytearray:
+
+class _Buffers(threading.local):
+    """One reusable buffer per worker thread."""
+
+    def get(self, size: int) -> bytearray:
         buf = getattr(self, "buf", None)
-        if buf is None:
-            buf = self.buf = bytearray(WINDOW_PAGES * PAGE)
+        if buf is None or len(buf) < size:
+            buf = self.buf = bytearray(size)
         return buf
 
 
@@ -264,7 +268,8 @@ def split_runs(runs: list[PageRun], keep: list[tuple[int, int]]) -> list[PageRun
         while k < len(keep) and keep[k][0] < e:
             a, b = max(s, keep[k][0]), min(e, keep[k][1])
             if a < b:
-                out.append(dataclasses.replace(r, addr=a, nr_pages=(b - a) // PAGE))
+                out.append(PageRun(a, (b - a) // PAGE, r.source, r.vma_start, r.vma_end,
+                                   r.vma_pgoff))
             k += 1
     return out
 
@@ -283,15 +288,49 @@ def write_pages(pid: int, runs: list[PageRun], writer, tolerant: bool = False) -
     entries = [pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages, flags=PE_PRESENT)
                for r in runs]
     bufs = _Buffers()
+    streaming = hasattr(writer, "write_at")
 
     def job(w):
         index, n, parts = w
-        view = memoryview(bufs.get())[:n * PAGE]
-        _copy_from_task(pid, view, parts, tolerant)
-        return n, writer.write_chunk(index, view)
+        if not streaming:      # a sink that takes whole chunks (the page-server)
+            view = memoryview(bufs.get(n * PAGE))[:n * PAGE]
+            _copy_from_task(pid, view, parts, tolerant)
+            return n, writer.write_chunk(index, view)
+        # Copy the window piece by piece through one small buffer.
+        buf = memoryview(bufs.get(PIECE))
+        hasher = chunk_hasher()
+        page = index * WINDOW_PAGES
+        piece: list = []
+        fill = 0
+        for part in _pieces(parts):
+            k = part[1] * PAGE
+            if fill + k > PIECE:
+                _copy_from_task(pid, buf[:fill], piece, tolerant)
+                writer.write_at(page, buf[:fill])
+                hasher.update(buf[:fill])
+                page += fill // PAGE
+                piece, fill = [], 0
+            piece.append(part)
+            fill += k
+        if piece:
+            _copy_from_task(pid, buf[:fill], piece, tolerant)
+            writer.write_at(page, buf[:fill])
+            hasher.update(buf[:fill])
+        return n, hasher.digest()
 
     _pipeline(_windows(runs), job, writer.account)
     return entries
+
+
+def _pieces(parts):
+    """Parts cut to at most PIECE bytes each."""
+    step = PIECE // PAGE
+    for addr, n, r in parts:
+        while n > step:
+            yield addr, step, r
+            addr += PIECE
+            n -= step
+        yield addr, n, r
 
 
 def _copy_from_task(pid: int, view: memoryview, parts, tolerant: bool = False) -> None:

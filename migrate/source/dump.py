@@ -313,9 +313,11 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             tracker.stop()
     else:
         freezer.kill(fr)      # the holder, if any, exits with the task
+    t_end = time.perf_counter()
+    if not (opts.leave_running or opts.leave_stopped):
+        freezer.reap_killed(fr)
     if tracker is not None:
         tracker.close()
-    t_end = time.perf_counter()
     stats.frozen_us = _us(t_frozen, t_end)
     stats.total_us = _us(t_start, t_end)
     stats.peak_rss_kb = proc.peak_rss_kb()
@@ -356,9 +358,23 @@ def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
         images.discard()
 
 
+class _Phases:
+    """Debug log of how long each step of a dump takes (-v4)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.t = time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        now = time.perf_counter()
+        log.debug("pid %d: %s took %.1f ms", self.pid, what, (now - self.t) * 1000)
+        self.t = now
+
+
 def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: DumpStats,
                        parent: Parent | None, start_time: int):
     pid = fr.pid
+    phase = _Phases(pid)
     # 1. Everything that can refuse, before any change to the task.
     vmas = proc.read_smaps(pid)
     vma_entries = memory.dump_vmas(pid, vmas)
@@ -373,6 +389,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     shared_pending = signals.dump_pending(pid, shared=True,
                                           drop_sigcont_from=os.getpid() if fr.stopped else None)
     thread.pending.extend(signals.dump_pending(pid, shared=False))
+    phase("collecting VMAs, fds, registers")
 
     # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.
     ctl = _remote(pid, fr, vmas)
@@ -391,6 +408,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     _end_remote(pid, ctl)
     if tracker is not None and tracker.fresh:
         tracker.hold()
+    phase(f"{ctl.remote.calls} remote syscalls")
     stats.remote_syscalls = ctl.remote.calls
     thread.robust_list, thread.robust_list_len = _robust_list(pid)
     thread.comm = st.comm
@@ -412,12 +430,14 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
         log.warning("pid %d: dirty tracking was lost: the dump copies every page", pid)
     if tracker is not None and parent is None:
         tracker.fresh = True
-    smaps = proc.read_smaps(pid) if tracker is not None else vmas
-    runs, in_parent = _plan_memory(pid, smaps, vma_entries, parent, tracker, stats)
+    # The task is frozen: the VMAs read above are still the VMAs.
+    runs, in_parent = _plan_memory(pid, vmas, vma_entries, parent, tracker, stats)
+    phase("planning memory (scans)")
     if isinstance(tracker, trackers.SoftDirtyTracker) and keeps_running:
         tracker.clear()       # the next round starts now
     stats.tracker = tracker.kind if tracker else ""
     _write_memory(pid, images, runs, in_parent, stats, tolerant=False)
+    phase(f"writing {stats.pages_written} pages")
 
     # 4. The other image files, then the inventory last.
     images.write_image(f"mm-{pid}.img", [mm])
@@ -431,6 +451,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     if parent:
         images.set_parent(parent.rel)
     images.commit(_inventory(opts, pid, start_time, inventory_pb2.DUMP, tracker))
+    phase("writing the other files and the inventory")
     return ctl, tracker
 
 

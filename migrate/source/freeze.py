@@ -134,12 +134,17 @@ def thaw(fr: Frozen, leave_stopped: bool = False) -> None:
 
 
 def kill(fr: Frozen) -> None:
-    """Kill a frozen process after a complete dump."""
+    """Kill a frozen process after a complete dump (it never runs again)."""
     try:
         os.kill(fr.pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    # As tracer we see the exit first; collect it so the real parent can reap.
+
+
+def reap_killed(fr: Frozen) -> None:
+    """As tracer we see the exit first; collect it so the real parent can
+    reap.  Tearing down a big address space takes a while: this is after
+    the frozen time, which ended with the SIGKILL."""
     for tid in fr.tids:
         try:
             while not ptrace.wait(tid).exited:

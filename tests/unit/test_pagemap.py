@@ -96,3 +96,25 @@ def test_resolve_random_chains(levels):
         for _, a, n in lvl:
             seen.extend(range(a // P, a // P + n))
     assert sorted(seen) == sorted(covered) and len(seen) == len(set(seen))
+
+
+def test_overlay_writes_deepest_first_and_ends_like_resolve():
+    base = [E(0, 10, pm.PE_PRESENT)]
+    mid = [E(0, 2, pm.PE_IN_PARENT), E(2, 2, pm.PE_PRESENT), E(4, 6, pm.PE_IN_PARENT)]
+    top = [E(0, 3, pm.PE_IN_PARENT), E(3, 1, pm.PE_PRESENT), E(4, 5, pm.PE_IN_PARENT)]
+    parts = pm.overlay([top, mid, base])
+    assert parts[2] == [(0, 0, 9)]            # base: one run, pages 0-8 (9 is not covered)
+    assert parts[1] == [(0, 2 * P, 2)]        # mid: pages 2-3, page 3 superseded by top
+    assert parts[0] == [(0, 3 * P, 1)]
+    # applying deepest first gives what resolve says
+    final = {}
+    for level in (2, 1, 0):
+        for idx, a, n in parts[level]:
+            for k in range(n):
+                final[a // P + k] = (level, idx + k)
+    want = {}
+    for level, lst in enumerate(pm.resolve([top, mid, base])):
+        for idx, a, n in lst:
+            for k in range(n):
+                want[a // P + k] = (level, idx + k)
+    assert final == want

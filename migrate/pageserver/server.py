@@ -1,0 +1,739 @@
+"""The page-server: an asyncio (uvloop) loop over protocol.py.
+
+Each connection is one session writing into its own directory (or reading a
+committed one for post-copy).  File work runs in a thread pool: a chunk's
+digest is checked on arrival, it is pwritten at its place in pages-PID.img,
+and the bytes as written are hashed again through a shared mapping of the
+file.  inventory.img is written last, after every file is checked against
+it and synced: no directory looks complete before that.  A bad connection
+is answered with ERROR, logged, and closed; the others keep going.
+SIGTERM: stop accepting, let running sessions finish (bounded), then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import dataclasses
+import errno
+import logging
+import mmap
+import os
+import signal
+import ssl
+import time
+
+import xxhash
+
+from migrate import errors
+from migrate.images import imgfile
+from migrate.images.imgfile import (CHUNK_PAGES, PAGE_SIZE, PAGES_DATA_OFFSET, ImageKind,
+                                    chunk_digest, pages_digest)
+from migrate.pageserver import protocol as P
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+CHUNKS_IN_FLIGHT = 2        # per session: chunks being written while the next arrives
+LINGER_S = 5.0              # after an ERROR, read and drop for this long before closing
+LINGER_BYTES = 64 << 20
+HANDSHAKE_TIMEOUT_S = 20.0
+DRAIN_TIMEOUT_S = 60.0      # SIGTERM: how long running sessions may take to finish
+
+
+class SessionError(errors.MigrateError):
+    """A session failed on the server; ``code`` is the ERROR code to send."""
+
+    def __init__(self, code: P.Code, why: str) -> None:
+        self.code = code
+        super().__init__(why)
+
+
+def _os_error(path: str, what: str, e: OSError) -> SessionError:
+    code = P.Code.NO_SPACE if e.errno in (errno.ENOSPC, errno.EDQUOT) else P.Code.IO
+    return SessionError(code, f"{path}: {what} failed: {os.strerror(e.errno)}")
+
+
+@dataclasses.dataclass
+class _RecFile:
+    fd: int
+    size: int = 0
+    hasher: object = dataclasses.field(default_factory=xxhash.xxh3_128)
+    digest: str | None = None        # set once complete
+
+
+@dataclasses.dataclass
+class _PagesFile:
+    fd: int
+    header_digest: bytes
+    chunks: dict = dataclasses.field(default_factory=dict)   # index -> (nr_pages, digest)
+
+
+def _within(root: str, path: str) -> bool:
+    root = os.path.realpath(root)
+    path = os.path.realpath(path)
+    return path == root or path.startswith(root + os.sep)
+
+
+class Session:
+    """The files of one write session.  Methods block (run them in a thread);
+    chunk writes of different indexes may run concurrently."""
+
+    def __init__(self, root: str, path: str, name: str) -> None:
+        self.root = root
+        self.path = path
+        self.name = name
+        self.files: dict[str, _RecFile] = {}
+        self.pages: dict[int, _PagesFile] = {}
+        self.created: list[str] = []
+        self.made_dir = False
+        self.parent: str | None = None
+        self.nbytes = 0
+        self.ranges = {"zero": 0, "parent": 0}
+        self.committed = False
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def begin(self) -> None:
+        existed = os.path.isdir(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise _os_error(self.path, "mkdir", e) from e
+        self.made_dir = not existed
+        if not _within(self.root, self.path):
+            raise SessionError(P.Code.BAD_NAME, f"session {self.name!r}: {self.path} resolves "
+                                                "outside the server's directory")
+        try:
+            os.unlink(self._p("inventory.img"))   # an old image is incomplete from now on
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise _os_error(self._p("inventory.img"), "unlink", e) from e
+
+    def _create(self, name: str) -> int:
+        path = self._p(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _os_error(path, "create", e) from e
+        self.created.append(name)
+        return fd
+
+    @staticmethod
+    def _pwrite(fd: int, data, off: int, path: str) -> None:
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], off + done)
+        except OSError as e:
+            raise _os_error(path, f"write at offset {off + done}", e) from e
+
+    def file_part(self, ev: P.FilePart) -> None:
+        f = self.files.get(ev.name)
+        if f is None:
+            if ev.offset:
+                raise SessionError(P.Code.PROTOCOL, f"{ev.name}: first part at offset "
+                                                    f"{ev.offset}, expected 0")
+            f = self.files[ev.name] = _RecFile(self._create(ev.name))
+        if f.digest is not None:
+            raise SessionError(P.Code.PROTOCOL, f"{ev.name}: part after the last one")
+        if ev.offset != f.size:
+            raise SessionError(P.Code.PROTOCOL, f"{ev.name}: part at offset {ev.offset}, "
+                                                f"expected {f.size}")
+        self._pwrite(f.fd, ev.data, ev.offset, self._p(ev.name))
+        f.hasher.update(ev.data)
+        f.size += len(ev.data)
+        self.nbytes += len(ev.data)
+        if ev.last:
+            try:
+                os.fsync(f.fd)
+            except OSError as e:
+                raise _os_error(self._p(ev.name), "fsync", e) from e
+            os.close(f.fd)
+            f.fd = -1
+            f.digest = f.hasher.hexdigest()
+
+    def set_parent(self, target: str) -> None:
+        link = self._p("parent")
+        if not _within(self.root, os.path.join(self.path, target)):
+            raise SessionError(P.Code.BAD_NAME, f"parent link {target!r} resolves outside "
+                                                "the server's directory")
+        try:
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(target, link)
+        except OSError as e:
+            raise _os_error(link, "symlink", e) from e
+        self.parent = target
+        self.created.append("parent")
+
+    def pages_begin(self, pid: int) -> None:
+        if pid in self.pages:
+            raise SessionError(P.Code.PROTOCOL, f"pages-{pid}.img begun twice")
+        name = f"pages-{pid}.img"
+        fd = self._create(name)
+        head = imgfile.header(ImageKind.PAGES).ljust(PAGES_DATA_OFFSET, b"\0")
+        self._pwrite(fd, head, 0, self._p(name))
+        self.pages[pid] = _PagesFile(fd, chunk_digest(head))
+
+    def check_chunk(self, ev: P.PageChunk) -> _PagesFile:
+        """Sequential part of a chunk write (on the loop): order checks."""
+        pf = self.pages.get(ev.pid)
+        if pf is None:
+            raise SessionError(P.Code.PROTOCOL, f"chunk {ev.index} of pid {ev.pid} "
+                                                "before PAGES_BEGIN")
+        if ev.index in pf.chunks:
+            raise SessionError(P.Code.PROTOCOL, f"chunk {ev.index} of pid {ev.pid} "
+                                                "sent twice")
+        pf.chunks[ev.index] = None      # reserved; filled when written
+        return pf
+
+    def write_chunk(self, pf: _PagesFile, ev: P.PageChunk) -> None:
+        name = f"pages-{ev.pid}.img"
+        got = chunk_digest(ev.data)
+        if got != ev.digest:
+            raise SessionError(P.Code.CHECKSUM, f"{name} chunk {ev.index}: xxh3-128 "
+                                                f"{got.hex()} on arrival, the client says "
+                                                f"{ev.digest.hex()}")
+        off = PAGES_DATA_OFFSET + ev.index * CHUNK_PAGES * PAGE_SIZE
+        self._pwrite(pf.fd, ev.data, off, self._p(name))
+        # Hash the bytes as written: a shared mapping of the file reads them
+        # back from the page cache without a copy.
+        try:
+            with mmap.mmap(pf.fd, len(ev.data), mmap.MAP_SHARED, mmap.PROT_READ,
+                           offset=off) as m:
+                again = chunk_digest(m)
+        except OSError as e:
+            raise _os_error(self._p(name), f"mmap at offset {off}", e) from e
+        if again != ev.digest:
+            raise SessionError(P.Code.CHECKSUM, f"{name} chunk {ev.index}: the bytes "
+                                                f"written at offset {off} hash to "
+                                                f"{again.hex()}, expected {ev.digest.hex()}")
+        pf.chunks[ev.index] = (ev.nr_pages, ev.digest)
+        self.nbytes += len(ev.data)
+
+    def _pages_checksum(self, pid: int, pf: _PagesFile) -> tuple[int, str]:
+        n = len(pf.chunks)
+        nr = 0
+        digests = []
+        for i in range(n):
+            c = pf.chunks.get(i)
+            if c is None:
+                raise SessionError(P.Code.CHECKSUM, f"pages-{pid}.img: chunk {i} missing "
+                                                    f"({n} chunks received)")
+            if c[0] != CHUNK_PAGES and i != n - 1:
+                raise SessionError(P.Code.CHECKSUM, f"pages-{pid}.img: chunk {i} of "
+                                                    f"{c[0]} pages is not the last")
+            nr += c[0]
+            digests.append(c[1])
+        return PAGES_DATA_OFFSET + nr * PAGE_SIZE, pages_digest(pf.header_digest, digests)
+
+    def commit(self, data: bytes) -> tuple[int, int]:
+        inv_path = self._p("inventory.img")
+        try:
+            _, (inv,) = imgfile.decode_records(data, inv_path, ImageKind.INVENTORY)
+        except errors.ImageError as e:
+            raise SessionError(P.Code.PROTOCOL, f"COMMIT: {e}") from None
+        have: dict[str, tuple[int, str]] = {}
+        for name, f in self.files.items():
+            if f.digest is None:
+                raise SessionError(P.Code.CHECKSUM, f"{name}: incomplete (no last part)")
+            have[name] = (f.size, f.digest)
+        for pid, pf in self.pages.items():
+            have[f"pages-{pid}.img"] = self._pages_checksum(pid, pf)
+        listed = {f.name: (f.size, f.xxh3_128) for f in inv.files}
+        for name, (size, digest) in listed.items():
+            if name not in have:
+                raise SessionError(P.Code.CHECKSUM, f"{name}: listed in the inventory but "
+                                                    "not received")
+            if have[name] != (size, digest):
+                raise SessionError(P.Code.CHECKSUM,
+                                   f"{name}: received {have[name][0]} bytes, xxh3-128 "
+                                   f"{have[name][1]}; the inventory says {size} bytes, "
+                                   f"{digest}")
+        extra = sorted(set(have) - set(listed))
+        if extra:
+            raise SessionError(P.Code.CHECKSUM, f"received but not in the inventory: "
+                                                f"{', '.join(extra)}")
+        for pid, pf in self.pages.items():
+            try:
+                os.fsync(pf.fd)
+            except OSError as e:
+                raise _os_error(self._p(f"pages-{pid}.img"), "fsync", e) from e
+        fd = self._create("inventory.img")
+        try:
+            self._pwrite(fd, data, 0, inv_path)
+            os.fsync(fd)
+        except OSError as e:
+            raise _os_error(inv_path, "fsync", e) from e
+        finally:
+            os.close(fd)
+        try:
+            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            raise _os_error(self.path, "fsync of the directory", e) from e
+        self.committed = True
+        self.close()
+        return len(listed), self.nbytes
+
+    def close(self) -> None:
+        for f in self.files.values():
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+        for pf in self.pages.values():
+            if pf.fd >= 0:
+                os.close(pf.fd)
+                pf.fd = -1
+
+    def discard(self) -> None:
+        """Remove what this session wrote; no inventory means incomplete."""
+        self.close()
+        for name in ["inventory.img", *reversed(self.created)]:
+            try:
+                os.unlink(self._p(name))
+            except OSError:
+                pass
+        if self.made_dir:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
+
+
+class ReadSession:
+    """A committed image served to GET requests (post-copy)."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.images = imgfile.ImageDir.open(path)
+        except errors.ImageError as e:
+            raise SessionError(P.Code.NOT_FOUND, str(e)) from None
+        self.maps: dict[int, tuple[list, list, object]] = {}
+
+    def _map(self, pid: int):
+        m = self.maps.get(pid)
+        if m is None:
+            name = f"pagemap-{pid}.img"
+            if not self.images.has(name):
+                raise SessionError(P.Code.NOT_FOUND, f"pid {pid}: no {name} in the image")
+            try:
+                entries = self.images.read_image(name)[1:]
+                reader = self.images.pages_reader(pid)
+            except errors.ImageError as e:
+                raise SessionError(P.Code.IO, str(e)) from None
+            runs, off = [], 0
+            for e in entries:
+                runs.append((e.vaddr, e.nr_pages, e.flags, off))
+                if e.flags & imgfile.PE_PRESENT:
+                    off += e.nr_pages
+            runs.sort()
+            m = self.maps[pid] = ([r[0] for r in runs], runs, reader)
+        return m
+
+    def get(self, ev: P.Get) -> P.PageData:
+        starts, runs, reader = self._map(ev.pid)
+        out = bytearray(ev.nr_pages * PAGE_SIZE)
+        addr, end = ev.vaddr, ev.vaddr + ev.nr_pages * PAGE_SIZE
+        while addr < end:
+            i = bisect.bisect_right(starts, addr) - 1
+            if i < 0 or addr >= runs[i][0] + runs[i][1] * PAGE_SIZE:
+                raise SessionError(P.Code.NOT_FOUND, f"pid {ev.pid}: page {addr:#x} is not "
+                                                     "in the image")
+            vaddr, nr, flags, first = runs[i]
+            stop = min(end, vaddr + nr * PAGE_SIZE)
+            if flags & imgfile.PE_PRESENT:
+                off = PAGES_DATA_OFFSET + (first + (addr - vaddr) // PAGE_SIZE) * PAGE_SIZE
+                view = memoryview(out)[addr - ev.vaddr:stop - ev.vaddr]
+                if os.preadv(reader.fd, [view], off) != len(view):
+                    raise SessionError(P.Code.IO, f"pages-{ev.pid}.img: short read at {off}")
+            elif not flags & imgfile.PE_ZERO:
+                raise SessionError(P.Code.NOT_FOUND, f"pid {ev.pid}: page {addr:#x} is in "
+                                                     "the parent image (not served in v1)")
+            addr = stop
+        return P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(out), bytes(out))
+
+    def close(self) -> None:
+        for _, _, reader in self.maps.values():
+            reader.close()
+
+
+class PageServer:
+    """``serve``: many sessions, each in ``root/<name>``; otherwise one session
+    into ``root`` itself, then ``run()`` returns."""
+
+    def __init__(self, root: str, host: str = "0.0.0.0", port: int = 0, *,
+                 ssl_context: ssl.SSLContext | None = None, serve: bool = False,
+                 sock=None, workers: int = 4) -> None:
+        self.root = os.path.abspath(root)
+        self.host, self.port = host, port
+        self.ssl = ssl_context
+        self.serve = serve
+        self.sock = sock
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ps-io")
+        self.active: dict[str, asyncio.Task] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.server: asyncio.base_events.Server | None = None
+        self.stopping = False
+        self.done = asyncio.Event()
+        self.outcome: bool | None = None      # single-session mode: committed?
+        self.sessions_done = 0
+        self.connections = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        if self.sock is not None:
+            self.server = await asyncio.start_server(self._accept, sock=self.sock,
+                                                     limit=READ_SIZE)
+        else:
+            self.server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                     limit=READ_SIZE, reuse_address=True)
+        addr = self.server.sockets[0].getsockname()
+        self.port = addr[1]
+        log.info("page-server: listening on %s:%d (%s, %s) for %s", addr[0], addr[1],
+                 "TLS" if self.ssl else "plaintext", "many sessions" if self.serve
+                 else "one session", self.root)
+
+    async def run(self, ready=None) -> int:
+        """Serve until SIGTERM/SIGINT (or, without ``serve``, one session)."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        if ready is not None:
+            ready()
+        await self.done.wait()
+        await self.shutdown()
+        if self.serve:
+            return 0
+        return 0 if self.outcome else 1
+
+    def request_stop(self, sig=None) -> None:
+        if not self.stopping:
+            log.info("page-server: %s, stopping: no new connections, draining %d",
+                     signal.Signals(sig).name if sig else "stop", len(self.tasks))
+        self.stopping = True
+        self.done.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let sessions finish (bounded), then close."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=DRAIN_TIMEOUT_S)
+            for t in pending:
+                log.warning("page-server: session still running after %.0f s, closing it",
+                            DRAIN_TIMEOUT_S)
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+        if self.server is not None:
+            await self.server.wait_closed()
+        self.pool.shutdown(wait=True)
+        log.info("page-server: stopped after %d sessions", self.sessions_done)
+
+    # -- connections ---------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        task = asyncio.current_task()
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
+        if self.stopping or (not self.serve and self.connections):
+            log.warning("%s: refused: %s", peer, "stopping" if self.stopping else
+                        "this page-server takes one session (use --serve for more)")
+            await self._send_error_and_close(reader, writer, None,
+                                             P.Code.SHUTDOWN if self.stopping else P.Code.BUSY,
+                                             "the page-server is not taking sessions")
+            return
+        self.connections += 1
+        self.tasks.add(task)
+        try:
+            ok = await Handler(self, reader, writer, peer).run()
+        finally:
+            self.tasks.discard(task)
+            self.sessions_done += 1
+        if not self.serve:
+            self.outcome = ok
+            self.done.set()
+
+    async def _send_error_and_close(self, reader, writer, conn, code, text) -> None:
+        try:
+            if conn is None:
+                conn = P.Connection(P.Role.SERVER)
+            writer.write(conn.send(P.Error(code, text[:P.MAX_ERROR_TEXT])))
+            await asyncio.wait_for(writer.drain(), LINGER_S)
+            # Read and drop what the client still sends, so that it reads our
+            # ERROR instead of a reset.
+            deadline = time.monotonic() + LINGER_S
+            dropped = 0
+            while dropped < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                data = await asyncio.wait_for(reader.read(READ_SIZE), left)
+                if not data:
+                    break
+                dropped += len(data)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, P.ProtocolError):
+            pass
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                pass
+
+
+class Handler:
+    """One connection: handshake, then one small handler per event type."""
+
+    def __init__(self, server: PageServer, reader, writer, peer: str) -> None:
+        self.srv = server
+        self.reader, self.writer = reader, writer
+        self.peer = peer
+        self.conn = P.Connection(P.Role.SERVER)
+        self.session: Session | None = None
+        self.reads: ReadSession | None = None
+        self.inflight: set[asyncio.Future] = set()
+        self.loop = asyncio.get_running_loop()
+        self.t0 = time.monotonic()
+        self.key: str | None = None
+
+    def _io(self, fn, *args) -> asyncio.Future:
+        return self.loop.run_in_executor(self.srv.pool, fn, *args)
+
+    async def run(self) -> bool:
+        """Serve the connection; True if a write session committed."""
+        if self.srv.ssl is not None:
+            try:
+                await asyncio.wait_for(self.writer.start_tls(self.srv.ssl),
+                                       HANDSHAKE_TIMEOUT_S)
+            except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
+                why = "timed out" if isinstance(e, asyncio.TimeoutError) else \
+                    getattr(e, "reason", None) or str(e)
+                log.warning("%s: TLS handshake failed: %s", self.peer, why)
+                self.writer.close()
+                return False
+            cert = self.writer.get_extra_info("peercert") or {}
+            subj = dict(x[0] for x in cert.get("subject", ()))
+            log.info("%s: TLS %s, client certificate CN=%s", self.peer,
+                     self.writer.get_extra_info("ssl_object").version(),
+                     subj.get("commonName", "?"))
+        try:
+            return await self._loop()
+        except P.RemoteProtocolError as e:
+            log.warning("%s: %s: closing", self._who(), e)
+            await self._fail(getattr(e, "code", P.Code.PROTOCOL), str(e))
+        except SessionError as e:
+            log.warning("%s: %s: closing", self._who(), e)
+            await self._fail(e.code, str(e))
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as e:
+            log.warning("%s: connection lost: %s", self._who(), e)
+        except asyncio.CancelledError:
+            log.warning("%s: cancelled (shutdown)", self._who())
+            await self._fail(P.Code.SHUTDOWN, "the page-server is shutting down")
+        finally:
+            await self._finish()
+        return False
+
+    def _who(self) -> str:
+        return f"{self.peer} session {self.session.name!r}" if self.session else self.peer
+
+    async def _fail(self, code, text: str) -> None:
+        await self._settle()
+        if self.conn.state in (P.State.CLOSED, P.State.DONE):
+            self.writer.close()
+            return
+        await self.srv._send_error_and_close(self.reader, self.writer, self.conn, code, text)
+
+    async def _settle(self) -> None:
+        if self.inflight:
+            await asyncio.wait(self.inflight)
+            self.inflight.clear()
+
+    async def _finish(self) -> None:
+        await self._settle()
+        if self.session is not None and not self.session.committed:
+            log.warning("%s: ended before its commit: removing what it wrote (%s)",
+                        self._who(), self.session.path)
+            await self._io(self.session.discard)
+        if self.reads is not None:
+            self.reads.close()
+        if self.key is not None:
+            self.srv.active.pop(self.key, None)
+        if not self.writer.is_closing():
+            self.writer.close()
+
+    async def _loop(self) -> bool:
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is P.NEED_DATA:
+                data = await self.reader.read(READ_SIZE)
+                conn.receive_data(data)
+                continue
+            if isinstance(ev, P.ConnectionClosed):
+                if conn.state is P.State.DONE:
+                    return True
+                if conn.state not in (P.State.READ, P.State.CLOSED):
+                    log.warning("%s: client disconnected in state %s", self._who(),
+                                conn.state.value)
+                return False
+            handler = getattr(self, "on_" + type(ev).__name__)
+            await handler(ev)
+            if isinstance(ev, (P.Abort, P.Error)):
+                return False
+
+    # -- one handler per event -----------------------------------------------
+    async def on_Hello(self, ev: P.Hello) -> None:
+        if ev.version not in P.SUPPORTED_VERSIONS:
+            raise SessionError(P.Code.VERSION, f"protocol version {ev.version}; this server "
+                                               f"speaks {P.SUPPORTED_VERSIONS}")
+        path = os.path.join(self.srv.root, ev.name) if self.srv.serve else self.srv.root
+        key = os.path.realpath(path)
+        if key in self.srv.active:
+            raise SessionError(P.Code.BUSY, f"session {ev.name!r} is in use by another "
+                                            "connection")
+        if ev.mode == P.MODE_READ:
+            self.reads = await self._io(ReadSession, path)
+        else:
+            self.srv.active[key] = asyncio.current_task()
+            self.key = key
+            s = Session(self.srv.root, path, ev.name)
+            self.session = s
+            await self._io(s.begin)
+        caps = ev.caps & P.CAP_GET
+        self.writer.write(self.conn.send(P.Welcome(P.VERSION, caps)))
+        log.info("%s: %s session %r into %s", self.peer,
+                 "read" if ev.mode == P.MODE_READ else "write", ev.name, path)
+
+    async def on_FilePart(self, ev: P.FilePart) -> None:
+        await self._settle()
+        await self._io(self.session.file_part, ev)
+
+    async def on_SetParent(self, ev: P.SetParent) -> None:
+        await self._io(self.session.set_parent, ev.target)
+
+    async def on_PagesBegin(self, ev: P.PagesBegin) -> None:
+        await self._io(self.session.pages_begin, ev.pid)
+
+    async def on_PageChunk(self, ev: P.PageChunk) -> None:
+        pf = self.session.check_chunk(ev)
+        fut = self._io(self.session.write_chunk, pf, ev)
+        self.inflight.add(fut)
+        while len(self.inflight) >= CHUNKS_IN_FLIGHT or any(f.done() for f in self.inflight):
+            done, self.inflight = await asyncio.wait(self.inflight,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+            for f in done:
+                f.result()      # raises SessionError (checksum, disk full)
+
+    async def on_ZeroRange(self, ev: P.ZeroRange) -> None:
+        self.session.ranges["parent" if isinstance(ev, P.ParentRange) else "zero"] += \
+            ev.nr_pages
+
+    on_ParentRange = on_ZeroRange
+
+    async def on_Commit(self, ev: P.Commit) -> None:
+        done = list(self.inflight)
+        await self._settle()
+        for f in done:
+            f.result()
+        nr, nbytes = await self._io(self.session.commit, ev.inventory)
+        self.writer.write(self.conn.send(P.Committed(nr, nbytes)))
+        await self.writer.drain()
+        dt = time.monotonic() - self.t0
+        log.info("%s: committed %d files, %.1f MiB in %.2f s (%.0f MiB/s)", self._who(),
+                 nr, nbytes / 2**20, dt, nbytes / 2**20 / max(dt, 1e-6))
+
+    async def on_Abort(self, ev: P.Abort) -> None:
+        log.warning("%s: aborted by the client: %s", self._who(), ev.reason or "no reason")
+
+    async def on_Error(self, ev: P.Error) -> None:
+        log.warning("%s: client error %s: %s", self._who(), ev.code_name, ev.text)
+
+    async def on_Get(self, ev: P.Get) -> None:
+        data = await self._io(self.reads.get, ev)
+        self.writer.write(b"".join(bytes(p) for p in self.conn.send_parts(data)))
+        await self.writer.drain()
+
+    # events a server never receives (the state table refuses them first)
+    async def _never(self, ev) -> None:
+        raise SessionError(P.Code.PROTOCOL, f"unexpected {type(ev).__name__}")
+
+    on_Welcome = on_Committed = on_PageData = _never
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed: using the asyncio default loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(root: str, host: str, port: int, *, ssl_context=None, serve: bool = False,
+        ps_socket: int | None = None, status_fd: int | None = None,
+        pidfile: str | None = None, daemon: bool = False) -> int:
+    """`migrate page-server`: listen, report readiness, serve, exit status."""
+    import socket
+
+    sock = None
+    if ps_socket is not None:
+        try:
+            sock = socket.socket(fileno=ps_socket)
+        except OSError as e:
+            raise errors.MigrateError(f"--ps-socket {ps_socket}: {os.strerror(e.errno)}") \
+                from None
+        if sock.type != socket.SOCK_STREAM:
+            raise errors.MigrateError(f"--ps-socket {ps_socket}: not a stream socket")
+        try:
+            sock.listen(128)
+        except OSError as e:
+            raise errors.MigrateError(f"--ps-socket {ps_socket}: listen failed: "
+                                      f"{os.strerror(e.errno)}") from None
+    notify = None
+    if daemon:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(wfd)
+            ok = os.read(rfd, 1)
+            os.close(rfd)
+            return 0 if ok == b"\0" else 1
+        os.close(rfd)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        notify = wfd
+
+    def ready() -> None:
+        if pidfile:
+            with open(pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        for fd in (status_fd, notify):
+            if fd is not None:
+                os.write(fd, b"\0")       # criu(8) --status-fd: \0 once ready
+                os.close(fd)
+
+    install_uvloop()
+    srv = PageServer(root, host, port, ssl_context=ssl_context, serve=serve, sock=sock)
+    if ssl_context is None:
+        log.warning("page-server: --no-tls: pages and images cross the network in "
+                    "plaintext, and anyone who can connect can write sessions")
+    try:
+        return asyncio.run(srv.run(ready))
+    except OSError as e:
+        raise errors.MigrateError(f"page-server on {host}:{port}: {e.strerror or e}") \
+            from None
