@@ -41,6 +41,7 @@ demo: build
 
 bench: build
 	$(PYTHON) bench/dump_restore.py
+	$(PYTHON) bench/predump.py
 
 clean:
 	$(MAKE) -C tests/programs clean
