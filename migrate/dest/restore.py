@@ -136,19 +136,28 @@ def preflight(img: Image) -> None:
     fs.check(img.fs)
     if not os.path.exists(img.mm.exe):
         raise errors.RestoreError(f"executable {img.mm.exe} is missing")
-    try:
-        os.kill(img.pid, 0)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        raise errors.RestoreError(f"pid {img.pid} is taken by another process") from None
-    else:
-        comm = ""
+    _check_pid_free(img.pid)
+
+
+ZOMBIE_WAIT = 3.0
+
+
+def _check_pid_free(pid: int) -> None:
+    """The PID must be free.  Right after a dump its zombie may still wait for
+    a parent that reaps late (init does here): give it a moment."""
+    end = time.monotonic() + ZOMBIE_WAIT
+    while True:
         try:
-            comm = proc.read_stat(img.pid).comm
-        except errors.MigrateError:
-            pass
-        raise errors.RestoreError(f"pid {img.pid} is taken by another process ({comm})")
+            st = proc.read_stat(pid)
+        except errors.NoSuchProcess:
+            return
+        if st.state not in ("Z", "X"):
+            raise errors.RestoreError(f"pid {pid} is taken by another process ({st.comm})")
+        if time.monotonic() > end:
+            raise errors.RestoreError(
+                f"pid {pid} is still held by a zombie ({st.comm}) that its parent (pid "
+                f"{st.ppid}) has not reaped")
+        time.sleep(0.01)
 
 
 def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
