@@ -41,7 +41,7 @@ class PageRegion:
 class PagemapScanner:
     """ioctl(PAGEMAP_SCAN) on /proc/PID/pagemap: page ranges, not a u64 per page."""
 
-    VEC_LEN = 4096
+    VEC_LEN = 16384
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -93,6 +93,11 @@ class PagemapScanner:
             for i in range(n):
                 out.append(PageRegion(int(v[i].start), int(v[i].end), int(v[i].categories)))
             walk_end = int(a.walk_end)
+            if n:
+                # Seen on 6.18: walk_end short of regions this call returned.
+                # The walk went at least as far as its last region: go on
+                # from there (else the next call reports them again).
+                walk_end = max(walk_end, out[-1].end)
             if walk_end <= pos:  # no progress: should not happen, never loop
                 break
             pos = walk_end
@@ -102,19 +107,36 @@ class PagemapScanner:
 def _merge(regions: list[PageRegion]) -> list[PageRegion]:
     """Sorted, non-overlapping regions.  Seen on 6.18: an ioctl can return
     regions past the walk_end it reports, and the next call (from walk_end)
-    returns them again.  With PM_SCAN_WP_MATCHING those first reports were
-    already write-protected, so none may be dropped: take the union."""
+    returns them again, maybe split differently and, with
+    PM_SCAN_WP_MATCHING, no longer written (the first report re-protected
+    them).  None may be dropped: each page gets the union of the categories
+    reported for it (a sweep over the region boundaries)."""
     if all(a.end <= b.start for a, b in zip(regions, regions[1:])):
         return regions
+    events: dict[int, list[int]] = {}
+    for r in regions:
+        events.setdefault(r.start, []).append(r.categories)
+        events.setdefault(r.end, []).append(~r.categories)   # ~c marks an end
+    active: dict[int, int] = {}        # categories -> how many regions cover here
     out: list[PageRegion] = []
-    for r in sorted(regions, key=lambda r: r.start):
-        if out and r.start <= out[-1].end and (r.start < out[-1].end or
-                                                r.categories == out[-1].categories):
-            last = out[-1]
-            out[-1] = PageRegion(last.start, max(last.end, r.end),
-                                 last.categories | r.categories)
+    points = sorted(events)
+    for a, b in zip(points, points[1:]):
+        for c in events[a]:
+            if c >= 0:
+                active[c] = active.get(c, 0) + 1
+            else:
+                active[~c] -= 1
+                if not active[~c]:
+                    del active[~c]
+        if not active:
+            continue
+        cats = 0
+        for c in active:
+            cats |= c
+        if out and out[-1].end == a and out[-1].categories == cats:
+            out[-1] = PageRegion(out[-1].start, b, cats)
         else:
-            out.append(r)
+            out.append(PageRegion(a, b, cats))
     return out
 
 

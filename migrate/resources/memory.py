@@ -133,19 +133,31 @@ class PageRun:
     vma_pgoff: int = 0
 
 
-def scan_pages(pid: int, entries: list, tolerant: bool = False
-               ) -> tuple[list[PageRun], dict[str, int]]:
-    """Which pages of which VMAs hold data that must go into the image."""
-    runs: list[PageRun] = []
-    counts = {"zero": 0, "file": 0}
+@dataclasses.dataclass
+class Scan:
+    """What one pass over the VMAs found."""
+    runs: list                                 # data pages, as PageRuns
+    written: list[tuple[int, int]]             # tracked VMAs: pages written since
+    failed: list[tuple[int, int]]              # VMAs the tracked scan refused
+
+
+def scan_pages(pid: int, entries: list, tolerant: bool = False,
+               tracked: set[int] | None = None) -> Scan:
+    """Which pages of which VMAs hold data that must go into the image.
+
+    ``tracked``: starts of VMAs registered with uffd-wp.  Their scan is the
+    same pass that tells which pages were written since the last round and
+    write-protects them again (PM_SCAN_WP_MATCHING): one page-table walk."""
+    out = Scan([], [], [])
     present = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
+    tracked = tracked or set()
     with kmem.PagemapScanner(pid) as sc:
         for e in entries:
             if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL, K.FILE_SHARED):
                 continue
             if e.kind == K.ANON_SHARED:
                 try:
-                    runs.extend(_shmem_runs(pid, e))
+                    out.runs.extend(_shmem_runs(pid, e))
                 except errors.KernelError as err:
                     if not tolerant or err.errno != errno.ENOENT:
                         raise
@@ -154,14 +166,50 @@ def scan_pages(pid: int, entries: list, tolerant: bool = False
             if e.kind == K.FILE_PRIVATE:
                 exclude |= kmem.PAGE_IS_FILE  # still the file's page: not ours to copy
             src = "vm" if e.prot & PROT_READ else "mem"
-            for r in sc.scan(e.start, e.end, anyof=present, exclude=exclude):
-                if r.categories & kmem.PAGE_IS_PRESENT:
-                    runs.append(PageRun(r.start, r.nr_pages, src))
+            if e.start in tracked:
+                try:
+                    regions = sc.scan(e.start, e.end, anyof=present,
+                                      return_mask=present | kmem.PAGE_IS_FILE |
+                                      kmem.PAGE_IS_PFNZERO | kmem.PAGE_IS_WRITTEN,
+                                      flags=kmem.PM_SCAN_WP_MATCHING |
+                                      kmem.PM_SCAN_CHECK_WPASYNC)
+                except errors.KernelError as err:
+                    log.info("pid %d: vma %#x-%#x: tracked scan failed (%s)", pid,
+                             e.start, e.end, err)
+                    out.failed.append((e.start, e.end))
+                else:
+                    for r in regions:
+                        if r.categories & kmem.PAGE_IS_WRITTEN:
+                            out.written.append((r.start, r.end))
+                    _add_data(pid, out.runs, [r for r in regions
+                                              if not r.categories & exclude], src)
                     continue
-                # "swapped": real swap entries, or uffd-wp markers (no data)
-                for s, t in kmem.non_marker_pages(pid, r.start, r.end):
-                    runs.append(PageRun(s, (t - s) // PAGE, src))
-    return runs, counts
+            _add_data(pid, out.runs, sc.scan(e.start, e.end, anyof=present,
+                                             exclude=exclude), src)
+    return out
+
+
+def _add_data(pid: int, runs: list, regions, src: str) -> None:
+    """Data runs from scan regions; neighbours are joined (a tracked scan
+    splits regions wherever the written bit changes)."""
+    start = end = -1
+    for r in regions:
+        if r.categories & kmem.PAGE_IS_PRESENT:
+            if r.start == end:
+                end = r.end
+            else:
+                if end > start:
+                    runs.append(PageRun(start, (end - start) // PAGE, src))
+                start, end = r.start, r.end
+            continue
+        if end > start:
+            runs.append(PageRun(start, (end - start) // PAGE, src))
+            start = end = -1
+        # "swapped": real swap entries, or uffd-wp markers (no data)
+        for s, t in kmem.non_marker_pages(pid, r.start, r.end):
+            runs.append(PageRun(s, (t - s) // PAGE, src))
+    if end > start:
+        runs.append(PageRun(start, (end - start) // PAGE, src))
 
 
 def _shmem_runs(pid: int, e) -> list[PageRun]:

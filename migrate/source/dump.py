@@ -119,28 +119,27 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
                  ) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
     VMAs registered this round (None: register now; the task is frozen)."""
-    runs, _ = memory.scan_pages(pid, entries, tolerant)
     if tracker is None:
-        return runs, []
+        return memory.scan_pages(pid, entries, tolerant).runs, []
     t0 = time.perf_counter()
     if untracked is None:
         untracked = {v.start for v in tracker.register(smaps)}
-    dirty: list[tuple[int, int]] = []
-    with kmem.PagemapScanner(pid) as sc:
-        for v in smaps:
-            if v.is_special:
-                continue
-            if not trackers.trackable(v):
-                dirty.append((v.start, v.end))
-                continue
-            # Scan even a VMA registered this round: the scan write-protects
-            # its pages, which starts their tracking for the next round.
-            w = tracker.written(sc, v)
-            if w is None or v.start in untracked:
-                dirty.append((v.start, v.end))
-            else:
-                dirty.extend(w)
+    trackable = [v for v in smaps if not v.is_special and trackers.trackable(v)]
+    dirty: list[tuple[int, int]] = [(v.start, v.end) for v in smaps if not v.is_special
+                                    and not trackers.trackable(v)]
+    dirty += [(v.start, v.end) for v in trackable if v.start in untracked]
+    if tracker.kind == "uffd":
+        # Data pages and written pages in one walk, which also re-protects.
+        scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable})
+        dirty += scan.written + scan.failed
+    else:
+        scan = memory.scan_pages(pid, entries, tolerant)
+        with kmem.PagemapScanner(pid) as sc:
+            for v in trackable:
+                w = tracker.written(sc, v)
+                dirty.extend([(v.start, v.end)] if w is None else w)
     stats.scan_us = _us(t0, time.perf_counter())
+    runs = scan.runs
     if parent is None or tracker.fresh:
         return runs, []
     data = pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE) for r in runs)
@@ -290,6 +289,10 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     _refuse_trees(pid)
     parent = _open_parent(opts, pid, st.start_time)
     images = sink if sink is not None else ImageDir.create(opts.images_dir)
+    # An incremental dump is the short stop of a live migration: read the
+    # VMAs with their flags before freezing (smaps walks every page table),
+    # and only check the layout once frozen.
+    early = proc.read_smaps(pid) if parent is not None else None
     t0 = time.perf_counter()
     fr = freezer.freeze(pid)
     t_frozen = time.perf_counter()
@@ -298,7 +301,8 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     tracker = None
     try:
         _refuse_trees(pid, fr)
-        ctl, tracker = _collect_and_write(opts, fr, images, stats, parent, st.start_time)
+        ctl, tracker = _collect_and_write(opts, fr, images, stats, parent, st.start_time,
+                                          early)
     except BaseException as exc:
         _rollback(fr, ctl, images)
         if tracker is not None:
@@ -371,12 +375,27 @@ class _Phases:
         self.t = now
 
 
+def _frozen_vmas(pid: int, early: list | None) -> list:
+    """The VMAs of the frozen task.  ``early``: smaps read before the freeze,
+    used if /proc/PID/maps shows the same layout.  VmFlags changed by a
+    madvise() over a whole VMA in between would be missed (they are hints:
+    THP, dump and fork behaviour); everything the pages depend on shows in
+    the layout."""
+    if early is None:
+        return proc.read_smaps(pid)
+    def key(v):
+        return (v.start, v.end, v.perms, v.pgoff, v.dev, v.inode, v.path, v.deleted)
+    if [key(v) for v in proc.read_maps(pid)] == [key(v) for v in early]:
+        return early
+    return proc.read_smaps(pid)
+
+
 def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: DumpStats,
-                       parent: Parent | None, start_time: int):
+                       parent: Parent | None, start_time: int, early: list | None = None):
     pid = fr.pid
     phase = _Phases(pid)
     # 1. Everything that can refuse, before any change to the task.
-    vmas = proc.read_smaps(pid)
+    vmas = _frozen_vmas(pid, early)
     vma_entries = memory.dump_vmas(pid, vmas)
     file_entries, fdinfos = files.dump_fds(pid, opts.shell_job)
     fs_entry = fs.dump(pid)

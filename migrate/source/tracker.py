@@ -131,18 +131,6 @@ class UffdTracker:
                 log.info("pid %d: vma %#x-%#x not tracked: %s", self.pid, v.start, v.end, e)
         return untracked
 
-    def written(self, scanner: kmem.PagemapScanner, v: Vma) -> list[tuple[int, int]] | None:
-        """Pages of ``v`` written since the last round, write-protected again
-        by the same scan; None if ``v`` is not tracked."""
-        try:
-            regions = scanner.scan(v.start, v.end, require=kmem.PAGE_IS_WRITTEN,
-                                   flags=kmem.PM_SCAN_WP_MATCHING | kmem.PM_SCAN_CHECK_WPASYNC)
-        except errors.KernelError as e:
-            log.info("pid %d: vma %#x-%#x: scan failed (%s): copied whole", self.pid,
-                     v.start, v.end, e)
-            return None
-        return [(r.start, r.end) for r in regions]
-
     def stop(self) -> None:
         holder.stop(self.pid, self.start_time)
 

@@ -110,3 +110,14 @@ def test_pagemap_regions_merged():
                   PageRegion(3 * P, 4 * P, 8), PageRegion(9 * P, 10 * P, 8),
                   PageRegion(12 * P, 13 * P, 8)])
     assert [(r.start // P, r.end // P) for r in got] == [(0, 1), (3, 4), (9, 10), (12, 13)]
+
+
+def test_pagemap_regions_overlapping_reports_keep_page_precision():
+    """A page written in the first report and clean in the re-report stays
+    written; its clean neighbours stay clean."""
+    from migrate.kernel.memory import PageRegion, _merge
+    P, W, C = 4096, 0x2 | 0x8, 0x8
+    got = _merge([PageRegion(0, 5 * P, C), PageRegion(5 * P, 6 * P, W), PageRegion(6 * P, 9 * P, C),
+                  PageRegion(3 * P, 9 * P, C)])        # re-report from walk_end = 3
+    assert [(r.start // P, r.end // P, r.categories) for r in got] == \
+        [(0, 5, C), (5, 6, W), (6, 9, C)]
