@@ -37,6 +37,17 @@ FEATURES = {
 }
 
 
+def _tracker() -> tuple[bool, str]:
+    from migrate.source import tracker
+    kind = tracker.choose(None)
+    names = {"uffd": "uffd-wp (async) + PAGEMAP_SCAN",
+             "soft-dirty": "soft-dirty (clear_refs, frozen rounds)"}
+    return bool(kind), names.get(kind, "none: every pre-dump round copies everything")
+
+
+FEATURES["tracker"] = (_tracker, "incremental pre-dumps")
+
+
 def run(only: str | None = None) -> list[Result]:
     names = [only] if only else list(FEATURES)
     out = []
