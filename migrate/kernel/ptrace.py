@@ -127,6 +127,26 @@ def setregs(pid: int, regs: Regs) -> None:
     _pt(PTRACE_SETREGS, pid, 0, buf, "SETREGS")
 
 
+def get_prstatus(pid: int) -> Regs:
+    """GETREGSET NT_PRSTATUS: the general registers as a core dump has them."""
+    buf = ffi.new("struct user_regs_struct *")
+    iov = ffi.new("struct iovec *")
+    iov.iov_base = buf
+    iov.iov_len = ffi.sizeof(buf[0])
+    _pt(PTRACE_GETREGSET, pid, NT_PRSTATUS, iov, "GETREGSET NT_PRSTATUS")
+    return Regs(*[int(getattr(buf, n)) for n in REG_NAMES])
+
+
+def set_prstatus(pid: int, regs: Regs) -> None:
+    buf = ffi.new("struct user_regs_struct *")
+    for n in REG_NAMES:
+        setattr(buf, n, getattr(regs, n) & 0xFFFFFFFFFFFFFFFF)
+    iov = ffi.new("struct iovec *")
+    iov.iov_base = buf
+    iov.iov_len = ffi.sizeof(buf[0])
+    _pt(PTRACE_SETREGSET, pid, NT_PRSTATUS, iov, "SETREGSET NT_PRSTATUS")
+
+
 def get_xstate(pid: int) -> bytes:
     """The full XSAVE area (x87, SSE, AVX, AVX-512...) as the kernel sizes it."""
     buf = ffi.new("char[]", XSTATE_MAX)
