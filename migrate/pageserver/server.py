@@ -366,6 +366,21 @@ class ReadSession:
             reader.close()
 
 
+def _log_loop_exception(loop, context: dict) -> None:
+    exc = context.get("exception")
+    if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        peer = "?"
+        tr = context.get("transport")
+        if tr is not None:
+            pn = tr.get_extra_info("peername")
+            peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        log.warning("%s: TLS handshake failed: %s (%s)", peer, why,
+                    context.get("message", ""))
+        return
+    loop.default_exception_handler(context)
+
+
 class PageServer:
     """``serve``: many sessions, each in ``root/<name>``; otherwise one session
     into ``root`` itself, then ``run()`` returns."""
@@ -391,12 +406,18 @@ class PageServer:
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.root, exist_ok=True)
+        # TLS is set up by the listener (start_tls on an accepted stream may
+        # lose a ClientHello already read into the stream's buffer).
+        # Handshake failures reach the loop's exception handler: log one line.
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_log_loop_exception)
+        kw = dict(limit=READ_SIZE, ssl=self.ssl,
+                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self.ssl else None)
         if self.sock is not None:
-            self.server = await asyncio.start_server(self._accept, sock=self.sock,
-                                                     limit=READ_SIZE)
+            self.server = await asyncio.start_server(self._accept, sock=self.sock, **kw)
         else:
             self.server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                     limit=READ_SIZE, reuse_address=True)
+                                                     reuse_address=True, **kw)
         addr = self.server.sockets[0].getsockname()
         self.port = addr[1]
         log.info("page-server: listening on %s:%d (%s, %s) for %s", addr[0], addr[1],
@@ -514,15 +535,6 @@ class Handler:
     async def run(self) -> bool:
         """Serve the connection; True if a write session committed."""
         if self.srv.ssl is not None:
-            try:
-                await asyncio.wait_for(self.writer.start_tls(self.srv.ssl),
-                                       HANDSHAKE_TIMEOUT_S)
-            except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
-                why = "timed out" if isinstance(e, asyncio.TimeoutError) else \
-                    getattr(e, "reason", None) or str(e)
-                log.warning("%s: TLS handshake failed: %s", self.peer, why)
-                self.writer.close()
-                return False
             cert = self.writer.get_extra_info("peercert") or {}
             subj = dict(x[0] for x in cert.get("subject", ()))
             log.info("%s: TLS %s, client certificate CN=%s", self.peer,
