@@ -117,9 +117,8 @@ def load(images_dir: str) -> Image:
     if inv.kind != inventory_pb2.DUMP:
         raise errors.RestoreError(f"{images_dir} is a pre-dump: restore needs a full dump")
     tree = d.read_image("pstree.img")
-    if len(tree) != 1 or len(tree[0].threads) != 1:
-        raise errors.RestoreError(f"{images_dir}: process trees and threads are not "
-                                  "supported yet")
+    if len(tree) != 1:
+        raise errors.RestoreError(f"{images_dir}: process trees are not supported yet")
     pid = tree[0].pid
     pmap = d.read_image(f"pagemap-{pid}.img")
     chain, maps = load_chain(d, pid)
@@ -186,11 +185,12 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     os.close(ready_w)
     os.close(go_r)
     pid = child
+    created: list[int] = []
     try:
         ctl_fds = _wait_ready(ready_r, pid)
-        _take_over(img, opts, pid, pages, ctl_fds, stats)
+        _take_over(img, opts, pid, pages, ctl_fds, stats, created)
     except BaseException as exc:
-        _kill_child(pid)
+        _kill_child(pid, created)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.RestoreError):
             raise errors.RestoreError(f"restore of pid {img.pid} failed, nothing was left "
                                       f"running: {exc}") from exc
@@ -220,15 +220,18 @@ def _own_tty() -> str | None:
     raise errors.RestoreError("--shell-job: migrate restore has no terminal to give the job")
 
 
-def _kill_child(pid: int) -> None:
+def _kill_child(pid: int, threads: list[int] = ()) -> None:
+    """Kill the half-built process; as tracer, collect its threads' exits
+    too, or the leader cannot be reaped."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    try:
-        os.waitpid(pid, ptrace.WALL)
-    except ChildProcessError:
-        pass
+    for tid in [*threads, pid]:
+        try:
+            os.waitpid(tid, ptrace.WALL)
+        except ChildProcessError:
+            pass
 
 
 def _child(img: Image, opts: RestoreOptions, ready_r: int, ready_w: int, go_r: int,
@@ -294,14 +297,15 @@ def _choose_gadget(*layouts: list[tuple[int, int]]) -> int:
 
 
 def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple[int, int],
-               stats: RestoreStats) -> None:
-    ptrace.seize(pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
+               stats: RestoreStats, created: list[int]) -> None:
+    ptrace.seize(pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD |
+                 ptrace.PTRACE_O_TRACECLONE)
     ptrace.interrupt_and_wait(pid)
     ptrace.set_sigmask(pid, ALL_SIGNALS)
     child_maps = proc.read_maps(pid)
     rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, child_maps))
     mm = img.mm
-    thread = img.core.threads[0]
+    thread = next(t for t in img.core.threads if t.tid == pid)
 
     # Bootstrap: our own gadget area, free in both layouts.
     g = _choose_gadget([(v.start, v.end) for v in child_maps],
@@ -360,15 +364,18 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
     core = img.core
     task.restore_task(ctl, core)
     signals.restore_sigactions(ctl, core.sigactions)
-    signals.restore_sigaltstack(ctl, thread.sigaltstack)
     signals.restore_itimers(ctl, core.itimers)
-    rt.call(sysno.set_tid_address, thread.clear_child_tid)
-    if thread.robust_list:
-        rt.call(sysno.set_robust_list, thread.robust_list, thread.robust_list_len)
-    if thread.rseq.rseq_abi_pointer:
-        rt.call(sysno.rseq, thread.rseq.rseq_abi_pointer, thread.rseq.rseq_abi_size, 0,
-                thread.rseq.signature)
-    signals.restore_pending(ctl, pid, pid, list(thread.pending), list(core.shared_pending))
+    _restore_thread_state(ctl, thread)
+    # The other threads: remote clone3 at their TIDs, from the leader.
+    others = []
+    for t in core.threads:
+        if t.tid != pid:
+            others.append((t, _clone_thread(ctl, pid, t.tid, created)))
+            _restore_thread_state(others[-1][1], t)
+    for t in core.threads:
+        task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
+        signals.restore_pending(ctl, pid, t.tid, list(t.pending),
+                                list(core.shared_pending) if t.tid == pid else [])
     task.restore_rlimits(pid, core.rlimits)
     if core.oom_score_adj:
         task.restore_oom_score_adj(pid, core.oom_score_adj)
@@ -376,13 +383,59 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
         rt.call(sysno.close, fd)
     if img.fs.root != "/":
         rt.call(sysno.chroot, ctl.put_str(img.fs.root))
+    for _, tctl in others:                # credentials are per thread
+        task.restore_creds(tctl, core.creds)
     task.restore_creds(ctl, core.creds)
 
     # The swap: unmap the gadget; at that syscall-exit stop the task gets its
     # registers and never runs another instruction of ours.
     rt.call(sysno.munmap, g, GADGET_PAGES * PAGE)
-    stats.remote_syscalls = rt.calls
+    stats.remote_syscalls = rt.calls + sum(tctl.remote.calls for _, tctl in others)
+    for t, _ in others:
+        regs.restore_thread(t.tid, t)
     regs.restore_thread(pid, thread)
     if opts.leave_stopped or core.stopped:
         os.kill(pid, signal.SIGSTOP)
+    for t, _ in others:
+        ptrace.detach(t.tid)
     ptrace.detach(pid)
+
+
+CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)
+# CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+CLONE_ARGS = struct.Struct("<11Q")
+
+
+def _clone_thread(ctl: TaskCtl, pid: int, tid: int, created: list[int]) -> TaskCtl:
+    """A thread at ``tid`` by a remote clone3 in the leader.  Traced from
+    birth (PTRACE_O_TRACECLONE): it stops before running anything, with the
+    leader's registers and every signal blocked, until we set its own."""
+    tid_addr = ctl.put(struct.pack("<q", tid), 2048)
+    args = ctl.put(CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, tid_addr, 1, 0),
+                   2112)
+    got = ctl.call(sysno.clone3, args, CLONE_ARGS.size, what=f"clone3(thread {tid})")
+    created.append(got)
+    if got != tid:
+        raise errors.RestoreError(f"pid {pid}: thread {tid} was created as {got}")
+    while True:
+        st = ptrace.wait(tid)
+        if st.exited:
+            raise errors.RestoreError(f"pid {pid}: new thread {tid} {st.describe()}")
+        if st.is_event_stop:
+            break
+        ptrace.cont(tid, 0)
+    ptrace.set_sigmask(tid, ALL_SIGNALS)
+    return TaskCtl(remote.RemoteTask(tid, ctl.remote.gadget), ctl.scratch, ctl.scratch_size)
+
+
+def _restore_thread_state(ctl: TaskCtl, t) -> None:
+    """What each thread has of its own, by remote syscalls in that thread."""
+    signals.restore_sigaltstack(ctl, t.sigaltstack)
+    ctl.call(sysno.set_tid_address, t.clear_child_tid)
+    if t.robust_list:
+        ctl.call(sysno.set_robust_list, t.robust_list, t.robust_list_len)
+    if t.rseq.rseq_abi_pointer:
+        ctl.call(sysno.rseq, t.rseq.rseq_abi_pointer, t.rseq.rseq_abi_size, 0,
+                 t.rseq.signature)
+    if t.comm:
+        ctl.call(sysno.prctl, syscalls.PR_SET_NAME, ctl.put_str(t.comm[:15]), 0, 0, 0)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SYSCALL_INSN = b"\x0f\x05"
 _MASK64 = (1 << 64) - 1
 MAX_ERRNO = 4095
+_CLONE_EVENTS = (1, 2, 3)   # PTRACE_EVENT_FORK, VFORK, CLONE
 
 
 class RemoteSyscallError(errors.KernelError):
@@ -103,9 +104,13 @@ class RemoteTask:
         pid = self.pid
         self._pt(ptrace.PTRACE_SETREGS, 0, w)
         for phase in ("entry", "exit"):
-            self._pt(ptrace.PTRACE_SYSCALL, 0, 0)
-            st = ptrace.wait(pid)
-            if not st.is_syscall_stop:
+            while True:
+                self._pt(ptrace.PTRACE_SYSCALL, 0, 0)
+                st = ptrace.wait(pid)
+                if st.is_syscall_stop:
+                    break
+                if phase == "exit" and st.stopped and st.event in _CLONE_EVENTS:
+                    continue      # a remote clone3 (threads): its exit stop follows
                 raise RemoteSyscallError(
                     f"remote {sysno.name(nr)}", errno.EFAULT, pid,
                     f"expected syscall-{phase} stop at {self.gadget:#x}, "

@@ -42,6 +42,28 @@ def restore_rlimits(pid: int, entries) -> None:
             syscalls.set_prlimit(pid, e.resource, soft, max_now)
 
 
+def dump_sched(tid: int) -> tuple[int, int, int]:
+    """(policy with SCHED_RESET_ON_FORK, rt priority, nice) of one thread."""
+    try:
+        policy = os.sched_getscheduler(tid)
+        prio = os.sched_getparam(tid).sched_priority
+        nice = os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as e:
+        raise errors.from_errno("sched_getscheduler", e.errno, tid) from e
+    return policy, prio, nice
+
+
+def restore_sched(tid: int, policy: int, prio: int, nice: int) -> None:
+    try:
+        if (policy, prio) != (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority):
+            os.sched_setscheduler(tid, policy, os.sched_param(prio))
+        if os.getpriority(os.PRIO_PROCESS, tid) != nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as e:
+        log.warning("thread %d: cannot restore scheduling (policy %d, priority %d, nice %d): %s",
+                    tid, policy, prio, nice, os.strerror(e.errno))
+
+
 def dump_creds(status: dict[str, str]) -> core_pb2.creds_entry:
     c = core_pb2.creds_entry(uid=[int(x) for x in status["Uid"].split()],
                              gid=[int(x) for x in status["Gid"].split()],

@@ -269,11 +269,6 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
 
 
 def _refuse_trees(pid: int, fr: freezer.Frozen | None = None) -> None:
-    status = proc.read_status(pid)
-    if int(status.get("Threads", "1")) > 1 or (fr is not None and len(fr.tids) > 1):
-        raise errors.UnsupportedResource(pid, "threads",
-                                         f"{status['Threads']} threads: multi-threaded "
-                                         "processes are not supported yet")
     if proc.list_children(pid):
         raise errors.UnsupportedResource(pid, "children", "process trees are not "
                                                           "supported yet")
@@ -337,9 +332,29 @@ def _remote(pid: int, fr: freezer.Frozen, vmas=None) -> TaskCtl:
     rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, vmas))
     ctl = TaskCtl(rt)
     ctl.saved_mask = ptrace.get_sigmask(pid)
+    ctl.open_threads = []
+    ctl.thread_calls = 0
     ptrace.set_sigmask(pid, ALL_SIGNALS)
     ctl.map_scratch()
     return ctl
+
+
+def _remote_thread(leader: TaskCtl, tid: int) -> TaskCtl:
+    """Remote syscalls in another thread, sharing the leader's scratch area
+    (one address space).  The leader's ctl remembers it for a rollback."""
+    ctl = TaskCtl(remote.RemoteTask(tid, leader.remote.gadget), leader.scratch,
+                  leader.scratch_size)
+    ctl.saved_mask = ptrace.get_sigmask(tid)
+    ptrace.set_sigmask(tid, ALL_SIGNALS)
+    leader.open_threads.append(ctl)
+    return ctl
+
+
+def _end_remote_thread(leader: TaskCtl, ctl: TaskCtl) -> None:
+    ctl.remote.finish()
+    ptrace.set_sigmask(ctl.pid, ctl.saved_mask)
+    leader.open_threads.remove(ctl)
+    leader.thread_calls += ctl.remote.calls
 
 
 def _end_remote(pid: int, ctl: TaskCtl) -> None:
@@ -353,6 +368,12 @@ def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
     try:
         if ctl is not None:
             try:
+                for tctl in list(getattr(ctl, "open_threads", [])):
+                    try:
+                        _end_remote_thread(ctl, tctl)
+                    except errors.KernelError as e:
+                        log.error("pid %d: could not put thread %d back: %s", fr.pid,
+                                  tctl.pid, e)
                 ctl.unmap_scratch()
             finally:
                 ctl.remote.finish()
@@ -403,22 +424,32 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     if exe.endswith(" (deleted)"):
         raise errors.UnsupportedResource(pid, "exe", f"executable {exe} was removed")
     st = proc.read_stat(pid)
-    thread = regs.dump_thread(pid, pid, fr.regs[pid])
     status = proc.read_status(pid)
     shared_pending = signals.dump_pending(pid, shared=True,
                                           drop_sigcont_from=os.getpid() if fr.stopped else None)
-    thread.pending.extend(signals.dump_pending(pid, shared=False))
-    phase("collecting VMAs, fds, registers")
+    threads = []
+    for tid in fr.tids:                 # the leader first
+        t = regs.dump_thread(pid, tid, fr.regs[tid])
+        t.pending.extend(signals.dump_pending(tid, shared=False))
+        t.robust_list, t.robust_list_len = _robust_list(tid)
+        t.comm = proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
+        t.sched_policy, t.sched_priority, t.nice = task.dump_sched(tid)
+        threads.append(t)
+    phase(f"collecting VMAs, fds, registers of {len(threads)} threads")
 
     # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.
     ctl = _remote(pid, fr, vmas)
     core = task.dump_task(ctl, pid, status)
     core.sigactions.extend(signals.dump_sigactions(ctl))
     core.itimers.extend(signals.dump_itimers(ctl))
-    thread.sigaltstack.CopyFrom(signals.dump_sigaltstack(ctl))
-    ctl.call(sysno.prctl, 40, ctl.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
-    thread.clear_child_tid = int.from_bytes(ctl.get(8), "little")
     brk = ctl.call(sysno.brk, 0)
+    for t in threads:                   # per thread: its own altstack and tid address
+        tctl = ctl if t.tid == pid else _remote_thread(ctl, t.tid)
+        t.sigaltstack.CopyFrom(signals.dump_sigaltstack(tctl))
+        tctl.call(sysno.prctl, 40, tctl.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
+        t.clear_child_tid = int.from_bytes(tctl.get(8), "little")
+        if tctl is not ctl:
+            _end_remote_thread(ctl, tctl)
     keeps_running = opts.leave_running or opts.leave_stopped
     want_tracking = parent is not None or (opts.track_mem and keeps_running)
     # A new tracker is only worth starting if the task lives on.
@@ -427,12 +458,10 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     _end_remote(pid, ctl)
     if tracker is not None and tracker.fresh:
         tracker.hold()
-    phase(f"{ctl.remote.calls} remote syscalls")
-    stats.remote_syscalls = ctl.remote.calls
-    thread.robust_list, thread.robust_list_len = _robust_list(pid)
-    thread.comm = st.comm
+    stats.remote_syscalls = ctl.remote.calls + ctl.thread_calls
+    phase(f"{stats.remote_syscalls} remote syscalls")
     core.shared_pending.extend(shared_pending)
-    core.threads.append(thread)
+    core.threads.extend(threads)
     core.stopped = fr.stopped
 
     mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,

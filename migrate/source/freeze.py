@@ -109,6 +109,7 @@ def freeze(pid: int) -> Frozen:
                     stopped_before = True
         if stopped_before:
             _leave_group_stop(pid, seized)
+        seized.sort(key=lambda t: (t != pid, t))     # the leader first
         regs = {tid: ptrace.getregs(tid) for tid in seized}
     except BaseException:
         for tid in seized:
@@ -145,7 +146,8 @@ def reap_killed(fr: Frozen) -> None:
     """As tracer we see the exit first; collect it so the real parent can
     reap.  Tearing down a big address space takes a while: this is after
     the frozen time, which ended with the SIGKILL."""
-    for tid in fr.tids:
+    # Other threads first: the leader's exit is reported only after theirs.
+    for tid in sorted(fr.tids, key=lambda t: t == fr.pid):
         try:
             while not ptrace.wait(tid).exited:
                 pass

@@ -1,0 +1,385 @@
+"""The page-server end to end: the real `migrate page-server` (started here on
+127.0.0.1 through --ps-socket, certificates made by `migrate certs`), real
+dumps through it, restores from its directory, and every failure case of
+issue 4: disconnects, garbage, lying lengths, huge counts, foreign, expired
+and missing certificates, plaintext to TLS, disk full, a fuzz of 10,000
+malformed messages while a good session completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import os
+import random
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from migrate import errors
+from migrate.images._pb import inventory_pb2, pstree_pb2
+from migrate.pageserver import certs, tls
+from migrate.pageserver import protocol as P
+from migrate.pageserver.client import PageServerSink
+from tests.integration.harness import ROOT, Workload, alive, migrate
+from tests.unit.test_protocol import malformed_frames
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    good = os.path.join(d, "ca")
+    migrate("certs", "init", good, check=True)
+    p = migrate("certs", "issue", good, "localhost", check=True)
+    assert "--tls-cert" in p.stdout
+    other = os.path.join(d, "other")
+    certs.init(other, name="another CA")
+    certs.issue(other, "localhost")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = os.path.join(d, "expired")
+    certs.init(expired)
+    migrate("certs", "issue", expired, "localhost", check=True)   # the server's
+    certs.issue(expired, "127.0.0.1", not_before=now - datetime.timedelta(days=10),
+                not_after=now - datetime.timedelta(days=1))
+    return {"good": good, "other": other, "expired": expired}
+
+
+def tls_args(d: str, host: str = "localhost") -> list[str]:
+    p = certs.paths(d, host)
+    return ["--tls-cacert", p["cacert"], "--tls-cert", p["cert"], "--tls-key", p["key"]]
+
+
+def client_ctx(d: str, host: str = "localhost") -> ssl.SSLContext:
+    p = certs.paths(d, host)
+    return tls.client_context(p["cacert"], p["cert"], p["key"])
+
+
+class Server:
+    """`migrate page-server` on a socket we bound (no port race), ready when
+    it writes \\0 on --status-fd."""
+
+    def __init__(self, root: str, log: str, *args: str) -> None:
+        self.root, self.log_path = root, log
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1024)
+        self.port = self.lsock.getsockname()[1]
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migrate", "page-server", "-D", root,
+             "--ps-socket", str(self.lsock.fileno()), "--status-fd", str(w), "-v4",
+             "-o", log, *args],
+            cwd=ROOT, pass_fds=(self.lsock.fileno(), w), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(w)
+        ok = os.read(r, 1)
+        os.close(r)
+        self.lsock.close()
+        assert ok == b"\0", f"page-server did not start:\n{self.log()}"
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def servers():
+    started: list[Server] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def mounts():
+    done = []
+
+    def mount(path: str, opts: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True)
+        done.append(path)
+        return path
+    yield mount
+    for path in reversed(done):
+        subprocess.run(["umount", path], check=False)
+
+
+def start(name, workdir, workloads, *args):
+    w = Workload.program(name, workdir, *args)
+    workloads.append(w)
+    w.wait_ready()
+    return w
+
+
+def dump_via(w: Workload, workdir: str, srv: Server, session: str, *extra: str):
+    logs = os.path.join(workdir, f"logs-{session.replace('/', '_')}")
+    return w.dump(logs, "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
+                  "--session", session, *extra)
+
+
+# ------------------------------------------------------------------ good paths
+
+def test_dump_restore_through_tls_server(tmp_path, workdir, workloads, pki, servers):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    for prog in ("mem_vmas", "signals"):
+        w = start(prog, workdir, workloads)
+        dump_via(w, workdir, srv, f"host1/{prog}", *tls_args(pki["good"]))
+        img = os.path.join(root, "host1", prog)
+        assert os.path.exists(os.path.join(img, "inventory.img"))
+        migrate("show", img, "--verify", check=True)
+        w.restore(img)
+        w.assert_pass()
+    assert "client certificate CN=localhost" in srv.log()
+    assert srv.stop() == 0
+    assert "stopped after 2 sessions" in srv.log()
+
+
+def test_single_session_then_exit_plaintext(tmp_path, workdir, workloads, servers):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--no-tls")
+    servers.append(srv)
+    w = start("counter", workdir, workloads)
+    dump_via(w, workdir, srv, "whatever", "--no-tls")
+    with open(os.path.join(workdir, "logs-whatever", "dump.log")) as f:
+        assert "--no-tls: the image crosses the network in plaintext" in f.read()
+    assert srv.proc.wait(30) == 0          # one session, then exit, like criu
+    w.restore(root)
+    w.assert_pass()
+
+
+def test_eight_concurrent_sessions(tmp_path, workdir, workloads, pki, servers):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    ws = [start("mem_vmas", workdir, workloads) for _ in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda iw: dump_via(iw[1], workdir, srv, f"c{iw[0]}",
+                                        *tls_args(pki["good"])), enumerate(ws)))
+    for i, w in enumerate(ws):
+        w.restore(os.path.join(root, f"c{i}"))
+    for w in ws:
+        w.assert_pass()
+    print(f"\npage-server peak RSS with 8 concurrent sessions: {srv.rss_kib() // 1024} MiB")
+
+
+# ------------------------------------------------------------------ bad input
+
+def _raw_tls(srv: Server, ctx: ssl.SSLContext | None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    return ctx.wrap_socket(s, server_hostname="localhost") if ctx else s
+
+
+def _read_events(sock: socket.socket, timeout: float = 10) -> list:
+    conn = P.Connection(P.Role.CLIENT)
+    conn.state = P.State.AWAIT_WELCOME_WRITE   # we sent HELLO by hand
+    sock.settimeout(timeout)
+    out = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except (ConnectionResetError, ssl.SSLError):
+            data = b""
+        conn.receive_data(data)
+        while True:
+            ev = conn.next_event()
+            if ev is P.NEED_DATA:
+                break
+            if isinstance(ev, P.ConnectionClosed):
+                return out
+            out.append(ev)
+
+
+def _hello(name: str) -> bytes:
+    return P.Connection(P.Role.CLIENT).send(P.Hello(name))
+
+
+def test_bad_clients_are_closed_and_others_keep_going(tmp_path, workdir, workloads, pki,
+                                                      servers):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    good = client_ctx(pki["good"])
+
+    # A client that disconnects mid-session: nothing that looks complete.
+    sink = PageServerSink("127.0.0.1", srv.port, "cut", ssl_context=good)
+    sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+    pw = sink.pages_writer(1)
+    pw.write_chunk(0, memoryview(bytes(8 << 20)))
+    sink.sock.close()
+
+    # Garbage, a lying length, a huge count, an escaping name.
+    cases = {
+        "garbage": os.urandom(4000),
+        "lying length": _hello("lie") + struct.pack("<BBHI", 6, 0, 0, 0x7FFFFFFF),
+        "huge count": _hello("huge") + struct.pack("<BBHI", 6, 0, 0, 4128) +
+        struct.pack("<IIII16s", 7, 0, 0xFFFFFFFF, 0, bytes(16)) + bytes(4096),
+        "escaping name": struct.pack("<BBHI", 1, 0, 0, 17) +
+        struct.pack("<4sHBBI", b"MGPS", 1, 1, 0, 0) + b"../..",
+    }
+    answers = {}
+    for what, data in cases.items():
+        s = _raw_tls(srv, good)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        answers[what] = [e for e in _read_events(s) if isinstance(e, P.Error)]
+        s.close()
+    assert answers["lying length"][0].code == P.Code.PROTOCOL
+    assert "payload length 2147483647" in answers["lying length"][0].text
+    assert "nr_pages 4294967295" in answers["huge count"][0].text
+    assert answers["escaping name"][0].code == P.Code.BAD_NAME
+
+    # A chunk whose data does not match its digest.
+    sink = PageServerSink("127.0.0.1", srv.port, "digest", ssl_context=good)
+    sink.pages_writer(1)
+    with pytest.raises(errors.PageServerError, match="CHECKSUM"):
+        sink._send(P.PageChunk(1, 0, 1, bytes(16), b"x" * 4096))
+        sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    sink.close()
+
+    # Certificates: another CA, expired; plaintext to a TLS server.
+    with pytest.raises(errors.PageServerError, match="TLS handshake failed"):
+        PageServerSink("127.0.0.1", srv.port, "x", ssl_context=client_ctx(pki["other"]))
+    p = certs.paths(pki["expired"], "127.0.0.1")
+    expired = tls.client_context(certs.paths(pki["good"])["cacert"], p["cert"], p["key"])
+    with pytest.raises(errors.PageServerError):
+        PageServerSink("127.0.0.1", srv.port, "x", ssl_context=expired)
+    with pytest.raises(errors.PageServerError):
+        PageServerSink("127.0.0.1", srv.port, "x")
+
+    # A second session with the name of a live one is refused.
+    a = PageServerSink("127.0.0.1", srv.port, "busy", ssl_context=good)
+    with pytest.raises(errors.PageServerError, match="BUSY"):
+        PageServerSink("127.0.0.1", srv.port, "busy", ssl_context=good)
+    a.discard()
+
+    # The server still serves a real dump.
+    w = start("signals", workdir, workloads)
+    dump_via(w, workdir, srv, "after", *tls_args(pki["good"]))
+    w.restore(os.path.join(root, "after"))
+    w.assert_pass()
+
+    time.sleep(0.5)
+    log = srv.log()
+    for line in ("session 'cut': connection lost", "unknown message type",
+                 "payload length 2147483647", "nr_pages 4294967295",
+                 "'..' component", "on arrival",
+                 "TLS handshake failed", "is in use by another connection"):
+        assert line in log, f"{line!r} not in the server log:\n{log[-4000:]}"
+    assert "certificate" in log.lower()
+    for dirpath, _, files in os.walk(root):
+        if os.path.basename(dirpath) != "after":
+            assert "inventory.img" not in files, dirpath
+    assert not os.path.exists(os.path.join(root, "cut"))
+    assert srv.proc.poll() is None
+
+
+def test_disk_full_on_server(tmp_path, workdir, workloads, pki, servers, mounts):
+    root = mounts(str(tmp_path / "tiny"), "size=2m")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("mem_vmas", workdir, workloads)
+    logs = os.path.join(workdir, "logs")
+    p = migrate("dump", "-t", str(w.pid), "-D", logs, "--page-server", "--address",
+                "127.0.0.1", "--port", str(srv.port), "--session", "full",
+                *tls_args(pki["good"]))
+    assert p.returncode == 1
+    assert "NO_SPACE" in p.stderr and "No space left on device" in p.stderr, p.stderr
+    assert "left running" in p.stderr
+    assert alive(w.pid)
+    assert not os.path.exists(os.path.join(root, "full", "inventory.img"))
+    w.assert_pass()
+    assert srv.proc.poll() is None
+
+
+# ------------------------------------------------------------------ fuzz
+
+async def _fuzz(port: int, frames, concurrency: int = 48) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    result = {"refused": 0, "closed": 0, "other": 0}
+
+    async def one(i: int, frame: bytes) -> None:
+        async with sem:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(_hello(f"fz/{i}") + frame)
+            await w.drain()
+            w.write_eof()
+            data = await asyncio.wait_for(r.read(), 30)
+            w.close()
+            conn = P.Connection(P.Role.CLIENT)
+            conn.state = P.State.AWAIT_WELCOME_WRITE
+            conn.receive_data(data)
+            conn.receive_data(b"")
+            evs = []
+            while not isinstance(ev := conn.next_event(), P.ConnectionClosed):
+                evs.append(ev)
+            if evs and isinstance(evs[-1], P.Error):
+                result["refused"] += 1
+            elif not data:
+                result["closed"] += 1
+            else:
+                result["other"] += 1
+
+    await asyncio.gather(*(one(i, f) for i, (_, f) in enumerate(frames)))
+    return result
+
+
+def test_fuzz_live_server_10000_malformed(tmp_path, workdir, workloads, servers, capsys,
+                                         record_property):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", "--no-tls", "-v2")
+    servers.append(srv)
+    frames = list(malformed_frames(random.Random(44), 10_000))
+    w = start("mem_vmas", workdir, workloads)
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        good = ex.submit(dump_via, w, workdir, srv, "good", "--no-tls")
+        t = time.monotonic()
+        res = asyncio.run(_fuzz(srv.port, frames))
+        dt = time.monotonic() - t
+        good.result()
+    w.restore(os.path.join(root, "good"))
+    w.assert_pass()
+    # still serving at the end
+    sink = PageServerSink("127.0.0.1", srv.port, "end")
+    sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+    sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    rss = srv.rss_kib() // 1024
+    record_property("live_fuzz", res)
+    with capsys.disabled():
+        print(f"\nlive page-server fuzz: {res['refused']} of {len(frames)} malformed "
+              f"messages refused with ERROR ({res}), {dt:.1f} s; a concurrent dump "
+              f"committed and restored (PASS); server still serving; peak RSS {rss} MiB")
+    assert res["refused"] == len(frames) == 10_000
+    for dirpath, _, files in os.walk(os.path.join(root, "fz")):
+        assert "inventory.img" not in files
+    assert srv.proc.poll() is None
