@@ -85,6 +85,7 @@ class Image:
     fs: object
     chain: list[ImageDir]                       # this image, then its parents
     parts: list[list[tuple[int, int, int]]]     # pages each level writes (overlay)
+    pipes: list                                 # data in flight of each pipe
 
 MAX_CHAIN = 256
 
@@ -125,7 +126,8 @@ def load(images_dir: str) -> Image:
     parts = pagemap.overlay(maps, [c.path for c in chain])
     return Image(d, pid, tree[0], d.read_one(f"core-{pid}.img"), d.read_one(f"mm-{pid}.img"),
                  pmap[0], pmap[1:], d.read_image("files.img"),
-                 d.read_image(f"fdinfo-{pid}.img"), d.read_one(f"fs-{pid}.img"), chain, parts)
+                 d.read_image(f"fdinfo-{pid}.img"), d.read_one(f"fs-{pid}.img"), chain, parts,
+                 d.read_image("pipes.img") if d.has("pipes.img") else [])
 
 
 def preflight(img: Image) -> None:
@@ -256,7 +258,7 @@ def _child(img: Image, opts: RestoreOptions, ready_r: int, ready_w: int, go_r: i
                 os.setpgid(0, 0)
         elif tree.pgid == img.pid:
             os.setpgid(0, 0)
-        files.install_fds(img.files, img.fdinfos, {r, w}, tty)
+        files.install_fds(img.files, img.fdinfos, {r, w}, tty, img.pipes)
         fs.restore_cwd(img.fs)
         os.write(w, f"ok {r} {w}".encode())
         os.read(r, 1)   # the tool takes over here, in this read(2)

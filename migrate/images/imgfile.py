@@ -57,6 +57,7 @@ class ImageKind(enum.IntEnum):
     FDINFO = 8
     FS = 9
     STATS = 10
+    PIPES = 11
 
 
 # kind -> (message class of the first record, of the following records)
@@ -70,6 +71,7 @@ _SCHEMA = {
     ImageKind.FDINFO: (_pb.files_pb2.fdinfo_entry, _pb.files_pb2.fdinfo_entry),
     ImageKind.FS: (_pb.files_pb2.fs_entry, None),
     ImageKind.STATS: (_pb.stats_pb2.stats_entry, None),
+    ImageKind.PIPES: (_pb.files_pb2.pipe_data_entry, _pb.files_pb2.pipe_data_entry),
 }
 
 _NAMES = [
@@ -83,6 +85,7 @@ _NAMES = [
     (re.compile(r"fdinfo-\d+\.img"), ImageKind.FDINFO),
     (re.compile(r"fs-\d+\.img"), ImageKind.FS),
     (re.compile(r"stats-(dump|restore)\.img"), ImageKind.STATS),
+    (re.compile(r"pipes\.img"), ImageKind.PIPES),
 ]
 
 
@@ -157,7 +160,7 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
             raise ImageError(path, off, f"malformed {cls.DESCRIPTOR.name} record: {e}") from None
         out.append(msg)
         off += RECLEN.size + n
-    if not out and kind not in (ImageKind.FILES, ImageKind.FDINFO):
+    if not out and kind not in (ImageKind.FILES, ImageKind.FDINFO, ImageKind.PIPES):
         raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
     return kind, out
 

@@ -107,3 +107,13 @@ def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     call(sysno.tgkill, tgid, tid, sig, pid=tid)
+
+
+SPLICE_F_NONBLOCK = 2
+SYS_tee = 276
+
+
+def tee(fd_in: int, fd_out: int, length: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """tee(2): duplicate up to ``length`` bytes of pipe fd_in into pipe fd_out
+    without consuming them."""
+    return call(SYS_tee, fd_in, fd_out, length, flags, detail=f"fd {fd_in} -> fd {fd_out}")

@@ -1,4 +1,5 @@
-"""File descriptors: regular files, directories, character devices, the tty.
+"""File descriptors: regular files, directories, character devices, the tty,
+pipes (resources/pipes.py).
 
 Dump reads /proc/PID/fd and fdinfo; fds that share one open file description
 (dup) get one file id (kcmp(KCMP_FILE)).  Restore runs inside the new task
@@ -17,6 +18,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc
 from migrate.kernel.kcmp import same_file
+from migrate.resources import pipes
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +40,17 @@ def _kind_of_link(link: str) -> str:
     return "file"
 
 
-def dump_fds(pid: int, shell_job: bool) -> tuple[list, list]:
-    """(file_entry list, fdinfo_entry list) of ``pid``; UnsupportedResource if
-    an fd is of a kind this version does not handle."""
+def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
+    """(file_entry list, fdinfo_entry list, pipe_data_entry list) of ``pid``;
+    UnsupportedResource if an fd is of a kind this version does not handle."""
     files: list = []
     fdinfos: list = []
     seen: list[tuple[int, int]] = []   # (fd, file id) of earlier fds, for kcmp
+    fd_of: dict[int, int] = {}
     for fd in proc.list_fds(pid):
         link = proc.readlink(pid, f"fd/{fd}")
         kind = _kind_of_link(link)
-        if kind != "file":
+        if kind not in ("file", "pipe"):
             raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
         info = proc.read_fdinfo(pid, fd)
         flags = int(info["flags"], 8)
@@ -59,11 +62,15 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list]:
             seen.append((fd, shared))
             continue
         fid = len(files) + 1
-        files.append(_dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
-                                shell_job))
+        fd_of[fid] = fd
+        if kind == "pipe":
+            files.append(pipes.dump_end(fid, link, flags))
+        else:
+            files.append(_dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
+                                    shell_job))
         fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec))
         seen.append((fd, fid))
-    return files, fdinfos
+    return files, fdinfos, pipes.dump_data(pid, files, fd_of)
 
 
 def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
@@ -132,7 +139,8 @@ def open_file(f, tty_path: str | None) -> int:
     return os.open(f.chr.path, f.chr.flags | O_CLOEXEC)
 
 
-def install_fds(files, fdinfos, keep: set[int], tty_path: str | None) -> None:
+def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
+                pipe_data: list = ()) -> None:
     """Make the calling process's fd table the dumped one (runs in the new task).
 
     ``keep`` are control fds of the restore that must survive, all above
@@ -143,11 +151,14 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None) -> None:
     wanted = {fi.fd for fi in fdinfos}
     base = max(wanted | keep | {2}) + 1
     opened: dict[int, int] = {}
+    made = pipes.Pipes(pipe_data)
     for fi in fdinfos:
         if fi.id not in opened:
-            fd = open_file(by_id[fi.id], tty_path)
+            f = by_id[fi.id]
+            fd = made.open_end(f) if f.type == files_pb2.PIPE else open_file(f, tty_path)
             opened[fi.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             os.close(fd)
+    made.close()
     temps = set(opened.values())
     for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
         if fd not in keep and fd not in temps:

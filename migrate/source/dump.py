@@ -418,7 +418,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     # 1. Everything that can refuse, before any change to the task.
     vmas = _frozen_vmas(pid, early)
     vma_entries = memory.dump_vmas(pid, vmas)
-    file_entries, fdinfos = files.dump_fds(pid, opts.shell_job)
+    file_entries, fdinfos, pipe_data = files.dump_fds(pid, opts.shell_job)
     fs_entry = fs.dump(pid)
     exe = proc.readlink(pid, "exe")
     if exe.endswith(" (deleted)"):
@@ -492,6 +492,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     images.write_image(f"core-{pid}.img", [core])
     images.write_image(f"fdinfo-{pid}.img", fdinfos or [])
     images.write_image("files.img", file_entries or [])
+    images.write_image("pipes.img", pipe_data or [])
     images.write_image(f"fs-{pid}.img", [fs_entry])
     images.write_image("pstree.img", [pstree_pb2.pstree_entry(
         pid=pid, ppid=0, pgid=st.pgrp, sid=st.session, threads=fr.tids)])

@@ -91,17 +91,35 @@ def test_dump_already_traced(workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("mode", ["deleted-map", "pipe"])
+@pytest.mark.parametrize("mode", ["deleted-map", "socket"])
 def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     w = _start("unsupported", workdir, workloads, mode)
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
-    assert {"deleted-map": "deleted file", "pipe": "pipe"}[mode] \
+    assert {"deleted-map": "deleted file", "socket": "socket"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)
     assert not os.path.exists(os.path.join(images, "inventory.img"))
     w.assert_pass()
+
+
+def test_dump_pipe_to_outside_is_refused(workdir):
+    """stdin is a pipe whose write end is ours: nobody could recreate it."""
+    r, wfd = os.pipe()
+    try:
+        p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=r,
+                             stdout=open(os.path.join(workdir, "c.log"), "ab"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(r)
+        time.sleep(0.3)
+        d = migrate("dump", "-t", str(p.pid), "-D", os.path.join(workdir, "img"))
+        assert d.returncode != 0 and "outside the dump" in d.stderr, d.stderr
+        assert alive(p.pid)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        os.close(wfd)
 
 
 # ------------------------------------------------------ dump: fails half-way

@@ -2,8 +2,9 @@
  * unsupported MODE: a process holding something `migrate dump` refuses
  * (yet), to prove that a refused dump leaves it exactly as it was.
  *   deleted-map  a MAP_PRIVATE mapping of a file that was then unlinked
- *   pipe         a pipe with data in flight
- *   thread       a second thread
+ *   socket       a unix socketpair with data in flight
+ *   pipe         a pipe with data in flight (supported: a control case)
+ *   thread       a second thread (supported: a control case)
  * Besides the refused thing it keeps a memory pattern, a handler, a blocked
  * signal with one pending, and vector registers; after SIGTERM all of it,
  * and the refused thing itself, must still be intact.
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define AREA (1 << 20)
@@ -70,6 +72,9 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "pipe")) {
 		if (pipe(pfd) || write(pfd[1], "in flight", 9) != 9)
 			fail("pipe");
+	} else if (!strcmp(mode, "socket")) {
+		if (socketpair(AF_UNIX, SOCK_STREAM, 0, pfd) || write(pfd[1], "in flight", 9) != 9)
+			fail("socketpair");
 	} else if (!strcmp(mode, "thread")) {
 		if (pthread_create(&th, NULL, spin, NULL))
 			fail("pthread_create");

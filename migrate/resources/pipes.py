@@ -1,0 +1,126 @@
+"""Pipes: both ends, their flags, their size, and the data in flight.
+
+Dump: each end is a file description (``pipe:[INODE]``); the data in flight
+is copied without being consumed: the tool takes the read end with
+pidfd_getfd and tee(2)s it into a pipe of its own, then reads that.  Both
+ends must belong to the dumped process (a pipe to a process outside the
+dump has nobody to recreate the other end: refused).
+Restore (inside the new task, like regular files): pipe2, F_SETPIPE_SZ, the
+data written back, then each end placed at its fd numbers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+
+from migrate import errors
+from migrate.images._pb import files_pb2
+from migrate.kernel import syscalls
+
+log = logging.getLogger(__name__)
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+O_ACCMODE = 0o3
+SETFL_MASK = os.O_NONBLOCK | os.O_APPEND | getattr(os, "O_DIRECT", 0) | os.O_ASYNC
+
+
+def pipe_id(link: str) -> int:
+    return int(link[len("pipe:["):-1])
+
+
+def dump_end(fid: int, link: str, flags: int):
+    return files_pb2.file_entry(id=fid, type=files_pb2.PIPE, pipe=files_pb2.pipe_entry(
+        pipe_id=pipe_id(link), read_end=(flags & O_ACCMODE) == os.O_RDONLY,
+        flags=flags & SETFL_MASK))
+
+
+def dump_data(pid: int, entries: list, fd_of: dict[int, int]) -> list:
+    """pipe_data_entry per pipe.  ``fd_of``: file id -> an fd number of it in
+    the task."""
+    ends: dict[int, dict[bool, int]] = {}
+    for f in entries:
+        if f.type == files_pb2.PIPE:
+            ends.setdefault(f.pipe.pipe_id, {})[f.pipe.read_end] = fd_of[f.id]
+    out = []
+    if not ends:
+        return out
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        for pid_, sides in ends.items():
+            if len(sides) != 2:
+                which = "read" if True in sides else "write"
+                raise errors.UnsupportedResource(
+                    pid, "pipe", f"pipe:[{pid_}] has only its {which} end in this process: "
+                                 "the other end belongs to a process outside the dump",
+                    fd=next(iter(sides.values())))
+            out.append(_copy_in_flight(pid, pidfd, pid_, sides[True]))
+    finally:
+        os.close(pidfd)
+    return out
+
+
+def _copy_in_flight(pid: int, pidfd: int, pid_: int, read_fd: int):
+    fd = syscalls.pidfd_getfd(pidfd, read_fd, pid)
+    try:
+        size = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            n = 0
+            try:
+                n = syscalls.tee(fd, w, size)
+            except errors.KernelError as e:
+                if e.errno != errno.EAGAIN:       # EAGAIN: the pipe is empty
+                    raise
+            data = b""
+            while len(data) < n:
+                data += os.read(r, n - len(data))
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(fd)
+    log.debug("pid %d: pipe:[%d] size %d, %d bytes in flight", pid, pid_, size, len(data))
+    return files_pb2.pipe_data_entry(pipe_id=pid_, size=size, data=data)
+
+
+class Pipes:
+    """Restore side, in the new task: each pipe made once, on first use."""
+
+    def __init__(self, data: list) -> None:
+        self.data = {d.pipe_id: d for d in data}
+        self.made: dict[int, tuple[int, int]] = {}
+        self.used: set[tuple[int, bool]] = set()
+
+    def open_end(self, f) -> int:
+        p = f.pipe
+        if p.pipe_id not in self.made:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            d = self.data.get(p.pipe_id)
+            if d is not None:
+                if d.size:
+                    fcntl.fcntl(w, F_SETPIPE_SZ, d.size)
+                view = memoryview(d.data)
+                while view:
+                    view = view[os.write(w, view):]
+            self.made[p.pipe_id] = (r, w)
+        base = self.made[p.pipe_id][0 if p.read_end else 1]
+        key = (p.pipe_id, p.read_end)
+        if key in self.used:
+            # Another open file description of the same end.
+            fd = os.open(f"/proc/self/fd/{base}",
+                         (os.O_RDONLY if p.read_end else os.O_WRONLY) | os.O_CLOEXEC)
+        else:
+            fd = os.dup(base)
+            self.used.add(key)
+        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags)
+        return fd
+
+    def close(self) -> None:
+        for r, w in self.made.values():
+            os.close(r)
+            os.close(w)
