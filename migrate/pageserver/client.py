@@ -115,6 +115,13 @@ class PageServerSink:
         except errors.PageServerError:
             self.sock.close()
             raise
+        except (OSError, ssl.SSLError) as e:
+            # TLS 1.3: the server checks our certificate after our handshake
+            # completed; its alert arrives here.
+            self.sock.close()
+            why = getattr(e, "reason", None) or str(e)
+            raise errors.PageServerError(self.peer, "TLS", f"the server closed the "
+                                                           f"connection: {why}") from None
         if not isinstance(ev, P.Welcome):
             self.sock.close()
             raise self._error_from(ev, "HELLO")

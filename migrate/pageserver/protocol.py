@@ -120,8 +120,10 @@ class _Bad(Exception):
 
 
 _NAME_COMPONENT = re.compile(rb"[A-Za-z0-9._-]+")
-_FILE_NAME = re.compile(rb"(pstree|files|stats-dump|stats-restore)\.img|"
-                        rb"(core|mm|pagemap|fdinfo|fs)-[0-9]+\.img")
+# The syntax of image file names; the server also checks the name against
+# images.imgfile.kind_of (this module imports nothing from migrate but errors).
+_FILE_NAME = re.compile(rb"[a-z][a-z0-9_]*(-[a-z0-9_]+)*\.img")
+_NOT_FILE_PART = re.compile(rb"inventory\.img|pages-[0-9]+\.img")
 
 
 def check_session_name(name: bytes | str) -> str:
@@ -159,7 +161,7 @@ def check_link_target(target: bytes | str) -> str:
 
 
 def _check_file_name(b: bytes) -> str:
-    if not _FILE_NAME.fullmatch(b):
+    if not _FILE_NAME.fullmatch(b) or _NOT_FILE_PART.fullmatch(b):
         raise ValueError(f"file name {b[:MAX_FILE_NAME]!r} is not an image file this "
                          "message may carry")
     return b.decode()

@@ -135,6 +135,8 @@ class Session:
     def file_part(self, ev: P.FilePart) -> None:
         f = self.files.get(ev.name)
         if f is None:
+            if imgfile.kind_of(ev.name) is None:
+                raise SessionError(P.Code.BAD_NAME, f"{ev.name}: not an image file name")
             if ev.offset:
                 raise SessionError(P.Code.PROTOCOL, f"{ev.name}: first part at offset "
                                                     f"{ev.offset}, expected 0")
@@ -381,6 +383,23 @@ def _log_loop_exception(loop, context: dict) -> None:
     loop.default_exception_handler(context)
 
 
+class _TLSPending(asyncio.Protocol):
+    """A new TCP connection of a TLS server: reading paused until start_tls,
+    so no byte of the ClientHello is lost."""
+
+    def __init__(self, server: "PageServer") -> None:
+        self.srv = server
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self.srv._tls_accept(transport))
+        self.srv.handshakes.add(task)
+        task.add_done_callback(self.srv.handshakes.discard)
+
+    def data_received(self, data) -> None:     # never: reading is paused
+        pass
+
+
 class PageServer:
     """``serve``: many sessions, each in ``root/<name>``; otherwise one session
     into ``root`` itself, then ``run()`` returns."""
@@ -402,6 +421,7 @@ class PageServer:
         self.outcome: bool | None = None      # single-session mode: committed?
         self.sessions_done = 0
         self.connections = 0
+        self.handshakes: set[asyncio.Task] = set()
 
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -411,13 +431,22 @@ class PageServer:
         # Handshake failures reach the loop's exception handler: log one line.
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_log_loop_exception)
-        kw = dict(limit=READ_SIZE, ssl=self.ssl,
-                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self.ssl else None)
-        if self.sock is not None:
-            self.server = await asyncio.start_server(self._accept, sock=self.sock, **kw)
+        if self.ssl is None:
+            kw = dict(limit=READ_SIZE)
+            if self.sock is not None:
+                self.server = await asyncio.start_server(self._accept, sock=self.sock, **kw)
+            else:
+                self.server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                         reuse_address=True, **kw)
         else:
-            self.server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                     reuse_address=True, **kw)
+            # Our own handshake, so that a failure is logged with the peer and
+            # the reason (asyncio logs an SSLError only in debug mode).
+            factory = lambda: _TLSPending(self)  # noqa: E731
+            if self.sock is not None:
+                self.server = await loop.create_server(factory, sock=self.sock)
+            else:
+                self.server = await loop.create_server(factory, self.host, self.port,
+                                                       reuse_address=True)
         addr = self.server.sockets[0].getsockname()
         self.port = addr[1]
         log.info("page-server: listening on %s:%d (%s, %s) for %s", addr[0], addr[1],
@@ -464,6 +493,26 @@ class PageServer:
         log.info("page-server: stopped after %d sessions", self.sessions_done)
 
     # -- connections ---------------------------------------------------------
+    async def _tls_accept(self, tr) -> None:
+        loop = asyncio.get_running_loop()
+        pn = tr.get_extra_info("peername")
+        peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+        proto = asyncio.StreamReaderProtocol(reader)
+        try:
+            new = await loop.start_tls(tr, proto, self.ssl, server_side=True,
+                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
+            why = getattr(e, "reason", None) or str(e) or type(e).__name__
+            verify = getattr(e, "verify_message", None)
+            log.warning("%s: TLS handshake failed: %s%s: closing", peer, why,
+                        f" ({verify})" if verify else "")
+            tr.close()
+            return
+        proto.connection_made(new)
+        writer = asyncio.StreamWriter(new, proto, reader, loop)
+        await self._accept(reader, writer)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
         peername = writer.get_extra_info("peername")
@@ -739,7 +788,15 @@ def run(root: str, host: str, port: int, *, ssl_context=None, serve: bool = Fals
                 os.write(fd, b"\0")       # criu(8) --status-fd: \0 once ready
                 os.close(fd)
 
-    install_uvloop()
+    if ssl_context is None:
+        install_uvloop()
+    else:
+        # Known gap: uvloop 0.23's loop.start_tls() stalls the handshake when the
+        # ClientHello arrived while the transport was paused (our own handshake,
+        # needed to log why a handshake failed); asyncio's loop does not.  TLS
+        # servers run on the asyncio loop until that is fixed or worked around.
+        log.info("page-server: TLS: using the asyncio event loop (uvloop start_tls "
+                 "stalls, see server.run)")
     srv = PageServer(root, host, port, ssl_context=ssl_context, serve=serve, sock=sock)
     if ssl_context is None:
         log.warning("page-server: --no-tls: pages and images cross the network in "

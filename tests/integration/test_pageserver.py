@@ -45,12 +45,10 @@ def pki(tmp_path_factory):
     certs.init(other, name="another CA")
     certs.issue(other, "localhost")
     now = datetime.datetime.now(datetime.timezone.utc)
-    expired = os.path.join(d, "expired")
-    certs.init(expired)
-    migrate("certs", "issue", expired, "localhost", check=True)   # the server's
-    certs.issue(expired, "127.0.0.1", not_before=now - datetime.timedelta(days=10),
+    # signed by the good CA, but expired yesterday
+    certs.issue(good, "127.0.0.1", not_before=now - datetime.timedelta(days=10),
                 not_after=now - datetime.timedelta(days=1))
-    return {"good": good, "other": other, "expired": expired}
+    return {"good": good, "other": other}
 
 
 def tls_args(d: str, host: str = "localhost") -> list[str]:
@@ -218,6 +216,8 @@ def _read_events(sock: socket.socket, timeout: float = 10) -> list:
             if isinstance(ev, P.ConnectionClosed):
                 return out
             out.append(ev)
+            if isinstance(ev, P.Error):
+                return out
 
 
 def _hello(name: str) -> bytes:
@@ -251,7 +251,6 @@ def test_bad_clients_are_closed_and_others_keep_going(tmp_path, workdir, workloa
     for what, data in cases.items():
         s = _raw_tls(srv, good)
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
         answers[what] = [e for e in _read_events(s) if isinstance(e, P.Error)]
         s.close()
     assert answers["lying length"][0].code == P.Code.PROTOCOL
@@ -270,8 +269,8 @@ def test_bad_clients_are_closed_and_others_keep_going(tmp_path, workdir, workloa
     # Certificates: another CA, expired; plaintext to a TLS server.
     with pytest.raises(errors.PageServerError, match="TLS handshake failed"):
         PageServerSink("127.0.0.1", srv.port, "x", ssl_context=client_ctx(pki["other"]))
-    p = certs.paths(pki["expired"], "127.0.0.1")
-    expired = tls.client_context(certs.paths(pki["good"])["cacert"], p["cert"], p["key"])
+    p = certs.paths(pki["good"], "127.0.0.1")
+    expired = tls.client_context(p["cacert"], p["cert"], p["key"])
     with pytest.raises(errors.PageServerError):
         PageServerSink("127.0.0.1", srv.port, "x", ssl_context=expired)
     with pytest.raises(errors.PageServerError):
@@ -291,12 +290,13 @@ def test_bad_clients_are_closed_and_others_keep_going(tmp_path, workdir, workloa
 
     time.sleep(0.5)
     log = srv.log()
-    for line in ("session 'cut': connection lost", "unknown message type",
+    for line in ("session 'cut': client disconnected in state WRITE", "unknown message type",
                  "payload length 2147483647", "nr_pages 4294967295",
                  "'..' component", "on arrival",
                  "TLS handshake failed", "is in use by another connection"):
         assert line in log, f"{line!r} not in the server log:\n{log[-4000:]}"
-    assert "certificate" in log.lower()
+    assert "(certificate has expired)" in log
+    assert "WRONG_VERSION_NUMBER" in log          # plaintext to a TLS server
     for dirpath, _, files in os.walk(root):
         if os.path.basename(dirpath) != "after":
             assert "inventory.img" not in files, dirpath

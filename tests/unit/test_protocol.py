@@ -126,7 +126,7 @@ def test_bad_session_names(name, why):
 
 def test_file_names_and_link_targets():
     c, _ = opened()
-    for bad in ("inventory.img", "pages-1.img", "../core-1.img", "core-x.img", "x"):
+    for bad in ("inventory.img", "pages-1.img", "../core-1.img", "Core-1.img", "x", "a.img\0"):
         with pytest.raises(P.LocalProtocolError, match="not an image file"):
             c.send(P.FilePart(bad, 0, b""))
     for bad in ("/abs", "a\0", "x" * 256):
