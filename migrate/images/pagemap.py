@@ -85,6 +85,24 @@ def _present_index(entries) -> list[tuple[int, int, int]]:
     return out
 
 
+def _file_pieces(ranges: list[Range], present: list[tuple[int, int, int]]
+                 ) -> list[tuple[int, int, int]]:
+    """(file page index, vaddr, nr_pages) of the ``ranges`` (inside stored
+    PRESENT entries ``present``, both sorted: one pass)."""
+    out, j = [], 0
+    for s, e in ranges:
+        while j < len(present) and present[j][1] <= s:
+            j += 1
+        k = j
+        while k < len(present) and present[k][0] < e:
+            ps, pe, idx = present[k]
+            a, b = max(s, ps), min(e, pe)
+            if a < b:
+                out.append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+            k += 1
+    return out
+
+
 def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tuple[int, int, int]]]:
     """For an image and its parents (``chain[0]`` is the image restored), the
     stored pages each level must provide: ``[(file page index, vaddr,
@@ -99,17 +117,7 @@ def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tupl
         present = _present_index(entries)
         pres_ranges = normalize((s, e) for s, e, _ in present)
         here = intersect(todo, pres_ranges)
-        j = 0                                   # map each piece to file indexes
-        for s, e in here:                       # (both lists sorted: one pass)
-            while j < len(present) and present[j][1] <= s:
-                j += 1
-            k = j
-            while k < len(present) and present[k][0] < e:
-                ps, pe, idx = present[k]
-                a, b = max(s, ps), min(e, pe)
-                if a < b:
-                    out[level].append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
-                k += 1
+        out[level].extend(_file_pieces(here, present))
         rest = subtract(todo, here)
         inparent = ranges_of(entries, PE_IN_PARENT)
         missing = subtract(rest, inparent)
@@ -140,21 +148,9 @@ def overlay(chain: list[list], names: list[str] | None = None
     covered = ranges_of(chain[0], PE_PRESENT | PE_IN_PARENT) if chain else []
     out: list[list[tuple[int, int, int]]] = []
     for entries in chain:
-        parts = []
         present = _present_index(entries)
         wanted = intersect(normalize((s, e) for s, e, _ in present), covered)
-        j = 0
-        for s, e in wanted:
-            while j < len(present) and present[j][1] <= s:
-                j += 1
-            k = j
-            while k < len(present) and present[k][0] < e:
-                ps, pe, idx = present[k]
-                a, b = max(s, ps), min(e, pe)
-                if a < b:
-                    parts.append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
-                k += 1
-        parts.sort()
+        parts = sorted(_file_pieces(wanted, present))
         out.append(parts)
     return out
 
