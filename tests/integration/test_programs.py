@@ -14,7 +14,7 @@ import pytest
 from tests.integration.harness import Workload, cycles
 
 PROGRAMS = ["counter", "mem_vmas", "fpu", "signals", "fds", "fsstate", "sleeper",
-            "busyloop", "vdso_clock", "creds", "threads", "pipes", "pyloop.py"]
+            "busyloop", "vdso_clock", "creds", "threads", "pipes", "dirtier", "pyloop.py"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

@@ -4,7 +4,8 @@
  * mmaps areas, mremaps them (grown and moved), mprotects them read-only and
  * back, and drops pages with madvise(MADV_DONTNEED) (they must read as zero).
  * Areas: private anonymous, MADV_HUGEPAGE anonymous, private file mappings
- * (COW'd pages and untouched file pages) and MAP_SHARED anonymous.
+ * (COW'd pages and untouched file pages), MAP_SHARED anonymous and memfd
+ * (shmem) mappings.
  * After SIGTERM every page of every area is checked against the ledger.
  */
 #define _GNU_SOURCE
@@ -24,7 +25,7 @@
 #define SLOTS 12
 #define MAXPAGES 1024
 
-enum kind { ANON, HUGE, FILEPRIV, SHARED, NKINDS };
+enum kind { ANON, HUGE, FILEPRIV, SHARED, MEMFD, NKINDS };
 
 struct slot {
 	uint8_t *addr;
@@ -89,6 +90,14 @@ static void map_slot(struct slot *s)
 		s->addr = mmap(NULL, s->npages * PAGE, prot, MAP_PRIVATE, filefd, 0);
 	else if (s->kind == SHARED)
 		s->addr = mmap(NULL, s->npages * PAGE, prot, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	else if (s->kind == MEMFD) {
+		int fd = memfd_create("dirtier", MFD_CLOEXEC);
+
+		if (fd < 0 || ftruncate(fd, s->npages * PAGE))
+			fail("memfd_create");
+		s->addr = mmap(NULL, s->npages * PAGE, prot, MAP_SHARED, fd, 0);
+		close(fd);	/* only the mapping keeps it */
+	}
 	else
 		s->addr = mmap(NULL, s->npages * PAGE, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (s->addr == MAP_FAILED)
@@ -111,7 +120,7 @@ static void step(void)
 	} else if (r < 976) {		/* drop pages: they read as zero (file: the file) */
 		size_t i = rnd() % s->npages, n = 1 + rnd() % (s->npages - i);
 
-		if (s->kind == SHARED)
+		if (s->kind == SHARED || s->kind == MEMFD)
 			return;		/* DONTNEED keeps shmem contents */
 		madvise(s->addr + i * PAGE, n * PAGE, MADV_DONTNEED);
 		memset(&s->gen[i], 0, n * sizeof(uint32_t));
