@@ -117,3 +117,38 @@ def tee(fd_in: int, fd_out: int, length: int, flags: int = SPLICE_F_NONBLOCK) ->
     """tee(2): duplicate up to ``length`` bytes of pipe fd_in into pipe fd_out
     without consuming them."""
     return call(SYS_tee, fd_in, fd_out, length, flags, detail=f"fd {fd_in} -> fd {fd_out}")
+
+
+# --- the kernel's event objects (man 2 eventfd, signalfd, timerfd_create, epoll_ctl)
+SYS_signalfd4 = 289
+SYS_timerfd_create = 283
+SYS_timerfd_settime = 286
+SYS_epoll_ctl = 233
+TFD_IOC_SET_TICKS = 0x40085400   # _IOW('T', 0, __u64), CONFIG_CHECKPOINT_RESTORE
+EPOLL_CTL_ADD = 1
+
+
+def signalfd(mask: int, flags: int) -> int:
+    m = ffi.new("uint64_t *", mask)
+    return call(SYS_signalfd4, -1, m, 8, flags, detail=f"mask {mask:#x}")
+
+
+def timerfd_create(clockid: int, flags: int) -> int:
+    return call(SYS_timerfd_create, clockid, flags, detail=f"clock {clockid}")
+
+
+def timerfd_settime(fd: int, flags: int, value: tuple[int, int],
+                    interval: tuple[int, int]) -> None:
+    its = ffi.new("int64_t[4]", [interval[0], interval[1], value[0], value[1]])
+    call(SYS_timerfd_settime, fd, flags, its, ffi.NULL, detail=f"fd {fd}")
+
+
+def timerfd_set_ticks(fd: int, ticks: int) -> None:
+    t = ffi.new("uint64_t *", ticks)
+    ioctl(fd, TFD_IOC_SET_TICKS, t)
+
+
+def epoll_add(epfd: int, fd: int, events: int, data: int) -> None:
+    # struct epoll_event is packed on x86_64: u32 events, u64 data
+    ev = ffi.new("char[12]", events.to_bytes(4, "little") + data.to_bytes(8, "little"))
+    call(SYS_epoll_ctl, epfd, EPOLL_CTL_ADD, fd, ev, detail=f"epoll fd {epfd} add fd {fd}")

@@ -1,5 +1,5 @@
 """File descriptors: regular files, directories, character devices, the tty,
-pipes (resources/pipes.py).
+pipes (resources/pipes.py), eventfd/signalfd/timerfd/epoll (resources/eventobjs.py).
 
 Dump reads /proc/PID/fd and fdinfo; fds that share one open file description
 (dup) get one file id (kcmp(KCMP_FILE)).  Restore runs inside the new task
@@ -18,7 +18,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc
 from migrate.kernel.kcmp import same_file
-from migrate.resources import pipes
+from migrate.resources import eventobjs, pipes
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,10 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
     for fd in proc.list_fds(pid):
         link = proc.readlink(pid, f"fd/{fd}")
         kind = _kind_of_link(link)
-        if kind not in ("file", "pipe"):
+        if kind not in ("file", "pipe") and kind not in eventobjs.KINDS:
             raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
-        info = proc.read_fdinfo(pid, fd)
+        raw = proc.read_text(pid, f"fdinfo/{fd}")
+        info = proc.parse_fdinfo(raw)
         flags = int(info["flags"], 8)
         cloexec = bool(flags & O_CLOEXEC)
         # Same open file description as an earlier fd (dup)? Then share its id.
@@ -65,6 +66,8 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
         fd_of[fid] = fd
         if kind == "pipe":
             files.append(pipes.dump_end(fid, link, flags))
+        elif kind in eventobjs.KINDS:
+            files.append(eventobjs.dump(pid, fd, fid, kind, flags, info, raw))
         else:
             files.append(_dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
                                     shell_job))
@@ -155,7 +158,12 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
     for fi in fdinfos:
         if fi.id not in opened:
             f = by_id[fi.id]
-            fd = made.open_end(f) if f.type == files_pb2.PIPE else open_file(f, tty_path)
+            if f.type == files_pb2.PIPE:
+                fd = made.open_end(f)
+            elif f.type in eventobjs.KINDS.values():
+                fd = eventobjs.open_object(f)
+            else:
+                fd = open_file(f, tty_path)
             opened[fi.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             os.close(fd)
     made.close()
@@ -171,3 +179,4 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
         os.dup2(opened[fi.id], fi.fd, inheritable=not fi.cloexec)
     for tmp in temps:
         os.close(tmp)
+    eventobjs.add_watches(files, fdinfos)

@@ -1,0 +1,44 @@
+"""The event objects' fdinfo, parsed from canned text (fs/*.c show_fdinfo)."""
+
+from migrate.images._pb import files_pb2
+from migrate.kernel import proc
+from migrate.resources import eventobjs
+
+EVENTFD = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\neventfd-count:               2a\n" \
+          "eventfd-id: 1\neventfd-semaphore: 1\n"
+TIMERFD = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\nclockid: 1\nticks: 3\n" \
+          "settime flags: 01\nit_value: (1, 250)\nit_interval: (0, 100000000)\n"
+EPOLL = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1038\n" \
+        "tfd:        5 events:       19 data:                7  pos:0 ino:40e sdev:10\n" \
+        "tfd:        3 events: 80000019 data:     deadbeefcafe  pos:0 ino:40e sdev:10\n"
+
+
+def _dump(link, text):
+    return eventobjs.dump(1, 3, 9, link, int(proc.parse_fdinfo(text)["flags"], 8),
+                          proc.parse_fdinfo(text), text)
+
+
+def test_eventfd():
+    f = _dump("anon_inode:[eventfd]", EVENTFD)
+    assert f.type == files_pb2.EVENTFD and f.eventfd.count == 42 and f.eventfd.semaphore
+    assert f.eventfd.flags == 0o4000
+
+
+def test_timerfd():
+    t = _dump("anon_inode:[timerfd]", TIMERFD).timerfd
+    assert (t.clockid, t.ticks, t.settime_flags) == (1, 3, 1)
+    assert (t.value_sec, t.value_nsec, t.interval_sec, t.interval_nsec) == (1, 250, 0, 100000000)
+
+
+def test_epoll_watches():
+    e = _dump("anon_inode:[eventpoll]", EPOLL).epoll
+    assert [(w.tfd, w.events, w.data) for w in e.tfds] == [(5, 0x19, 7),
+                                                           (3, 0x80000019, 0xdeadbeefcafe)]
+    assert e.flags == 0
+
+
+def test_bad_fdinfo_is_unsupported_not_a_crash():
+    import pytest
+    from migrate import errors
+    with pytest.raises(errors.UnsupportedResource, match="fdinfo not understood"):
+        _dump("anon_inode:[timerfd]", "pos:\t0\nflags:\t02\n")
