@@ -18,7 +18,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc
 from migrate.kernel.kcmp import same_file
-from migrate.resources import eventobjs, pipes
+from migrate.resources import eventobjs, pipes, unix
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
     fdinfos: list = []
     seen: list[tuple[int, int]] = []   # (fd, file id) of earlier fds, for kcmp
     fd_of: dict[int, int] = {}
+    socks = unix.Dumper(pid)
     for fd in proc.list_fds(pid):
         link = proc.readlink(pid, f"fd/{fd}")
         kind = _kind_of_link(link)
-        if kind not in ("file", "pipe") and kind not in eventobjs.KINDS:
+        if kind not in ("file", "pipe", "socket") and kind not in eventobjs.KINDS:
             raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
         raw = proc.read_text(pid, f"fdinfo/{fd}")
         info = proc.parse_fdinfo(raw)
@@ -68,11 +69,14 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
             files.append(pipes.dump_end(fid, link, flags))
         elif kind in eventobjs.KINDS:
             files.append(eventobjs.dump(pid, fd, fid, kind, flags, info, raw))
+        elif kind == "socket":
+            files.append(socks.dump(fd, fid, link, flags))
         else:
             files.append(_dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
                                     shell_job))
         fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec))
         seen.append((fd, fid))
+    unix.check_pairs(pid, files, fd_of)
     return files, fdinfos, pipes.dump_data(pid, files, fd_of)
 
 
@@ -155,11 +159,14 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
     base = max(wanted | keep | {2}) + 1
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
+    pairs = unix.Pairs(files)
     for fi in fdinfos:
         if fi.id not in opened:
             f = by_id[fi.id]
             if f.type == files_pb2.PIPE:
                 fd = made.open_end(f)
+            elif f.type == files_pb2.UNIX_SOCKET:
+                fd = pairs.open_end(f)
             elif f.type in eventobjs.KINDS.values():
                 fd = eventobjs.open_object(f)
             else:
@@ -167,6 +174,7 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
             opened[fi.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             os.close(fd)
     made.close()
+    pairs.close()
     temps = set(opened.values())
     for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
         if fd not in keep and fd not in temps:

@@ -97,7 +97,7 @@ def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
-    assert {"deleted-map": "deleted file", "socket": "socket"}[mode] \
+    assert {"deleted-map": "deleted file", "socket": "not a unix socket"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)
     assert not os.path.exists(os.path.join(images, "inventory.img"))
@@ -120,6 +120,25 @@ def test_dump_pipe_to_outside_is_refused(workdir):
         assert p.wait(timeout=10) == 0
     finally:
         os.close(wfd)
+
+
+def test_dump_unix_socket_to_outside_is_refused(workdir):
+    """stdin is one end of a socketpair whose other end is ours."""
+    import socket
+    a, b = socket.socketpair()
+    try:
+        p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=b.fileno(),
+                             stdout=open(os.path.join(workdir, "c.log"), "ab"),
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        b.close()
+        time.sleep(0.3)
+        d = migrate("dump", "-t", str(p.pid), "-D", os.path.join(workdir, "img"))
+        assert d.returncode != 0 and "outside the dump" in d.stderr, d.stderr
+        assert alive(p.pid)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        a.close()
 
 
 # ------------------------------------------------------ dump: fails half-way

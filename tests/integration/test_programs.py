@@ -14,8 +14,8 @@ import pytest
 from tests.integration.harness import Workload, cycles
 
 PROGRAMS = ["counter", "mem_vmas", "fpu", "signals", "fds", "fsstate", "sleeper",
-            "busyloop", "vdso_clock", "creds", "threads", "pipes", "eventobjs", "dirtier",
-            "pyloop.py"]
+            "busyloop", "vdso_clock", "creds", "threads", "pipes", "eventobjs", "socks",
+            "dirtier", "pyloop.py"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

@@ -42,3 +42,22 @@ def test_bad_fdinfo_is_unsupported_not_a_crash():
     from migrate import errors
     with pytest.raises(errors.UnsupportedResource, match="fdinfo not understood"):
         _dump("anon_inode:[timerfd]", "pos:\t0\nflags:\t02\n")
+
+
+def test_sock_diag_reply_parsed():
+    """A canned NETLINK_SOCK_DIAG reply: one socket with peer, queue lengths
+    and shutdown, then NLMSG_DONE."""
+    import struct
+    from migrate.kernel import sockdiag as sd
+    attrs = b""
+    for atype, val in ((sd.UNIX_DIAG_PEER, struct.pack("=I", 77)),
+                       (sd.UNIX_DIAG_RQLEN, struct.pack("=II", 5, 0)),
+                       (sd.UNIX_DIAG_SHUTDOWN, b"\x02")):
+        a = sd.RTA.pack(sd.RTA.size + len(val), atype) + val
+        attrs += a + b"\0" * (-len(a) % 4)
+    body = sd.UNIX_DIAG_MSG.pack(1, 1, 1, 0, 76, 0, 0) + attrs
+    msg = sd.NLMSGHDR.pack(sd.NLMSGHDR.size + len(body), sd.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
+    done = sd.NLMSGHDR.pack(sd.NLMSGHDR.size + 4, sd.NLMSG_DONE, 2, 1, 0) + b"\0" * 4
+    socks, finished = sd.parse(msg + done)
+    assert finished and socks == [sd.UnixSock(ino=76, type=1, state=1, peer=77, rqueue=5,
+                                              wqueue=0, shutdown=2)]
