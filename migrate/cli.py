@@ -274,7 +274,6 @@ def cmd_pre_dump(args) -> int:
 
 def cmd_restore(args) -> int:
     from migrate.dest.restore import RestoreOptions, restore
-    from migrate.kernel import ptrace
     pidfile = args.pidfile
     if pidfile and not os.path.isabs(pidfile):
         pidfile = os.path.join(args.work_dir or args.images_dir, pidfile)

@@ -26,7 +26,7 @@ import time
 from migrate import errors
 from migrate.images import ImageDir
 from migrate.images import pagemap
-from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
+from migrate.images._pb import inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
 from migrate.resources import files, fs, memory, regs, signals, task

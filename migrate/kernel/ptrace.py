@@ -13,7 +13,7 @@ import signal
 
 from migrate import errors
 from migrate.kernel import sysno
-from migrate.kernel._ffi import ffi, libc
+from migrate.kernel._ffi import ffi
 from migrate.kernel.syscalls import raw
 
 PTRACE_PEEKDATA = 2

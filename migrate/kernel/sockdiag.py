@@ -8,8 +8,6 @@ what is not handled yet.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import os
 import socket
 import struct
 

@@ -13,7 +13,6 @@ from the other end, then the shutdowns.
 from __future__ import annotations
 
 import array
-import errno
 import logging
 import os
 import socket
