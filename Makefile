@@ -4,7 +4,7 @@ PYTHON ?= python3
 PYTEST_ARGS ?=
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: all setup build protos programs test unit integration demo bench soak lint clean
+.PHONY: all setup build protos programs test unit integration demo bench soak clean
 
 all: build
 
@@ -42,6 +42,7 @@ demo: build
 bench: build
 	$(PYTHON) bench/dump_restore.py
 	$(PYTHON) bench/predump.py
+	$(PYTHON) bench/pageserver.py
 
 clean:
 	$(MAKE) -C tests/programs clean
