@@ -1,4 +1,7 @@
 
+import os
+import subprocess
+
 import pytest
 
 from migrate.kernel import syscalls
@@ -24,3 +27,18 @@ def workloads():
     yield started
     for w in started:
         w.kill()
+
+
+@pytest.fixture
+def mounts():
+    """mount(path, opts): a tmpfs of ours, unmounted at the end of the test."""
+    done = []
+
+    def mount(path: str, opts: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True)
+        done.append(path)
+        return path
+    yield mount
+    for path in reversed(done):
+        subprocess.run(["umount", path], check=False)

@@ -251,6 +251,8 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
             _rollback(fr, ctl, images)
         else:
             images.discard()
+        if tracker is not None and tracker.fresh:
+            tracker.stop()      # tracking started by this failed round: end it too
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
             raise errors.DumpError(f"pre-dump of pid {pid} failed, the process was left "
                                    f"running as it was: {exc}") from exc

@@ -36,20 +36,6 @@ def _snapshot(images: str) -> dict[str, str]:
     return out
 
 
-@pytest.fixture
-def mounts():
-    done = []
-
-    def mount(path: str, opts: str) -> str:
-        os.makedirs(path, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True)
-        done.append(path)
-        return path
-    yield mount
-    for path in reversed(done):
-        subprocess.run(["umount", path], check=False)
-
-
 # ---------------------------------------------------------------- dump: refused
 
 def test_dump_missing_pid(workdir):

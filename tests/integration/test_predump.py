@@ -160,3 +160,18 @@ def test_show_displays_the_chain(workdir, workloads):
     assert chain[-1]["present"] >= 16 * 256 and chain[0]["in_parent"] >= 16 * 256
     w.restore(images)
     w.assert_pass()
+
+
+def test_failed_first_pre_dump_leaves_no_tracking(workdir, workloads, mounts):
+    """A first pre-dump that fails (disk full) must not leave the task tracked."""
+    w = _start("memhog", workdir, workloads, "16")
+    tiny = mounts(os.path.join(workdir, "tiny"), "size=64k")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", tiny)
+    assert p.returncode != 0 and "No space left" in p.stderr, p.stderr
+    end = time.monotonic() + 5
+    while _holders(w.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not _holders(w.pid)
+    smaps = open(f"/proc/{w.pid}/smaps").read()
+    assert " uw" not in smaps, "uffd-wp registration left behind"
+    w.assert_pass()
