@@ -458,51 +458,58 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     tracker = _get_tracker(opts, pid, start_time, ctl if keeps_running else None,
                            want_tracking)
     _end_remote(pid, ctl)
-    if tracker is not None and tracker.fresh:
-        tracker.hold()
-    stats.remote_syscalls = ctl.remote.calls + ctl.thread_calls
-    phase(f"{stats.remote_syscalls} remote syscalls")
-    core.shared_pending.extend(shared_pending)
-    core.threads.extend(threads)
-    core.stopped = fr.stopped
+    try:
+        if tracker is not None and tracker.fresh:
+            tracker.hold()
+        stats.remote_syscalls = ctl.remote.calls + ctl.thread_calls
+        phase(f"{stats.remote_syscalls} remote syscalls")
+        core.shared_pending.extend(shared_pending)
+        core.threads.extend(threads)
+        core.stopped = fr.stopped
 
-    mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,
-                         start_data=st.start_data, end_data=st.end_data,
-                         start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
-                         arg_start=st.arg_start, arg_end=st.arg_end,
-                         env_start=st.env_start, env_end=st.env_end, exe=exe)
-    for t, v in proc.read_auxv(pid):
-        mm.auxv.extend([t, v])
-    mm.vmas.extend(vma_entries)
+        mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,
+                             start_data=st.start_data, end_data=st.end_data,
+                             start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
+                             arg_start=st.arg_start, arg_end=st.arg_end,
+                             env_start=st.env_start, env_end=st.env_end, exe=exe)
+        for t, v in proc.read_auxv(pid):
+            mm.auxv.extend([t, v])
+        mm.vmas.extend(vma_entries)
 
-    # 3. Memory: present pages only (or only those not in the parent chain).
-    if parent is not None and tracker is None:
-        log.warning("pid %d: dirty tracking was lost: the dump copies every page", pid)
-    if tracker is not None and parent is None:
-        tracker.fresh = True
-    # The task is frozen: the VMAs read above are still the VMAs.
-    runs, in_parent = _plan_memory(pid, vmas, vma_entries, parent, tracker, stats)
-    phase("planning memory (scans)")
-    if isinstance(tracker, trackers.SoftDirtyTracker) and keeps_running:
-        tracker.clear()       # the next round starts now
-    stats.tracker = tracker.kind if tracker else ""
-    _write_memory(pid, images, runs, in_parent, stats, tolerant=False)
-    phase(f"writing {stats.pages_written} pages")
+        # 3. Memory: present pages only (or only those not in the parent chain).
+        if parent is not None and tracker is None:
+            log.warning("pid %d: dirty tracking was lost: the dump copies every page", pid)
+        if tracker is not None and parent is None:
+            tracker.fresh = True
+        # The task is frozen: the VMAs read above are still the VMAs.
+        runs, in_parent = _plan_memory(pid, vmas, vma_entries, parent, tracker, stats)
+        phase("planning memory (scans)")
+        if isinstance(tracker, trackers.SoftDirtyTracker) and keeps_running:
+            tracker.clear()       # the next round starts now
+        stats.tracker = tracker.kind if tracker else ""
+        _write_memory(pid, images, runs, in_parent, stats, tolerant=False)
+        phase(f"writing {stats.pages_written} pages")
 
-    # 4. The other image files, then the inventory last.
-    images.write_image(f"mm-{pid}.img", [mm])
-    images.write_image(f"core-{pid}.img", [core])
-    images.write_image(f"fdinfo-{pid}.img", fdinfos or [])
-    images.write_image("files.img", file_entries or [])
-    images.write_image("pipes.img", pipe_data or [])
-    images.write_image(f"fs-{pid}.img", [fs_entry])
-    images.write_image("pstree.img", [pstree_pb2.pstree_entry(
-        pid=pid, ppid=0, pgid=st.pgrp, sid=st.session, threads=fr.tids)])
-    images.write_image("stats-dump.img", [stats.to_pb()])
-    if parent:
-        images.set_parent(parent.rel)
-    images.commit(_inventory(opts, pid, start_time, inventory_pb2.DUMP, tracker))
-    phase("writing the other files and the inventory")
+        # 4. The other image files, then the inventory last.
+        images.write_image(f"mm-{pid}.img", [mm])
+        images.write_image(f"core-{pid}.img", [core])
+        images.write_image(f"fdinfo-{pid}.img", fdinfos or [])
+        images.write_image("files.img", file_entries or [])
+        images.write_image("pipes.img", pipe_data or [])
+        images.write_image(f"fs-{pid}.img", [fs_entry])
+        images.write_image("pstree.img", [pstree_pb2.pstree_entry(
+            pid=pid, ppid=0, pgid=st.pgrp, sid=st.session, threads=fr.tids)])
+        images.write_image("stats-dump.img", [stats.to_pb()])
+        if parent:
+            images.set_parent(parent.rel)
+        images.commit(_inventory(opts, pid, start_time, inventory_pb2.DUMP, tracker))
+        phase("writing the other files and the inventory")
+    except BaseException:
+        if tracker is not None:
+            if tracker.fresh:
+                tracker.stop()      # tracking this failed dump started: end it
+            tracker.close()
+        raise
     return ctl, tracker
 
 
