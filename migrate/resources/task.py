@@ -135,3 +135,37 @@ def restore_oom_score_adj(pid: int, value: int) -> None:
             raise
         log.warning("pid %d: cannot set oom_score_adj %d: %s", pid, value,
                     os.strerror(e.errno))
+
+
+NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
+
+
+def check_unsupported(pid: int, status: dict[str, str]) -> None:
+    """State this version cannot bring back, refused instead of lost silently."""
+    timers = proc.read_text(pid, "timers").strip()
+    if timers:
+        n = timers.count("ID:")
+        raise errors.UnsupportedResource(pid, "posix timers", f"{n} timer_create() "
+                                                              "timers are not supported yet")
+    for ns in NAMESPACES:
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
+            ours = os.stat(f"/proc/self/ns/{ns}").st_ino
+        except FileNotFoundError:
+            continue
+        if theirs != ours:
+            raise errors.UnsupportedResource(pid, "namespace", f"the process is in another "
+                                                               f"{ns} namespace")
+    uids = [int(x) for x in status["Uid"].split()]
+    if any(uids) and int(status.get("CapPrm", "0"), 16):
+        raise errors.UnsupportedResource(pid, "capabilities", "a non-root process with "
+                                         "capabilities (they are not restored yet)")
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 4 and parts[4] == str(pid):
+                    raise errors.UnsupportedResource(pid, "file lock", f"{parts[1]} lock "
+                                                     f"on inode {parts[5]} is not supported yet")
+    except OSError:
+        pass

@@ -427,6 +427,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
         raise errors.UnsupportedResource(pid, "exe", f"executable {exe} was removed")
     st = proc.read_stat(pid)
     status = proc.read_status(pid)
+    task.check_unsupported(pid, status)
     shared_pending = signals.dump_pending(pid, shared=True,
                                           drop_sigcont_from=os.getpid() if fr.stopped else None)
     threads = []

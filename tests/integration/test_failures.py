@@ -77,13 +77,14 @@ def test_dump_already_traced(workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("mode", ["deleted-map", "socket"])
+@pytest.mark.parametrize("mode", ["deleted-map", "socket", "timer", "lock"])
 def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     w = _start("unsupported", workdir, workloads, mode)
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
-    assert {"deleted-map": "deleted file", "socket": "not a unix socket"}[mode] \
+    assert {"deleted-map": "deleted file", "socket": "not a unix socket",
+            "timer": "timer_create", "lock": "FLOCK lock"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)
     assert not os.path.exists(os.path.join(images, "inventory.img"))

@@ -3,6 +3,8 @@
  * (yet), to prove that a refused dump leaves it exactly as it was.
  *   deleted-map  a MAP_PRIVATE mapping of a file that was then unlinked
  *   socket       an AF_INET socket (only unix socketpairs are handled yet)
+ *   timer        a POSIX timer (timer_create)
+ *   lock         an flock() on a temporary file
  *   pipe         a pipe with data in flight (supported: a control case)
  *   thread       a second thread (supported: a control case)
  * Besides the refused thing it keeps a memory pattern, a handler, a blocked
@@ -19,11 +21,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/file.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define AREA (1 << 20)
 static volatile int usr1_seen;
+static char lockpath[] = "/tmp/unsupported-lock.XXXXXX";
 static volatile int thread_ticks;
 
 static void on_usr1(int sig) { (void)sig; usr1_seen++; }
@@ -72,6 +77,19 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "pipe")) {
 		if (pipe(pfd) || write(pfd[1], "in flight", 9) != 9)
 			fail("pipe");
+	} else if (!strcmp(mode, "timer")) {
+		timer_t t;
+		struct sigevent sev = { .sigev_notify = SIGEV_NONE };
+		struct itimerspec its = { { 1000, 0 }, { 1000, 0 } };
+
+		if (timer_create(CLOCK_MONOTONIC, &sev, &t) || timer_settime(t, 0, &its, NULL))
+			fail("timer_create");
+	} else if (!strcmp(mode, "lock")) {
+		int fd = mkstemp(lockpath);
+
+		if (fd < 0 || flock(fd, LOCK_EX))
+			fail("flock");
+		pfd[0] = -1;
 	} else if (!strcmp(mode, "socket")) {
 		if ((pfd[0] = socket(AF_INET, SOCK_STREAM, 0)) < 0)
 			fail("socket");
@@ -112,5 +130,7 @@ int main(int argc, char **argv)
 		if (!thread_ticks)
 			fail("thread never ran");
 	}
+	if (!strcmp(mode, "lock"))
+		unlink(lockpath);
 	pass();
 }
