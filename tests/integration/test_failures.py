@@ -91,33 +91,21 @@ def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     w.assert_pass()
 
 
-def test_dump_pipe_to_outside_is_refused(workdir):
-    """stdin is a pipe whose write end is ours: nobody could recreate it."""
-    r, wfd = os.pipe()
-    try:
-        p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=r,
-                             stdout=open(os.path.join(workdir, "c.log"), "ab"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        os.close(r)
-        time.sleep(0.3)
-        d = migrate("dump", "-t", str(p.pid), "-D", os.path.join(workdir, "img"))
-        assert d.returncode != 0 and "outside the dump" in d.stderr, d.stderr
-        assert alive(p.pid)
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=10) == 0
-    finally:
-        os.close(wfd)
-
-
-def test_dump_unix_socket_to_outside_is_refused(workdir):
-    """stdin is one end of a socketpair whose other end is ours."""
+@pytest.mark.parametrize("kind", ["pipe", "socketpair"])
+def test_dump_channel_to_outside_is_refused(kind, workdir):
+    """stdin is a pipe or a socketpair end whose other end is ours: nobody could
+    recreate it, so the dump is refused and the process goes on."""
     import socket
-    a, b = socket.socketpair()
+    if kind == "pipe":
+        theirs, ours = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        theirs, ours = b.detach(), a.detach()
     try:
-        p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=b.fileno(),
-                             stdout=open(os.path.join(workdir, "c.log"), "ab"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        b.close()
+        with open(os.path.join(workdir, "c.log"), "ab") as log:
+            p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=theirs, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(theirs)
         time.sleep(0.3)
         d = migrate("dump", "-t", str(p.pid), "-D", os.path.join(workdir, "img"))
         assert d.returncode != 0 and "outside the dump" in d.stderr, d.stderr
@@ -125,7 +113,7 @@ def test_dump_unix_socket_to_outside_is_refused(workdir):
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=10) == 0
     finally:
-        a.close()
+        os.close(ours)
 
 
 # ------------------------------------------------------ dump: fails half-way

@@ -117,20 +117,6 @@ def servers():
         s.stop()
 
 
-@pytest.fixture
-def mounts():
-    done = []
-
-    def mount(path: str, opts: str) -> str:
-        os.makedirs(path, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], check=True)
-        done.append(path)
-        return path
-    yield mount
-    for path in reversed(done):
-        subprocess.run(["umount", path], check=False)
-
-
 def start(name, workdir, workloads, *args):
     w = Workload.program(name, workdir, *args)
     workloads.append(w)
