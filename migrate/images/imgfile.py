@@ -17,7 +17,6 @@ last: a directory without a valid inventory is not an image.
 from __future__ import annotations
 
 import enum
-import errno
 import mmap
 import os
 import re
@@ -540,7 +539,3 @@ def decode_file(path: str, max_pages: int = 0) -> dict:
                                          always_print_fields_with_no_presence=False)
                for m in msgs]
     return {"magic": kind.name, "file": os.path.basename(path), "entries": entries}
-
-
-def errno_name(e: int) -> str:
-    return errno.errorcode.get(e, str(e))
