@@ -485,6 +485,11 @@ def initial_prot(e) -> int:
     prot = e.prot
     if not (e.flags & MAP_SHARED) and "ac" in e.vmflags:
         prot |= PROT_WRITE
+    if e.kind == K.ANON_SHARED:
+        # /proc/PID/mem cannot force a write into a read-only shared mapping:
+        # map it writable, fill it, then mprotect (shared memory is not
+        # accounted, so nothing else changes).
+        prot |= PROT_WRITE
     return prot
 
 
@@ -565,7 +570,10 @@ def fill_pages(pid: int, entries: list, parts: list[tuple[int, int, int]], reade
             if vm:
                 kmem.vm_write(pid, win, vm)
         finally:
-            win.close()
+            try:
+                win.close()
+            except BufferError:
+                pass     # a slice still held by an exception's traceback: GC closes it
         return n, digest
 
     _pipeline(windows, job, reader.account)

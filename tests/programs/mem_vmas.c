@@ -176,7 +176,7 @@ int main(int argc, char **argv)
 	const size_t PRIV_LEN = 16 * 4096, SH_LEN = 8 * 4096;
 	const uint64_t PRIV_SEED = 0x1111, COW_SEED = 0x2222;
 	const uint64_t SH_SEED = 0x3333, SH_SEED2 = 0x4444, SH_SEED3 = 0x5555;
-	unsigned char *a1, *a64, *a8m, *untouched, *zero, *shanon, *ro, *none;
+	unsigned char *a1, *a64, *a8m, *untouched, *zero, *shanon, *shro, *ro, *none;
 	unsigned char *hp, *raw, *priv, *shf, *mr, *mr_old, *brk0;
 	volatile unsigned char sink = 0;
 	int fd;
@@ -204,6 +204,12 @@ int main(int argc, char **argv)
 
 	shanon = map(128 * KB, RW, MAP_SHARED);
 	fill(shanon, 0, 128 * KB, seed_of(4, shanon));
+	/* Shared anonymous, written, then read-only: a restore cannot force a
+	 * write into it through /proc/PID/mem. */
+	shro = map(64 * KB, RW, MAP_SHARED);
+	fill(shro, 0, 64 * KB, seed_of(14, shro));
+	if (mprotect(shro, 64 * KB, PROT_READ))
+		fail("mprotect shared ro: %m");
 	ro = map(64 * KB, RW, P);
 	fill(ro, 0, 64 * KB, seed_of(5, ro));
 	none = map(64 * KB, RW, P);
@@ -285,6 +291,7 @@ int main(int argc, char **argv)
 	check_zero("never-touched anon", untouched, 0, 1 * MB);
 	check_zero("read-only-touched anon", zero, 0, 256 * KB);
 	check(    "shared anon", shanon, 0, 128 * KB, seed_of(4, shanon));
+	check(    "shared anon ro", shro, 0, 64 * KB, seed_of(14, shro));
 	check(    "read-only anon", ro, 0, 64 * KB, seed_of(5, ro));
 	for (int i = 0; i < NSMALL; i++)
 		checkb("small malloc block", small[i], 1 + (size_t)i * 37 % 200,
@@ -308,6 +315,7 @@ int main(int argc, char **argv)
 	check_vma("8M anon", a8m, "rw-p", NULL, 0);
 	check_vma("never-touched anon", untouched, "rw-p", NULL, 0);
 	check_vma("shared anon", shanon, "rw-s", NULL, 0);
+	check_vma("shared anon ro", shro, "r--s", NULL, 0);
 	check_vma("read-only anon", ro, "r--p", NULL, 0);
 	check_vma("PROT_NONE anon", none, "---p", NULL, 0);
 	check_vma("sbrk area", brk0, "rw-p", "[heap]", 0);
