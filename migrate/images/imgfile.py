@@ -17,6 +17,7 @@ last: a directory without a valid inventory is not an image.
 from __future__ import annotations
 
 import enum
+import logging
 import mmap
 import os
 import re
@@ -29,6 +30,8 @@ from google.protobuf.message import DecodeError
 
 from migrate.errors import ImageError
 from migrate.images import _pb
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MGRT"
 FORMAT_VERSION = 1
@@ -341,6 +344,15 @@ class PagesReader:
             self.fd = -1
 
 
+def fsync_dir(path: str) -> None:
+    """Make the directory entries of ``path`` durable (the inventory's above all)."""
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class ImageDir:
     """An image directory: write files, then commit the inventory last.
 
@@ -442,13 +454,10 @@ class ImageDir:
             inv.created_ns = time.time_ns()
         self._write_file("inventory.img", encode_records(ImageKind.INVENTORY, [inv]))
         try:
-            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+            fsync_dir(self.path)
+        except OSError as e:
+            log.warning("%s: fsync of the directory failed: %s", self.path,
+                        os.strerror(e.errno))
         self.inventory = inv
 
     # -- reading ---------------------------------------------------------

@@ -275,11 +275,7 @@ class Session:
         finally:
             os.close(fd)
         try:
-            dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            imgfile.fsync_dir(self.path)
         except OSError as e:
             raise _os_error(self.path, "fsync of the directory", e) from e
         self.committed = True
