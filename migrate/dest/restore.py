@@ -2,15 +2,19 @@
 
 1. Read and check the whole image, and that everything it needs is here,
    before any process exists.
-2. Fork this tool with clone3(set_tid) at the dumped PID.  The child sets up
-   what is easiest from inside (session, fds, cwd), reports, and blocks in
-   read(2).
-3. Seize it (EXITKILL: if we die, it dies) and replace its address space by
-   remote syscalls: a private gadget area, rseq off, unmap everything, vdso,
-   mm fields and exe, every VMA, the pages, protections.
-4. Per-task state by remote syscalls, rlimits from outside, then unmap the
-   gadget; at that syscall-exit stop set registers, xstate and mask, detach.
-A failure at any step kills the child: no stray process is left.
+2. Open every file description and make every shared memory object of the
+   tree, once, in this tool.
+3. Fork this tool with clone3(set_tid) at the root's PID; each new process
+   forks its own children the same way (zombies exit at once with their
+   status), sets up what is easiest from inside (session, group, fds, cwd),
+   reports, and blocks in read(2).
+4. Seize each one (EXITKILL: if we die, they die) and replace its address
+   space by remote syscalls: a private gadget area, rseq off, unmap
+   everything, vdso, mm fields and exe, every VMA, the pages, protections.
+   Per-task state by remote syscalls, rlimits from outside, then unmap the
+   gadget; the process waits at that syscall-exit stop.
+5. When every process is built: registers, xstate and mask, detach.
+A failure at any step kills every process made: no stray process is left.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import time
 from migrate import errors
 from migrate.images import ImageDir
 from migrate.images import pagemap
-from migrate.images._pb import inventory_pb2, mm_pb2, stats_pb2
+from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
 from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources.phases import Phases
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
                                        PROT_WRITE, TaskCtl)
@@ -71,21 +76,32 @@ class RestoreStats:
 
 
 @dataclasses.dataclass
-class Image:
-    """Everything read from an image directory, checked."""
-    dir: ImageDir
+class ProcImage:
+    """One live process of the image."""
     pid: int
-    pstree: object
+    entry: object                               # pstree_entry
     core: object
     mm: object
     pagemap_head: object
     pagemap: list
-    files: list
     fdinfos: list
     fs: object
     chain: list[ImageDir]                       # this image, then its parents
     parts: list[list[tuple[int, int, int]]]     # pages each level writes (overlay)
+
+
+@dataclasses.dataclass
+class Image:
+    """Everything read from an image directory, checked."""
+    dir: ImageDir
+    pid: int                                    # the root
+    entries: list                               # pstree_entry of every process
+    procs: list[ProcImage]                      # the live ones, parents first
+    files: list
     pipes: list                                 # data in flight of each pipe
+
+    def children(self, pid: int) -> list:
+        return [e for e in self.entries if e.ppid == pid and e.pid != self.pid]
 
 MAX_CHAIN = 256
 
@@ -112,32 +128,69 @@ def load_chain(d: ImageDir, pid: int) -> tuple[list[ImageDir], list[list]]:
     return chain, maps
 
 
+def _check_tree(path: str, root: int, entries: list) -> None:
+    """A pstree the restore can walk: the root first, unique pids, every
+    parent listed before its children."""
+    seen: set[int] = set()
+    for i, e in enumerate(entries):
+        where = f"pstree entry {i} (pid {e.pid})"
+        if e.pid <= 0 or e.pid in seen:
+            raise errors.ImageError(path, None, f"{where}: pid missing or repeated")
+        if i == 0 and (e.pid != root or e.zombie):
+            raise errors.ImageError(path, None, f"{where}: the root must come first, "
+                                                f"alive (inventory root {root})")
+        if i > 0 and e.ppid not in seen:
+            raise errors.ImageError(path, None, f"{where}: parent {e.ppid} is not listed "
+                                                "before it")
+        if not e.zombie and e.pid not in e.threads:
+            raise errors.ImageError(path, None, f"{where}: its own pid is not among its "
+                                                "threads")
+        seen.add(e.pid)
+
+
 def load(images_dir: str) -> Image:
     d = ImageDir.open(images_dir)
     inv = d.inventory
     if inv.kind != inventory_pb2.DUMP:
         raise errors.RestoreError(f"{images_dir} is a pre-dump: restore needs a full dump")
     tree = d.read_image("pstree.img")
-    if len(tree) != 1:
-        raise errors.RestoreError(f"{images_dir}: process trees are not supported yet")
-    pid = tree[0].pid
-    pmap = d.read_image(f"pagemap-{pid}.img")
-    chain, maps = load_chain(d, pid)
-    parts = pagemap.overlay(maps, [c.path for c in chain])
-    return Image(d, pid, tree[0], d.read_one(f"core-{pid}.img"), d.read_one(f"mm-{pid}.img"),
-                 pmap[0], pmap[1:], d.read_image("files.img"),
-                 d.read_image(f"fdinfo-{pid}.img"), d.read_one(f"fs-{pid}.img"), chain, parts,
+    if not tree:
+        raise errors.ImageError(os.path.join(d.path, "pstree.img"), None, "no process")
+    _check_tree(os.path.join(d.path, "pstree.img"), inv.root_pid or tree[0].pid, tree)
+    procs = []
+    for e in tree:
+        if e.zombie:
+            continue
+        pid = e.pid
+        pmap = d.read_image(f"pagemap-{pid}.img")
+        chain, maps = load_chain(d, pid)
+        parts = pagemap.overlay(maps, [c.path for c in chain])
+        procs.append(ProcImage(pid, e, d.read_one(f"core-{pid}.img"),
+                               d.read_one(f"mm-{pid}.img"), pmap[0], pmap[1:],
+                               d.read_image(f"fdinfo-{pid}.img"),
+                               d.read_one(f"fs-{pid}.img"), chain, parts))
+    files_ = d.read_image("files.img")
+    ids = {f.id for f in files_}
+    for p in procs:
+        for fi in p.fdinfos:
+            if fi.id not in ids:
+                raise errors.ImageError(os.path.join(d.path, f"fdinfo-{p.pid}.img"), None,
+                                        f"fd {fi.fd} refers to file id {fi.id}, which "
+                                        "files.img does not have")
+    return Image(d, tree[0].pid, tree, procs, files_,
                  d.read_image("pipes.img") if d.has("pipes.img") else [])
 
 
 def preflight(img: Image) -> None:
     """Everything the restore needs, checked before a process exists."""
-    memory.check_files(img.mm.vmas)
     files.check_files(img.files)
-    fs.check(img.fs)
-    if not os.path.exists(img.mm.exe):
-        raise errors.RestoreError(f"executable {img.mm.exe} is missing")
-    _check_pid_free(img.pid)
+    for p in img.procs:
+        memory.check_files(p.mm.vmas)
+        fs.check(p.fs)
+        if not os.path.exists(p.mm.exe):
+            raise errors.RestoreError(f"executable {p.mm.exe} of pid {p.pid} is missing")
+    for e in img.entries:
+        _check_pid_free(e.pid)
 
 
 ZOMBIE_WAIT = 3.0
@@ -161,38 +214,73 @@ def _check_pid_free(pid: int) -> None:
         time.sleep(0.01)
 
 
+CTL_READY, CTL_GO = "ready", "go"
+READY_TIMEOUT = 60.0
+
+
 def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
-    """Bring the image back; return (pid, stats).  The process runs (or is
-    stopped with --leave-stopped) and is our child."""
+    """Bring the image back; return (root pid, stats).  The processes run
+    (or are stopped with --leave-stopped); the root is our child."""
     t0 = time.perf_counter()
     img = load(opts.images_dir)
     preflight(img)
     stats = RestoreStats()
-    pages = [level.pages_reader(img.pid) for level in img.chain]
     tty = _own_tty() if opts.shell_job else None
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    tf = time.perf_counter()
+    base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1
+    phase = Phases(img.pid)
+    opened = files.open_all(img.files, tty, img.pipes, base)
+    phase("open files", f"{len(img.files)} files")
+    shared = None
+    ready_r = ready_w = go_r = go_w = -1
+    pid = 0
     try:
-        child = syscalls.clone3_with_pid(img.pid)
-    except errors.KernelError as e:
+        shared = memory.SharedObjects(p.mm.vmas for p in img.procs)
+        import fcntl
+        top = max(list(opened.values()) + [base]) + 1
+        r, w = os.pipe()
+        ready_r, ready_w = r, fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, top)
+        os.close(w)
+        r, go_w = os.pipe()
+        go_r = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, top)
+        os.close(r)
+        plan = _Plan(img, opts, opened, tty, ready_w, go_r)
+        tf = time.perf_counter()
+        try:
+            pid = syscalls.clone3_with_pid(img.pid)
+        except errors.KernelError as e:
+            if e.errno == errno.EEXIST:
+                raise errors.RestoreError(f"pid {img.pid} is taken by another process") \
+                    from None
+            raise errors.RestoreError(f"cannot create pid {img.pid}: {e}") from None
+        if pid == 0:
+            _child(plan, img.entries[0])  # never returns
+        stats.forking_us = int((time.perf_counter() - tf) * 1e6)
+    except BaseException:
         for fd in (ready_r, ready_w, go_r, go_w):
-            os.close(fd)
-        if e.errno == errno.EEXIST:
-            raise errors.RestoreError(f"pid {img.pid} is taken by another process") from None
-        raise errors.RestoreError(f"cannot create pid {img.pid}: {e}") from None
-    if child == 0:
-        _child(img, opts, ready_r, ready_w, go_r, go_w, tty)  # never returns
-    stats.forking_us = int((time.perf_counter() - tf) * 1e6)
+            if fd >= 0:
+                os.close(fd)
+        if shared is not None:
+            shared.close()
+        files.close_all(opened)
+        raise
+    # The new processes hold what they need: ours go.
+    files.close_all(opened)
     os.close(ready_w)
     os.close(go_r)
-    pid = child
     created: list[int] = []
+    releases: list[_Release] = []
     try:
-        ctl_fds = _wait_ready(ready_r, pid)
-        _take_over(img, opts, pid, pages, ctl_fds, stats, created)
+        _wait_ready(ready_r, img, pid)
+        phase("fork and fds", f"{len(img.entries)} processes")
+        for p in img.procs:
+            releases.append(_take_over(img, p, opts, plan.keep, shared, stats, created))
+        # Every process is built: let them all go, the leaves first.
+        phase = Phases(img.pid)
+        for rel in reversed(releases):
+            rel.release(opts)
+        phase("release")
     except BaseException as exc:
-        _kill_child(pid, created)
+        _kill_tree(pid, [e.pid for e in img.entries], created)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.RestoreError):
             raise errors.RestoreError(f"restore of pid {img.pid} failed, nothing was left "
                                       f"running: {exc}") from exc
@@ -200,15 +288,15 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     finally:
         os.close(ready_r)
         os.close(go_w)
-        for r in pages:
-            r.close()
+        shared.close()
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
     stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:
         with open(opts.pidfile, "w") as f:
             f.write(f"{pid}\n")
-    log.info("pid %d: restored from %s in %.1f ms (%d pages, %d remote syscalls)", pid,
-             opts.images_dir, stats.restore_us / 1000, stats.pages_restored,
+    log.info("pid %d: restored from %s in %.1f ms (%d process%s, %d pages, %d remote "
+             "syscalls)", pid, opts.images_dir, stats.restore_us / 1000, len(img.entries),
+             "es" if len(img.entries) > 1 else "", stats.pages_restored,
              stats.remote_syscalls)
     return pid, stats
 
@@ -222,69 +310,186 @@ def _own_tty() -> str | None:
     raise errors.RestoreError("--shell-job: migrate restore has no terminal to give the job")
 
 
-def _kill_child(pid: int, threads: list[int] = ()) -> None:
-    """Kill the half-built process; as tracer, collect its threads' exits
-    too, or the leader cannot be reaped."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for tid in [*threads, pid]:
-        try:
-            os.waitpid(tid, ptrace.WALL)
-        except ChildProcessError:
-            pass
+KILL_WAIT = 5.0
 
 
-def _child(img: Image, opts: RestoreOptions, ready_r: int, ready_w: int, go_r: int,
-           go_w: int, tty: str | None) -> None:
-    """Runs in the clone at the dumped PID, until the tool takes it over."""
-    w = ready_w
+def _kill_tree(root: int, pids: list[int], threads: list[int] = ()) -> None:
+    """Kill every process this restore made, and reap them.  Ours are the
+    root (our child) and its descendants: found by walking down from it, so
+    an unrelated process that took one of the image's pids is never hit.
+    We are their subreaper meanwhile: the orphans come to us to be reaped."""
+    was = syscalls.get_child_subreaper()
+    if not was:
+        syscalls.set_child_subreaper()
     try:
-        os.close(ready_r)
-        os.close(go_w)
-        wanted = [fi.fd for fi in img.fdinfos]
-        base = max(wanted + [2] + [int(x) for x in os.listdir("/proc/self/fd")]) + 1
-        import fcntl
-        r = fcntl.fcntl(go_r, fcntl.F_DUPFD_CLOEXEC, base)
-        w = fcntl.fcntl(ready_w, fcntl.F_DUPFD_CLOEXEC, base)
-        os.close(go_r)
-        os.close(ready_w)
-        tree = img.pstree
-        if not opts.shell_job:
-            if tree.sid == img.pid:
-                os.setsid()
-            elif tree.pgid == img.pid:
-                os.setpgid(0, 0)
-        elif tree.pgid == img.pid:
+        mine: list[int] = []
+        todo = [root]
+        while todo:
+            p = todo.pop()
+            mine.append(p)
+            try:
+                todo.extend(c for c in proc.list_children(p) if c in pids)
+            except errors.MigrateError:
+                pass
+        for p in mine:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + KILL_WAIT
+        left = set(mine) | set(threads)
+        while left and time.monotonic() < end:
+            for p in list(left):
+                try:
+                    os.waitpid(p, os.WNOHANG | ptrace.WALL)
+                except ChildProcessError:
+                    pass
+                if not os.path.exists(f"/proc/{p}"):
+                    left.discard(p)
+            if left:
+                time.sleep(0.002)
+        if left:
+            log.warning("processes %s of the failed restore are not reaped yet", sorted(left))
+    finally:
+        if not was:
+            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 0)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What every new process needs before it is taken over (inherited by fork)."""
+    img: Image
+    opts: RestoreOptions
+    opened: dict[int, int]
+    tty: str | None
+    ready_w: int
+    go_r: int
+
+    def __post_init__(self) -> None:
+        self.keep = (self.go_r, self.ready_w)
+        self.pids = {e.pid for e in self.img.entries}
+        self.procs = {p.pid: p for p in self.img.procs}
+        self.epolls: dict[int, set[int]] = {}        # pid -> epoll ids it fills
+        done: set[int] = set()
+        by_id = {f.id: f for f in self.img.files}
+        for p in self.img.procs:
+            mine = {fi.id for fi in p.fdinfos if by_id[fi.id].type == files_pb2.EPOLL
+                    and fi.id not in done}
+            done |= mine
+            self.epolls[p.pid] = mine
+        self.root_pgid = 0
+
+
+def _set_group(plan: _Plan, e) -> None:
+    """Session and process group of a new process, before its children exist."""
+    root = e.pid == plan.img.pid
+    if root:
+        if not plan.opts.shell_job and e.sid == e.pid:
+            os.setsid()
+        elif e.pgid == e.pid:
             os.setpgid(0, 0)
-        files.install_fds(img.files, img.fdinfos, {r, w}, tty, img.pipes)
-        fs.restore_cwd(img.fs)
-        os.write(w, f"ok {r} {w}".encode())
-        os.read(r, 1)   # the tool takes over here, in this read(2)
-    except BaseException as e:  # report anything, then vanish
+        plan.root_pgid = os.getpgid(0)    # the group the root's outside group maps to
+        return
+    if e.sid == e.pid:
+        os.setsid()
+    if e.pgid == e.pid:
+        if os.getpgid(0) != e.pid:
+            os.setpgid(0, 0)
+        return
+    want = e.pgid if e.pgid in plan.pids else plan.root_pgid
+    if os.getpgid(0) != want:
         try:
-            os.write(w, f"error {e}".encode()[:4000])
+            os.setpgid(0, want)
+        except OSError:
+            pass        # its leader comes later: set by the take-over
+
+
+def _child(plan: _Plan, e) -> None:
+    """Runs in a new process at its PID, until the tool takes it over."""
+    w = plan.ready_w
+    try:
+        _set_group(plan, e)
+        for c in plan.img.children(e.pid):
+            try:
+                got = syscalls.clone3_with_pid(c.pid)
+            except errors.KernelError as err:
+                raise errors.RestoreError(f"cannot create pid {c.pid}: {err}") from None
+            if got == 0:
+                if c.zombie:
+                    _zombie(plan, c)
+                _child(plan, c)
+        p = plan.procs[e.pid]
+        files.install_fds(plan.img.files, p.fdinfos, plan.opened, set(plan.keep),
+                          plan.epolls[e.pid])
+        fs.restore_cwd(p.fs)
+        os.write(w, f"{CTL_READY} {e.pid}\n".encode())
+        os.read(plan.go_r, 1)   # the tool takes over here, in this read(2)
+    except BaseException as err:  # report anything, then vanish
+        try:
+            os.write(w, f"error {e.pid} {err}".replace("\n", " ").encode()[:3000] + b"\n")
         except BaseException:
             pass
     os._exit(1)
 
 
-def _wait_ready(ready_r: int, pid: int) -> tuple[int, int]:
-    msg = b""
-    while True:
+def _zombie(plan: _Plan, e) -> None:
+    """A dead child its parent has not reaped: die now the way it died."""
+    try:
+        for fd in plan.opened.values():
+            os.close(fd)
+        _set_group(plan, e)
+        if e.comm:
+            syscalls.set_name(e.comm)
+        status = e.exit_status
+        if os.WIFSIGNALED(status):
+            import resource
+            sig = os.WTERMSIG(status)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(
+                resource.RLIMIT_CORE)[1]))
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            os.kill(os.getpid(), sig)
+        os._exit(os.WEXITSTATUS(status))
+    finally:
+        os._exit(1)
+
+
+def _wait_ready(ready_r: int, img: Image, root: int) -> None:
+    """Every live process reports ready (or why it failed)."""
+    import select
+    want = {p.pid for p in img.procs}
+    buf = b""
+    end = time.monotonic() + READY_TIMEOUT
+    while want:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise errors.RestoreError(f"processes {sorted(want)} did not get ready in "
+                                      f"{READY_TIMEOUT:.0f} s")
+        r, _, _ = select.select([ready_r], [], [], min(left, 0.5))
+        if not r:
+            try:
+                st = os.waitpid(root, os.WNOHANG)
+            except ChildProcessError:
+                st = (root, 0)
+            if st[0] == root:
+                raise errors.RestoreError(f"pid {root}: the new process exited while "
+                                          "setting up")
+            continue
         chunk = os.read(ready_r, 4096)
         if not chunk:
-            break
-        msg += chunk
-        if msg.startswith(b"ok ") and msg.count(b" ") == 2:
-            break
-    text = msg.decode("utf-8", "replace")
-    if not text.startswith("ok "):
-        raise errors.RestoreError(f"pid {pid}: setting up the new process failed: "
-                                  f"{text[6:] if text.startswith('error ') else 'it exited'}")
-    _, r, w = text.split()
-    return int(r), int(w)
+            raise errors.RestoreError("the new processes exited while setting up")
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode("utf-8", "replace")
+            kind, _, rest = text.partition(" ")
+            who, _, why = rest.partition(" ")
+            if kind == CTL_READY and who.isdigit():
+                want.discard(int(who))
+            else:
+                raise errors.RestoreError(f"pid {who}: setting up the new process failed: "
+                                          f"{why or text}")
 
 
 def _choose_gadget(*layouts: list[tuple[int, int]]) -> int:
@@ -298,16 +503,47 @@ def _choose_gadget(*layouts: list[tuple[int, int]]) -> int:
     raise errors.RestoreError("no free address for the restore gadget")
 
 
-def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple[int, int],
-               stats: RestoreStats, created: list[int]) -> None:
+@dataclasses.dataclass
+class _Release:
+    """A built process waiting at its last syscall-exit stop."""
+    pid: int
+    thread: object
+    others: list
+    stopped: bool
+
+    def release(self, opts: RestoreOptions) -> None:
+        for t, _ in self.others:
+            regs.restore_thread(t.tid, t)
+        regs.restore_thread(self.pid, self.thread)
+        if opts.leave_stopped or self.stopped:
+            os.kill(self.pid, signal.SIGSTOP)
+        for t, _ in self.others:
+            ptrace.detach(t.tid)
+        ptrace.detach(self.pid)
+
+
+def _take_over(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, int],
+               shared, stats: RestoreStats, created: list[int]) -> _Release:
+    pages = [level.pages_reader(p.pid) for level in p.chain]
+    try:
+        return _build(img, p, opts, ctl_fds, shared, stats, created, pages)
+    finally:
+        for r in pages:
+            r.close()
+
+
+def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, int],
+           shared, stats: RestoreStats, created: list[int], pages) -> _Release:
+    pid = p.pid
+    phase = Phases(pid)
     ptrace.seize(pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD |
                  ptrace.PTRACE_O_TRACECLONE)
     ptrace.interrupt_and_wait(pid)
     ptrace.set_sigmask(pid, ALL_SIGNALS)
     child_maps = proc.read_maps(pid)
     rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, child_maps))
-    mm = img.mm
-    thread = next(t for t in img.core.threads if t.tid == pid)
+    mm = p.mm
+    thread = next(t for t in p.core.threads if t.tid == pid)
 
     # Bootstrap: our own gadget area, free in both layouts.
     g = _choose_gadget([(v.start, v.end) for v in child_maps],
@@ -355,19 +591,23 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
     ctl.close(exe_fd)
 
     # The address space.
-    memory.map_vmas(ctl, mm.vmas)
+    phase("seize and clear")
+    memory.map_vmas(ctl, mm.vmas, shared)
+    phase("map VMAs", f"{len(mm.vmas)} VMAs")
     # The deepest parent first: each image overwrites what its parents wrote.
-    for reader, parts in reversed(list(zip(pages, img.parts))):
+    for reader, parts in reversed(list(zip(pages, p.parts))):
         stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
         reader.verify()
     memory.protect_vmas(ctl, mm.vmas)
+    phase("pages")
 
     # Per-task state.
-    core = img.core
+    core = p.core
     task.restore_task(ctl, core)
-    signals.restore_sigactions(ctl, core.sigactions)
+    signals.restore_sigactions(ctl, core.sigactions, proc.read_status(pid))
     signals.restore_itimers(ctl, core.itimers)
     _restore_thread_state(ctl, thread)
+    phase("task state")
     # The other threads: remote clone3 at their TIDs, from the leader.
     others = []
     for t in core.threads:
@@ -378,13 +618,17 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
         task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
         signals.restore_pending(ctl, pid, t.tid, list(t.pending),
                                 list(core.shared_pending) if t.tid == pid else [])
+    phase("threads", f"{len(core.threads)} threads")
     task.restore_rlimits(pid, core.rlimits)
     if core.oom_score_adj:
         task.restore_oom_score_adj(pid, core.oom_score_adj)
     for fd in ctl_fds:
         rt.call(sysno.close, fd)
-    if img.fs.root != "/":
-        rt.call(sysno.chroot, ctl.put_str(img.fs.root))
+    want = p.entry.pgid if p.entry.pgid in {e.pid for e in img.entries} else 0
+    if want and proc.read_stat(pid).pgrp != want:
+        rt.call(sysno.setpgid, 0, want, what=f"setpgid(0, {want})")
+    if p.fs.root != "/":
+        rt.call(sysno.chroot, ctl.put_str(p.fs.root))
     for _, tctl in others:                # credentials are per thread
         task.restore_creds(tctl, core.creds)
     task.restore_creds(ctl, core.creds)
@@ -392,15 +636,9 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
     # The swap: unmap the gadget; at that syscall-exit stop the task gets its
     # registers and never runs another instruction of ours.
     rt.call(sysno.munmap, g, GADGET_PAGES * PAGE)
-    stats.remote_syscalls = rt.calls + sum(tctl.remote.calls for _, tctl in others)
-    for t, _ in others:
-        regs.restore_thread(t.tid, t)
-    regs.restore_thread(pid, thread)
-    if opts.leave_stopped or core.stopped:
-        os.kill(pid, signal.SIGSTOP)
-    for t, _ in others:
-        ptrace.detach(t.tid)
-    ptrace.detach(pid)
+    phase("creds and swap")
+    stats.remote_syscalls += rt.calls + sum(tctl.remote.calls for _, tctl in others)
+    return _Release(pid, thread, others, core.stopped)
 
 
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)

@@ -53,9 +53,32 @@ PR_SET_THP_DISABLE = 41
 PR_GET_PDEATHSIG = 2
 
 
+def set_name(name: str) -> None:
+    """prctl(PR_SET_NAME) of the calling thread (15 bytes at most)."""
+    prctl(PR_SET_NAME, ffi.new("char[16]", name.encode()[:15]))
+
+
+def get_child_subreaper() -> bool:
+    v = ffi.new("int *")
+    prctl(37, v)             # PR_GET_CHILD_SUBREAPER
+    return bool(v[0])
+
+
 def set_child_subreaper() -> None:
     """Become a subreaper: orphans below us are reparented to us, not init."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def anon_shmem(size: int) -> int:
+    """A new shmem object like the one behind mmap(MAP_SHARED|MAP_ANONYMOUS)
+    (it shows as "/dev/zero (deleted)" in maps), as an O_RDWR fd."""
+    import os
+    addr = call(sysno.mmap, 0, size, 3, 0x21, -1, 0)   # PROT_READ|WRITE, SHARED|ANONYMOUS
+    try:
+        return os.open(f"/proc/self/map_files/{addr:x}-{addr + size:x}",
+                       os.O_RDWR | os.O_CLOEXEC)
+    finally:
+        call(sysno.munmap, addr, size)
 
 
 def get_robust_list(pid: int) -> tuple[int, int]:

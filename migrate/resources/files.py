@@ -2,9 +2,11 @@
 pipes (resources/pipes.py), eventfd/signalfd/timerfd/epoll (resources/eventobjs.py).
 
 Dump reads /proc/PID/fd and fdinfo; fds that share one open file description
-(dup) get one file id (kcmp(KCMP_FILE)).  Restore runs inside the new task
-before it is taken over: it opens every file once with its flags, seeks it,
-dups it to each of its fd numbers and sets FD_CLOEXEC per fd.
+(dup, fork: in one process or several) get one file id (kcmp(KCMP_FILE)).
+Restore: the tool opens every file description of the tree once (open_all),
+before forking; each new process inherits them all and, before it is taken
+over, dups the ones it uses to their fd numbers with their FD_CLOEXEC and
+closes the rest (install_fds).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import stat as stat_mod
 
 from migrate import errors
 from migrate.images._pb import files_pb2
-from migrate.kernel import proc
+from migrate.kernel import proc, sockdiag
 from migrate.kernel.kcmp import same_file
 from migrate.resources import eventobjs, pipes, unix
 
@@ -40,56 +42,93 @@ def _kind_of_link(link: str) -> str:
     return "file"
 
 
+class FileTable:
+    """The open file descriptions of a whole dumped tree.
+
+    One file id per description, shared by every fd of every process that
+    refers to it (dup, fork, SCM_RIGHTS): fds of the same inode are compared
+    with kcmp(KCMP_FILE), which works across processes.
+    """
+
+    def __init__(self, shell_job: bool) -> None:
+        self.shell_job = shell_job
+        self.files: list = []
+        self.fd_of: dict[int, tuple[int, int]] = {}     # file id -> (pid, fd)
+        self._by_inode: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        self._socks: dict | None = None
+
+    def _same(self, key, pid: int, fd: int) -> int | None:
+        for opid, ofd, fid in self._by_inode.get(key, ()):
+            if same_file(opid, ofd, fd, pid):
+                return fid
+        return None
+
+    def dump_fds(self, pid: int) -> list:
+        """fdinfo_entry list of ``pid``, adding its files to the table;
+        UnsupportedResource if an fd is of a kind this version does not handle."""
+        fdinfos: list = []
+        socks = unix.Dumper(pid, self)
+        for fd in proc.list_fds(pid):
+            link = proc.readlink(pid, f"fd/{fd}")
+            kind = _kind_of_link(link)
+            if kind not in ("file", "pipe", "socket") and kind not in eventobjs.KINDS:
+                raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet",
+                                                 fd=fd)
+            raw = proc.read_text(pid, f"fdinfo/{fd}")
+            info = proc.parse_fdinfo(raw)
+            flags = int(info["flags"], 8)
+            cloexec = bool(flags & O_CLOEXEC)
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError as e:
+                raise errors.from_errno("stat", e.errno, pid, f"fd {fd}") from e
+            key = (st.st_dev, st.st_ino)
+            # The same open file description as an earlier fd?  Then its id.
+            shared = self._same(key, pid, fd)
+            if shared is not None:
+                fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=shared, cloexec=cloexec))
+                continue
+            fid = len(self.files) + 1
+            if kind == "pipe":
+                f = pipes.dump_end(fid, link, flags)
+            elif kind in eventobjs.KINDS:
+                f = eventobjs.dump(pid, fd, fid, kind, flags, info, raw)
+            elif kind == "socket":
+                f = socks.dump(fd, fid, link, flags)
+            else:
+                f = _dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
+                               self.shell_job, st)
+            self.files.append(f)
+            self.fd_of[fid] = (pid, fd)
+            self._by_inode.setdefault(key, []).append((pid, fd, fid))
+            fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec))
+        return fdinfos
+
+    def unix_diag(self) -> dict:
+        if self._socks is None:
+            self._socks = sockdiag.unix_sockets()
+        return self._socks
+
+    def finish(self) -> list:
+        """After every process: checks that need the whole tree; returns the
+        pipe_data_entry list (data in flight of every pipe)."""
+        unix.check_pairs(self.files, self.fd_of)
+        return pipes.dump_data(self.files, self.fd_of)
+
+
 def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
-    """(file_entry list, fdinfo_entry list, pipe_data_entry list) of ``pid``;
-    UnsupportedResource if an fd is of a kind this version does not handle."""
-    files: list = []
-    fdinfos: list = []
-    seen: list[tuple[int, int]] = []   # (fd, file id) of earlier fds, for kcmp
-    fd_of: dict[int, int] = {}
-    socks = unix.Dumper(pid)
-    for fd in proc.list_fds(pid):
-        link = proc.readlink(pid, f"fd/{fd}")
-        kind = _kind_of_link(link)
-        if kind not in ("file", "pipe", "socket") and kind not in eventobjs.KINDS:
-            raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
-        raw = proc.read_text(pid, f"fdinfo/{fd}")
-        info = proc.parse_fdinfo(raw)
-        flags = int(info["flags"], 8)
-        cloexec = bool(flags & O_CLOEXEC)
-        # Same open file description as an earlier fd (dup)? Then share its id.
-        shared = next((fid for ofd, fid in seen if same_file(pid, ofd, fd)), None)
-        if shared is not None:
-            fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=shared, cloexec=cloexec))
-            seen.append((fd, shared))
-            continue
-        fid = len(files) + 1
-        fd_of[fid] = fd
-        if kind == "pipe":
-            files.append(pipes.dump_end(fid, link, flags))
-        elif kind in eventobjs.KINDS:
-            files.append(eventobjs.dump(pid, fd, fid, kind, flags, info, raw))
-        elif kind == "socket":
-            files.append(socks.dump(fd, fid, link, flags))
-        else:
-            files.append(_dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
-                                    shell_job))
-        fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec))
-        seen.append((fd, fid))
-    unix.check_pairs(pid, files, fd_of)
-    return files, fdinfos, pipes.dump_data(pid, files, fd_of)
+    """(file_entry list, fdinfo_entry list, pipe_data_entry list) of one process."""
+    table = FileTable(shell_job)
+    fdinfos = table.dump_fds(pid)
+    return table.files, fdinfos, table.finish()
 
 
 def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
-               shell_job: bool):
+               shell_job: bool, st: os.stat_result):
     oflags = flags & ~(O_CLOEXEC | O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY | O_LARGEFILE)
     if link.endswith(" (deleted)"):
         raise errors.UnsupportedResource(pid, "file", f"unlinked file {link} is not "
                                                       "supported yet", fd=fd)
-    try:
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-    except OSError as e:
-        raise errors.from_errno("stat", e.errno, pid, f"fd {fd}") from e
     if stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISDIR(st.st_mode):
         reg = files_pb2.reg_file_entry(path=link, flags=oflags, pos=pos, size=st.st_size,
                                        mode=st.st_mode, ino=st.st_ino, dev=st.st_dev,
@@ -146,23 +185,18 @@ def open_file(f, tty_path: str | None) -> int:
     return os.open(f.chr.path, f.chr.flags | O_CLOEXEC)
 
 
-def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
-                pipe_data: list = ()) -> None:
-    """Make the calling process's fd table the dumped one (runs in the new task).
-
-    ``keep`` are control fds of the restore that must survive, all above
-    every dumped fd number.  Every other fd the process had is closed.
-    """
+def open_all(files, tty_path: str | None, pipe_data: list, base: int) -> dict[int, int]:
+    """Open every file description of the tree once, in the tool, at fd
+    numbers from ``base`` up (above every fd number a restored process
+    uses); returns file id -> fd.  The processes forked afterwards inherit
+    them all, so a description shared by several processes is one
+    description again (one offset, one pipe, one socket)."""
     import fcntl
-    by_id = {f.id: f for f in files}
-    wanted = {fi.fd for fi in fdinfos}
-    base = max(wanted | keep | {2}) + 1
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
     pairs = unix.Pairs(files)
-    for fi in fdinfos:
-        if fi.id not in opened:
-            f = by_id[fi.id]
+    try:
+        for f in files:
             if f.type == files_pb2.PIPE:
                 fd = made.open_end(f)
             elif f.type == files_pb2.UNIX_SOCKET:
@@ -171,13 +205,41 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
                 fd = eventobjs.open_object(f)
             else:
                 fd = open_file(f, tty_path)
-            opened[fi.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+            try:
+                opened[f.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+            finally:
+                os.close(fd)
+    except BaseException:
+        close_all(opened)
+        raise
+    finally:
+        made.close()
+        pairs.close()
+    return opened
+
+
+def close_all(opened: dict[int, int]) -> None:
+    for fd in opened.values():
+        try:
             os.close(fd)
-    made.close()
-    pairs.close()
-    temps = set(opened.values())
+        except OSError:
+            pass
+
+
+def install_fds(files, fdinfos, opened: dict[int, int], keep: set[int],
+                epolls: set[int] = frozenset()) -> None:
+    """Make the calling process's fd table the dumped one (runs in the new
+    task, before it is taken over).
+
+    ``opened`` are the tree's file descriptions (open_all), inherited;
+    ``keep`` are control fds of the restore that must survive; both lie
+    above every dumped fd number.  Every other fd is closed.  ``epolls``:
+    the epoll file ids whose watches this process adds (each epoll once,
+    in the process whose fd numbers its watches name).
+    """
+    keep_all = keep | set(opened.values())
     for fd in [int(x) for x in os.listdir("/proc/self/fd")]:
-        if fd not in keep and fd not in temps:
+        if fd not in keep_all:
             try:
                 os.close(fd)
             except OSError as e:
@@ -185,6 +247,6 @@ def install_fds(files, fdinfos, keep: set[int], tty_path: str | None,
                     raise
     for fi in fdinfos:
         os.dup2(opened[fi.id], fi.fd, inheritable=not fi.cloexec)
-    for tmp in temps:
-        os.close(tmp)
-    eventobjs.add_watches(files, fdinfos)
+    for fd in opened.values():
+        os.close(fd)
+    eventobjs.add_watches(files, [fi for fi in fdinfos if fi.id in epolls])

@@ -29,7 +29,7 @@ from migrate.images import PE_PRESENT
 from migrate.images.imgfile import CHUNK_PAGES, chunk_digest, chunk_hasher
 from migrate.images._pb import mm_pb2, pagemap_pb2
 from migrate.kernel import memory as kmem
-from migrate.kernel import sysno
+from migrate.kernel import syscalls, sysno
 from migrate.kernel.proc import Vma
 from migrate.resources.taskctl import (
     MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED,
@@ -118,6 +118,17 @@ def dump_vmas(pid: int, vmas: list[Vma], tolerant: bool = False) -> list:
         if kind in (K.FILE_PRIVATE, K.FILE_SHARED):
             e.file_size, e.file_ino, e.file_dev = st.st_size, st.st_ino, st.st_dev
             e.file_mtime_ns = st.st_mtime_ns
+        elif kind == K.ANON_SHARED:
+            # One shmem object may be mapped several times, by several
+            # processes: the restore makes it once and maps it everywhere.
+            try:
+                sst = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+            except OSError as err:
+                if tolerant and err.errno == errno.ENOENT:
+                    continue
+                raise errors.from_errno("stat map_files", err.errno, pid,
+                                        f"vma {v.start:#x}") from err
+            e.shmid, e.shm_size = sst.st_ino, sst.st_size
         out.append(e)
     return out
 
@@ -493,7 +504,47 @@ def initial_prot(e) -> int:
     return prot
 
 
-def map_vmas(ctl: TaskCtl, entries: list) -> None:
+class SharedObjects:
+    """The shmem objects behind shared anonymous and memfd mappings, made
+    once by the tool for the whole tree; each process maps them by opening
+    /proc/TOOL/fd/N, so every mapping of one object (in one process or in
+    several) is the same memory again."""
+
+    def __init__(self, vma_lists) -> None:
+        sizes: dict[int, int] = {}
+        names: dict[int, str] = {}
+        for vmas in vma_lists:
+            for e in vmas:
+                if e.kind == K.ANON_SHARED and e.shmid:
+                    need = max(e.shm_size, e.pgoff + e.end - e.start)
+                    sizes[e.shmid] = max(sizes.get(e.shmid, 0), need)
+                    names[e.shmid] = e.path
+        self.fds: dict[int, int] = {}
+        try:
+            for shmid, size in sizes.items():
+                path = names[shmid]
+                if path.startswith("/memfd:"):
+                    fd = os.memfd_create(path[len("/memfd:"):], os.MFD_CLOEXEC)
+                    os.ftruncate(fd, size)
+                else:
+                    fd = syscalls.anon_shmem(size)
+                self.fds[shmid] = fd
+        except BaseException:
+            self.close()
+            raise
+        self.owner = os.getpid()
+
+    def path(self, shmid: int) -> str | None:
+        fd = self.fds.get(shmid)
+        return None if fd is None else f"/proc/{self.owner}/fd/{fd}"
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -> None:
     """Recreate every VMA at its address (remote mmap with MAP_FIXED)."""
     for e in entries:
         if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
@@ -501,7 +552,16 @@ def map_vmas(ctl: TaskCtl, entries: list) -> None:
         length = e.end - e.start
         prot = initial_prot(e)
         flags = e.flags | MAP_FIXED
-        if e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
+        obj = shared.path(e.shmid) if shared is not None and e.kind == K.ANON_SHARED \
+            else None
+        if obj is not None:
+            fd = ctl.open(obj, O_RDWR | O_CLOEXEC)
+            try:
+                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS, fd,
+                         e.pgoff, what=f"mmap shared {e.path} at {e.start:#x}")
+            finally:
+                ctl.close(fd)
+        elif e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
             oflags = O_RDWR if (e.kind == K.FILE_SHARED and "mw" in e.vmflags) else O_RDONLY
             fd = ctl.open(e.path, oflags | O_CLOEXEC)
             try:

@@ -38,28 +38,27 @@ def dump_end(fid: int, link: str, flags: int):
         flags=flags & SETFL_MASK))
 
 
-def dump_data(pid: int, entries: list, fd_of: dict[int, int]) -> list:
-    """pipe_data_entry per pipe.  ``fd_of``: file id -> an fd number of it in
-    the task."""
-    ends: dict[int, dict[bool, int]] = {}
+def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
+    """pipe_data_entry per pipe.  ``fd_of``: file id -> (pid, fd) holding it.
+    Both ends of every pipe must be in the dump."""
+    ends: dict[int, dict[bool, tuple[int, int]]] = {}
     for f in entries:
         if f.type == files_pb2.PIPE:
             ends.setdefault(f.pipe.pipe_id, {})[f.pipe.read_end] = fd_of[f.id]
     out = []
-    if not ends:
-        return out
-    pidfd = syscalls.pidfd_open(pid)
-    try:
-        for pid_, sides in ends.items():
-            if len(sides) != 2:
-                which = "read" if True in sides else "write"
-                raise errors.UnsupportedResource(
-                    pid, "pipe", f"pipe:[{pid_}] has only its {which} end in this process: "
-                                 "the other end belongs to a process outside the dump",
-                    fd=next(iter(sides.values())))
-            out.append(_copy_in_flight(pid, pidfd, pid_, sides[True]))
-    finally:
-        os.close(pidfd)
+    for pid_, sides in ends.items():
+        if len(sides) != 2:
+            which = "read" if True in sides else "write"
+            pid, fd = next(iter(sides.values()))
+            raise errors.UnsupportedResource(
+                pid, "pipe", f"pipe:[{pid_}] has only its {which} end in the dump: the "
+                             "other end belongs to a process outside the dump", fd=fd)
+        pid, fd = sides[True]
+        pidfd = syscalls.pidfd_open(pid)
+        try:
+            out.append(_copy_in_flight(pid, pidfd, pid_, fd))
+        finally:
+            os.close(pidfd)
     return out
 
 

@@ -16,10 +16,21 @@ ITIMERVAL = struct.Struct("<qqqq")    # it_interval {sec, usec}, it_value {sec, 
 SS_DISABLE = 2
 
 
-def dump_sigactions(ctl: TaskCtl) -> list:
+def _set_in(status: dict, key: str) -> int:
+    return int(status.get(key, "0"), 16)
+
+
+def dump_sigactions(ctl: TaskCtl, status: dict | None = None) -> list:
+    """Every signal's action.  With /proc/PID/status: only the signals it
+    shows caught or ignored are read by remote rt_sigaction; the others
+    are SIG_DFL (their sa_flags, meaningless for SIG_DFL, are not kept)."""
     out = []
+    asked = ~0 if status is None else _set_in(status, "SigIgn") | _set_in(status, "SigCgt")
     for sig in range(1, NSIG + 1):
         if sig in (SIGKILL, SIGSTOP):
+            continue
+        if not asked >> (sig - 1) & 1:
+            out.append(core_pb2.sigaction_entry(sig=sig))
             continue
         ctl.call(sysno.rt_sigaction, sig, 0, ctl.scratch, 8)
         h, fl, rest, mask = KSIGACTION.unpack(ctl.get(KSIGACTION.size))
@@ -28,11 +39,16 @@ def dump_sigactions(ctl: TaskCtl) -> list:
     return out
 
 
-def restore_sigactions(ctl: TaskCtl, entries) -> None:
+def restore_sigactions(ctl: TaskCtl, entries, status: dict | None = None) -> None:
+    """Set every action; with the new task's /proc/PID/status, a SIG_DFL
+    action is only set where the task has another one now."""
+    now = ~0 if status is None else _set_in(status, "SigIgn") | _set_in(status, "SigCgt")
+    todo = [e for e in entries
+            if e.handler or e.flags or e.mask or e.restorer or now >> (e.sig - 1) & 1]
     # One buffer with every sigaction, then one call each.
-    blob = b"".join(KSIGACTION.pack(e.handler, e.flags, e.restorer, e.mask) for e in entries)
-    base = ctl.put(blob)
-    for i, e in enumerate(entries):
+    blob = b"".join(KSIGACTION.pack(e.handler, e.flags, e.restorer, e.mask) for e in todo)
+    base = ctl.put(blob) if blob else 0
+    for i, e in enumerate(todo):
         ctl.call(sysno.rt_sigaction, e.sig, base + i * KSIGACTION.size, 0, 8,
                  what=f"rt_sigaction({e.sig})")
 

@@ -37,14 +37,12 @@ def sock_ino(link: str) -> int:
 class Dumper:
     """Socket fds of one process: pairs them, reads their queues."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, table) -> None:
         self.pid = pid
-        self._diag: dict[int, sockdiag.UnixSock] | None = None
+        self.table = table           # files.FileTable: holds the sock_diag dump
 
     def diag(self) -> dict[int, sockdiag.UnixSock]:
-        if self._diag is None:
-            self._diag = sockdiag.unix_sockets()
-        return self._diag
+        return self.table.unix_diag()
 
     def dump(self, fd: int, fid: int, link: str, flags: int):
         ino = sock_ino(link)
@@ -116,14 +114,15 @@ class Dumper:
         return out
 
 
-def check_pairs(pid: int, entries: list, fd_of: dict[int, int]) -> None:
+def check_pairs(entries: list, fd_of: dict[int, tuple[int, int]]) -> None:
     """Both ends of every pair must be in the dump."""
     inos = {f.unix.ino for f in entries if f.type == files_pb2.UNIX_SOCKET}
     for f in entries:
         if f.type == files_pb2.UNIX_SOCKET and f.unix.peer not in inos:
+            pid, fd = fd_of[f.id]
             raise errors.UnsupportedResource(
                 pid, "socket", f"the peer of socket:[{f.unix.ino}] belongs to a process "
-                               "outside the dump", fd=fd_of.get(f.id))
+                               "outside the dump", fd=fd)
 
 
 class Pairs:

@@ -30,8 +30,10 @@ from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, s
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
 from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources.phases import Phases
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
+from migrate.source import tree as ptree
 from migrate.source import tracker as trackers
 
 log = logging.getLogger(__name__)
@@ -157,16 +159,16 @@ def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
         pw.abort()
         raise
     images.add_pages(pid, pw)
-    stats.pages_written = pw.nr_pages
-    stats.pages_in_parent = pm.pages(in_parent)
+    stats.pages_written += pw.nr_pages
+    stats.pages_in_parent += pm.pages(in_parent)
     flags = [(e.vaddr, e.vaddr + e.nr_pages * memory.PAGE, pm.PE_PRESENT) for e in present]
     flags += [(s, e, pm.PE_IN_PARENT) for s, e in in_parent]
     # PRESENT entries must stay in page-file order (address order here).
     entries = pm.to_entries(flags, pagemap_pb2.pagemap_entry)
     images.write_image(f"pagemap-{pid}.img",
-                       [pagemap_pb2.pagemap_head(pid=pid, nr_pages=stats.pages_written),
+                       [pagemap_pb2.pagemap_head(pid=pid, nr_pages=pw.nr_pages),
                         *entries])
-    stats.memdump_us = _us(t0, time.perf_counter())
+    stats.memdump_us += _us(t0, time.perf_counter())
 
 
 def _inventory(opts: DumpOptions, pid: int, start_time: int, kind, tracker) -> object:
@@ -208,7 +210,7 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
             fr = freezer.freeze(pid)
             t_frozen = time.perf_counter()
             stats.freezing_us = _us(t0, t_frozen)
-            _refuse_trees(pid, fr)
+            _refuse_trees(pid)
             smaps = proc.read_smaps(pid)
             if kind == "uffd":
                 if tracker is None:
@@ -270,20 +272,29 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
 # dump
 
 
-def _refuse_trees(pid: int, fr: freezer.Frozen | None = None) -> None:
+def _refuse_trees(pid: int) -> None:
     if proc.list_children(pid):
-        raise errors.UnsupportedResource(pid, "children", "process trees are not "
-                                                          "supported yet")
+        raise errors.UnsupportedResource(pid, "children", "pre-dumps and incremental "
+                                         "dumps of process trees are not supported yet")
+
+
+@dataclasses.dataclass
+class _Open:
+    """The process whose remote-syscall session is open, for a rollback."""
+    fr: freezer.Frozen | None = None
+    ctl: TaskCtl | None = None
 
 
 def dump(opts: DumpOptions, sink=None) -> DumpStats:
-    """Dump ``opts.pid``.  ``sink`` receives the image (an ImageDir by default,
-    or a page-server client; see images.ImageDir for the interface)."""
+    """Dump ``opts.pid`` and its descendants.  ``sink`` receives the image
+    (an ImageDir by default, or a page-server client; see images.ImageDir)."""
     t_start = time.perf_counter()
     stats = DumpStats()
     pid = opts.pid
     st = freezer.check_target(pid)
-    _refuse_trees(pid)
+    incremental = bool(opts.prev_images_dir or opts.track_mem)
+    if incremental:
+        _refuse_trees(pid)
     parent = _open_parent(opts, pid, st.start_time)
     images = sink if sink is not None else ImageDir.create(opts.images_dir)
     # An incremental dump is the short stop of a live migration: read the
@@ -291,40 +302,42 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     # and only check the layout once frozen.
     early = proc.read_smaps(pid) if parent is not None else None
     t0 = time.perf_counter()
-    fr = freezer.freeze(pid)
+    try:
+        tr = ptree.freeze_tree(pid, whole=not incremental)
+    except BaseException:
+        images.discard()
+        raise
     t_frozen = time.perf_counter()
     stats.freezing_us = _us(t0, t_frozen)
-    ctl = None
+    opened = _Open()
     tracker = None
     try:
-        _refuse_trees(pid, fr)
-        ctl, tracker = _collect_and_write(opts, fr, images, stats, parent, st.start_time,
-                                          early)
+        tracker = _collect_and_write(opts, tr, images, stats, parent, st.start_time,
+                                     early, opened)
     except BaseException as exc:
-        _rollback(fr, ctl, images)
-        if tracker is not None:
-            tracker.close()
+        _rollback(tr, opened, images)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
-            raise errors.DumpError(f"dump of pid {pid} failed, the process was left running "
-                                   f"as it was: {exc}") from exc
+            what = "process was" if len(tr.procs) == 1 else "processes were"
+            raise errors.DumpError(f"dump of pid {pid} failed, the {what} left running "
+                                   f"as before: {exc}") from exc
         raise
     if opts.leave_running or opts.leave_stopped:
-        freezer.thaw(fr, leave_stopped=opts.leave_stopped)
+        ptree.thaw(tr, leave_stopped=opts.leave_stopped)
         if tracker is not None and not opts.track_mem and not parent:
             tracker.stop()
     else:
-        freezer.kill(fr)      # the holder, if any, exits with the task
+        ptree.kill(tr)      # the holder, if any, exits with the task
     t_end = time.perf_counter()
     if not (opts.leave_running or opts.leave_stopped):
-        freezer.reap_killed(fr)
+        ptree.reap_killed(tr)
     if tracker is not None:
         tracker.close()
     stats.frozen_us = _us(t_frozen, t_end)
     stats.total_us = _us(t_start, t_end)
     stats.peak_rss_kb = proc.peak_rss_kb()
-    log.info("pid %d: dumped to %s, %d pages (%d in parent), frozen %.1f ms", pid,
-             opts.images_dir, stats.pages_written, stats.pages_in_parent,
-             stats.frozen_us / 1000)
+    log.info("pid %d: dumped to %s, %d process%s, %d pages (%d in parent), frozen %.1f ms",
+             pid, opts.images_dir, len(tr.procs), "es" if len(tr.procs) > 1 else "",
+             stats.pages_written, stats.pages_in_parent, stats.frozen_us / 1000)
     return stats
 
 
@@ -365,9 +378,10 @@ def _end_remote(pid: int, ctl: TaskCtl) -> None:
     ptrace.set_sigmask(pid, ctl.saved_mask)
 
 
-def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
-    """Leave the target exactly as it was: scratch unmapped, regs, mask, detached."""
+def _rollback(tr: ptree.Tree, opened: _Open, images) -> None:
+    """Leave the tree exactly as it was: scratch unmapped, regs, mask, detached."""
     try:
+        ctl, fr = opened.ctl, opened.fr
         if ctl is not None:
             try:
                 for tctl in list(getattr(ctl, "open_threads", [])):
@@ -381,21 +395,8 @@ def _rollback(fr: freezer.Frozen, ctl: TaskCtl | None, images) -> None:
                 ctl.remote.finish()
                 ptrace.set_sigmask(fr.pid, ctl.saved_mask)
     finally:
-        freezer.thaw(fr)
+        ptree.thaw(tr)
         images.discard()
-
-
-class _Phases:
-    """Debug log of how long each step of a dump takes (-v4)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.t = time.perf_counter()
-
-    def __call__(self, what: str) -> None:
-        now = time.perf_counter()
-        log.debug("pid %d: %s took %.1f ms", self.pid, what, (now - self.t) * 1000)
-        self.t = now
 
 
 def _frozen_vmas(pid: int, early: list | None) -> list:
@@ -413,14 +414,30 @@ def _frozen_vmas(pid: int, early: list | None) -> list:
     return proc.read_smaps(pid)
 
 
-def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: DumpStats,
-                       parent: Parent | None, start_time: int, early: list | None = None):
+@dataclasses.dataclass
+class _ProcDump:
+    """What the dump collected of one live process."""
+    pid: int
+    vmas: list
+    vma_entries: list
+    core: object
+    mm: object
+    fdinfos: list
+    fs: object
+    remote_syscalls: int
+
+
+def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
+             opened: _Open, early: list | None, want_tracking: bool, start_time: int):
+    """Everything of one frozen process but its pages; (_ProcDump, tracker)."""
     pid = fr.pid
-    phase = _Phases(pid)
+    phase = Phases(pid)
     # 1. Everything that can refuse, before any change to the task.
     vmas = _frozen_vmas(pid, early)
     vma_entries = memory.dump_vmas(pid, vmas)
-    file_entries, fdinfos, pipe_data = files.dump_fds(pid, opts.shell_job)
+    phase("vmas", f"{len(vmas)} VMAs")
+    fdinfos = table.dump_fds(pid)
+    phase("fds", f"{len(fdinfos)} fds")
     fs_entry = fs.dump(pid)
     exe = proc.readlink(pid, "exe")
     if exe.endswith(" (deleted)"):
@@ -438,12 +455,13 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
         t.comm = proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
         t.sched_policy, t.sched_priority, t.nice = task.dump_sched(tid)
         threads.append(t)
-    phase(f"collecting VMAs, fds, registers of {len(threads)} threads")
+    phase("task and threads", f"{len(threads)} threads")
 
     # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.
-    ctl = _remote(pid, fr, vmas)
+    opened.fr = fr
+    opened.ctl = ctl = _remote(pid, fr, vmas)
     core = task.dump_task(ctl, pid, status)
-    core.sigactions.extend(signals.dump_sigactions(ctl))
+    core.sigactions.extend(signals.dump_sigactions(ctl, status))
     core.itimers.extend(signals.dump_itimers(ctl))
     brk = ctl.call(sysno.brk, 0)
     for t in threads:                   # per thread: its own altstack and tid address
@@ -454,64 +472,98 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
         if tctl is not ctl:
             _end_remote_thread(ctl, tctl)
     keeps_running = opts.leave_running or opts.leave_stopped
-    want_tracking = parent is not None or (opts.track_mem and keeps_running)
     # A new tracker is only worth starting if the task lives on.
     tracker = _get_tracker(opts, pid, start_time, ctl if keeps_running else None,
                            want_tracking)
-    _end_remote(pid, ctl)
     try:
+        _end_remote(pid, ctl)
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
+    opened.ctl = opened.fr = None
+    phase("remote syscalls", f"{ctl.remote.calls + ctl.thread_calls} calls")
+    core.shared_pending.extend(shared_pending)
+    core.threads.extend(threads)
+    core.stopped = fr.stopped
+
+    mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,
+                         start_data=st.start_data, end_data=st.end_data,
+                         start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
+                         arg_start=st.arg_start, arg_end=st.arg_end,
+                         env_start=st.env_start, env_end=st.env_end, exe=exe)
+    for t_, v in proc.read_auxv(pid):
+        mm.auxv.extend([t_, v])
+    mm.vmas.extend(vma_entries)
+    return _ProcDump(pid, vmas, vma_entries, core, mm, fdinfos, fs_entry,
+                     ctl.remote.calls + ctl.thread_calls), tracker
+
+
+def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
+                       parent: Parent | None, start_time: int, early: list | None,
+                       opened: _Open):
+    """Collect every process, then write the pages and the image files.
+    Returns the root's tracker (incremental dumps of one process) or None."""
+    keeps_running = opts.leave_running or opts.leave_stopped
+    want_tracking = parent is not None or (opts.track_mem and keeps_running)
+    table = files.FileTable(opts.shell_job)
+    dumps: list[_ProcDump] = []
+    tracker = None
+    try:
+        for p in tr.live:
+            is_root = p is tr.root
+            d, t = _collect(opts, p.frozen, table, opened, early if is_root else None,
+                            want_tracking and is_root, start_time)
+            dumps.append(d)
+            stats.remote_syscalls += d.remote_syscalls
+            if is_root:
+                tracker = t
+        phase = Phases(tr.root.pid)
+        pipe_data = table.finish()
+        phase("pipe data and socket pairs")
         if tracker is not None and tracker.fresh:
             tracker.hold()
-        stats.remote_syscalls = ctl.remote.calls + ctl.thread_calls
-        phase(f"{stats.remote_syscalls} remote syscalls")
-        core.shared_pending.extend(shared_pending)
-        core.threads.extend(threads)
-        core.stopped = fr.stopped
-
-        mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,
-                             start_data=st.start_data, end_data=st.end_data,
-                             start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
-                             arg_start=st.arg_start, arg_end=st.arg_end,
-                             env_start=st.env_start, env_end=st.env_end, exe=exe)
-        for t, v in proc.read_auxv(pid):
-            mm.auxv.extend([t, v])
-        mm.vmas.extend(vma_entries)
 
         # 3. Memory: present pages only (or only those not in the parent chain).
         if parent is not None and tracker is None:
-            log.warning("pid %d: dirty tracking was lost: the dump copies every page", pid)
+            log.warning("pid %d: dirty tracking was lost: the dump copies every page", tr.root.pid)
         if tracker is not None and parent is None:
             tracker.fresh = True
-        # The task is frozen: the VMAs read above are still the VMAs.
-        runs, in_parent = _plan_memory(pid, vmas, vma_entries, parent, tracker, stats)
-        phase("planning memory (scans)")
-        if isinstance(tracker, trackers.SoftDirtyTracker) and keeps_running:
-            tracker.clear()       # the next round starts now
+        for d in dumps:
+            phase = Phases(d.pid)
+            t = tracker if d.pid == tr.root.pid else None
+            # The task is frozen: the VMAs read above are still the VMAs.
+            runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
+                                           parent if t else None, t, stats)
+            phase("memory scan")
+            if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
+                t.clear()       # the next round starts now
+            _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False)
+            phase("memory copy")
         stats.tracker = tracker.kind if tracker else ""
-        _write_memory(pid, images, runs, in_parent, stats, tolerant=False)
-        phase(f"writing {stats.pages_written} pages")
 
         # 4. The other image files, then the inventory last.
-        images.write_image(f"mm-{pid}.img", [mm])
-        images.write_image(f"core-{pid}.img", [core])
-        images.write_image(f"fdinfo-{pid}.img", fdinfos or [])
-        images.write_image("files.img", file_entries or [])
+        phase = Phases(tr.root.pid)
+        for d in dumps:
+            images.write_image(f"mm-{d.pid}.img", [d.mm])
+            images.write_image(f"core-{d.pid}.img", [d.core])
+            images.write_image(f"fdinfo-{d.pid}.img", d.fdinfos or [])
+            images.write_image(f"fs-{d.pid}.img", [d.fs])
+        images.write_image("files.img", table.files or [])
         images.write_image("pipes.img", pipe_data or [])
-        images.write_image(f"fs-{pid}.img", [fs_entry])
-        images.write_image("pstree.img", [pstree_pb2.pstree_entry(
-            pid=pid, ppid=0, pgid=st.pgrp, sid=st.session, threads=fr.tids)])
+        images.write_image("pstree.img", tr.entries())
         images.write_image("stats-dump.img", [stats.to_pb()])
         if parent:
             images.set_parent(parent.rel)
-        images.commit(_inventory(opts, pid, start_time, inventory_pb2.DUMP, tracker))
-        phase("writing the other files and the inventory")
+        images.commit(_inventory(opts, tr.root.pid, start_time, inventory_pb2.DUMP, tracker))
+        phase("image files")
     except BaseException:
         if tracker is not None:
             if tracker.fresh:
                 tracker.stop()      # tracking this failed dump started: end it
             tracker.close()
         raise
-    return ctl, tracker
+    return tracker
 
 
 def _robust_list(pid: int) -> tuple[int, int]:

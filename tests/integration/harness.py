@@ -40,6 +40,43 @@ def alive(pid: int) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (by /proc/PID/task/*/children)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except FileNotFoundError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
+
+
+def reap_pids(pids: list[int], timeout: float = 10) -> None:
+    """Wait for processes that die reparented to us (we are a subreaper)."""
+    end = time.monotonic() + timeout
+    left = set(pids)
+    while left and time.monotonic() < end:
+        for p in list(left):
+            try:
+                if os.waitpid(p, os.WNOHANG)[0] == p:
+                    left.discard(p)
+            except ChildProcessError:
+                if not os.path.exists(f"/proc/{p}"):
+                    left.discard(p)
+        if left:
+            time.sleep(0.01)
+
+
 class Workload:
     """A self-checking program: READY after set-up, PASS/FAIL after SIGTERM."""
 
@@ -85,6 +122,7 @@ class Workload:
             _waitpid_timeout(self.pid, timeout)
 
     def dump(self, images: str, *extra: str) -> subprocess.CompletedProcess:
+        below = descendants(self.pid)
         p = migrate("dump", "-t", str(self.pid), "-D", images, "-v4", "-o", "dump.log",
                     *extra)
         if p.returncode != 0:
@@ -92,6 +130,7 @@ class Workload:
                                  f"{_tail(os.path.join(images, 'dump.log'))}")
         if not {"--leave-running", "-R", "--leave-stopped", "-s"} & set(extra):
             self.reap_dumped()
+            reap_pids(below)    # the tree's other processes, orphaned to us
         return p
 
     def restore(self, images: str, *extra: str) -> subprocess.CompletedProcess:
@@ -119,6 +158,13 @@ class Workload:
         assert status == 0 and "PASS" in log, f"{self.name}: exit {status}\n{log[-3000:]}"
 
     def kill(self) -> None:
+        below = descendants(self.pid)
+        for p in below:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap_pids(below)
         if self.reaped:
             return
         try:
