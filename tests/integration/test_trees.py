@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 
 from migrate.images import ImageDir
-from tests.integration.harness import Workload, alive, cycles, descendants, migrate
+from tests.integration.harness import (ROOT, Workload, alive, cycles, descendants, migrate,
+                                       reap_pids)
+from tests.integration.test_cli import _read_until
 
 
 def _tree_pids(w: Workload) -> list[int]:
@@ -79,3 +84,52 @@ def test_tree_restore_failure_leaves_nothing(workdir, workloads):
         assert not alive(pid), f"pid {pid} of the failed restore is still running"
     w.restore(good)
     w.assert_pass()
+
+
+def test_shell_pipeline_shell_job(workdir, workloads):
+    """`sh -c 'sleep 1000 | cat; echo ...'` on a terminal: three processes and
+    a pipe between two of them, dumped with --shell-job and restored onto
+    another terminal; sh, still waiting for its pipeline, finishes it there
+    once sleep is killed."""
+    master, slave = os.openpty()
+    p = subprocess.Popen(["sh", "-c", "echo started; sleep 1000 | cat; echo pipeline-done $?"],
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                         cwd=workdir)
+    w = Workload.__new__(Workload)
+    w.name, w.proc, w.pid, w.ours, w.reaped = "sh", p, p.pid, True, False
+    w.log_path = os.devnull
+    workloads.append(w)
+    try:
+        assert b"started" in _read_until(master, b"started")
+        for _ in range(200):
+            if len(descendants(w.pid)) == 2:
+                break
+            time.sleep(0.02)
+        below = descendants(w.pid)
+        assert len(below) == 2
+        images = os.path.join(workdir, "img")
+        r = migrate("dump", "-t", str(w.pid), "-D", images, "--shell-job")
+        assert r.returncode == 0, r.stderr
+        p.wait(10)
+        w.ours = False
+        reap_pids(below)
+        master2, slave2 = os.openpty()
+        try:
+            r = subprocess.run([sys.executable, "-m", "migrate", "restore", "-D", images,
+                                "-d", "--shell-job"], cwd=ROOT, stdin=slave2,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert r.returncode == 0, r.stderr
+            kids = descendants(w.pid)
+            assert sorted(kids) == sorted(below)
+            sleep = next(k for k in kids if open(f"/proc/{k}/comm").read().strip() == "sleep")
+            os.kill(sleep, 15)
+            assert b"pipeline-done 0" in _read_until(master2, b"pipeline-done")
+            status = os.waitpid(w.pid, 0)[1]
+            w.reaped = True
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            os.close(master2)
+            os.close(slave2)
+    finally:
+        os.close(master)
+        os.close(slave)
