@@ -545,37 +545,45 @@ class SharedObjects:
 
 
 def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -> None:
-    """Recreate every VMA at its address (remote mmap with MAP_FIXED)."""
-    for e in entries:
-        if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
-            continue
-        length = e.end - e.start
-        prot = initial_prot(e)
-        flags = e.flags | MAP_FIXED
-        obj = shared.path(e.shmid) if shared is not None and e.kind == K.ANON_SHARED \
-            else None
-        if obj is not None:
-            fd = ctl.open(obj, O_RDWR | O_CLOEXEC)
-            try:
-                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS, fd,
-                         e.pgoff, what=f"mmap shared {e.path} at {e.start:#x}")
-            finally:
-                ctl.close(fd)
-        elif e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
-            oflags = O_RDWR if (e.kind == K.FILE_SHARED and "mw" in e.vmflags) else O_RDONLY
-            fd = ctl.open(e.path, oflags | O_CLOEXEC)
-            try:
-                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS, fd,
-                         e.pgoff, what=f"mmap {e.path} at {e.start:#x}")
-            finally:
-                ctl.close(fd)
-        else:
-            flags |= MAP_ANONYMOUS
-            ctl.call(sysno.mmap, e.start, length, prot, flags, -1, 0,
-                     what=f"mmap at {e.start:#x}")
-        for fl, advice in MADV_FOR_FLAG.items():
-            if fl in e.vmflags:
-                ctl.call(sysno.madvise, e.start, length, advice, check=False)
+    """Recreate every VMA at its address (remote mmap with MAP_FIXED).  Each
+    file is opened once in the task (a library has four or five VMAs)."""
+    fds: dict[tuple[str, int], int] = {}
+
+    def fd_of(path: str, oflags: int) -> int:
+        key = (path, oflags)
+        if key not in fds:
+            fds[key] = ctl.open(path, oflags | O_CLOEXEC)
+        return fds[key]
+
+    try:
+        for e in entries:
+            if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
+                continue
+            length = e.end - e.start
+            prot = initial_prot(e)
+            flags = e.flags | MAP_FIXED
+            obj = shared.path(e.shmid) if shared is not None and e.kind == K.ANON_SHARED \
+                else None
+            if obj is not None:
+                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS,
+                         fd_of(obj, O_RDWR), e.pgoff,
+                         what=f"mmap shared {e.path} at {e.start:#x}")
+            elif e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
+                oflags = O_RDWR if (e.kind == K.FILE_SHARED and "mw" in e.vmflags) \
+                    else O_RDONLY
+                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS,
+                         fd_of(e.path, oflags), e.pgoff,
+                         what=f"mmap {e.path} at {e.start:#x}")
+            else:
+                flags |= MAP_ANONYMOUS
+                ctl.call(sysno.mmap, e.start, length, prot, flags, -1, 0,
+                         what=f"mmap at {e.start:#x}")
+            for fl, advice in MADV_FOR_FLAG.items():
+                if fl in e.vmflags:
+                    ctl.call(sysno.madvise, e.start, length, advice, check=False)
+    finally:
+        for fd in fds.values():
+            ctl.close(fd)
 
 
 def fill_pages(pid: int, entries: list, parts: list[tuple[int, int, int]], reader) -> int:
