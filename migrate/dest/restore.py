@@ -29,7 +29,7 @@ from migrate.images import pagemap
 from migrate.images._pb import inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
-from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources import files, fs, memory, regs, signals, task, timers
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
                                        PROT_WRITE, TaskCtl)
@@ -366,7 +366,7 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
     core = img.core
     task.restore_task(ctl, core)
     signals.restore_sigactions(ctl, core.sigactions)
-    signals.restore_itimers(ctl, core.itimers)
+    signals.restore_itimers(ctl, core.itimers, timers.elapsed_ns(core.dump_realtime_ns))
     _restore_thread_state(ctl, thread)
     # The other threads: remote clone3 at their TIDs, from the leader.
     others = []
@@ -378,6 +378,7 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
         task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
         signals.restore_pending(ctl, pid, t.tid, list(t.pending),
                                 list(core.shared_pending) if t.tid == pid else [])
+    timers.restore(ctl, core)            # after the threads: SIGEV_THREAD_ID
     task.restore_rlimits(pid, core.rlimits)
     if core.oom_score_adj:
         task.restore_oom_score_adj(pid, core.oom_score_adj)

@@ -10,6 +10,7 @@ import struct
 from migrate import errors
 from migrate.images._pb import core_pb2
 from migrate.kernel import proc, syscalls, sysno
+from migrate.resources import timers
 from migrate.resources.taskctl import TaskCtl
 
 log = logging.getLogger(__name__)
@@ -142,11 +143,7 @@ NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 
 def check_unsupported(pid: int, status: dict[str, str]) -> None:
     """State this version cannot bring back, refused instead of lost silently."""
-    timers = proc.read_text(pid, "timers").strip()
-    if timers:
-        n = timers.count("ID:")
-        raise errors.UnsupportedResource(pid, "posix timers", f"{n} timer_create() "
-                                                              "timers are not supported yet")
+    timers.check(pid, proc.list_threads(pid))
     for ns in NAMESPACES:
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{ns}").st_ino

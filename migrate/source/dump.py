@@ -29,7 +29,7 @@ from migrate.images import pagemap as pm
 from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
-from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources import files, fs, memory, regs, signals, task, timers
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
 from migrate.source import tracker as trackers
@@ -445,6 +445,7 @@ def _collect_and_write(opts: DumpOptions, fr: freezer.Frozen, images, stats: Dum
     core = task.dump_task(ctl, pid, status)
     core.sigactions.extend(signals.dump_sigactions(ctl))
     core.itimers.extend(signals.dump_itimers(ctl))
+    timers.dump(ctl, core, fr.tids)
     brk = ctl.call(sysno.brk, 0)
     for t in threads:                   # per thread: its own altstack and tid address
         tctl = ctl if t.tid == pid else _remote_thread(ctl, t.tid)

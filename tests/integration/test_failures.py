@@ -84,7 +84,7 @@ def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
     assert {"deleted-map": "deleted file", "socket": "not a unix socket",
-            "timer": "timer_create", "lock": "FLOCK lock"}[mode] \
+            "timer": "CPU time of pid", "lock": "FLOCK lock"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)
     assert not os.path.exists(os.path.join(images, "inventory.img"))
