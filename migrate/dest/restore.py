@@ -174,7 +174,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     go_r, go_w = os.pipe()
     tf = time.perf_counter()
     try:
-        child = syscalls.clone3_with_pid(img.pid)
+        child = syscalls.clone3_with_pid(img.pid, **task.root_clone_args(img.core, opts.detach))
     except errors.KernelError as e:
         for fd in (ready_r, ready_w, go_r, go_w):
             os.close(fd)
@@ -389,6 +389,7 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
     for _, tctl in others:                # credentials are per thread
         task.restore_creds(tctl, core.creds)
     task.restore_creds(ctl, core.creds)
+    task.restore_after_creds(ctl, core)
 
     # The swap: unmap the gadget; at that syscall-exit stop the task gets its
     # registers and never runs another instruction of ours.
