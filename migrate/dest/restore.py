@@ -29,7 +29,7 @@ from migrate.images import pagemap
 from migrate.images._pb import inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
-from migrate.resources import files, fs, memory, regs, signals, task, timers
+from migrate.resources import files, fs, memory, regs, seccomp, signals, task, timers
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
                                        PROT_WRITE, TaskCtl)
@@ -386,6 +386,8 @@ def _take_over(img: Image, opts: RestoreOptions, pid: int, pages, ctl_fds: tuple
         rt.call(sysno.close, fd)
     if img.fs.root != "/":
         rt.call(sysno.chroot, ctl.put_str(img.fs.root))
+    seccomp.restore(ctl, [tctl for _, tctl in others], core.seccomp, ptrace.PTRACE_O_EXITKILL |
+                    ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE)  # as seized
     for _, tctl in others:                # credentials are per thread
         task.restore_creds(tctl, core.creds)
     task.restore_creds(ctl, core.creds)

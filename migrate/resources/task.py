@@ -79,11 +79,6 @@ def dump_creds(status: dict[str, str]) -> core_pb2.creds_entry:
     return c
 
 
-def check_creds(pid: int, c) -> None:
-    if c.seccomp_mode:
-        raise errors.UnsupportedResource(pid, "seccomp", f"seccomp mode {c.seccomp_mode}")
-
-
 CRED_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
                "NoNewPrivs")
 
@@ -185,7 +180,6 @@ def dump_task(ctl: TaskCtl, pid: int, status: dict[str, str]) -> core_pb2.task_c
     t.umask = int(status.get("Umask", "0022"), 8)
     t.rlimits.extend(dump_rlimits(pid))
     t.creds.CopyFrom(dump_creds(status))
-    check_creds(pid, t.creds)
     ctl.call(sysno.prctl, syscalls.PR_GET_PDEATHSIG, ctl.scratch, 0, 0, 0)
     t.pdeath_sig = struct.unpack("<i", ctl.get(4))[0]
     t.dumpable = ctl.call(sysno.prctl, syscalls.PR_GET_DUMPABLE, 0, 0, 0, 0)

@@ -15,7 +15,7 @@ from tests.integration.harness import Workload, cycles
 
 PROGRAMS = ["counter", "mem_vmas", "fpu", "signals", "fds", "fsstate", "sleeper",
             "busyloop", "vdso_clock", "creds", "threads", "pipes", "eventobjs", "socks",
-            "dirtier", "pyloop.py", "timers", "caps"]
+            "dirtier", "pyloop.py", "timers", "caps", "seccomp"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

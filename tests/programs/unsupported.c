@@ -7,6 +7,7 @@
  *   lock         an flock() on a temporary file
  *   pipe         a pipe with data in flight (supported: a control case)
  *   thread       a second thread (supported: a control case)
+ *   seccomp-notify  a seccomp filter returning SECCOMP_RET_USER_NOTIF
  * Besides the refused thing it keeps a memory pattern, a handler, a blocked
  * signal with one pending, and vector registers; after SIGTERM all of it,
  * and the refused thing itself, must still be intact.
@@ -14,6 +15,7 @@
 #define _GNU_SOURCE
 #include "lib.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -23,6 +25,10 @@
 #include <sys/mman.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -101,6 +107,20 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "thread")) {
 		if (pthread_create(&th, NULL, spin, NULL))
 			fail("pthread_create");
+	} else if (!strcmp(mode, "seccomp-notify")) {
+		struct sock_filter f[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getppid, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = { 4, f };
+		int nfd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+				  SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+
+		if (nfd < 0)
+			fail("seccomp(NEW_LISTENER)");
+		close(nfd);	/* no supervisor: getppid now fails with ENOSYS */
 	} else {
 		fail("unknown mode %s", mode);
 	}
@@ -136,5 +156,7 @@ int main(int argc, char **argv)
 	}
 	if (!strcmp(mode, "lock"))
 		unlink(lockpath);
+	if (!strcmp(mode, "seccomp-notify") && (syscall(SYS_getppid) != -1 || errno != ENOSYS))
+		fail("the seccomp filter no longer acts on getppid");
 	pass();
 }
