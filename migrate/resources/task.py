@@ -118,6 +118,19 @@ def _capset(ctl: TaskCtl, eff: int, prm: int, inh: int) -> None:
     ctl.call(sysno.capset, hdr, data, what=f"capset(eff {eff:#x}, prm {prm:#x}, inh {inh:#x})")
 
 
+def _set_fsids(ctl: TaskCtl, c) -> None:
+    """setresuid/setresgid made fsuid/fsgid the effective ids; put back
+    others.  setfsuid(2) never fails, it returns the previous id: ask again
+    with -1 to see whether the change took."""
+    for nr, ids, what in ((sysno.setfsgid, c.gid, "fsgid"), (sysno.setfsuid, c.uid, "fsuid")):
+        if len(ids) < 4 or ids[3] == ids[1]:
+            continue
+        ctl.call(nr, ids[3])
+        got = ctl.call(nr, 0xFFFFFFFF)
+        if got != ids[3]:
+            raise errors.RestoreError(f"thread {ctl.pid}: {what} is {got}, cannot set {ids[3]}")
+
+
 def restore_creds(ctl: TaskCtl, c) -> None:
     """Last of the privileged steps, in each thread (credentials are per
     thread): bounding set, groups, gids, uids, then the capability sets,
@@ -161,6 +174,7 @@ def restore_creds(ctl: TaskCtl, c) -> None:
 
     if caps_work:
         _capset(ctl, have_prm, have_prm, inh)          # effective back: CAP_SETPCAP
+        _set_fsids(ctl, c)
         for cap in range(64):
             if amb >> cap & 1:
                 ctl.call(sysno.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
@@ -169,6 +183,8 @@ def restore_creds(ctl: TaskCtl, c) -> None:
             ctl.call(sysno.prctl, PR_SET_SECUREBITS, c.securebits, 0, 0, 0,
                      what=f"PR_SET_SECUREBITS({c.securebits:#x})")
         _capset(ctl, eff, prm, inh)
+    else:
+        _set_fsids(ctl, c)
     if c.no_new_privs:
         ctl.call(sysno.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
