@@ -31,7 +31,7 @@ def test_dump_restore_cycles(name, workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("name", ["signals", "fpu", "sleeper"])
+@pytest.mark.parametrize("name", ["signals", "fpu", "sleeper", "timers", "caps", "seccomp"])
 def test_leave_running(name, workdir, workloads):
     """--leave-running: the image is taken and the process goes on untouched."""
     w = Workload.program(name, workdir)
