@@ -33,7 +33,7 @@ from migrate.images import pagemap
 from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
-from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources import files, fs, memory, regs, seccomp, signals, task, timers
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
@@ -246,7 +246,8 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
         plan = _Plan(img, opts, opened, tty, ready_w, go_r)
         tf = time.perf_counter()
         try:
-            pid = syscalls.clone3_with_pid(img.pid)
+            pid = syscalls.clone3_with_pid(
+                img.pid, **task.root_clone_args(img.procs[0].core, opts.detach))
         except errors.KernelError as e:
             if e.errno == errno.EEXIST:
                 raise errors.RestoreError(f"pid {img.pid} is taken by another process") \
@@ -469,10 +470,13 @@ def _wait_ready(ready_r: int, img: Image, root: int) -> None:
         r, _, _ = select.select([ready_r], [], [], min(left, 0.5))
         if not r:
             try:
-                st = os.waitpid(root, os.WNOHANG)
-            except ChildProcessError:
-                st = (root, 0)
-            if st[0] == root:
+                gone = os.waitpid(root, os.WNOHANG)[0] == root
+            except ChildProcessError:     # made our sibling (CLONE_PARENT)
+                try:
+                    gone = proc.read_stat(root).state in ("Z", "X")
+                except errors.NoSuchProcess:
+                    gone = True
+            if gone:
                 raise errors.RestoreError(f"pid {root}: the new process exited while "
                                           "setting up")
             continue
@@ -605,7 +609,7 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     core = p.core
     task.restore_task(ctl, core)
     signals.restore_sigactions(ctl, core.sigactions, proc.read_status(pid))
-    signals.restore_itimers(ctl, core.itimers)
+    signals.restore_itimers(ctl, core.itimers, timers.elapsed_ns(core.dump_realtime_ns))
     _restore_thread_state(ctl, thread)
     phase("task state")
     # The other threads: remote clone3 at their TIDs, from the leader.
@@ -618,6 +622,7 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
         task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
         signals.restore_pending(ctl, pid, t.tid, list(t.pending),
                                 list(core.shared_pending) if t.tid == pid else [])
+    timers.restore(ctl, core)            # after the threads: SIGEV_THREAD_ID
     phase("threads", f"{len(core.threads)} threads")
     task.restore_rlimits(pid, core.rlimits)
     if core.oom_score_adj:
@@ -629,9 +634,12 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
         rt.call(sysno.setpgid, 0, want, what=f"setpgid(0, {want})")
     if p.fs.root != "/":
         rt.call(sysno.chroot, ctl.put_str(p.fs.root))
+    seccomp.restore(ctl, [tctl for _, tctl in others], core.seccomp, ptrace.PTRACE_O_EXITKILL |
+                    ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE)  # as seized
     for _, tctl in others:                # credentials are per thread
         task.restore_creds(tctl, core.creds)
     task.restore_creds(ctl, core.creds)
+    task.restore_after_creds(ctl, core)
 
     # The swap: unmap the gadget; at that syscall-exit stop the task gets its
     # registers and never runs another instruction of ours.

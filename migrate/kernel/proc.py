@@ -1,4 +1,4 @@
-"""/proc parsers: maps, smaps, status, stat, fdinfo, auxv.
+"""/proc parsers: maps, smaps, status, stat, fdinfo, auxv, timers.
 
 Each ``parse_*`` takes the file's text (or bytes) and does no I/O, so the
 unit tests feed canned contents; ``read_*`` open the real file and turn
@@ -187,6 +187,53 @@ def parse_stat(text: str) -> Stat:
 def read_stat(pid: int, tid: int | None = None) -> Stat:
     name = f"task/{tid}/stat" if tid is not None else "stat"
     return parse_stat(_read(pid, name))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PosixTimer:
+    """One entry of /proc/PID/timers (fs/proc/base.c show_timer)."""
+    id: int
+    signo: int
+    sival: int            # sigev_value, printed as a pointer
+    notify: str           # "signal", "none" or "thread" (sigev_notify without the flag)
+    to_thread: bool       # "tid.N": SIGEV_THREAD_ID, the signal goes to thread N
+    notify_pid: int       # the N of "pid.N" or "tid.N"
+    clockid: int
+
+
+def parse_timers(text: str) -> list[PosixTimer]:
+    """Entries come newest first; returned sorted by id."""
+    out = []
+    cur: dict[str, str] = {}
+
+    def flush() -> None:
+        if not cur:
+            return
+        try:
+            signo, _, sival = cur["signal"].partition("/")
+            how, _, who = cur["notify"].partition("/")
+            kind, _, num = who.partition(".")
+            if how not in ("signal", "none", "thread") or kind not in ("pid", "tid"):
+                raise ValueError(f"notify {cur['notify']!r}")
+            out.append(PosixTimer(int(cur["ID"]), int(signo), int(sival or "0", 16), how,
+                                  kind == "tid", int(num), int(cur["ClockID"])))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"timer entry not understood: {cur!r} ({e})") from None
+        cur.clear()
+
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if not sep:
+            continue
+        if k == "ID":
+            flush()
+        cur[k.strip()] = v.strip()
+    flush()
+    return sorted(out, key=lambda t: t.id)
+
+
+def read_timers(pid: int) -> list[PosixTimer]:
+    return parse_timers(_read(pid, "timers"))
 
 
 def parse_fdinfo(text: str) -> dict[str, str]:

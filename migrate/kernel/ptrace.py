@@ -33,6 +33,9 @@ PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+PTRACE_SECCOMP_GET_METADATA = 0x420D
 
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACEFORK = 0x2
@@ -40,6 +43,7 @@ PTRACE_O_TRACEVFORK = 0x4
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_O_EXITKILL = 1 << 20
+PTRACE_O_SUSPEND_SECCOMP = 1 << 21   # needs CAP_SYS_ADMIN; seccomp off while traced
 
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
@@ -198,6 +202,30 @@ def get_rseq_config(pid: int) -> RseqConfig:
     _pt(PTRACE_GET_RSEQ_CONFIGURATION, pid, ffi.sizeof(c[0]), c, "GET_RSEQ_CONFIGURATION")
     return RseqConfig(int(c.rseq_abi_pointer), int(c.rseq_abi_size), int(c.signature),
                       int(c.flags))
+
+
+def set_options(pid: int, options: int) -> None:
+    """PTRACE_SETOPTIONS: replaces every option (there is no GETOPTIONS)."""
+    _pt(PTRACE_SETOPTIONS, pid, 0, options, "SETOPTIONS")
+
+
+SOCK_FILTER_SIZE = 8       # struct sock_filter (include/uapi/linux/filter.h)
+
+
+def seccomp_get_filter(pid: int, index: int) -> bytes:
+    """The classic BPF program of seccomp filter ``index`` (0: the oldest,
+    kernel/seccomp.c get_nth_filter); ENOENT past the newest."""
+    n = _pt(PTRACE_SECCOMP_GET_FILTER, pid, index, 0, f"SECCOMP_GET_FILTER {index}")
+    buf = ffi.new("char[]", n * SOCK_FILTER_SIZE)
+    n = _pt(PTRACE_SECCOMP_GET_FILTER, pid, index, buf, f"SECCOMP_GET_FILTER {index}")
+    return ffi.buffer(buf, n * SOCK_FILTER_SIZE)[:]
+
+
+def seccomp_get_flags(pid: int, index: int) -> int:
+    """SECCOMP_FILTER_FLAG_* of filter ``index`` (struct seccomp_metadata: only LOG is told)."""
+    md = ffi.new("uint64_t[2]", [index, 0])
+    _pt(PTRACE_SECCOMP_GET_METADATA, pid, 16, md, f"SECCOMP_GET_METADATA {index}")
+    return int(md[1])
 
 
 def get_syscall_info(pid: int) -> bytes:

@@ -5,8 +5,10 @@ counter and semaphore mode, the signalfd mask, the timerfd clock, pending
 expirations, time to the next one and interval, and every fd an epoll
 watches with its events and user data.  Restore (inside the new task, like
 regular files) creates them again; epoll watches are added last, once every
-fd is at its number.  A timer is re-armed relative to the restore: time
-spent dumped does not count.
+fd is at its number.  A timer is re-armed at an absolute time of its clock
+that takes off the time spent dumped ("time goes on", resources/timers.py);
+one set with TFD_TIMER_ABSTIME thus keeps its absolute expiry on the
+realtime clock, and TFD_TIMER_CANCEL_ON_SET is kept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import syscalls
+from migrate.resources import timers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ def dump(pid: int, fd: int, fid: int, link: str, flags: int, info: dict[str, str
                 clockid=int(info["clockid"]), ticks=int(info["ticks"]),
                 settime_flags=int(info["settime flags"], 8),
                 value_sec=int(v.group(1)), value_nsec=int(v.group(2)),
-                interval_sec=int(i.group(1)), interval_nsec=int(i.group(2)), flags=fl))
+                interval_sec=int(i.group(1)), interval_nsec=int(i.group(2)), flags=fl,
+                dump_realtime_ns=timers.now_realtime_ns()))
         else:
             e = files_pb2.epoll_entry(flags=fl)
             for m in _TFD.finditer(raw):
@@ -82,7 +86,12 @@ def open_object(f) -> int:
         if value == (0, 0) and interval != (0, 0):
             value = interval     # expired and not re-armed until read: next period
         if value != (0, 0):
-            syscalls.timerfd_settime(fd, t.settime_flags & ~TFD_TIMER_ABSTIME, value, interval)
+            # Time goes on (resources/timers.py): absolute in the timer's clock,
+            # less the time spent dumped; missed periods become ticks.
+            ns = value[0] * timers.NSEC + value[1]
+            _, at = timers.rearm(t.clockid, ns, timers.elapsed_ns(t.dump_realtime_ns))
+            syscalls.timerfd_settime(fd, t.settime_flags | TFD_TIMER_ABSTIME,
+                                     divmod(at, timers.NSEC), interval)
         if t.ticks:
             syscalls.timerfd_set_ticks(fd, t.ticks)
     else:

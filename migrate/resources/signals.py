@@ -14,6 +14,7 @@ KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask (kernel l
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
 ITIMERVAL = struct.Struct("<qqqq")    # it_interval {sec, usec}, it_value {sec, usec}
 SS_DISABLE = 2
+ITIMER_REAL = 0
 
 
 def _set_in(status: dict, key: str) -> int:
@@ -78,12 +79,19 @@ def dump_itimers(ctl: TaskCtl) -> list:
     return out
 
 
-def restore_itimers(ctl: TaskCtl, entries) -> None:
+def restore_itimers(ctl: TaskCtl, entries, elapsed_ns: int = 0) -> None:
+    """``elapsed_ns``: time since the dump (resources/timers.py), taken off
+    ITIMER_REAL, which counts wall time; VIRTUAL and PROF count the task's
+    CPU time, which did not run meanwhile.  A timer whose time has passed
+    fires as soon as the task runs (1 us)."""
     for which, e in enumerate(entries):
-        if not (e.value_sec or e.value_usec):
+        value = e.value_sec * 1_000_000 + e.value_usec
+        if not value:
             continue  # disarmed: nothing to set in a fresh task
+        if which == ITIMER_REAL:
+            value = max(1, value - elapsed_ns // 1000)
         addr = ctl.put(ITIMERVAL.pack(e.interval_sec, e.interval_usec,
-                                      e.value_sec, e.value_usec))
+                                      value // 1_000_000, value % 1_000_000))
         ctl.call(sysno.setitimer, which, addr, 0)
 
 

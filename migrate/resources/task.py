@@ -1,4 +1,5 @@
-"""Per-process attributes: comm, personality, umask, rlimits, creds, prctl bits."""
+"""Per-process attributes: comm, personality, umask, rlimits, creds and
+capabilities, prctl bits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import struct
 from migrate import errors
 from migrate.images._pb import core_pb2
 from migrate.kernel import proc, syscalls, sysno
+from migrate.resources import timers
 from migrate.resources.taskctl import TaskCtl
 
 log = logging.getLogger(__name__)
@@ -77,21 +79,114 @@ def dump_creds(status: dict[str, str]) -> core_pb2.creds_entry:
     return c
 
 
-def check_creds(pid: int, c) -> None:
-    if c.seccomp_mode:
-        raise errors.UnsupportedResource(pid, "seccomp", f"seccomp mode {c.seccomp_mode}")
+CRED_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+               "NoNewPrivs")
+
+
+def check_thread_creds(pid: int, tids: list[int], status: dict[str, str]) -> None:
+    """Credentials are per thread, the image holds one set: refuse threads
+    whose credentials differ from the leader's (a capset(2) in one thread)."""
+    for tid in tids:
+        if tid == pid:
+            continue
+        st = proc.parse_status(proc.read_text(pid, f"task/{tid}/status"))
+        for k in CRED_FIELDS:
+            if st.get(k) != status.get(k):
+                raise errors.UnsupportedResource(
+                    pid, "credentials", f"thread {tid} has {k} {st.get(k)}, the leader "
+                    f"{status.get(k)}: per-thread credentials are not kept")
+
+
+# include/uapi/linux/capability.h, prctl.h, securebits.h
+CAP_VERSION_3 = 0x20080522
+CAP_HEADER = struct.Struct("<Ii")
+CAP_DATA = struct.Struct("<III")          # effective, permitted, inheritable; two of them
+PR_CAPBSET_DROP, PR_SET_KEEPCAPS = 24, 8
+PR_GET_SECUREBITS, PR_SET_SECUREBITS = 27, 28
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+PR_SET_NO_NEW_PRIVS = 38
+SECBIT_KEEP_CAPS = 1 << 4
+PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
+PR_GET_CHILD_SUBREAPER = 37
+PR_SET_MDWE, PR_GET_MDWE = 65, 66
+
+
+def _capset(ctl: TaskCtl, eff: int, prm: int, inh: int) -> None:
+    hdr = ctl.put(CAP_HEADER.pack(CAP_VERSION_3, 0), 512)
+    data = ctl.put(CAP_DATA.pack(eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, inh & 0xFFFFFFFF) +
+                   CAP_DATA.pack(eff >> 32, prm >> 32, inh >> 32), 520)
+    ctl.call(sysno.capset, hdr, data, what=f"capset(eff {eff:#x}, prm {prm:#x}, inh {inh:#x})")
+
+
+def _set_fsids(ctl: TaskCtl, c) -> None:
+    """setresuid/setresgid made fsuid/fsgid the effective ids; put back
+    others.  setfsuid(2) never fails, it returns the previous id: ask again
+    with -1 to see whether the change took."""
+    for nr, ids, what in ((sysno.setfsgid, c.gid, "fsgid"), (sysno.setfsuid, c.uid, "fsuid")):
+        if len(ids) < 4 or ids[3] == ids[1]:
+            continue
+        ctl.call(nr, ids[3])
+        got = ctl.call(nr, 0xFFFFFFFF)
+        if got != ids[3]:
+            raise errors.RestoreError(f"thread {ctl.pid}: {what} is {got}, cannot set {ids[3]}")
 
 
 def restore_creds(ctl: TaskCtl, c) -> None:
-    """Last of the privileged steps: groups, gids, then uids."""
+    """Last of the privileged steps, in each thread (credentials are per
+    thread): bounding set, groups, gids, uids, then the capability sets,
+    ambient set and securebits, then no_new_privs.
+
+    man 7 capabilities: setresuid from uid 0 to non-zero uids clears the
+    permitted and effective sets unless SECBIT_KEEP_CAPS is set, so keep_caps
+    is set first; effective comes back with a capset of the whole permitted
+    set, which also gives CAP_SETPCAP for the securebits; ambient caps are
+    raised while they are in permitted and inheritable and before
+    SECBIT_NO_CAP_AMBIENT_RAISE may be set; the final capset lowers
+    everything to the image.  Caps this tool lacks (here CAP_SYS_RESOURCE)
+    cannot be given: they are left out with a warning."""
+    tid = ctl.pid
+    now = proc.parse_status(proc.read_text(tid, "status"))
+    have_prm = int(now["CapPrm"], 16)
+    have_bnd = int(now["CapBnd"], 16)
+    missing = (c.cap_prm | c.cap_eff | c.cap_amb) & ~have_prm
+    if missing:
+        log.warning("thread %d: capabilities %#x cannot be given back (this tool lacks them)",
+                    tid, missing)
+    eff, prm, amb = c.cap_eff & have_prm, c.cap_prm & have_prm, c.cap_amb & have_prm
+    inh = c.cap_inh
+    bnd = c.cap_bnd
+    for cap in range(64):
+        if have_bnd >> cap & 1 and not bnd >> cap & 1:
+            ctl.call(sysno.prctl, PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"CAPBSET_DROP({cap})")
+    nonroot = any(c.uid[:3])
+    # Anything but "root with all our caps" needs the caps back after the uid change.
+    caps_work = ((eff, prm, inh, amb, c.securebits) !=
+                 (have_prm, have_prm, int(now["CapInh"], 16), 0, 0))
+    if nonroot and caps_work:
+        ctl.call(sysno.prctl, PR_SET_KEEPCAPS, 1, 0, 0, 0)
+
     blob = struct.pack(f"<{len(c.groups)}I", *c.groups)
     ctl.call(sysno.setgroups, len(c.groups), ctl.put(blob) if blob else 0)
     if any(c.gid[:3]):
         ctl.call(sysno.setresgid, c.gid[0], c.gid[1], c.gid[2])
-    if any(c.uid[:3]):
+    if nonroot:
         ctl.call(sysno.setresuid, c.uid[0], c.uid[1], c.uid[2])
+
+    if caps_work:
+        _capset(ctl, have_prm, have_prm, inh)          # effective back: CAP_SETPCAP
+        _set_fsids(ctl, c)
+        for cap in range(64):
+            if amb >> cap & 1:
+                ctl.call(sysno.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                         what=f"PR_CAP_AMBIENT_RAISE({cap})")
+        if ctl.call(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0) != c.securebits:
+            ctl.call(sysno.prctl, PR_SET_SECUREBITS, c.securebits, 0, 0, 0,
+                     what=f"PR_SET_SECUREBITS({c.securebits:#x})")
+        _capset(ctl, eff, prm, inh)
+    else:
+        _set_fsids(ctl, c)
     if c.no_new_privs:
-        ctl.call(sysno.prctl, 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+        ctl.call(sysno.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def dump_task(ctl: TaskCtl, pid: int, status: dict[str, str]) -> core_pb2.task_core_entry:
@@ -101,11 +196,16 @@ def dump_task(ctl: TaskCtl, pid: int, status: dict[str, str]) -> core_pb2.task_c
     t.umask = int(status.get("Umask", "0022"), 8)
     t.rlimits.extend(dump_rlimits(pid))
     t.creds.CopyFrom(dump_creds(status))
-    check_creds(pid, t.creds)
     ctl.call(sysno.prctl, syscalls.PR_GET_PDEATHSIG, ctl.scratch, 0, 0, 0)
     t.pdeath_sig = struct.unpack("<i", ctl.get(4))[0]
     t.dumpable = ctl.call(sysno.prctl, syscalls.PR_GET_DUMPABLE, 0, 0, 0, 0)
     t.thp_disabled = ctl.call(sysno.prctl, syscalls.PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    t.creds.securebits = ctl.call(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0)
+    ctl.call(sysno.prctl, PR_GET_CHILD_SUBREAPER, ctl.scratch, 0, 0, 0)
+    t.child_subreaper = struct.unpack("<i", ctl.get(4))[0] != 0
+    t.timerslack_ns = ctl.call(sysno.prctl, PR_GET_TIMERSLACK, 0, 0, 0, 0)
+    mdwe = ctl.call(sysno.prctl, PR_GET_MDWE, 0, 0, 0, 0, check=False)
+    t.mdwe_flags = max(mdwe, 0)          # -EINVAL: a kernel without MDWE
     try:
         t.oom_score_adj = int(proc.read_text(pid, "oom_score_adj").strip())
     except errors.KernelError:
@@ -118,12 +218,42 @@ def restore_task(ctl: TaskCtl, t) -> None:
     ctl.call(sysno.personality, t.personality)
     ctl.call(sysno.prctl, syscalls.PR_SET_NAME, ctl.put_str(t.comm[:15]), 0, 0, 0)
     ctl.call(sysno.umask, t.umask)
+    if t.thp_disabled:
+        # Linux 6.18: PR_GET_THP_DISABLE returns 1 | flags (PR_THP_DISABLE_EXCEPT_ADVISED 2)
+        ctl.call(sysno.prctl, syscalls.PR_SET_THP_DISABLE, 1, t.thp_disabled & ~1, 0, 0)
+    if t.child_subreaper:
+        ctl.call(sysno.prctl, syscalls.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if t.timerslack_ns:
+        ctl.call(sysno.prctl, PR_SET_TIMERSLACK, t.timerslack_ns, 0, 0, 0)
+
+
+CLONE_PARENT = 0x8000
+
+
+def root_clone_args(t, detach: bool) -> dict:
+    """clone3 flags for the restored process itself.  With a pdeath_sig and
+    ``-d`` (the tool exits once the process runs) the process is made the
+    tool's sibling (CLONE_PARENT): as the tool's child it would get its
+    pdeath_sig the moment the tool exits.  Its parent is then whoever ran
+    `migrate restore`, the nearest thing to the parent it had at the dump.
+    clone3 wants exit_signal 0 with CLONE_PARENT (the parent's is used)."""
+    if detach and t.pdeath_sig:
+        return {"flags": CLONE_PARENT, "exit_signal": 0}
+    return {}
+
+
+def restore_after_creds(ctl: TaskCtl, t) -> None:
+    """What a credential change resets (kernel/cred.c commit_creds: a new
+    euid/egid/fsuid/fsgid or fewer caps set dumpable to suid_dumpable and
+    clear pdeath_signal), so set after every thread's creds; and MDWE, which
+    can never be cleared again, last.  In the leader."""
+    if t.dumpable in (0, 1) and ctl.call(sysno.prctl, syscalls.PR_GET_DUMPABLE,
+                                         0, 0, 0, 0) != t.dumpable:
+        ctl.call(sysno.prctl, syscalls.PR_SET_DUMPABLE, t.dumpable, 0, 0, 0)
     if t.pdeath_sig:
         ctl.call(sysno.prctl, syscalls.PR_SET_PDEATHSIG, t.pdeath_sig, 0, 0, 0)
-    if t.dumpable != 1:
-        ctl.call(sysno.prctl, syscalls.PR_SET_DUMPABLE, t.dumpable, 0, 0, 0)
-    if t.thp_disabled:
-        ctl.call(sysno.prctl, syscalls.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    if t.mdwe_flags:
+        ctl.call(sysno.prctl, PR_SET_MDWE, t.mdwe_flags, 0, 0, 0)
 
 
 def restore_oom_score_adj(pid: int, value: int) -> None:
@@ -142,11 +272,9 @@ NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 
 def check_unsupported(pid: int, status: dict[str, str]) -> None:
     """State this version cannot bring back, refused instead of lost silently."""
-    timers = proc.read_text(pid, "timers").strip()
-    if timers:
-        n = timers.count("ID:")
-        raise errors.UnsupportedResource(pid, "posix timers", f"{n} timer_create() "
-                                                              "timers are not supported yet")
+    tids = proc.list_threads(pid)
+    timers.check(pid, tids)
+    check_thread_creds(pid, tids, status)
     for ns in NAMESPACES:
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
@@ -156,10 +284,6 @@ def check_unsupported(pid: int, status: dict[str, str]) -> None:
         if theirs != ours:
             raise errors.UnsupportedResource(pid, "namespace", f"the process is in another "
                                                                f"{ns} namespace")
-    uids = [int(x) for x in status["Uid"].split()]
-    if any(uids) and int(status.get("CapPrm", "0"), 16):
-        raise errors.UnsupportedResource(pid, "capabilities", "a non-root process with "
-                                         "capabilities (they are not restored yet)")
     try:
         with open("/proc/locks") as f:
             for line in f:

@@ -55,6 +55,10 @@ class TaskCtl:
         memory.write_bytes(self.pid, addr, data)
         return addr
 
+    def write(self, addr: int, data: bytes) -> None:
+        """Copy ``data`` to any writable address of the task."""
+        memory.write_bytes(self.pid, addr, data)
+
     def get(self, size: int, offset: int = 0) -> bytes:
         return memory.read_bytes(self.pid, self.scratch + offset, size)
 

@@ -29,7 +29,7 @@ from migrate.images import pagemap as pm
 from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
-from migrate.resources import files, fs, memory, regs, signals, task
+from migrate.resources import files, fs, memory, regs, seccomp, signals, task, timers
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
@@ -214,6 +214,7 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
             smaps = proc.read_smaps(pid)
             if kind == "uffd":
                 if tracker is None:
+                    seccomp.suspend(pid, fr.tids, ptrace.PTRACE_O_TRACESYSGOOD)  # as seized
                     ctl = _remote(pid, fr, smaps)
                     tracker = trackers.UffdTracker.create(ctl, pid, st.start_time)
                     _end_remote(pid, ctl)
@@ -445,6 +446,7 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     st = proc.read_stat(pid)
     status = proc.read_status(pid)
     task.check_unsupported(pid, status)
+    seccomp_state = seccomp.dump(pid, fr.tids, ptrace.PTRACE_O_TRACESYSGOOD)  # as freeze seized
     shared_pending = signals.dump_pending(pid, shared=True,
                                           drop_sigcont_from=os.getpid() if fr.stopped else None)
     threads = []
@@ -463,6 +465,8 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     core = task.dump_task(ctl, pid, status)
     core.sigactions.extend(signals.dump_sigactions(ctl, status))
     core.itimers.extend(signals.dump_itimers(ctl))
+    timers.dump(ctl, core, fr.tids)
+    core.seccomp.extend(seccomp_state)
     brk = ctl.call(sysno.brk, 0)
     for t in threads:                   # per thread: its own altstack and tid address
         tctl = ctl if t.tid == pid else _remote_thread(ctl, t.tid)

@@ -77,14 +77,15 @@ def test_dump_already_traced(workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("mode", ["deleted-map", "socket", "timer", "lock"])
+@pytest.mark.parametrize("mode", ["deleted-map", "socket", "timer", "lock", "seccomp-notify"])
 def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     w = _start("unsupported", workdir, workloads, mode)
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
     assert {"deleted-map": "deleted file", "socket": "not a unix socket",
-            "timer": "timer_create", "lock": "FLOCK lock"}[mode] \
+            "timer": "CPU time of pid", "lock": "FLOCK lock",
+            "seccomp-notify": "SECCOMP_RET_USER_NOTIF"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)
     assert not os.path.exists(os.path.join(images, "inventory.img"))

@@ -73,7 +73,8 @@ def test_dirtier_through_five_pre_dumps(tracker, workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("name", ["mem_vmas", "signals", "fds", "threads"])
+@pytest.mark.parametrize("name", ["mem_vmas", "signals", "fds", "threads", "seccomp",
+                                  "timers"])
 def test_other_workloads_through_pre_dumps(name, workdir, workloads):
     w = _start(name, workdir, workloads)
     for i in range(3):

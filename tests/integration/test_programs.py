@@ -15,7 +15,8 @@ from tests.integration.harness import Workload, cycles
 
 PROGRAMS = ["counter", "mem_vmas", "fpu", "signals", "fds", "fsstate", "sleeper",
             "busyloop", "vdso_clock", "creds", "threads", "pipes", "eventobjs", "socks",
-            "dirtier", "pyloop.py", "tree"]
+            "dirtier", "pyloop.py", "timers", "caps", "seccomp",
+            "seccomp_strict", "tree"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)
@@ -30,7 +31,7 @@ def test_dump_restore_cycles(name, workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("name", ["signals", "fpu", "sleeper"])
+@pytest.mark.parametrize("name", ["signals", "fpu", "sleeper", "timers", "caps", "seccomp"])
 def test_leave_running(name, workdir, workloads):
     """--leave-running: the image is taken and the process goes on untouched."""
     w = Workload.program(name, workdir)

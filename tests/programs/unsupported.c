@@ -3,10 +3,11 @@
  * (yet), to prove that a refused dump leaves it exactly as it was.
  *   deleted-map  a MAP_PRIVATE mapping of a file that was then unlinked
  *   socket       an AF_INET socket (only unix socketpairs are handled yet)
- *   timer        a POSIX timer (timer_create)
+ *   timer        a POSIX timer on the CPU clock of another process
  *   lock         an flock() on a temporary file
  *   pipe         a pipe with data in flight (supported: a control case)
  *   thread       a second thread (supported: a control case)
+ *   seccomp-notify  a seccomp filter returning SECCOMP_RET_USER_NOTIF
  * Besides the refused thing it keeps a memory pattern, a handler, a blocked
  * signal with one pending, and vector registers; after SIGTERM all of it,
  * and the refused thing itself, must still be intact.
@@ -14,6 +15,7 @@
 #define _GNU_SOURCE
 #include "lib.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -23,6 +25,10 @@
 #include <sys/mman.h>
 #include <sys/file.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -79,10 +85,14 @@ int main(int argc, char **argv)
 			fail("pipe");
 	} else if (!strcmp(mode, "timer")) {
 		timer_t t;
+		clockid_t clk;
 		struct sigevent sev = { .sigev_notify = SIGEV_NONE };
 		struct itimerspec its = { { 1000, 0 }, { 1000, 0 } };
 
-		if (timer_create(CLOCK_MONOTONIC, &sev, &t) || timer_settime(t, 0, &its, NULL))
+		/* On the CPU clock of another process (the parent): nobody can
+		 * say which process that would be after a restore. */
+		if (clock_getcpuclockid(getppid(), &clk) || timer_create(clk, &sev, &t) ||
+		    timer_settime(t, 0, &its, NULL))
 			fail("timer_create");
 	} else if (!strcmp(mode, "lock")) {
 		int fd = mkstemp(lockpath);
@@ -97,6 +107,20 @@ int main(int argc, char **argv)
 	} else if (!strcmp(mode, "thread")) {
 		if (pthread_create(&th, NULL, spin, NULL))
 			fail("pthread_create");
+	} else if (!strcmp(mode, "seccomp-notify")) {
+		struct sock_filter f[] = {
+			BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+			BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_getppid, 0, 1),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+			BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+		};
+		struct sock_fprog prog = { 4, f };
+		int nfd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+				  SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+
+		if (nfd < 0)
+			fail("seccomp(NEW_LISTENER)");
+		close(nfd);	/* no supervisor: getppid now fails with ENOSYS */
 	} else {
 		fail("unknown mode %s", mode);
 	}
@@ -132,5 +156,7 @@ int main(int argc, char **argv)
 	}
 	if (!strcmp(mode, "lock"))
 		unlink(lockpath);
+	if (!strcmp(mode, "seccomp-notify") && (syscall(SYS_getppid) != -1 || errno != ENOSYS))
+		fail("the seccomp filter no longer acts on getppid");
 	pass();
 }

@@ -121,3 +121,37 @@ def test_pagemap_regions_overlapping_reports_keep_page_precision():
                   PageRegion(3 * P, 9 * P, C)])        # re-report from walk_end = 3
     assert [(r.start // P, r.end // P, r.categories) for r in got] == \
         [(0, 5, C), (5, 6, W), (6, 9, C)]
+
+
+TIMERS = """\
+ID: 101
+signal: 12/1234567890abcdef
+notify: signal/pid.20310
+ClockID: 1
+ID: 2
+signal: 36/0000000000000000
+notify: signal/tid.20311
+ClockID: -6
+ID: 1
+signal: 10/00000000000000ff
+notify: none/pid.20310
+ClockID: 0
+"""
+
+
+def test_parse_timers():
+    t = proc.parse_timers(TIMERS)
+    assert [x.id for x in t] == [1, 2, 101]
+    assert t[0] == proc.PosixTimer(1, 10, 0xff, "none", False, 20310, 0)
+    assert t[1].notify == "signal" and t[1].to_thread and t[1].notify_pid == 20311
+    assert t[1].clockid == -6 and not t[2].to_thread
+    assert t[2].sival == 0x1234567890abcdef and t[2].signo == 12 and t[2].clockid == 1
+    assert proc.parse_timers("") == []
+
+
+@pytest.mark.parametrize("bad", ["ID: 1\nsignal: x/0\nnotify: signal/pid.1\nClockID: 0\n",
+                                 "ID: 1\nsignal: 10/0\nnotify: signal/pid.1\n",
+                                 "ID: 1\nsignal: 10/0\nnotify: bogus/pid.1\nClockID: 0\n"])
+def test_parse_timers_garbage(bad):
+    with pytest.raises(ValueError):
+        proc.parse_timers(bad)
