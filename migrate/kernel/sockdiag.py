@@ -17,8 +17,11 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-UDIAG_SHOW_NAME, UDIAG_SHOW_PEER, UDIAG_SHOW_RQLEN = 0x1, 0x4, 0x10
-UNIX_DIAG_NAME, UNIX_DIAG_PEER, UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 0, 2, 4, 6
+UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER, UDIAG_SHOW_ICONS = 0x1, 0x2, 0x4, 0x8
+UDIAG_SHOW_RQLEN = 0x10
+UNIX_DIAG_NAME, UNIX_DIAG_VFS, UNIX_DIAG_PEER, UNIX_DIAG_ICONS = 0, 1, 2, 3
+UNIX_DIAG_RQLEN, UNIX_DIAG_SHUTDOWN = 4, 6
+TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
 NLMSGHDR = struct.Struct("=IHHII")
 UNIX_DIAG_REQ = struct.Struct("=BBHIIII")
 UNIX_DIAG_MSG = struct.Struct("=BBBBIII")
@@ -33,9 +36,12 @@ class UnixSock:
     state: int
     peer: int = 0
     name: bytes = b""
-    rqueue: int = 0
-    wqueue: int = 0
+    rqueue: int = 0          # a listener: connections waiting; else bytes queued
+    wqueue: int = 0          # a listener: its backlog
     shutdown: int = 0
+    vfs_ino: int = 0         # the inode of the bound file (a path name)
+    vfs_dev: int = 0
+    icons: tuple[int, ...] = ()   # a listener: the connections in its queue
 
 
 def _align(n: int) -> int:
@@ -74,6 +80,10 @@ def parse(data: bytes) -> tuple[list[UnixSock], bool]:
                 attrs["rqueue"], attrs["wqueue"] = struct.unpack_from("=II", val)
             elif atype == UNIX_DIAG_SHUTDOWN:
                 attrs["shutdown"] = val[0]
+            elif atype == UNIX_DIAG_VFS and len(val) >= 8:
+                attrs["vfs_ino"], attrs["vfs_dev"] = struct.unpack_from("=II", val)
+            elif atype == UNIX_DIAG_ICONS:
+                attrs["icons"] = struct.unpack_from(f"={len(val) // 4}I", val)
             a += _align(alen)
         out.append(UnixSock(**attrs))
     return out, False
@@ -86,7 +96,8 @@ def unix_sockets() -> dict[int, UnixSock]:
     except OSError as e:
         raise errors.from_errno("socket(NETLINK_SOCK_DIAG)", e.errno) from e
     try:
-        show = UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | 0x40  # SHUTDOWN
+        show = (UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS |
+                UDIAG_SHOW_RQLEN | 0x40)  # SHUTDOWN
         req = UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, 0, show, 0) + \
             struct.pack("=I", 0)
         hdr = NLMSGHDR.pack(NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,

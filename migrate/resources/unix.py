@@ -1,18 +1,22 @@
-"""Unix socketpairs whose two ends are both in the dump.
+"""Unix sockets: connected pairs, listeners with their queues, bound and
+unconnected sockets.
 
-Dump: sock_diag pairs the ends (peer inodes) and gives the shutdown state;
-each end is taken with pidfd_getfd and its receive queue is read without
-being consumed: MSG_PEEK walked message by message with SO_PEEK_OFF (put
-back as it was).  Options: SO_PASSCRED and the buffer sizes.  Bound,
-listening or unconnected sockets, a peer outside the dump, and fds in flight
-(SCM_RIGHTS) are refused with a message saying which.
-Restore (inside the new task): socketpair, options, each queue sent again
-from the other end, then the shutdowns.
+Dump: sock_diag gives each socket's state, name, peer, the bound file's
+inode, a listener's backlog and the clients waiting in its queue, and the
+shutdown state; each socket is taken with pidfd_getfd and its receive queue
+is read without being consumed: MSG_PEEK walked message by message with
+SO_PEEK_OFF (put back as it was).  Options: SO_PASSCRED and the buffer
+sizes.  The other end of every connection must be in the dump (a peer, the
+listener a client waits on, the clients waiting on a listener); refused:
+fds in flight (SCM_RIGHTS), data sent on a connection not accepted yet, a
+datagram socket connected to another.
+Restore (in the tool, see files.open_all): Pairs below.
 """
 
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import socket
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SO_PEEK_OFF = 42
 RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
+SHUTDOWN_MASK = 3            # both: what a stream end shows once its peer is closed
 MAX_MSG = 1 << 20
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
@@ -54,14 +59,27 @@ class Dumper:
         if u.type not in TYPES:
             raise errors.UnsupportedResource(self.pid, "socket", f"unix socket type {u.type}",
                                              fd=fd)
-        if u.name:
-            raise errors.UnsupportedResource(self.pid, "socket", f"bound unix socket "
-                                             f"{u.name!r} is not supported yet", fd=fd)
-        if not u.peer:
-            raise errors.UnsupportedResource(self.pid, "socket", "unconnected or listening "
-                                             "unix socket is not supported yet", fd=fd)
-        e = files_pb2.unix_sk_entry(ino=ino, peer=u.peer, type=u.type,
-                                    flags=flags & os.O_NONBLOCK, shutdown=u.shutdown)
+        e = files_pb2.unix_sk_entry(ino=ino, peer=u.peer, type=u.type, state=u.state,
+                                    flags=flags & os.O_NONBLOCK, shutdown=u.shutdown,
+                                    name=u.name)
+        if u.state == sockdiag.TCP_LISTEN:
+            e.backlog, e.pending[:] = u.wqueue, [c for c in u.icons if c]
+            if len(e.pending) != len(u.icons):
+                raise errors.UnsupportedResource(self.pid, "socket", f"listener {u.name!r} "
+                                                 "has a connection whose client is gone in "
+                                                 "its queue", fd=fd)
+        elif u.state == sockdiag.TCP_ESTABLISHED and not u.peer and u.wqueue:
+            raise errors.UnsupportedResource(self.pid, "socket", "data sent on a connection "
+                                             "not accepted yet", fd=fd)
+        elif u.state not in (sockdiag.TCP_ESTABLISHED, sockdiag.TCP_CLOSE):
+            raise errors.UnsupportedResource(self.pid, "socket", f"unix socket in state "
+                                             f"{u.state}", fd=fd)
+        elif u.state == sockdiag.TCP_CLOSE and u.peer:
+            raise errors.UnsupportedResource(self.pid, "socket", "a datagram socket "
+                                             "connected to another is not supported yet",
+                                             fd=fd)
+        if u.name and not u.name.startswith(b"\0"):
+            self._bound_file(e, u, fd)
         pidfd = syscalls.pidfd_open(self.pid)
         try:
             mine = syscalls.pidfd_getfd(pidfd, fd, self.pid)
@@ -73,12 +91,30 @@ class Dumper:
                 e.passcred = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED))
                 e.rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
                 e.sndbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-                e.queue.extend(self._peek_queue(s, fd, u))
+                if u.state == sockdiag.TCP_ESTABLISHED or u.type == socket.SOCK_DGRAM:
+                    e.queue.extend(self._peek_queue(s, fd, u))
             finally:
                 s.detach()
         finally:
             os.close(mine)
         return files_pb2.file_entry(id=fid, type=files_pb2.UNIX_SOCKET, unix=e)
+
+    def _bound_file(self, e, u, fd: int) -> None:
+        """The file a path-bound socket made: still naming it (mode, owner) or
+        unlinked (the restore binds then unlinks)."""
+        path = os.fsdecode(u.name.rstrip(b"\0"))
+        if not path.startswith("/"):
+            raise errors.UnsupportedResource(self.pid, "socket", f"socket bound to the "
+                                             f"relative path {path!r}", fd=fd)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            e.unlinked = True
+            return
+        if st.st_ino != u.vfs_ino:
+            e.unlinked = True
+            return
+        e.file_mode, e.file_uid, e.file_gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
 
     def _peek_queue(self, s: socket.socket, fd: int, u) -> list[bytes]:
         old = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
@@ -115,46 +151,167 @@ class Dumper:
 
 
 def check_pairs(entries: list, fd_of: dict[int, tuple[int, int]]) -> None:
-    """Both ends of every pair must be in the dump."""
-    inos = {f.unix.ino for f in entries if f.type == files_pb2.UNIX_SOCKET}
-    for f in entries:
-        if f.type == files_pb2.UNIX_SOCKET and f.unix.peer not in inos:
-            pid, fd = fd_of[f.id]
-            raise errors.UnsupportedResource(
-                pid, "socket", f"the peer of socket:[{f.unix.ino}] belongs to a process "
-                               "outside the dump", fd=fd)
+    """The other end of every connection must be in the dump: the peer of
+    a connected socket, the listener of a connection not accepted yet, the
+    client of every connection in a listener's queue."""
+    socks = {f.unix.ino: f for f in entries if f.type == files_pb2.UNIX_SOCKET}
+    waiting = {c: f.unix.ino for f in socks.values() for c in f.unix.pending}
+    for f in socks.values():
+        u = f.unix
+        pid, fd = fd_of[f.id]
+        if u.state == sockdiag.TCP_LISTEN:
+            for c in u.pending:
+                if c not in socks:
+                    raise errors.UnsupportedResource(
+                        pid, "socket", f"a client outside the dump (socket:[{c}]) waits in "
+                                       f"the queue of listener {u.name!r}", fd=fd)
+        elif u.state == sockdiag.TCP_ESTABLISHED:
+            if u.peer and u.peer not in socks:
+                raise errors.UnsupportedResource(
+                    pid, "socket", f"the peer of socket:[{u.ino}] belongs to a process "
+                                   "outside the dump", fd=fd)
+            if not u.peer and u.ino not in waiting and u.shutdown != SHUTDOWN_MASK:
+                raise errors.UnsupportedResource(
+                    pid, "socket", f"socket:[{u.ino}] waits to be accepted by a listener "
+                                   "outside the dump", fd=fd)
 
 
 class Pairs:
-    """Restore side, in the new task: each pair made once, on first use."""
+    """Restore side, in the tool: every unix socket, each made once.
+
+    Connected ends come from socketpair(); an end whose peer was closed
+    from a socketpair whose other end is closed at once; listeners and
+    bound sockets are bound again (a stale socket file of the dead process
+    is replaced; an unlinked one is bound, then unlinked), and the clients
+    waiting in a listener's queue connect to it again.  Names of connected
+    ends (getsockname of an accepted connection) are not kept.
+    """
 
     def __init__(self, entries: list) -> None:
         self.by_ino = {f.unix.ino: f.unix for f in entries if f.type == files_pb2.UNIX_SOCKET}
+        self.listener_of = {c: u.ino for u in self.by_ino.values() for c in u.pending}
         self.made: dict[int, socket.socket] = {}
 
     def open_end(self, f) -> int:
         u = f.unix
         if u.ino not in self.made:
-            a, b = socket.socketpair(socket.AF_UNIX, u.type)
-            self.made[u.ino], self.made[u.peer] = a, b
-            peer = self.by_ino[u.peer]
-            for end, e in ((a, u), (b, peer)):
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(e.passcred))
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(e.rcvbuf // 2, 1))
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(e.sndbuf // 2, 1))
-            for msg in u.queue:        # what a reads, b sends; and back
-                b.sendall(msg) if u.type == socket.SOCK_STREAM else b.send(msg)
-            for msg in peer.queue:
-                a.sendall(msg) if u.type == socket.SOCK_STREAM else a.send(msg)
-            for end, e, other in ((a, u, peer), (b, peer, u)):
-                if e.shutdown & SEND_SHUTDOWN:
-                    end.shutdown(socket.SHUT_WR)
-                if e.shutdown & RCV_SHUTDOWN and not other.shutdown & SEND_SHUTDOWN:
-                    end.shutdown(socket.SHUT_RD)
+            if u.state == sockdiag.TCP_LISTEN:
+                self._listener(u)
+            elif u.state == sockdiag.TCP_ESTABLISHED and u.peer:
+                self._pair(u, self.by_ino[u.peer])
+            elif u.state == sockdiag.TCP_ESTABLISHED and u.ino in self.listener_of:
+                self._listener(self.by_ino[self.listener_of[u.ino]])
+            elif u.state == sockdiag.TCP_ESTABLISHED:
+                self._orphan(u)
+            else:
+                self._unconnected(u)
         fd = os.dup(self.made[u.ino].fileno())
         os.set_blocking(fd, not u.flags & os.O_NONBLOCK)
         return fd
 
+    @staticmethod
+    def _options(sock: socket.socket, e) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, int(e.passcred))
+        if e.rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(e.rcvbuf // 2, 1))
+        if e.sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(e.sndbuf // 2, 1))
+
+    @staticmethod
+    def _send_all(sock: socket.socket, typ: int, queue) -> None:
+        for msg in queue:
+            sock.sendall(msg) if typ == socket.SOCK_STREAM else sock.send(msg)
+
+    def _pair(self, u, peer) -> None:
+        a, b = socket.socketpair(socket.AF_UNIX, u.type)
+        self.made[u.ino], self.made[peer.ino] = a, b
+        for end, e in ((a, u), (b, peer)):
+            self._options(end, e)
+        self._send_all(b, u.type, u.queue)        # what a reads, b sends; and back
+        self._send_all(a, u.type, peer.queue)
+        for end, e, other in ((a, u, peer), (b, peer, u)):
+            if e.shutdown & SEND_SHUTDOWN:
+                end.shutdown(socket.SHUT_WR)
+            if e.shutdown & RCV_SHUTDOWN and not other.shutdown & SEND_SHUTDOWN:
+                end.shutdown(socket.SHUT_RD)
+
+    def _orphan(self, u) -> None:
+        a, b = socket.socketpair(socket.AF_UNIX, u.type)
+        self._options(a, u)
+        self._send_all(b, u.type, u.queue)
+        b.close()                                   # the peer is gone
+        self.made[u.ino] = a
+
+    def _bind(self, sock: socket.socket, u) -> None:
+        name = u.name
+        path = None if name.startswith(b"\0") else os.fsdecode(name.rstrip(b"\0"))
+        try:
+            sock.bind(name if path is None else path)
+        except OSError as e:
+            if path is None or e.errno != errno.EADDRINUSE or not _stale(path, u.type):
+                raise errors.RestoreError(f"cannot bind unix socket to {name!r}: "
+                                          f"{os.strerror(e.errno)}") from None
+            os.unlink(path)            # the socket file of the dumped process
+            sock.bind(path)
+        if path is not None and not u.unlinked and u.file_mode:
+            os.chmod(path, u.file_mode)
+            os.chown(path, u.file_uid, u.file_gid)
+
+    def _listener(self, u) -> None:
+        sock = socket.socket(socket.AF_UNIX, u.type)
+        self.made[u.ino] = sock
+        self._options(sock, u)
+        self._bind(sock, u)
+        sock.listen(u.backlog)
+        addr = sock.getsockname()
+        for c in u.pending:           # the clients waiting in its queue, in order
+            ce = self.by_ino[c]
+            client = socket.socket(socket.AF_UNIX, ce.type)
+            self.made[c] = client
+            self._options(client, ce)
+            client.connect(addr)
+        if u.unlinked:
+            os.unlink(os.fsdecode(u.name.rstrip(b"\0")))
+
+    def _unconnected(self, u) -> None:
+        sock = socket.socket(socket.AF_UNIX, u.type)
+        self.made[u.ino] = sock
+        self._options(sock, u)
+        if u.name:
+            self._bind(sock, u)
+            if u.queue:                 # datagrams waiting: sent again, sender unnamed
+                tmp = socket.socket(socket.AF_UNIX, u.type)
+                try:
+                    for msg in u.queue:
+                        tmp.sendto(msg, sock.getsockname())
+                finally:
+                    tmp.close()
+            if u.unlinked:
+                os.unlink(os.fsdecode(u.name.rstrip(b"\0")))
+        elif u.queue:
+            log.warning("socket:[%d]: %d datagrams queued on an unbound socket are lost",
+                        u.ino, len(u.queue))
+
     def close(self) -> None:
         for s in self.made.values():
             s.close()
+
+
+def _stale(path: str, typ: int) -> bool:
+    """Is the socket file at ``path`` left by a dead socket (nobody behind it)?"""
+    import stat as stat_mod
+    try:
+        if not stat_mod.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, typ)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
