@@ -20,7 +20,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc, sockdiag
 from migrate.kernel.kcmp import same_file
-from migrate.resources import eventobjs, pipes, unix
+from migrate.resources import eventobjs, locks, pipes, unix
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class FileTable:
         self.fd_of: dict[int, tuple[int, int]] = {}     # file id -> (pid, fd)
         self._by_inode: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         self._socks: dict | None = None
+        self._posix_done: set = set()     # (pid, inode): its POSIX locks are kept
 
     def _same(self, key, pid: int, fd: int) -> int | None:
         for opid, ofd, fid in self._by_inode.get(key, ()):
@@ -83,10 +84,16 @@ class FileTable:
             except OSError as e:
                 raise errors.from_errno("stat", e.errno, pid, f"fd {fd}") from e
             key = (st.st_dev, st.st_ino)
+            held = locks.parse(pid, fd, raw) if "lock:" in raw else []
+            posix = [lk for lk in held if lk.kind == "POSIX" and (pid, key) not in
+                     self._posix_done]
+            if posix:
+                self._posix_done.add((pid, key))
             # The same open file description as an earlier fd?  Then its id.
             shared = self._same(key, pid, fd)
             if shared is not None:
-                fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=shared, cloexec=cloexec))
+                fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=shared, cloexec=cloexec,
+                                                      posix_locks=posix))
                 continue
             fid = len(self.files) + 1
             if kind == "pipe":
@@ -98,10 +105,17 @@ class FileTable:
             else:
                 f = _dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
                                self.shell_job, st)
+            desc_locks = [lk for lk in held if lk.kind != "POSIX"]
+            if desc_locks:
+                if f.type != files_pb2.REG:
+                    raise errors.UnsupportedResource(pid, "file lock", f"a lock on {link}",
+                                                     fd=fd)
+                f.reg.locks.extend(desc_locks)
             self.files.append(f)
             self.fd_of[fid] = (pid, fd)
             self._by_inode.setdefault(key, []).append((pid, fd, fid))
-            fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec))
+            fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec,
+                                                  posix_locks=posix))
         return fdinfos
 
     def unix_diag(self) -> dict:
@@ -209,6 +223,8 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int) -> dict[in
                 opened[f.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             finally:
                 os.close(fd)
+            if f.type == files_pb2.REG and f.reg.locks:
+                locks.take_description_locks(opened[f.id], f.reg.locks, f.reg.path)
     except BaseException:
         close_all(opened)
         raise
@@ -249,4 +265,7 @@ def install_fds(files, fdinfos, opened: dict[int, int], keep: set[int],
         os.dup2(opened[fi.id], fi.fd, inheritable=not fi.cloexec)
     for fd in opened.values():
         os.close(fd)
+    for fi in fdinfos:
+        if fi.posix_locks:
+            locks.take_posix_locks(fi.fd, fi.posix_locks)
     eventobjs.add_watches(files, [fi for fi in fdinfos if fi.id in epolls])

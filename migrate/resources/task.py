@@ -288,7 +288,9 @@ def check_unsupported(pid: int, status: dict[str, str]) -> None:
         with open("/proc/locks") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 4 and parts[4] == str(pid):
+                # FLOCK, OFDLCK and POSIX locks are kept (resources/locks.py)
+                if len(parts) > 4 and parts[4] == str(pid) and \
+                        parts[1] not in ("FLOCK", "OFDLCK", "POSIX", "->"):
                     raise errors.UnsupportedResource(pid, "file lock", f"{parts[1]} lock "
                                                      f"on inode {parts[5]} is not supported yet")
     except OSError:

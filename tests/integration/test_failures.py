@@ -77,14 +77,14 @@ def test_dump_already_traced(workdir, workloads):
     w.assert_pass()
 
 
-@pytest.mark.parametrize("mode", ["deleted-map", "socket", "timer", "lock", "seccomp-notify"])
+@pytest.mark.parametrize("mode", ["deleted-map", "socket", "timer", "lease", "seccomp-notify"])
 def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     w = _start("unsupported", workdir, workloads, mode)
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
     assert {"deleted-map": "deleted file", "socket": "not a unix socket",
-            "timer": "CPU time of pid", "lock": "FLOCK lock",
+            "timer": "CPU time of pid", "lease": "LEASE lock",
             "seccomp-notify": "SECCOMP_RET_USER_NOTIF"}[mode] \
         in p.stderr, p.stderr
     assert alive(w.pid)

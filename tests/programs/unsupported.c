@@ -4,7 +4,7 @@
  *   deleted-map  a MAP_PRIVATE mapping of a file that was then unlinked
  *   socket       an AF_INET socket (only unix socketpairs are handled yet)
  *   timer        a POSIX timer on the CPU clock of another process
- *   lock         an flock() on a temporary file
+ *   lease        a read lease (F_SETLEASE) on a temporary file
  *   pipe         a pipe with data in flight (supported: a control case)
  *   thread       a second thread (supported: a control case)
  *   seccomp-notify  a seccomp filter returning SECCOMP_RET_USER_NOTIF
@@ -94,11 +94,15 @@ int main(int argc, char **argv)
 		if (clock_getcpuclockid(getppid(), &clk) || timer_create(clk, &sev, &t) ||
 		    timer_settime(t, 0, &its, NULL))
 			fail("timer_create");
-	} else if (!strcmp(mode, "lock")) {
-		int fd = mkstemp(lockpath);
+	} else if (!strcmp(mode, "lease")) {
+		int fd = mkstemp(lockpath), rfd;
 
-		if (fd < 0 || flock(fd, LOCK_EX))
-			fail("flock");
+		if (fd < 0)
+			fail("mkstemp");
+		close(fd);
+		rfd = open(lockpath, O_RDONLY);
+		if (rfd < 0 || fcntl(rfd, F_SETLEASE, F_RDLCK))
+			fail("F_SETLEASE: %s", strerror(errno));
 		pfd[0] = -1;
 	} else if (!strcmp(mode, "socket")) {
 		if ((pfd[0] = socket(AF_INET, SOCK_STREAM, 0)) < 0)
