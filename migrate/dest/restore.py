@@ -228,13 +228,18 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     tty = _own_tty() if opts.shell_job else None
     base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1
     phase = Phases(img.pid)
-    opened = files.open_all(img.files, tty, img.pipes, base)
+    shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
+                                  [f for f in img.files
+                                   if f.type == files_pb2.REG and f.reg.memfd])
+    try:
+        opened = files.open_all(img.files, tty, img.pipes, base, shared)
+    except BaseException:
+        shared.close()
+        raise
     phase("open files", f"{len(img.files)} files")
-    shared = None
     ready_r = ready_w = go_r = go_w = -1
     pid = 0
     try:
-        shared = memory.SharedObjects(p.mm.vmas for p in img.procs)
         import fcntl
         top = max(list(opened.values()) + [base]) + 1
         r, w = os.pipe()
@@ -260,8 +265,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
         for fd in (ready_r, ready_w, go_r, go_w):
             if fd >= 0:
                 os.close(fd)
-        if shared is not None:
-            shared.close()
+        shared.close()
         files.close_all(opened)
         raise
     # The new processes hold what they need: ours go.
@@ -276,6 +280,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
         for p in img.procs:
             releases.append(_take_over(img, p, opts, plan.keep, shared, stats, created))
         # Every process is built: let them all go, the leaves first.
+        shared.seal()
         phase = Phases(img.pid)
         for rel in reversed(releases):
             rel.release(opts)

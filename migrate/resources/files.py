@@ -137,18 +137,87 @@ def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
     return table.files, fdinfos, table.finish()
 
 
+MAX_CONTENT = 32 << 20       # unlinked files and memfds keep their content in files.img
+F_GET_SEALS = 1034
+
+
+def _content(pid: int, fd: int, link: str, size: int) -> bytes:
+    """The whole content of an unlinked file or memfd, read through our own
+    copy of the fd (pidfd_getfd): nothing moves its offset."""
+    if size > MAX_CONTENT:
+        raise errors.UnsupportedResource(pid, "file", f"{link} holds {size} bytes: "
+                                         f"unlinked files and memfds over "
+                                         f"{MAX_CONTENT >> 20} MiB are not supported", fd=fd)
+    from migrate.kernel import syscalls
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+    try:
+        if os.fstat(mine).st_size != size:
+            raise errors.DumpError(f"pid {pid} fd {fd}: {link} changed size while dumped")
+        out = bytearray(size)
+        view, off = memoryview(out), 0
+        while off < size:
+            n = os.preadv(mine, [view[off:]], off)
+            if n <= 0:
+                break
+            off += n
+        return bytes(out)
+    finally:
+        os.close(mine)
+
+
+def _seals(pid: int, fd: int) -> int:
+    import fcntl
+    from migrate.kernel import syscalls
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+    try:
+        return fcntl.fcntl(mine, F_GET_SEALS)
+    finally:
+        os.close(mine)
+
+
 def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
                shell_job: bool, st: os.stat_result):
     oflags = flags & ~(O_CLOEXEC | O_CREAT | O_EXCL | O_TRUNC | O_NOCTTY | O_LARGEFILE)
-    if link.endswith(" (deleted)"):
-        raise errors.UnsupportedResource(pid, "file", f"unlinked file {link} is not "
-                                                      "supported yet", fd=fd)
+    deleted = link.endswith(" (deleted)")
+    path = link[:-len(" (deleted)")] if deleted else link
     if stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISDIR(st.st_mode):
-        reg = files_pb2.reg_file_entry(path=link, flags=oflags, pos=pos, size=st.st_size,
+        reg = files_pb2.reg_file_entry(path=path, flags=oflags, pos=pos, size=st.st_size,
                                        mode=st.st_mode, ino=st.st_ino, dev=st.st_dev,
                                        mtime_ns=st.st_mtime_ns)
         typ = files_pb2.REG if stat_mod.S_ISREG(st.st_mode) else files_pb2.DIR
+        if path.startswith("/memfd:") and typ == files_pb2.REG and st.st_nlink == 0:
+            reg.memfd = True
+            reg.content = _content(pid, fd, link, st.st_size)
+            reg.seals = _seals(pid, fd)
+        elif deleted:
+            if typ != files_pb2.REG or st.st_nlink:
+                raise errors.UnsupportedResource(
+                    pid, "file", f"{link}: a removed directory, or a file still linked "
+                                 "elsewhere, is not supported yet", fd=fd)
+            if oflags & O_PATH:
+                raise errors.UnsupportedResource(pid, "file", f"{link}: an O_PATH fd of an "
+                                                 "unlinked file is not supported yet", fd=fd)
+            reg.unlinked = True
+            reg.content = _content(pid, fd, link, st.st_size)
         return files_pb2.file_entry(id=fid, type=typ, reg=reg)
+    if deleted:
+        raise errors.UnsupportedResource(pid, "file", f"unlinked {link} (mode "
+                                                      f"{st.st_mode:o}) is not supported yet",
+                                         fd=fd)
+    if stat_mod.S_ISFIFO(st.st_mode):
+        reg = files_pb2.reg_file_entry(path=link, flags=oflags, mode=st.st_mode,
+                                       ino=st.st_ino, dev=st.st_dev)
+        return files_pb2.file_entry(id=fid, type=files_pb2.FIFO, reg=reg, pipe=files_pb2.pipe_entry(
+            pipe_id=st.st_ino, read_end=(flags & O_ACCMODE) != os.O_WRONLY,
+            flags=oflags & pipes.SETFL_MASK))
     if stat_mod.S_ISCHR(st.st_mode):
         chr_ = files_pb2.chr_file_entry(path=link, flags=oflags, rdev=st.st_rdev)
         if os.major(st.st_rdev) in TTY_MAJORS:
@@ -168,6 +237,14 @@ def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
 def check_files(files) -> None:
     """Before any process is created: every file must be there."""
     for f in files:
+        if f.type == files_pb2.REG and f.reg.memfd:
+            continue
+        if f.type == files_pb2.REG and f.reg.unlinked:
+            where = os.path.dirname(f.reg.path)
+            if not os.path.isdir(where):
+                raise errors.RestoreError(f"unlinked file {f.reg.path} (file id {f.id}): "
+                                          f"its directory {where} is missing")
+            continue
         if f.type in (files_pb2.REG, files_pb2.DIR):
             try:
                 st = os.stat(f.reg.path)
@@ -199,7 +276,42 @@ def open_file(f, tty_path: str | None) -> int:
     return os.open(f.chr.path, f.chr.flags | O_CLOEXEC)
 
 
-def open_all(files, tty_path: str | None, pipe_data: list, base: int) -> dict[int, int]:
+class Ghosts:
+    """Unlinked files (restore side, in the tool): each inode made once,
+    next to where it was, with its content and mode, opened, then unlinked;
+    every other description of it opened through the first."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple[int, int], int] = {}
+
+    def open(self, f) -> int:
+        r = f.reg
+        key = (r.dev, r.ino)
+        if key not in self.made:
+            import tempfile
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(r.path)[:40] + ".",
+                                       suffix=".migrate-unlinked",
+                                       dir=os.path.dirname(r.path))
+            try:
+                view = memoryview(r.content)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, r.mode & 0o7777)
+            finally:
+                os.unlink(tmp)
+            self.made[key] = fd
+        fd = os.open(f"/proc/self/fd/{self.made[key]}", (r.flags & ~O_PATH) | O_CLOEXEC)
+        if r.pos:
+            os.lseek(fd, r.pos, os.SEEK_SET)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.made.values():
+            os.close(fd)
+
+
+def open_all(files, tty_path: str | None, pipe_data: list, base: int,
+             shared=None) -> dict[int, int]:
     """Open every file description of the tree once, in the tool, at fd
     numbers from ``base`` up (above every fd number a restored process
     uses); returns file id -> fd.  The processes forked afterwards inherit
@@ -209,10 +321,15 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int) -> dict[in
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
     pairs = unix.Pairs(files)
+    ghosts = Ghosts()
     try:
         for f in files:
-            if f.type == files_pb2.PIPE:
+            if f.type in (files_pb2.PIPE, files_pb2.FIFO):
                 fd = made.open_end(f)
+            elif f.type == files_pb2.REG and f.reg.memfd:
+                fd = shared.open_memfd(f)
+            elif f.type == files_pb2.REG and f.reg.unlinked:
+                fd = ghosts.open(f)
             elif f.type == files_pb2.UNIX_SOCKET:
                 fd = pairs.open_end(f)
             elif f.type in eventobjs.KINDS.values():
@@ -231,6 +348,7 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int) -> dict[in
     finally:
         made.close()
         pairs.close()
+        ghosts.close()
     return opened
 
 

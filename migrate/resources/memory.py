@@ -504,28 +504,47 @@ def initial_prot(e) -> int:
     return prot
 
 
+MFD_ALLOW_SEALING = 2
+F_ADD_SEALS, F_SEAL_SEAL = 1033, 1
+
+
 class SharedObjects:
     """The shmem objects behind shared anonymous and memfd mappings, made
     once by the tool for the whole tree; each process maps them by opening
     /proc/TOOL/fd/N, so every mapping of one object (in one process or in
     several) is the same memory again."""
 
-    def __init__(self, vma_lists) -> None:
+    def __init__(self, vma_lists, memfds=()) -> None:
+        """``memfds``: file_entry of open memfds (their content and seals)."""
         sizes: dict[int, int] = {}
         names: dict[int, str] = {}
+        self.content: dict[int, bytes] = {}
+        self.seals: dict[int, int] = {}
+        for f in memfds:
+            sizes[f.reg.ino] = max(sizes.get(f.reg.ino, 0), len(f.reg.content), f.reg.size)
+            names[f.reg.ino] = f.reg.path
+            self.content[f.reg.ino] = f.reg.content
+            self.seals[f.reg.ino] = f.reg.seals
         for vmas in vma_lists:
             for e in vmas:
                 if e.kind == K.ANON_SHARED and e.shmid:
                     need = max(e.shm_size, e.pgoff + e.end - e.start)
                     sizes[e.shmid] = max(sizes.get(e.shmid, 0), need)
-                    names[e.shmid] = e.path
+                    names.setdefault(e.shmid, e.path)
         self.fds: dict[int, int] = {}
         try:
             for shmid, size in sizes.items():
                 path = names[shmid]
                 if path.startswith("/memfd:"):
-                    fd = os.memfd_create(path[len("/memfd:"):], os.MFD_CLOEXEC)
+                    name = path[len("/memfd:"):]
+                    if name.endswith(" (deleted)"):
+                        name = name[:-len(" (deleted)")]
+                    fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_ALLOW_SEALING)
                     os.ftruncate(fd, size)
+                    data = memoryview(self.content.get(shmid, b""))
+                    off = 0
+                    while off < len(data):
+                        off += os.pwrite(fd, data[off:], off)
                 else:
                     fd = syscalls.anon_shmem(size)
                 self.fds[shmid] = fd
@@ -533,6 +552,23 @@ class SharedObjects:
             self.close()
             raise
         self.owner = os.getpid()
+
+    def open_memfd(self, f) -> int:
+        """A description of an open memfd: the object reopened with its flags."""
+        r = f.reg
+        fd = os.open(f"/proc/self/fd/{self.fds[r.ino]}", r.flags | O_CLOEXEC)
+        if r.pos:
+            os.lseek(fd, r.pos, os.SEEK_SET)
+        return fd
+
+    def seal(self) -> None:
+        """The memfds' seals, once every process has mapped and filled them."""
+        import fcntl
+        for shmid, seals in self.seals.items():
+            if seals & ~F_SEAL_SEAL:
+                fcntl.fcntl(self.fds[shmid], F_ADD_SEALS, seals & ~F_SEAL_SEAL)
+            if seals & F_SEAL_SEAL:
+                fcntl.fcntl(self.fds[shmid], F_ADD_SEALS, F_SEAL_SEAL)
 
     def path(self, shmid: int) -> str | None:
         fd = self.fds.get(shmid)

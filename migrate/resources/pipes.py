@@ -54,16 +54,30 @@ def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
                 pid, "pipe", f"pipe:[{pid_}] has only its {which} end in the dump: the "
                              "other end belongs to a process outside the dump", fd=fd)
         pid, fd = sides[True]
-        pidfd = syscalls.pidfd_open(pid)
-        try:
-            out.append(_copy_in_flight(pid, pidfd, pid_, fd))
-        finally:
-            os.close(pidfd)
+        out.append(_copy_in_flight(pid, pid_, _their_fd(pid, fd)))
+    # FIFOs: through a read end of the dump, else through the FIFO's path
+    fifos: dict[int, tuple] = {}
+    for f in entries:
+        if f.type == files_pb2.FIFO:
+            if f.pipe.read_end or f.pipe.pipe_id not in fifos:
+                fifos[f.pipe.pipe_id] = (f, fd_of[f.id])
+    for pid_, (f, (pid, fd)) in fifos.items():
+        src = _their_fd(pid, fd) if f.pipe.read_end else \
+            os.open(f.reg.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        out.append(_copy_in_flight(pid, pid_, src))
     return out
 
 
-def _copy_in_flight(pid: int, pidfd: int, pid_: int, read_fd: int):
-    fd = syscalls.pidfd_getfd(pidfd, read_fd, pid)
+def _their_fd(pid: int, fd: int) -> int:
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        return syscalls.pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+
+
+def _copy_in_flight(pid: int, pid_: int, fd: int):
+    """The bytes in the pipe ``fd`` (ours; closed here), copied with tee(2)."""
     try:
         size = fcntl.fcntl(fd, F_GETPIPE_SZ)
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -96,6 +110,8 @@ class Pipes:
         self.used: set[tuple[int, bool]] = set()
 
     def open_end(self, f) -> int:
+        if f.type == files_pb2.FIFO:
+            return self._fifo_end(f)
         p = f.pipe
         if p.pipe_id not in self.made:
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -116,6 +132,28 @@ class Pipes:
         else:
             fd = os.dup(base)
             self.used.add(key)
+        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags)
+        return fd
+
+    def _fifo_end(self, f) -> int:
+        """A FIFO end: the FIFO held open read-write first (so no open
+        blocks), filled, then each end opened through it with its mode."""
+        p = f.pipe
+        if p.pipe_id not in self.made:
+            path = f.reg.path
+            if not os.path.exists(path):
+                os.mkfifo(path, f.reg.mode & 0o7777)
+            h = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.made[p.pipe_id] = (h, os.dup(h))
+            d = self.data.get(p.pipe_id)
+            if d is not None:
+                if d.size:
+                    fcntl.fcntl(h, F_SETPIPE_SZ, d.size)
+                view = memoryview(d.data)
+                while view:
+                    view = view[os.write(h, view):]
+        fd = os.open(f"/proc/self/fd/{self.made[p.pipe_id][0]}",
+                     (f.reg.flags & O_ACCMODE) | os.O_CLOEXEC)
         fcntl.fcntl(fd, fcntl.F_SETFL, p.flags)
         return fd
 
