@@ -175,3 +175,27 @@ def epoll_add(epfd: int, fd: int, events: int, data: int) -> None:
     # struct epoll_event is packed on x86_64: u32 events, u64 data
     ev = ffi.new("char[12]", events.to_bytes(4, "little") + data.to_bytes(8, "little"))
     call(SYS_epoll_ctl, epfd, EPOLL_CTL_ADD, fd, ev, detail=f"epoll fd {epfd} add fd {fd}")
+
+
+SYS_inotify_init1, SYS_inotify_add_watch, SYS_inotify_rm_watch = 294, 254, 255
+SYS_open_by_handle_at = 304
+
+
+def inotify_init1(flags: int) -> int:
+    return call(SYS_inotify_init1, flags)
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return call(SYS_inotify_add_watch, fd, ffi.new("char[]", path.encode()), mask,
+                detail=path)
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    call(SYS_inotify_rm_watch, fd, wd, detail=f"wd {wd}")
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2): struct file_handle {u32 bytes; i32 type; u8 handle[]}."""
+    buf = ffi.new("char[]", len(handle).to_bytes(4, "little") +
+                  handle_type.to_bytes(4, "little", signed=True) + handle)
+    return call(SYS_open_by_handle_at, mount_fd, buf, flags, detail="file handle")

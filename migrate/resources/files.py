@@ -20,7 +20,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc, sockdiag
 from migrate.kernel.kcmp import same_file
-from migrate.resources import eventobjs, locks, pipes, unix
+from migrate.resources import eventobjs, inotify, locks, pipes, unix
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class FileTable:
         for fd in proc.list_fds(pid):
             link = proc.readlink(pid, f"fd/{fd}")
             kind = _kind_of_link(link)
-            if kind not in ("file", "pipe", "socket") and kind not in eventobjs.KINDS:
+            if kind not in ("file", "pipe", "socket", inotify.LINK) and \
+                    kind not in eventobjs.KINDS:
                 raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet",
                                                  fd=fd)
             raw = proc.read_text(pid, f"fdinfo/{fd}")
@@ -100,6 +101,8 @@ class FileTable:
                 f = pipes.dump_end(fid, link, flags)
             elif kind in eventobjs.KINDS:
                 f = eventobjs.dump(pid, fd, fid, kind, flags, info, raw)
+            elif kind == inotify.LINK:
+                f = inotify.dump(pid, fd, fid, flags, raw)
             elif kind == "socket":
                 f = socks.dump(fd, fid, link, flags)
             else:
@@ -334,6 +337,8 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int,
                 fd = pairs.open_end(f)
             elif f.type in eventobjs.KINDS.values():
                 fd = eventobjs.open_object(f)
+            elif f.type == files_pb2.INOTIFY:
+                fd = inotify.open_object(f)
             else:
                 fd = open_file(f, tty_path)
             try:

@@ -61,3 +61,15 @@ def test_sock_diag_reply_parsed():
     socks, finished = sd.parse(msg + done)
     assert finished and socks == [sd.UnixSock(ino=76, type=1, state=1, peer=77, rqueue=5,
                                               wqueue=0, shutdown=2)]
+
+
+def test_inotify_fdinfo_lines():
+    from migrate.resources import inotify
+    raw = ("pos:\t0\nflags:\t00\nmnt_id:\t17\nino:\t1038\n"
+           "inotify wd:2 ino:2246a5 sdev:fe00000 mask:2 ignored_mask:0 fhandle-bytes:8 "
+           "fhandle-type:1 f_handle:a5462200e1757054\n"
+           "inotify wd:1f ino:3f7e8 sdev:fe00000 mask:40000100 ignored_mask:0 "
+           "fhandle-bytes:8 fhandle-type:1 f_handle:e8f7030000000000\n")
+    got = [m.groups() for m in inotify._WD.finditer(raw)]
+    assert [(int(g[0], 16), int(g[3], 16)) for g in got] == [(2, 2), (0x1f, 0x40000100)]
+    assert bytes.fromhex(got[0][7]) == bytes.fromhex("a5462200e1757054")
