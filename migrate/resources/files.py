@@ -57,6 +57,8 @@ class FileTable:
         self._by_inode: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         self._socks: dict | None = None
         self._posix_done: set = set()     # (pid, inode): its POSIX locks are kept
+        self._next_id = 0
+        self._held: list[int] = []        # our copies of files in flight
 
     def _same(self, key, pid: int, fd: int) -> int | None:
         for opid, ofd, fid in self._by_inode.get(key, ()):
@@ -67,59 +69,68 @@ class FileTable:
     def dump_fds(self, pid: int) -> list:
         """fdinfo_entry list of ``pid``, adding its files to the table;
         UnsupportedResource if an fd is of a kind this version does not handle."""
-        fdinfos: list = []
         socks = unix.Dumper(pid, self)
+        out = []
         for fd in proc.list_fds(pid):
-            link = proc.readlink(pid, f"fd/{fd}")
-            kind = _kind_of_link(link)
-            if kind not in ("file", "pipe", "socket", inotify.LINK) and \
-                    kind not in eventobjs.KINDS:
-                raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet",
-                                                 fd=fd)
-            raw = proc.read_text(pid, f"fdinfo/{fd}")
-            info = proc.parse_fdinfo(raw)
-            flags = int(info["flags"], 8)
-            cloexec = bool(flags & O_CLOEXEC)
-            try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
-            except OSError as e:
-                raise errors.from_errno("stat", e.errno, pid, f"fd {fd}") from e
-            key = (st.st_dev, st.st_ino)
-            held = locks.parse(pid, fd, raw) if "lock:" in raw else []
-            posix = [lk for lk in held if lk.kind == "POSIX" and (pid, key) not in
-                     self._posix_done]
-            if posix:
-                self._posix_done.add((pid, key))
-            # The same open file description as an earlier fd?  Then its id.
-            shared = self._same(key, pid, fd)
-            if shared is not None:
-                fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=shared, cloexec=cloexec,
-                                                      posix_locks=posix))
-                continue
-            fid = len(self.files) + 1
-            if kind == "pipe":
-                f = pipes.dump_end(fid, link, flags)
-            elif kind in eventobjs.KINDS:
-                f = eventobjs.dump(pid, fd, fid, kind, flags, info, raw)
-            elif kind == inotify.LINK:
-                f = inotify.dump(pid, fd, fid, flags, raw)
-            elif kind == "socket":
-                f = socks.dump(fd, fid, link, flags)
-            else:
-                f = _dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
-                               self.shell_job, st)
-            desc_locks = [lk for lk in held if lk.kind != "POSIX"]
-            if desc_locks:
-                if f.type != files_pb2.REG:
-                    raise errors.UnsupportedResource(pid, "file lock", f"a lock on {link}",
-                                                     fd=fd)
-                f.reg.locks.extend(desc_locks)
-            self.files.append(f)
-            self.fd_of[fid] = (pid, fd)
-            self._by_inode.setdefault(key, []).append((pid, fd, fid))
-            fdinfos.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec,
-                                                  posix_locks=posix))
-        return fdinfos
+            fid, cloexec, posix = self._dump_one(pid, fd, socks)
+            out.append(files_pb2.fdinfo_entry(fd=fd, id=fid, cloexec=cloexec,
+                                              posix_locks=posix))
+        return out
+
+    def dump_in_flight(self, fd: int) -> int:
+        """The file id of ``fd``, our copy of a file in flight in a unix
+        socket queue (SCM_RIGHTS); kept open until finish()."""
+        self._held.append(fd)
+        me = os.getpid()
+        return self._dump_one(me, fd, unix.Dumper(me, self))[0]
+
+    def _dump_one(self, pid: int, fd: int, socks) -> tuple[int, bool, list]:
+        link = proc.readlink(pid, f"fd/{fd}")
+        kind = _kind_of_link(link)
+        if kind not in ("file", "pipe", "socket", inotify.LINK) and \
+                kind not in eventobjs.KINDS:
+            raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
+        raw = proc.read_text(pid, f"fdinfo/{fd}")
+        info = proc.parse_fdinfo(raw)
+        flags = int(info["flags"], 8)
+        cloexec = bool(flags & O_CLOEXEC)
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError as e:
+            raise errors.from_errno("stat", e.errno, pid, f"fd {fd}") from e
+        key = (st.st_dev, st.st_ino)
+        held = locks.parse(pid, fd, raw) if "lock:" in raw else []
+        posix = [lk for lk in held if lk.kind == "POSIX" and (pid, key) not in
+                 self._posix_done]
+        if posix:
+            self._posix_done.add((pid, key))
+        # The same open file description as an earlier fd?  Then its id.
+        shared = self._same(key, pid, fd)
+        if shared is not None:
+            return shared, cloexec, posix
+        self._next_id += 1
+        fid = self._next_id
+        # Known before its own dump: a socket may carry itself in flight.
+        self._by_inode.setdefault(key, []).append((pid, fd, fid))
+        self.fd_of[fid] = (pid, fd)
+        if kind == "pipe":
+            f = pipes.dump_end(fid, link, flags)
+        elif kind in eventobjs.KINDS:
+            f = eventobjs.dump(pid, fd, fid, kind, flags, info, raw)
+        elif kind == inotify.LINK:
+            f = inotify.dump(pid, fd, fid, flags, raw)
+        elif kind == "socket":
+            f = socks.dump(fd, fid, link, flags)
+        else:
+            f = _dump_file(pid, fd, fid, link, flags, int(info.get("pos", "0")),
+                           self.shell_job, st)
+        desc_locks = [lk for lk in held if lk.kind != "POSIX"]
+        if desc_locks:
+            if f.type != files_pb2.REG:
+                raise errors.UnsupportedResource(pid, "file lock", f"a lock on {link}", fd=fd)
+            f.reg.locks.extend(desc_locks)
+        self.files.append(f)        # after the files it carries in flight, if a socket
+        return fid, cloexec, posix
 
     def unix_diag(self) -> dict:
         if self._socks is None:
@@ -129,8 +140,16 @@ class FileTable:
     def finish(self) -> list:
         """After every process: checks that need the whole tree; returns the
         pipe_data_entry list (data in flight of every pipe)."""
-        unix.check_pairs(self.files, self.fd_of)
-        return pipes.dump_data(self.files, self.fd_of)
+        try:
+            unix.check_pairs(self.files, self.fd_of)
+            return pipes.dump_data(self.files, self.fd_of)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in self._held:
+            os.close(fd)
+        self._held = []
 
 
 def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
@@ -323,10 +342,22 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int,
     import fcntl
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
-    pairs = unix.Pairs(files)
+    pairs = unix.Pairs(files, opened)
     ghosts = Ghosts()
+    # Unix sockets last, each once the files in flight in its queue are open.
+    socks = [f for f in files if f.type == files_pb2.UNIX_SOCKET]
+    order = [f for f in files if f.type != files_pb2.UNIX_SOCKET]
+    have = {f.id for f in order}
+    while socks:
+        ready = [f for f in socks if pairs.needs(f) <= have]
+        if not ready:
+            raise errors.RestoreError("unix sockets carry each other in flight in a cycle: "
+                                      f"socket file ids {[f.id for f in socks]}")
+        order += ready
+        have |= {f.id for f in ready}
+        socks = [f for f in socks if f.id not in have]
     try:
-        for f in files:
+        for f in order:
             if f.type in (files_pb2.PIPE, files_pb2.FIFO):
                 fd = made.open_end(f)
             elif f.type == files_pb2.REG and f.reg.memfd:

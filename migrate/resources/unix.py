@@ -6,10 +6,11 @@ inode, a listener's backlog and the clients waiting in its queue, and the
 shutdown state; each socket is taken with pidfd_getfd and its receive queue
 is read without being consumed: MSG_PEEK walked message by message with
 SO_PEEK_OFF (put back as it was).  Options: SO_PASSCRED and the buffer
-sizes.  The other end of every connection must be in the dump (a peer, the
-listener a client waits on, the clients waiting on a listener); refused:
-fds in flight (SCM_RIGHTS), data sent on a connection not accepted yet, a
-datagram socket connected to another.
+sizes.  Files in flight (SCM_RIGHTS) are dumped from the copies the peek
+gives us, and sent again with their message.  The other end of every
+connection must be in the dump (a peer, the listener a client waits on, the
+clients waiting on a listener); refused: data sent on a connection not
+accepted yet, a datagram socket connected to another.
 Restore (in the tool, see files.open_all): Pairs below.
 """
 
@@ -31,6 +32,7 @@ SO_PEEK_OFF = 42
 RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
 SHUTDOWN_MASK = 3            # both: what a stream end shows once its peer is closed
 MAX_MSG = 1 << 20
+SCM_MAX_FD = 253
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
 
@@ -92,7 +94,7 @@ class Dumper:
                 e.rcvbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
                 e.sndbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 if u.state == sockdiag.TCP_ESTABLISHED or u.type == socket.SOCK_DGRAM:
-                    e.queue.extend(self._peek_queue(s, fd, u))
+                    self._peek_queue(s, fd, u, e)
             finally:
                 s.detach()
         finally:
@@ -116,38 +118,55 @@ class Dumper:
             return
         e.file_mode, e.file_uid, e.file_gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
 
-    def _peek_queue(self, s: socket.socket, fd: int, u) -> list[bytes]:
+    def _peek_queue(self, s: socket.socket, fd: int, u, e) -> None:
+        """Fill e.queue (and e.scm for files in flight) from the receive
+        queue, without consuming it."""
         old = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
         s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-        out: list[bytes] = []
+        msgs: list[tuple[bytes, list[int]]] = []
         try:
             while True:
                 try:
-                    data, anc, _, _ = s.recvmsg(MAX_MSG, socket.CMSG_SPACE(64 * 4),
+                    data, anc, _, _ = s.recvmsg(MAX_MSG, socket.CMSG_SPACE(SCM_MAX_FD * 4),
                                                 socket.MSG_PEEK | socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
+                fids: list[int] = []
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds = array.array("i")
                         fds.frombytes(payload[:len(payload) - len(payload) % 4])
-                        for f in fds:          # peeking gave us copies: drop them
-                            os.close(f)
-                        raise errors.UnsupportedResource(
-                            self.pid, "socket", "file descriptors in flight (SCM_RIGHTS) "
-                                                "are not supported yet", fd=fd)
-                if not data:
+                        # Peeking gave us copies: the table keeps them open
+                        # until the end of the dump, then closes them.
+                        for i, f in enumerate(fds):
+                            try:
+                                fids.append(self.table.dump_in_flight(f))
+                            except BaseException:
+                                for rest in fds[i + 1:]:
+                                    os.close(rest)
+                                raise
+                if not data and not fids:
                     if u.type == socket.SOCK_STREAM:
                         break                  # EOF: the peer shut down its writes
                     # the peek offset cannot step over an empty datagram
                     raise errors.UnsupportedResource(
                         self.pid, "socket", "an empty datagram in flight", fd=fd)
-                out.append(data)
+                msgs.append((data, fids))
         finally:
             s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, old)
-        if u.type == socket.SOCK_STREAM and out:
-            out = [b"".join(out)]
-        return out
+        if u.type == socket.SOCK_STREAM:
+            # One message for each run of bytes; a run ends with files in flight.
+            joined: list[tuple[bytes, list[int]]] = []
+            for data, fids in msgs:
+                if joined and not joined[-1][1]:
+                    joined[-1] = (joined[-1][0] + data, fids)
+                else:
+                    joined.append((data, fids))
+            msgs = joined
+        for i, (data, fids) in enumerate(msgs):
+            e.queue.append(data)
+            if fids:
+                e.scm.add(index=i, fids=fids)
 
 
 def check_pairs(entries: list, fd_of: dict[int, tuple[int, int]]) -> None:
@@ -187,10 +206,21 @@ class Pairs:
     ends (getsockname of an accepted connection) are not kept.
     """
 
-    def __init__(self, entries: list) -> None:
+    def __init__(self, entries: list, opened: dict[int, int] | None = None) -> None:
+        self.opened = opened if opened is not None else {}   # file id -> fd (files.open_all)
         self.by_ino = {f.unix.ino: f.unix for f in entries if f.type == files_pb2.UNIX_SOCKET}
         self.listener_of = {c: u.ino for u in self.by_ino.values() for c in u.pending}
         self.made: dict[int, socket.socket] = {}
+
+    def needs(self, f) -> set[int]:
+        """File ids that must be open before ``f`` can be made: the files in
+        flight in its queue and in its peer's (both are filled at once)."""
+        u = f.unix
+        out = {fid for m in u.scm for fid in m.fids}
+        peer = self.by_ino.get(u.peer)
+        if peer is not None:
+            out |= {fid for m in peer.scm for fid in m.fids}
+        return out - {f.id}
 
     def open_end(self, f) -> int:
         u = f.unix
@@ -217,18 +247,35 @@ class Pairs:
         if e.sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(e.sndbuf // 2, 1))
 
-    @staticmethod
-    def _send_all(sock: socket.socket, typ: int, queue) -> None:
-        for msg in queue:
-            sock.sendall(msg) if typ == socket.SOCK_STREAM else sock.send(msg)
+    def _send_all(self, sock: socket.socket, e, to=None) -> None:
+        """Send e's queue again from ``sock``, with the files in flight."""
+        scm = {m.index: list(m.fids) for m in e.scm}
+        for i, msg in enumerate(e.queue):
+            anc = []
+            if i in scm:
+                missing = [fid for fid in scm[i] if fid not in self.opened]
+                if missing:
+                    raise errors.RestoreError(f"socket:[{e.ino}]: files {missing} in flight "
+                                              "are not open yet (a cycle of sockets sent "
+                                              "over each other?)")
+                fds = array.array("i", [self.opened[fid] for fid in scm[i]])
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())]
+            if to is not None:
+                sock.sendmsg([msg], anc, 0, to)
+            elif e.type == socket.SOCK_STREAM and not anc:
+                sock.sendall(msg)
+            else:
+                sent = sock.sendmsg([msg], anc)
+                if sent < len(msg):
+                    sock.sendall(msg[sent:])
 
     def _pair(self, u, peer) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, u.type)
         self.made[u.ino], self.made[peer.ino] = a, b
         for end, e in ((a, u), (b, peer)):
             self._options(end, e)
-        self._send_all(b, u.type, u.queue)        # what a reads, b sends; and back
-        self._send_all(a, u.type, peer.queue)
+        self._send_all(b, u)        # what a reads, b sends; and back
+        self._send_all(a, peer)
         for end, e, other in ((a, u, peer), (b, peer, u)):
             if e.shutdown & SEND_SHUTDOWN:
                 end.shutdown(socket.SHUT_WR)
@@ -238,7 +285,7 @@ class Pairs:
     def _orphan(self, u) -> None:
         a, b = socket.socketpair(socket.AF_UNIX, u.type)
         self._options(a, u)
-        self._send_all(b, u.type, u.queue)
+        self._send_all(b, u)
         b.close()                                   # the peer is gone
         self.made[u.ino] = a
 
@@ -282,8 +329,7 @@ class Pairs:
             if u.queue:                 # datagrams waiting: sent again, sender unnamed
                 tmp = socket.socket(socket.AF_UNIX, u.type)
                 try:
-                    for msg in u.queue:
-                        tmp.sendto(msg, sock.getsockname())
+                    self._send_all(tmp, u, sock.getsockname())
                 finally:
                     tmp.close()
             if u.unlinked:

@@ -562,6 +562,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         images.commit(_inventory(opts, tr.root.pid, start_time, inventory_pb2.DUMP, tracker))
         phase("image files")
     except BaseException:
+        table.close()
         if tracker is not None:
             if tracker.fresh:
                 tracker.stop()      # tracking this failed dump started: end it
