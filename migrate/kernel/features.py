@@ -18,6 +18,7 @@ UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 UFFD_USER_MODE_ONLY = 1
 TCP_REPAIR = 19
+CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
 CAP_CHECKPOINT_RESTORE = 40
 
@@ -139,3 +140,27 @@ def ptrace_scope() -> tuple[bool, str]:
     except OSError:
         return True, "no Yama"
     return v < 3, f"yama ptrace_scope {v}"
+
+
+PR_TIMER_CREATE_RESTORE_IDS, PR_TIMER_CREATE_RESTORE_IDS_GET = 77, 2
+
+
+def timer_restore_ids() -> tuple[bool, str]:
+    """prctl(PR_TIMER_CREATE_RESTORE_IDS, GET): Linux 6.17+."""
+    r, err = syscalls.raw(sysno.prctl, PR_TIMER_CREATE_RESTORE_IDS,
+                          PR_TIMER_CREATE_RESTORE_IDS_GET, 0, 0, 0)
+    if r < 0:
+        return False, f"prctl(PR_TIMER_CREATE_RESTORE_IDS): {os.strerror(err)}"
+    return True, "prctl(PR_TIMER_CREATE_RESTORE_IDS)"
+
+
+def suspend_seccomp() -> tuple[bool, str]:
+    """PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and a tracer not itself
+    under seccomp (kernel/ptrace.c check_ptrace_options)."""
+    with open("/proc/self/status") as f:
+        st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    if int(st.get("Seccomp", "0")):
+        return False, "this tool runs under seccomp"
+    if not int(st.get("CapEff", "0"), 16) >> CAP_SYS_ADMIN & 1:
+        return False, "no CAP_SYS_ADMIN"
+    return True, "CAP_SYS_ADMIN, not under seccomp"

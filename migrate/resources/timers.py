@@ -45,6 +45,7 @@ CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_THREAD_CPUTIME_
 CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM, CLOCK_BOOTTIME_ALARM, CLOCK_TAI = 7, 8, 9, 11
 RUNNING_CLOCKS = {CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, CLOCK_REALTIME_ALARM,
                   CLOCK_BOOTTIME_ALARM, CLOCK_TAI}
+BASE_CLOCK = {CLOCK_REALTIME_ALARM: CLOCK_REALTIME, CLOCK_BOOTTIME_ALARM: CLOCK_BOOTTIME}
 CPUCLOCK_PERTHREAD = 4
 NSEC = 1_000_000_000
 
@@ -120,7 +121,10 @@ def rearm(clockid: int, value_ns: int, elapsed: int) -> tuple[int, int]:
     """(flags, it_value in ns) to set a timer that had ``value_ns`` left at
     the dump, ``elapsed`` ns ago."""
     if clockid in RUNNING_CLOCKS:
-        at = time.clock_gettime_ns(clockid) + value_ns - elapsed
+        # An alarm clock reads as its base clock (and clock_gettime of it
+        # fails on machines without an RTC alarm).
+        base = BASE_CLOCK.get(clockid, clockid)
+        at = time.clock_gettime_ns(base) + value_ns - elapsed
         return TIMER_ABSTIME, max(at, 1)
     return 0, value_ns
 

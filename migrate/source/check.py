@@ -32,6 +32,10 @@ FEATURES = {
     "set_mm_map": (features.set_mm_map, "restoring exe link, auxv and mm bounds"),
     "sys_resource": (features.sys_resource, "raising hard rlimits on restore (they are "
                                             "capped, with a warning)"),
+    "timer_ids": (features.timer_restore_ids, "POSIX timers at their ids without "
+                                              "filler timers"),
+    "suspend_seccomp": (features.suspend_seccomp, "dump and restore of processes under "
+                                                  "seccomp"),
     "tcp_repair": (features.tcp_repair, "--tcp-established"),
     "nftables": (features.nftables, "the nftables network lock (iptables is the fallback)"),
 }

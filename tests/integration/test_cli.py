@@ -51,7 +51,8 @@ def test_check():
     p = migrate("check", "--json", check=True)
     names = {r["name"]: r["ok"] for r in json.loads(p.stdout)}
     for n in ("pagemap_scan", "uffd_wp_async", "soft_dirty", "pidfd_getfd",
-              "clone3_set_tid", "tcp_repair", "nftables", "tracker"):
+              "clone3_set_tid", "tcp_repair", "nftables", "tracker", "timer_ids",
+              "suspend_seccomp"):
         assert n in names
     assert migrate("check", "--feature", "clone3_set_tid").returncode == 0
     p = migrate("check", "--feature", "warp_drive")

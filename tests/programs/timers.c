@@ -8,7 +8,8 @@
  *  - a periodic 20 ms timer has counted (signals + overruns) at least 3/4
  *    of the periods since it was armed,
  *  - a one-shot timer fired once, not before its deadline,
- * and every timer still sends its own signal with its own value and id.
+ * and every timer still sends its own signal with its own value and id,
+ * to its own thread (SIGEV_THREAD_ID to a second thread).
  */
 #define _GNU_SOURCE
 #include "lib.h"
@@ -22,6 +23,7 @@
 #include <sys/time.h>
 #include <sys/timerfd.h>
 #include <time.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #define NSEC 1000000000LL
@@ -29,6 +31,9 @@
 #define SLACK_NS (NSEC / 2)
 
 static timer_t tid[16];
+static volatile pid_t worker_tid;
+static volatile long worker_count;
+static volatile int worker_stop, worker_wrong_thread;
 static volatile long periodic_count, cpu_count, disarmed_count, oneshot_count;
 static volatile long long oneshot_at;
 static volatile int bad_signal;
@@ -69,6 +74,11 @@ static void on_timer(int sig, siginfo_t *si, void *uc)
 	} else if (sig == SIGUSR2) {
 		want_id = 5; want_val = 105;
 		disarmed_count++;
+	} else if (sig == SIGRTMIN + 4) {
+		want_id = 10; want_val = 110;
+		worker_count++;
+		if (gettid() != worker_tid)
+			worker_wrong_thread = gettid();
 	} else if (sig == SIGRTMIN + 3) {
 		want_id = 9; want_val = 109;
 		oneshot_count++;
@@ -81,7 +91,7 @@ static void on_timer(int sig, siginfo_t *si, void *uc)
 	}
 }
 
-static void make(int id, clockid_t clk, int notify, int sig, int val)
+static void make_for(int id, clockid_t clk, int notify, int sig, int val, pid_t to)
 {
 	struct sigevent sev;
 	timer_t t;
@@ -91,12 +101,36 @@ static void make(int id, clockid_t clk, int notify, int sig, int val)
 	sev.sigev_signo = sig;
 	sev.sigev_value.sival_int = val;
 	if (notify == SIGEV_THREAD_ID)
-		sev._sigev_un._tid = gettid();
+		sev._sigev_un._tid = to;
 	if (timer_create(clk, &sev, &t))
 		fail("timer_create(clock %d) for id %d: %s", clk, id, strerror(errno));
 	if ((long)t != id)
 		fail("timer created as %ld, expected %d", (long)t, id);
 	tid[id] = t;
+}
+
+static void make(int id, clockid_t clk, int notify, int sig, int val)
+{
+	make_for(id, clk, notify, sig, val, gettid());
+}
+
+/* A second thread that the signals of timer 10 go to (SIGEV_THREAD_ID). */
+static void *worker(void *arg)
+{
+	struct timespec ts = { 0, 2 * 1000 * 1000 };
+	sigset_t set;
+
+	(void)arg;
+	sigemptyset(&set);
+	sigaddset(&set, SIGRTMIN + 4);
+	pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);	/* for the main thread, asleep in sigsuspend */
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
+	worker_tid = gettid();
+	while (!worker_stop)
+		nanosleep(&ts, NULL);
+	return NULL;
 }
 
 static void arm(int id, int flags, long long value, long long interval)
@@ -141,9 +175,14 @@ int main(int argc, char **argv)
 	struct itimerval itv;
 	long long start, t1_deadline, t3_deadline, t9_deadline, real_deadline, tfd_deadline,
 		tfa_deadline, expected;
-	int sigs[] = { SIGUSR1, SIGUSR2, SIGRTMIN + 1, SIGRTMIN + 3, SIGRTMIN, SIGRTMIN + 2,
+	int sigs[] = { SIGUSR1, SIGUSR2, SIGRTMIN + 1, SIGRTMIN + 3, SIGRTMIN + 4, SIGRTMIN,
+		       SIGRTMIN + 2,
 		       SIGALRM, SIGVTALRM };
 	int tfd, tfa;
+	clockid_t main_clock;
+	pthread_t th;
+	sigset_t only_main;
+	struct timespec pause_ts = { 0, 1000 * 1000 };
 	unsigned i;
 
 	test_init(argc, argv);
@@ -154,17 +193,31 @@ int main(int argc, char **argv)
 		if (sigaction(sigs[i], &sa, NULL))
 			fail("sigaction(%d)", sigs[i]);
 
-	/* Ids 0..9 in order; 2, 7 and 8 deleted again: gaps to keep. */
+	/* SIGRTMIN + 4 is for the worker thread only. */
+	sigemptyset(&only_main);
+	sigaddset(&only_main, SIGRTMIN + 4);
+	sigprocmask(SIG_BLOCK, &only_main, NULL);
+	if (pthread_create(&th, NULL, worker, NULL))
+		fail("pthread_create");
+	while (!worker_tid)
+		nanosleep(&pause_ts, NULL);
+
+	/* Ids 0..10 in order; 2, 7 and 8 deleted again: gaps to keep. */
 	make(0, CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR1, 100);
 	make(1, CLOCK_REALTIME, SIGEV_SIGNAL, SIGRTMIN, 101);
 	make(2, CLOCK_MONOTONIC, SIGEV_NONE, 0, 0);
 	make(3, CLOCK_BOOTTIME, SIGEV_NONE, 0, 103);
 	make(4, CLOCK_PROCESS_CPUTIME_ID, SIGEV_THREAD_ID, SIGRTMIN + 1, 104);
 	make(5, CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGUSR2, 105);
-	make(6, CLOCK_THREAD_CPUTIME_ID, SIGEV_SIGNAL, SIGRTMIN + 2, 106);
+	/* The main thread's CPU clock by its tid: CLOCK_THREAD_CPUTIME_ID in a
+	 * multi-threaded process would not say which thread (refused). */
+	if (pthread_getcpuclockid(pthread_self(), &main_clock))
+		fail("pthread_getcpuclockid");
+	make(6, main_clock, SIGEV_SIGNAL, SIGRTMIN + 2, 106);
 	make(7, CLOCK_MONOTONIC, SIGEV_NONE, 0, 0);
 	make(8, CLOCK_MONOTONIC, SIGEV_NONE, 0, 0);
 	make(9, CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGRTMIN + 3, 109);
+	make_for(10, CLOCK_MONOTONIC, SIGEV_THREAD_ID, SIGRTMIN + 4, 110, worker_tid);
 	timer_delete(tid[2]);
 	timer_delete(tid[7]);
 	timer_delete(tid[8]);
@@ -179,6 +232,7 @@ int main(int argc, char **argv)
 	arm(6, 0, 10 * NSEC, 0);			/* 10 s of this thread's CPU */
 	t9_deadline = start + 3 * NSEC;
 	arm(9, TIMER_ABSTIME, t9_deadline, 0);
+	arm(10, 0, 30 * 1000000LL, 30 * 1000000LL);
 
 	memset(&itv, 0, sizeof(itv));
 	itv.it_value.tv_sec = 3600;
@@ -282,6 +336,22 @@ int main(int argc, char **argv)
 	arm(5, 0, 1000000, 0);
 	while (!disarmed_count && now(CLOCK_MONOTONIC) < start + 3600 * NSEC)
 		usleep(1000);
+
+	/* Timer 10 signals the worker thread, and only it. */
+	worker_count = 0;
+	{
+		long long until = now(CLOCK_MONOTONIC) + 30 * NSEC;
+
+		while (worker_count < 3 && now(CLOCK_MONOTONIC) < until)
+			usleep(1000);
+		if (worker_count < 3)
+			fail("timer 10 (SIGEV_THREAD_ID) fired %ld times in 30 s", worker_count);
+	}
+	if (worker_wrong_thread)
+		fail("timer 10 (SIGEV_THREAD_ID) signalled thread %d, not %d", worker_wrong_thread,
+		     worker_tid);
+	worker_stop = 1;
+	pthread_join(th, NULL);
 
 	/* The gaps are still gaps; the kernel refuses the deleted ids. */
 	if (timer_gettime((timer_t)2, &its) == 0 || errno != EINVAL)

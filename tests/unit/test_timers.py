@@ -33,3 +33,9 @@ def test_elapsed_never_negative():
     assert timers.elapsed_ns(0) == 0
     assert timers.elapsed_ns(timers.now_realtime_ns() + 10 * timers.NSEC) == 0
     assert timers.elapsed_ns(timers.now_realtime_ns() - timers.NSEC) >= timers.NSEC
+
+
+def test_rearm_alarm_clock_reads_its_base_clock():
+    flags, at = timers.rearm(timers.CLOCK_BOOTTIME_ALARM, timers.NSEC, 0)
+    now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    assert flags == timers.TIMER_ABSTIME and now < at <= now + timers.NSEC
