@@ -281,6 +281,8 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
             releases.append(_take_over(img, p, opts, plan.keep, shared, stats, created))
         # Every process is built: let them all go, the leaves first.
         shared.seal()
+        files.restore_fown(img.files, {fi.id: (p.pid, fi.fd) for p in reversed(img.procs)
+                                       for fi in p.fdinfos})
         phase = Phases(img.pid)
         for rel in reversed(releases):
             rel.release(opts)

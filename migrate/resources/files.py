@@ -29,6 +29,8 @@ O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
 O_CLOEXEC = 0o2000000
 O_PATH = 0o10000000
 O_LARGEFILE = 0o100000
+O_ASYNC = 0o20000
+F_SETSIG, F_GETSIG, F_SETOWN_EX, F_GETOWN_EX = 10, 11, 15, 16
 TTY_MAJORS = {4, 5, 136, 137, 138, 139, 140, 141, 142, 143}
 
 
@@ -129,6 +131,8 @@ class FileTable:
             if f.type != files_pb2.REG:
                 raise errors.UnsupportedResource(pid, "file lock", f"a lock on {link}", fd=fd)
             f.reg.locks.extend(desc_locks)
+        if flags & O_ASYNC:
+            f.fown.CopyFrom(_dump_fown(pid, fd))
         self.files.append(f)        # after the files it carries in flight, if a socket
         return fid, cloexec, posix
 
@@ -203,6 +207,51 @@ def _seals(pid: int, fd: int) -> int:
         return fcntl.fcntl(mine, F_GET_SEALS)
     finally:
         os.close(mine)
+
+
+def _dump_fown(pid: int, fd: int):
+    """Owner and signal of a description with O_ASYNC (not in fdinfo: asked
+    with fcntl on our copy of the fd)."""
+    import fcntl
+    import struct
+    from migrate.kernel import syscalls
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+    try:
+        typ, owner = struct.unpack("ii", fcntl.fcntl(mine, F_GETOWN_EX, b"\0" * 8))
+        return files_pb2.fown_entry(type=typ, pid=owner, signum=fcntl.fcntl(mine, F_GETSIG))
+    finally:
+        os.close(mine)
+
+
+def restore_fown(files, fd_in: dict[int, tuple[int, int]]) -> None:
+    """Owners and signals of O_ASYNC descriptions, once every process
+    exists (an owner is usually one of them).  ``fd_in``: file id ->
+    (pid, fd) of a restored process holding it."""
+    import fcntl
+    import struct
+    from migrate.kernel import syscalls
+    for f in files:
+        if not f.HasField("fown") or f.id not in fd_in:
+            continue
+        pid, fd = fd_in[f.id]
+        pidfd = syscalls.pidfd_open(pid)
+        try:
+            mine = syscalls.pidfd_getfd(pidfd, fd, pid)
+        finally:
+            os.close(pidfd)
+        try:
+            if f.fown.pid:
+                fcntl.fcntl(mine, F_SETOWN_EX, struct.pack("ii", f.fown.type, f.fown.pid))
+            fcntl.fcntl(mine, F_SETSIG, f.fown.signum)
+        except OSError as e:
+            raise errors.RestoreError(f"pid {pid} fd {fd}: cannot set its owner "
+                                      f"{f.fown.pid}: {os.strerror(e.errno)}") from None
+        finally:
+            os.close(mine)
 
 
 def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
@@ -288,7 +337,8 @@ def check_files(files) -> None:
 def open_file(f, tty_path: str | None) -> int:
     """Open one file description as it was (runs in the new task)."""
     if f.type in (files_pb2.REG, files_pb2.DIR):
-        fd = os.open(f.reg.path, f.reg.flags | O_CLOEXEC)
+        # O_ASYNC is armed by the process itself (install_fds): open() ignores it
+        fd = os.open(f.reg.path, (f.reg.flags & ~O_ASYNC) | O_CLOEXEC)
         if f.reg.pos and not f.reg.flags & O_PATH:
             os.lseek(fd, f.reg.pos, os.SEEK_SET)
         return fd
@@ -422,4 +472,13 @@ def install_fds(files, fdinfos, opened: dict[int, int], keep: set[int],
     for fi in fdinfos:
         if fi.posix_locks:
             locks.take_posix_locks(fi.fd, fi.posix_locks)
+    # O_ASYNC armed from here, so SIGIO names the fd number the process knows
+    # (the kernel keeps the number F_SETFL was called with).
+    by_id = {f.id: f for f in files}
+    armed: set[int] = set()
+    for fi in fdinfos:
+        if by_id[fi.id].HasField("fown") and fi.id not in armed:
+            armed.add(fi.id)
+            import fcntl
+            fcntl.fcntl(fi.fd, fcntl.F_SETFL, fcntl.fcntl(fi.fd, fcntl.F_GETFL) | O_ASYNC)
     eventobjs.add_watches(files, [fi for fi in fdinfos if fi.id in epolls])

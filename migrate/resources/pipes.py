@@ -132,7 +132,7 @@ class Pipes:
         else:
             fd = os.dup(base)
             self.used.add(key)
-        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags)
+        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags & ~os.O_ASYNC)  # O_ASYNC: files.install_fds
         return fd
 
     def _fifo_end(self, f) -> int:
@@ -154,7 +154,7 @@ class Pipes:
                     view = view[os.write(h, view):]
         fd = os.open(f"/proc/self/fd/{self.made[p.pipe_id][0]}",
                      (f.reg.flags & O_ACCMODE) | os.O_CLOEXEC)
-        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags)
+        fcntl.fcntl(fd, fcntl.F_SETFL, p.flags & ~os.O_ASYNC)  # O_ASYNC: files.install_fds
         return fd
 
     def close(self) -> None:

@@ -8,6 +8,8 @@
  *   fd 46      a memfd "odd-memfd" with 10000 bytes, sealed SHRINK|GROW, and
  *              a shared mapping of it
  *   fd 47      O_PATH of /etc; fd 48 O_APPEND of $PWD/odd.append
+ *   fds 51/52  a pipe whose read end has O_ASYNC, this process as owner and
+ *              SIGRTMIN+2 as its signal (F_SETOWN, F_SETSIG)
  * After SIGTERM: every one as it was (data, offsets, sharing, seals, the
  * mapping and the fd showing the same memory, flags), and still working.
  */
@@ -16,6 +18,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -85,6 +88,18 @@ int main(int argc, char **argv)
 	place(open("/etc", O_PATH), 47);
 	place(open("odd.append", O_WRONLY | O_CREAT | O_APPEND | O_TRUNC, 0600), 48);
 
+	{
+		int p[2];
+
+		if (pipe(p) || dup2(p[0], 51) < 0 || dup2(p[1], 52) < 0)
+			fail("pipe 51/52");
+		close(p[0]);
+		close(p[1]);
+		if (fcntl(51, F_SETOWN, getpid()) || fcntl(51, F_SETSIG, SIGRTMIN + 2) ||
+		    fcntl(51, F_SETFL, O_ASYNC | O_NONBLOCK))
+			fail("F_SETOWN/F_SETSIG");
+	}
+
 	test_ready();
 	test_waitsig();
 
@@ -141,6 +156,24 @@ int main(int argc, char **argv)
 		fail("fd 47 is not O_PATH of /etc");
 	if (!(fcntl(48, F_GETFL) & O_APPEND))
 		fail("fd 48 lost O_APPEND");
+	/* O_ASYNC, owner and signal */
+	{
+		sigset_t set;
+		siginfo_t si;
+		struct timespec ts = {2, 0};
+
+		if (fcntl(51, F_GETOWN) != getpid() || fcntl(51, F_GETSIG) != SIGRTMIN + 2 ||
+		    !(fcntl(51, F_GETFL) & O_ASYNC))
+			fail("fd 51: owner %d signal %d flags %o", fcntl(51, F_GETOWN),
+			     fcntl(51, F_GETSIG), fcntl(51, F_GETFL));
+		sigemptyset(&set);
+		sigaddset(&set, SIGRTMIN + 2);
+		sigprocmask(SIG_BLOCK, &set, NULL);
+		if (write(52, "s", 1) != 1)
+			fail("write 52");
+		if (sigtimedwait(&set, &si, &ts) != SIGRTMIN + 2 || si.si_fd != 51)
+			fail("no SIGRTMIN+2 for fd 51 after a write");
+	}
 	fd = open("odd.fifo", O_RDONLY | O_NONBLOCK);
 	close(fd);
 	unlink("odd.fifo");
