@@ -2,7 +2,8 @@
 # Both set themselves up on a fresh machine (pip, apt-get if gcc is missing).
 PYTHON ?= python3
 PYTEST_ARGS ?=
-export PYTHONDONTWRITEBYTECODE = 1
+# Bytecode caches (git-ignored) spare every `migrate` command ~0.4 s of compiling.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: all setup build protos programs test unit integration demo bench soak clean
 

@@ -50,8 +50,9 @@ def wait_ready(log: str, timeout: float = 120) -> None:
 def run_migrate(*args: str) -> tuple[dict, float, int]:
     """Run the CLI; return (its --display-stats JSON, wall seconds, its peak RSS KiB)."""
     t = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     p = subprocess.Popen([sys.executable, "-m", "migrate", *args, "--display-stats"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out, err = p.communicate()
     wall = time.perf_counter() - t
     if p.returncode:

@@ -19,7 +19,7 @@ import stat as stat_mod
 from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc, sockdiag
-from migrate.kernel.kcmp import same_file
+from migrate.kernel.kcmp import compare_files
 from migrate.resources import eventobjs, inotify, locks, pipes, unix
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,30 @@ class FileTable:
         self._next_id = 0
         self._held: list[int] = []        # our copies of files in flight
 
+    def _search(self, key, pid: int, fd: int) -> tuple[int | None, int]:
+        """(file id of the same description, or None; where it would go).
+        Each inode's descriptions are kept in kcmp order (anonymous inodes,
+        one for every eventfd, epoll... of the tree, can be many)."""
+        row = self._by_inode.get(key, [])
+        lo, hi = 0, len(row)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            opid, ofd, fid = row[mid]
+            c = compare_files(pid, fd, opid, ofd)
+            if c == 0:
+                return fid, mid
+            if c < 0:
+                hi = mid
+            else:
+                lo = mid + 1
+        return None, lo
+
     def _same(self, key, pid: int, fd: int) -> int | None:
-        for opid, ofd, fid in self._by_inode.get(key, ()):
-            if same_file(opid, ofd, fd, pid):
-                return fid
-        return None
+        return self._search(key, pid, fd)[0]
+
+    def _insert(self, key, pid: int, fd: int, fid: int) -> None:
+        _, at = self._search(key, pid, fd)
+        self._by_inode.setdefault(key, []).insert(at, (pid, fd, fid))
 
     def dump_fds(self, pid: int) -> list:
         """fdinfo_entry list of ``pid``, adding its files to the table;
@@ -113,7 +132,7 @@ class FileTable:
         self._next_id += 1
         fid = self._next_id
         # Known before its own dump: a socket may carry itself in flight.
-        self._by_inode.setdefault(key, []).append((pid, fd, fid))
+        self._insert(key, pid, fd, fid)
         self.fd_of[fid] = (pid, fd)
         if kind == "pipe":
             f = pipes.dump_end(fid, link, flags)

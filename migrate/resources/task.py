@@ -284,14 +284,4 @@ def check_unsupported(pid: int, status: dict[str, str]) -> None:
         if theirs != ours:
             raise errors.UnsupportedResource(pid, "namespace", f"the process is in another "
                                                                f"{ns} namespace")
-    try:
-        with open("/proc/locks") as f:
-            for line in f:
-                parts = line.split()
-                # FLOCK, OFDLCK and POSIX locks are kept (resources/locks.py)
-                if len(parts) > 4 and parts[4] == str(pid) and \
-                        parts[1] not in ("FLOCK", "OFDLCK", "POSIX", "->"):
-                    raise errors.UnsupportedResource(pid, "file lock", f"{parts[1]} lock "
-                                                     f"on inode {parts[5]} is not supported yet")
-    except OSError:
-        pass
+    # File locks: fdinfo shows every lock of each fd (resources/locks.py).

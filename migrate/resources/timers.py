@@ -25,7 +25,6 @@ import struct
 import time
 
 from migrate import errors
-from migrate.images._pb import core_pb2
 from migrate.kernel import proc, sysno
 from migrate.resources.taskctl import TaskCtl
 

@@ -18,12 +18,16 @@ PROGRAMS = os.path.join(ROOT, "tests", "programs")
 BIN = os.path.join(PROGRAMS, "bin")
 
 
+# Bytecode caches (git-ignored) spare every `migrate` command ~0.4 s of compiling.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def cycles() -> int:
     return int(os.environ.get("MIGRATE_CYCLES", "20"))
 
 
 def migrate(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "migrate", *args], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "migrate", *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"migrate {' '.join(args)} failed ({p.returncode}):\n"

@@ -21,8 +21,8 @@
  * children's exit status).  R then reaps the zombies (status 7 and
  * SIGUSR2), checks T is still stopped, the shared memory both ways, the file
  * offset B moved, and the socket data.
- * `tree inotify`: B also holds an inotify fd (not supported: the dump must
- * fail and leave the whole tree as it was).
+ * `tree netlink`: B also holds a netlink socket (not supported: the dump
+ * must fail and leave the whole tree as it was).
  */
 #define _GNU_SOURCE
 #include "lib.h"
@@ -33,7 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/inotify.h>
+#include <linux/netlink.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -204,8 +204,9 @@ int main(int argc, char **argv)
 		close(sv[0]);
 		pipe_r = p[0];
 		sk = sv[1];
-		if (argc > 1 && !strcmp(argv[1], "inotify") && inotify_init1(0) < 0)
-			fail("inotify_init1");
+		if (argc > 1 && !strcmp(argv[1], "netlink") &&
+		    socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) < 0)
+			fail("netlink socket");
 		if (send(sk, "H-to-R", 6, 0) != 6)
 			fail("B: send");
 		child_B();
