@@ -199,3 +199,16 @@ def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int
     buf = ffi.new("char[]", len(handle).to_bytes(4, "little") +
                   handle_type.to_bytes(4, "little", signed=True) + handle)
     return call(SYS_open_by_handle_at, mount_fd, buf, flags, detail="file handle")
+
+
+SYS_fanotify_init, SYS_fanotify_mark = 300, 301
+AT_FDCWD = -100
+
+
+def fanotify_init(flags: int, event_f_flags: int) -> int:
+    return call(SYS_fanotify_init, flags, event_f_flags)
+
+
+def fanotify_mark(fd: int, flags: int, mask: int, path: str) -> None:
+    call(SYS_fanotify_mark, fd, flags, mask, AT_FDCWD, ffi.new("char[]", path.encode()),
+         detail=f"{path} mask {mask:#x}")

@@ -20,7 +20,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc, sockdiag
 from migrate.kernel.kcmp import compare_files
-from migrate.resources import eventobjs, inotify, locks, pipes, unix
+from migrate.resources import eventobjs, fanotify, inotify, locks, pipes, unix
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class FileTable:
     def _dump_one(self, pid: int, fd: int, socks) -> tuple[int, bool, list]:
         link = proc.readlink(pid, f"fd/{fd}")
         kind = _kind_of_link(link)
-        if kind not in ("file", "pipe", "socket", inotify.LINK) and \
+        if kind not in ("file", "pipe", "socket", inotify.LINK, fanotify.LINK) and \
                 kind not in eventobjs.KINDS:
             raise errors.UnsupportedResource(pid, kind, f"{link} is not supported yet", fd=fd)
         raw = proc.read_text(pid, f"fdinfo/{fd}")
@@ -140,6 +140,8 @@ class FileTable:
             f = eventobjs.dump(pid, fd, fid, kind, flags, info, raw)
         elif kind == inotify.LINK:
             f = inotify.dump(pid, fd, fid, flags, raw)
+        elif kind == fanotify.LINK:
+            f = fanotify.dump(pid, fd, fid, flags, raw)
         elif kind == "socket":
             f = socks.dump(fd, fid, link, flags)
         else:
@@ -439,6 +441,8 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int,
                 fd = eventobjs.open_object(f)
             elif f.type == files_pb2.INOTIFY:
                 fd = inotify.open_object(f)
+            elif f.type == files_pb2.FANOTIFY:
+                fd = fanotify.open_object(f)
             else:
                 fd = open_file(f, tty_path)
             try:
