@@ -224,6 +224,18 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     t0 = time.perf_counter()
     img = load(opts.images_dir)
     preflight(img)
+    # Orphans of a failed restore come to us to be reaped.
+    was_subreaper = syscalls.get_child_subreaper()
+    if not was_subreaper:
+        syscalls.set_child_subreaper()
+    try:
+        return _restore(opts, img, t0)
+    finally:
+        if not was_subreaper:
+            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 0)
+
+
+def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreStats]:
     stats = RestoreStats()
     tty = _own_tty() if opts.shell_job else None
     base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1
@@ -273,20 +285,15 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     os.close(ready_w)
     os.close(go_r)
     created: list[int] = []
-    releases: list[_Release] = []
     try:
         _wait_ready(ready_r, img, pid)
         phase("fork and fds", f"{len(img.entries)} processes")
-        for p in img.procs:
-            releases.append(_take_over(img, p, opts, plan.keep, shared, stats, created))
-        # Every process is built: let them all go, the leaves first.
-        shared.seal()
-        files.restore_fown(img.files, {fi.id: (p.pid, fi.fd) for p in reversed(img.procs)
-                                       for fi in p.fdinfos})
-        phase = Phases(img.pid)
-        for rel in reversed(releases):
-            rel.release(opts)
-        phase("release")
+        def all_built() -> None:
+            shared.seal()
+            files.restore_fown(img.files, {fi.id: (p.pid, fi.fd) for p in reversed(img.procs)
+                                           for fi in p.fdinfos})
+
+        _build_all(img, opts, plan.keep, shared, stats, created, all_built)
     except BaseException as exc:
         _kill_tree(pid, [e.pid for e in img.entries], created)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.RestoreError):
@@ -323,20 +330,22 @@ KILL_WAIT = 5.0
 
 def _kill_tree(root: int, pids: list[int], threads: list[int] = ()) -> None:
     """Kill every process this restore made, and reap them.  Ours are the
-    root (our child) and its descendants: found by walking down from it, so
-    an unrelated process that took one of the image's pids is never hit.
-    We are their subreaper meanwhile: the orphans come to us to be reaped."""
-    was = syscalls.get_child_subreaper()
-    if not was:
-        syscalls.set_child_subreaper()
-    try:
+    root (our child), its descendants, and the orphans of the tree that came
+    to us (we are their subreaper during a restore): found by walking down
+    from us, so an unrelated process that took one of the image's pids is
+    never hit."""
+    wanted = set(pids)
+    me = os.getpid()
+    end = time.monotonic() + KILL_WAIT
+    seen: set[int] = set()
+    while True:
         mine: list[int] = []
-        todo = [root]
+        todo = [c for c in proc.list_children(me) if c in wanted or c == root]
         while todo:
             p = todo.pop()
             mine.append(p)
             try:
-                todo.extend(c for c in proc.list_children(p) if c in pids)
+                todo.extend(c for c in proc.list_children(p) if c in wanted)
             except errors.MigrateError:
                 pass
         for p in mine:
@@ -344,23 +353,19 @@ def _kill_tree(root: int, pids: list[int], threads: list[int] = ()) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        end = time.monotonic() + KILL_WAIT
-        left = set(mine) | set(threads)
-        while left and time.monotonic() < end:
-            for p in list(left):
-                try:
-                    os.waitpid(p, os.WNOHANG | ptrace.WALL)
-                except ChildProcessError:
-                    pass
-                if not os.path.exists(f"/proc/{p}"):
-                    left.discard(p)
-            if left:
-                time.sleep(0.002)
-        if left:
+        seen |= set(mine)
+        for p in list(seen) + list(threads):
+            try:
+                os.waitpid(p, os.WNOHANG | ptrace.WALL)
+            except ChildProcessError:
+                pass
+        left = [p for p in seen | set(threads) if os.path.exists(f"/proc/{p}")]
+        if not left and not mine:
+            return
+        if time.monotonic() > end:
             log.warning("processes %s of the failed restore are not reaped yet", sorted(left))
-    finally:
-        if not was:
-            syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 0)
+            return
+        time.sleep(0.002)
 
 
 @dataclasses.dataclass
@@ -512,6 +517,83 @@ def _choose_gadget(*layouts: list[tuple[int, int]]) -> int:
             return cand
         cand += 0x10000000
     raise errors.RestoreError("no free address for the restore gadget")
+
+
+WORKERS = 2          # processes built at once (this machine has two cores)
+
+
+def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], shared,
+               stats: RestoreStats, created: list[int], all_built) -> None:
+    """Take every process over, then (``all_built``) release them all.
+
+    With several processes, WORKERS threads build them side by side (the
+    remote syscalls wait on the tasks and on the kernel, not on Python).
+    ptrace binds a tracee to the thread that seized it, so each thread also
+    releases its own processes; a thread that fails makes the others stop,
+    and its tracees die with it (PTRACE_O_EXITKILL)."""
+    n = min(WORKERS, len(img.procs))
+    if n <= 1:
+        rels = [_take_over(img, p, opts, ctl_fds, shared, stats, created)
+                for p in img.procs]
+        all_built()
+        phase = Phases(img.pid)
+        for rel in reversed(rels):          # the leaves first
+            rel.release(opts)
+        phase("release")
+        return
+    import threading
+    buckets = [img.procs[i::n] for i in range(n)]
+    part = [RestoreStats() for _ in range(n)]
+    failed: list[BaseException] = []
+    built = threading.Barrier(n + 1)
+    go = threading.Barrier(n + 1)
+
+    def work(i: int) -> None:
+        rels = []
+        try:
+            for p in buckets[i]:
+                rels.append(_take_over(img, p, opts, ctl_fds, shared, part[i], created))
+        except BaseException as e:
+            failed.append(e)
+            built.abort()
+            go.abort()
+            return
+        try:
+            built.wait()
+            go.wait()
+        except threading.BrokenBarrierError:
+            return
+        try:
+            for rel in reversed(rels):
+                rel.release(opts)
+        except BaseException as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"restore-{i}")
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        try:
+            built.wait()
+        except threading.BrokenBarrierError:
+            pass
+        if not failed:
+            all_built()
+            go.wait()
+    except BaseException:
+        built.abort()
+        go.abort()
+        for t in threads:
+            t.join()
+        raise
+    for t in threads:
+        t.join()
+    for st in part:
+        stats.pages_restored += st.pages_restored
+        stats.remote_syscalls += st.remote_syscalls
+    if failed:
+        raise failed[0]
 
 
 @dataclasses.dataclass

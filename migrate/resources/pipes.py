@@ -40,7 +40,8 @@ def dump_end(fid: int, link: str, flags: int):
 
 def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
     """pipe_data_entry per pipe.  ``fd_of``: file id -> (pid, fd) holding it.
-    Both ends of every pipe must be in the dump."""
+    Both ends of every pipe must be in the dump, or the missing one closed
+    everywhere."""
     ends: dict[int, dict[bool, tuple[int, int]]] = {}
     for f in entries:
         if f.type == files_pb2.PIPE:
@@ -48,11 +49,17 @@ def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
     out = []
     for pid_, sides in ends.items():
         if len(sides) != 2:
-            which = "read" if True in sides else "write"
+            read = True in sides
             pid, fd = next(iter(sides.values()))
-            raise errors.UnsupportedResource(
-                pid, "pipe", f"pipe:[{pid_}] has only its {which} end in the dump: the "
-                             "other end belongs to a process outside the dump", fd=fd)
+            if not _other_end_gone(pid, fd, read):
+                raise errors.UnsupportedResource(
+                    pid, "pipe", f"pipe:[{pid_}] has only its {'read' if read else 'write'} "
+                                 "end in the dump: the other end belongs to a process "
+                                 "outside the dump", fd=fd)
+            # The other end is closed everywhere: the restore makes the pipe
+            # and closes that end again (the tool's copy is the last one).
+            if not read:
+                continue        # nobody can read what is in flight
         pid, fd = sides[True]
         out.append(_copy_in_flight(pid, pid_, _their_fd(pid, fd)))
     # FIFOs: through a read end of the dump, else through the FIFO's path
@@ -66,6 +73,21 @@ def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
             os.open(f.reg.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         out.append(_copy_in_flight(pid, pid_, src))
     return out
+
+
+def _other_end_gone(pid: int, fd: int, read: bool) -> bool:
+    """Is the other end of this pipe end closed in every process?  poll(2)
+    says so: POLLHUP on a read end with no writer left, POLLERR on a write
+    end with no reader left."""
+    import select
+    mine = _their_fd(pid, fd)
+    try:
+        p = select.poll()
+        p.register(mine, select.POLLIN if read else select.POLLOUT)
+        ev = sum(e for _, e in p.poll(0))
+        return bool(ev & (select.POLLHUP if read else select.POLLERR))
+    finally:
+        os.close(mine)
 
 
 def _their_fd(pid: int, fd: int) -> int:

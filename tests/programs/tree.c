@@ -83,10 +83,10 @@ static void wait_child(pid_t c, const char *name)
  * process has closed its end. */
 static void signal_ready(void)
 {
+	close(ready_r);
 	if (write(ready_w, "x", 1) != 1)
 		fail("%s: ready pipe", who);
 	close(ready_w);
-	close(ready_r);
 }
 
 static void check_cow(void)
