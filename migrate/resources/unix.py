@@ -9,8 +9,9 @@ SO_PEEK_OFF (put back as it was).  Options: SO_PASSCRED and the buffer
 sizes.  Files in flight (SCM_RIGHTS) are dumped from the copies the peek
 gives us, and sent again with their message.  The other end of every
 connection must be in the dump (a peer, the listener a client waits on, the
-clients waiting on a listener); refused: data sent on a connection not
-accepted yet, a datagram socket connected to another.
+clients waiting on a listener), except for a datagram socket connected to
+a bound one (/dev/log), which is connected to that name again; refused:
+data sent on a connection not accepted yet.
 Restore (in the tool, see files.open_all): Pairs below.
 """
 
@@ -70,16 +71,19 @@ class Dumper:
                 raise errors.UnsupportedResource(self.pid, "socket", f"listener {u.name!r} "
                                                  "has a connection whose client is gone in "
                                                  "its queue", fd=fd)
+        elif u.type == socket.SOCK_DGRAM:
+            # connect(2) marks both datagram sockets ESTABLISHED: what counts
+            # is the peer, which may be a bound socket outside the dump
+            # (/dev/log): its name is kept to connect to it again.
+            peer = self.diag().get(u.peer) if u.peer else None
+            if peer is not None:
+                e.peer_name = peer.name
         elif u.state == sockdiag.TCP_ESTABLISHED and not u.peer and u.wqueue:
             raise errors.UnsupportedResource(self.pid, "socket", "data sent on a connection "
                                              "not accepted yet", fd=fd)
         elif u.state not in (sockdiag.TCP_ESTABLISHED, sockdiag.TCP_CLOSE):
             raise errors.UnsupportedResource(self.pid, "socket", f"unix socket in state "
                                              f"{u.state}", fd=fd)
-        elif u.state == sockdiag.TCP_CLOSE and u.peer:
-            raise errors.UnsupportedResource(self.pid, "socket", "a datagram socket "
-                                             "connected to another is not supported yet",
-                                             fd=fd)
         if u.name and not u.name.startswith(b"\0"):
             self._bound_file(e, u, fd)
         pidfd = syscalls.pidfd_open(self.pid)
@@ -184,6 +188,11 @@ def check_pairs(entries: list, fd_of: dict[int, tuple[int, int]]) -> None:
                     raise errors.UnsupportedResource(
                         pid, "socket", f"a client outside the dump (socket:[{c}]) waits in "
                                        f"the queue of listener {u.name!r}", fd=fd)
+        elif u.type == socket.SOCK_DGRAM:
+            if u.peer and u.peer not in socks and not u.peer_name:
+                raise errors.UnsupportedResource(
+                    pid, "socket", f"datagram socket:[{u.ino}] is connected to an unnamed "
+                                   "socket outside the dump", fd=fd)
         elif u.state == sockdiag.TCP_ESTABLISHED:
             if u.peer and u.peer not in socks:
                 raise errors.UnsupportedResource(
@@ -225,7 +234,9 @@ class Pairs:
     def open_end(self, f) -> int:
         u = f.unix
         if u.ino not in self.made:
-            if u.state == sockdiag.TCP_LISTEN:
+            if u.type == socket.SOCK_DGRAM:
+                self._dgram(u)
+            elif u.state == sockdiag.TCP_LISTEN:
                 self._listener(u)
             elif u.state == sockdiag.TCP_ESTABLISHED and u.peer:
                 self._pair(u, self.by_ino[u.peer])
@@ -319,6 +330,26 @@ class Pairs:
             client.connect(addr)
         if u.unlinked:
             os.unlink(os.fsdecode(u.name.rstrip(b"\0")))
+
+    def _dgram(self, u) -> None:
+        """A datagram socket: a pair if it and its peer are connected to each
+        other; else bound (if it was) and connected to its peer by name."""
+        peer = self.by_ino.get(u.peer) if u.peer else None
+        if peer is not None and peer.peer == u.ino:
+            self._pair(u, peer)
+            return
+        self._unconnected(u)
+        if not u.peer:
+            return
+        if peer is not None and peer.ino not in self.made:
+            self._dgram(peer)            # bound first, so there is a name to connect to
+        name = u.peer_name
+        addr = name if name.startswith(b"\0") else os.fsdecode(name.rstrip(b"\0"))
+        try:
+            self.made[u.ino].connect(addr)
+        except OSError as e:
+            raise errors.RestoreError(f"cannot connect datagram socket:[{u.ino}] to "
+                                      f"{name!r} again: {os.strerror(e.errno)}") from None
 
     def _unconnected(self, u) -> None:
         sock = socket.socket(socket.AF_UNIX, u.type)
