@@ -183,7 +183,7 @@ def load(images_dir: str) -> Image:
 
 def preflight(img: Image) -> None:
     """Everything the restore needs, checked before a process exists."""
-    files.check_files(img.files)
+    files.check_files(img.files, {e.pid for e in img.entries})
     for p in img.procs:
         memory.check_files(p.mm.vmas)
         fs.check(p.fs)
@@ -244,7 +244,8 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
                                   [f for f in img.files
                                    if f.type == files_pb2.REG and f.reg.memfd])
     try:
-        opened = files.open_all(img.files, tty, img.pipes, base, shared)
+        opened = files.open_all(img.files, tty, img.pipes, base, shared,
+                                {e.pid for e in img.entries})
     except BaseException:
         shared.close()
         raise

@@ -12,6 +12,7 @@ closes the rest (install_fds).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat as stat_mod
@@ -217,7 +218,6 @@ def _content(pid: int, fd: int, link: str, size: int) -> bytes:
 
 
 def _seals(pid: int, fd: int) -> int:
-    import fcntl
     from migrate.kernel import syscalls
     pidfd = syscalls.pidfd_open(pid)
     try:
@@ -233,7 +233,6 @@ def _seals(pid: int, fd: int) -> int:
 def _dump_fown(pid: int, fd: int):
     """Owner and signal of a description with O_ASYNC (not in fdinfo: asked
     with fcntl on our copy of the fd)."""
-    import fcntl
     import struct
     from migrate.kernel import syscalls
     pidfd = syscalls.pidfd_open(pid)
@@ -252,7 +251,6 @@ def restore_fown(files, fd_in: dict[int, tuple[int, int]]) -> None:
     """Owners and signals of O_ASYNC descriptions, once every process
     exists (an owner is usually one of them).  ``fd_in``: file id ->
     (pid, fd) of a restored process holding it."""
-    import fcntl
     import struct
     from migrate.kernel import syscalls
     for f in files:
@@ -326,10 +324,19 @@ def _dump_file(pid: int, fd: int, fid: int, link: str, flags: int, pos: int,
 # restore
 
 
-def check_files(files) -> None:
+def of_tree(f, pids: set[int]) -> bool:
+    """A file under /proc/PID/ of a process of the tree: it exists only once
+    that process does, so the process opens it itself (install_fds)."""
+    if f.type not in (files_pb2.REG, files_pb2.DIR) or not f.reg.path.startswith("/proc/"):
+        return False
+    part = f.reg.path.split("/")[2]
+    return part.isdigit() and int(part) in pids
+
+
+def check_files(files, pids: set[int] = frozenset()) -> None:
     """Before any process is created: every file must be there."""
     for f in files:
-        if f.type == files_pb2.REG and f.reg.memfd:
+        if f.type == files_pb2.REG and f.reg.memfd or of_tree(f, pids):
             continue
         if f.type == files_pb2.REG and f.reg.unlinked:
             where = os.path.dirname(f.reg.path)
@@ -404,20 +411,19 @@ class Ghosts:
 
 
 def open_all(files, tty_path: str | None, pipe_data: list, base: int,
-             shared=None) -> dict[int, int]:
+             shared=None, pids: set[int] = frozenset()) -> dict[int, int]:
     """Open every file description of the tree once, in the tool, at fd
     numbers from ``base`` up (above every fd number a restored process
     uses); returns file id -> fd.  The processes forked afterwards inherit
     them all, so a description shared by several processes is one
     description again (one offset, one pipe, one socket)."""
-    import fcntl
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
     pairs = unix.Pairs(files, opened)
     ghosts = Ghosts()
     # Unix sockets last, each once the files in flight in its queue are open.
     socks = [f for f in files if f.type == files_pb2.UNIX_SOCKET]
-    order = [f for f in files if f.type != files_pb2.UNIX_SOCKET]
+    order = [f for f in files if f.type != files_pb2.UNIX_SOCKET and not of_tree(f, pids)]
     have = {f.id for f in order}
     while socks:
         ready = [f for f in socks if pairs.needs(f) <= have]
@@ -488,20 +494,25 @@ def install_fds(files, fdinfos, opened: dict[int, int], keep: set[int],
             except OSError as e:
                 if e.errno != errno.EBADF:
                     raise
+    by_id = {f.id: f for f in files}
+    late: dict[int, int] = {}          # /proc/PID/ files of the tree, opened here
     for fi in fdinfos:
-        os.dup2(opened[fi.id], fi.fd, inheritable=not fi.cloexec)
-    for fd in opened.values():
+        if fi.id not in opened and fi.id not in late:
+            fd = open_file(by_id[fi.id], None)
+            late[fi.id] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(keep_all | {fi.fd}) + 1)
+            os.close(fd)
+    for fi in fdinfos:
+        os.dup2(opened.get(fi.id, late.get(fi.id)), fi.fd, inheritable=not fi.cloexec)
+    for fd in [*opened.values(), *late.values()]:
         os.close(fd)
     for fi in fdinfos:
         if fi.posix_locks:
             locks.take_posix_locks(fi.fd, fi.posix_locks)
     # O_ASYNC armed from here, so SIGIO names the fd number the process knows
     # (the kernel keeps the number F_SETFL was called with).
-    by_id = {f.id: f for f in files}
     armed: set[int] = set()
     for fi in fdinfos:
         if by_id[fi.id].HasField("fown") and fi.id not in armed:
             armed.add(fi.id)
-            import fcntl
             fcntl.fcntl(fi.fd, fcntl.F_SETFL, fcntl.fcntl(fi.fd, fcntl.F_GETFL) | O_ASYNC)
     eventobjs.add_watches(files, [fi for fi in fdinfos if fi.id in epolls])

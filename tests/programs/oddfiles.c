@@ -10,6 +10,7 @@
  *   fd 47      O_PATH of /etc; fd 48 O_APPEND of $PWD/odd.append
  *   fds 51/52  a pipe whose read end has O_ASYNC, this process as owner and
  *              SIGRTMIN+2 as its signal (F_SETOWN, F_SETSIG)
+ *   fd 53      /proc/self/stat (a file of this very process)
  * After SIGTERM: every one as it was (data, offsets, sharing, seals, the
  * mapping and the fd showing the same memory, flags), and still working.
  */
@@ -19,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -100,6 +102,8 @@ int main(int argc, char **argv)
 			fail("F_SETOWN/F_SETSIG");
 	}
 
+	place(open("/proc/self/stat", O_RDONLY), 53);
+
 	test_ready();
 	test_waitsig();
 
@@ -156,6 +160,14 @@ int main(int argc, char **argv)
 		fail("fd 47 is not O_PATH of /etc");
 	if (!(fcntl(48, F_GETFL) & O_APPEND))
 		fail("fd 48 lost O_APPEND");
+	{
+		char st[64], want[32];
+		ssize_t n = pread(53, st, sizeof(st) - 1, 0);
+
+		snprintf(want, sizeof(want), "%d (", getpid());
+		if (n <= 0 || (st[n] = 0, strncmp(st, want, strlen(want))))
+			fail("fd 53 is not /proc/%d/stat", getpid());
+	}
 	/* O_ASYNC, owner and signal */
 	{
 		sigset_t set;
