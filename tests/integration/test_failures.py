@@ -102,6 +102,7 @@ def test_dump_channel_to_outside_is_refused(kind, workdir):
     else:
         a, b = socket.socketpair()
         theirs, ours = b.detach(), a.detach()
+    p = None
     try:
         with open(os.path.join(workdir, "c.log"), "ab") as log:
             p = subprocess.Popen([os.path.join(BIN, "counter")], stdin=theirs, stdout=log,
@@ -115,6 +116,9 @@ def test_dump_channel_to_outside_is_refused(kind, workdir):
         assert p.wait(timeout=10) == 0
     finally:
         os.close(ours)
+        if p is not None and p.poll() is None:     # a failed check: no stray process
+            p.kill()
+            p.wait()
 
 
 # ------------------------------------------------------ dump: fails half-way
