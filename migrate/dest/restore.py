@@ -106,11 +106,13 @@ class Image:
 MAX_CHAIN = 256
 
 
-def load_chain(d: ImageDir, pid: int) -> tuple[list[ImageDir], list[list]]:
-    """The image and its parents (``parent`` symlinks) with their pagemaps."""
+def load_chain(d: ImageDir, pid: int, start: int = 0) -> tuple[list[ImageDir], list[list]]:
+    """The image and the parents (``parent`` symlinks) that hold pages of
+    ``pid`` (started at ``start``, when known), with their pagemaps.  A level
+    whose pagemap leaves nothing to its parent ends the chain."""
     chain, maps = [d], [d.read_image(f"pagemap-{pid}.img")[1:]]
-    start = d.inventory.root_start_time
-    while chain[-1].inventory.parent:
+    while chain[-1].inventory.parent and any(e.flags & pagemap.PE_IN_PARENT
+                                             for e in maps[-1]):
         cur = chain[-1]
         if len(chain) >= MAX_CHAIN:
             raise errors.ImageError(cur.path, None, f"parent chain longer than {MAX_CHAIN}")
@@ -119,10 +121,16 @@ def load_chain(d: ImageDir, pid: int) -> tuple[list[ImageDir], list[list]]:
             raise errors.ImageError(link, None, f"missing: the image has parent "
                                                 f"{cur.inventory.parent!r}")
         p = ImageDir.open(link)
-        if p.inventory.root_pid != pid or (start and p.inventory.root_start_time not in
-                                            (0, start)):
-            raise errors.ImageError(link, None, f"parent is of pid {p.inventory.root_pid}, "
-                                                f"not of this process (pid {pid})")
+        if p.inventory.root_pid == pid:
+            then = p.inventory.root_start_time
+        else:
+            mine = [e for e in p.read_image("pstree.img") if e.pid == pid]
+            then = mine[0].start_time if mine else None
+        if then is None or not p.has(f"pagemap-{pid}.img") or (start and then not in
+                                                                 (0, start)):
+            raise errors.ImageError(link, None, f"the parent image has no pages of pid "
+                                                f"{pid} (started at {start}), which "
+                                                f"{cur.path} leaves to it")
         chain.append(p)
         maps.append(p.read_image(f"pagemap-{pid}.img")[1:])
     return chain, maps
@@ -163,7 +171,8 @@ def load(images_dir: str) -> Image:
             continue
         pid = e.pid
         pmap = d.read_image(f"pagemap-{pid}.img")
-        chain, maps = load_chain(d, pid)
+        chain, maps = load_chain(d, pid, e.start_time or
+                                 (inv.root_start_time if pid == inv.root_pid else 0))
         parts = pagemap.overlay(maps, [c.path for c in chain])
         procs.append(ProcImage(pid, e, d.read_one(f"core-{pid}.img"),
                                d.read_one(f"mm-{pid}.img"), pmap[0], pmap[1:],

@@ -85,15 +85,23 @@ class Parent:
     cover: list[tuple[int, int]]     # pages the parent chain holds
 
 
-def _open_parent(opts: DumpOptions, pid: int, start_time: int) -> Parent | None:
+def _open_parent(opts: DumpOptions, pid: int, start_time: int, root: int) -> Parent | None:
+    """The parent image's pages of ``pid``: None without --prev-images-dir,
+    or for a process the parent image does not have (new since: all copied)."""
     if not opts.prev_images_dir:
         return None
     path = os.path.normpath(os.path.join(opts.images_dir, opts.prev_images_dir))
     d = ImageDir.open(path)
     inv = d.inventory
-    if inv.root_pid != pid or (inv.root_start_time and inv.root_start_time != start_time):
-        raise errors.DumpError(f"parent image {path} is of another process (pid "
-                               f"{inv.root_pid}), not of pid {pid}")
+    if pid == root:
+        if inv.root_pid != pid or (inv.root_start_time and inv.root_start_time != start_time):
+            raise errors.DumpError(f"parent image {path} is of another process (pid "
+                                   f"{inv.root_pid}), not of pid {pid}")
+    else:
+        mine = [e for e in d.read_image("pstree.img") if e.pid == pid]
+        if not mine or (mine[0].start_time and mine[0].start_time != start_time) or \
+                not d.has(f"pagemap-{pid}.img"):
+            return None          # not in the parent image, or another process then
     entries = d.read_image(f"pagemap-{pid}.img")[1:]
     return Parent(opts.prev_images_dir, pm.ranges_of(entries, pm.PE_PRESENT | pm.PE_IN_PARENT))
 
@@ -171,26 +179,87 @@ def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
     stats.memdump_us += _us(t0, time.perf_counter())
 
 
-def _inventory(opts: DumpOptions, pid: int, start_time: int, kind, tracker) -> object:
-    return inventory_pb2.inventory_entry(
-        tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
-        kind=kind, root_pid=pid, root_start_time=start_time, shell_job=opts.shell_job,
-        parent=opts.prev_images_dir or "", tracker=tracker.kind if tracker else "")
-
-
 # --------------------------------------------------------------------------
 # pre-dump
 
 
+def _live_tree(root: int) -> list[tuple[int, int]]:
+    """(pid, ppid) of ``root`` and its live descendants, parents first.  The
+    tasks run: a process that comes or goes meanwhile is seen or not."""
+    out = [(root, 0)]
+    i = 0
+    while i < len(out):
+        pid = out[i][0]
+        i += 1
+        try:
+            kids = proc.list_children(pid)
+        except errors.NoSuchProcess:
+            continue
+        for c in kids:
+            try:
+                if proc.read_stat(c).state in ("Z", "X"):
+                    continue
+            except errors.NoSuchProcess:
+                continue
+            out.append((c, pid))
+    return out
+
+
 def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
-    """Memory only, the task running; starts or continues dirty tracking."""
+    """Memory only, the tasks running; starts or continues dirty tracking,
+    for ``opts.pid`` and each of its descendants."""
     t_start = time.perf_counter()
     stats = DumpStats(kind="pre-dump")
-    pid = opts.pid
-    st = freezer.check_target(pid)
-    _refuse_trees(pid)
-    parent = _open_parent(opts, pid, st.start_time)
+    root = opts.pid
+    st = freezer.check_target(root)
     images = sink if sink is not None else ImageDir.create(opts.images_dir)
+    started: list = []          # trackers this round started (stopped if it fails)
+    entries = []
+    kinds = set()
+    try:
+        for pid, ppid in _live_tree(root):
+            try:
+                pst = st if pid == root else freezer.check_target(pid)
+                parent = _open_parent(opts, pid, pst.start_time, root)
+                kinds.add(_pre_dump_one(opts, pid, pst, parent, images, stats, started))
+            except (errors.NoSuchProcess, errors.ProcessStateError):
+                if pid == root:
+                    raise
+                log.info("pid %d: gone during the pre-dump, left out", pid)
+                continue
+            entries.append(pstree_pb2.pstree_entry(
+                pid=pid, ppid=ppid, pgid=pst.pgrp, sid=pst.session,
+                threads=proc.list_threads(pid), start_time=pst.start_time))
+        images.write_image("pstree.img", entries)
+        stats.tracker = ",".join(sorted(k for k in kinds if k))
+        stats.total_us = _us(t_start, time.perf_counter())
+        stats.peak_rss_kb = proc.peak_rss_kb()
+        images.write_image("stats-dump.img", [stats.to_pb()])
+        if opts.prev_images_dir:
+            images.set_parent(opts.prev_images_dir)
+        images.commit(inventory_pb2.inventory_entry(
+            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            kind=inventory_pb2.PRE_DUMP, root_pid=root, root_start_time=st.start_time,
+            shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
+            tracker=stats.tracker))
+    except BaseException as exc:
+        images.discard()
+        for t in started:
+            t.stop()        # tracking started by this failed round: end it too
+        if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
+            raise errors.DumpError(f"pre-dump of pid {root} failed, the processes were left "
+                                   f"running as they were: {exc}") from exc
+        raise
+    log.info("pid %d: pre-dump of %d process%s to %s: %d pages written, %d in parent, "
+             "frozen %.2f ms", root, len(entries), "es" if len(entries) > 1 else "",
+             opts.images_dir, stats.pages_written, stats.pages_in_parent,
+             stats.frozen_us / 1000)
+    return stats
+
+
+def _pre_dump_one(opts: DumpOptions, pid: int, st, parent: Parent | None, images,
+                  stats: DumpStats, started: list) -> str:
+    """One process's memory; returns the tracker kind used ("" for none)."""
     kind = trackers.choose(opts.tracker)
     tracker = trackers.UffdTracker.attach(pid, st.start_time) if kind == "uffd" else None
     fr = None
@@ -209,8 +278,7 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
             t0 = time.perf_counter()
             fr = freezer.freeze(pid)
             t_frozen = time.perf_counter()
-            stats.freezing_us = _us(t0, t_frozen)
-            _refuse_trees(pid)
+            stats.freezing_us += _us(t0, t_frozen)
             smaps = proc.read_smaps(pid)
             if kind == "uffd":
                 if tracker is None:
@@ -221,9 +289,10 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
                     ctl = None
                 untracked = {v.start for v in tracker.register(smaps)}
                 freezer.thaw(fr)
-                stats.frozen_us = _us(t_frozen, time.perf_counter())
+                stats.frozen_us += _us(t_frozen, time.perf_counter())
                 fr = None
                 if tracker.fresh:
+                    started.append(tracker)
                     tracker.hold()
             else:
                 tracker = trackers.SoftDirtyTracker(pid, fresh=parent is None)
@@ -238,45 +307,30 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
         _write_memory(pid, images, runs, in_parent, stats, tolerant=fr is None)
         if fr is not None:
             freezer.thaw(fr)
-            stats.frozen_us = _us(t_frozen, time.perf_counter())
+            stats.frozen_us += _us(t_frozen, time.perf_counter())
             fr = None
-        images.write_image("pstree.img", [pstree_pb2.pstree_entry(
-            pid=pid, pgid=st.pgrp, sid=st.session, threads=[pid])])
-        stats.tracker = tracker.kind if tracker else ""
-        stats.total_us = _us(t_start, time.perf_counter())
-        stats.peak_rss_kb = proc.peak_rss_kb()
-        images.write_image("stats-dump.img", [stats.to_pb()])
-        if parent:
-            images.set_parent(parent.rel)
-        images.commit(_inventory(opts, pid, st.start_time, inventory_pb2.PRE_DUMP, tracker))
-    except BaseException as exc:
+        return tracker.kind if tracker else ""
+    except BaseException:
         if fr is not None:
-            _rollback(fr, ctl, images)
-        else:
-            images.discard()
-        if tracker is not None and tracker.fresh:
-            tracker.stop()      # tracking started by this failed round: end it too
-        if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
-            raise errors.DumpError(f"pre-dump of pid {pid} failed, the process was left "
-                                   f"running as it was: {exc}") from exc
+            try:
+                if ctl is not None:
+                    try:
+                        ctl.unmap_scratch()
+                    finally:
+                        ctl.remote.finish()
+                        ptrace.set_sigmask(pid, ctl.saved_mask)
+            finally:
+                freezer.thaw(fr)
+        if tracker is not None and tracker.fresh and tracker not in started:
+            tracker.stop()
         raise
     finally:
         if tracker is not None:
             tracker.close()
-    log.info("pid %d: pre-dump to %s: %d pages written, %d in parent, frozen %.2f ms",
-             pid, opts.images_dir, stats.pages_written, stats.pages_in_parent,
-             stats.frozen_us / 1000)
-    return stats
 
 
 # --------------------------------------------------------------------------
 # dump
-
-
-def _refuse_trees(pid: int) -> None:
-    if proc.list_children(pid):
-        raise errors.UnsupportedResource(pid, "children", "pre-dumps and incremental "
-                                         "dumps of process trees are not supported yet")
 
 
 @dataclasses.dataclass
@@ -293,10 +347,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     stats = DumpStats()
     pid = opts.pid
     st = freezer.check_target(pid)
-    incremental = bool(opts.prev_images_dir or opts.track_mem)
-    if incremental:
-        _refuse_trees(pid)
-    parent = _open_parent(opts, pid, st.start_time)
+    parent = _open_parent(opts, pid, st.start_time, pid)
     images = sink if sink is not None else ImageDir.create(opts.images_dir)
     # An incremental dump is the short stop of a live migration: read the
     # VMAs with their flags before freezing (smaps walks every page table),
@@ -304,17 +355,16 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     early = proc.read_smaps(pid) if parent is not None else None
     t0 = time.perf_counter()
     try:
-        tr = ptree.freeze_tree(pid, whole=not incremental)
+        tr = ptree.freeze_tree(pid)
     except BaseException:
         images.discard()
         raise
     t_frozen = time.perf_counter()
     stats.freezing_us = _us(t0, t_frozen)
     opened = _Open()
-    tracker = None
+    used: list = []
     try:
-        tracker = _collect_and_write(opts, tr, images, stats, parent, st.start_time,
-                                     early, opened)
+        used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened)
     except BaseException as exc:
         _rollback(tr, opened, images)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
@@ -324,15 +374,16 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         raise
     if opts.leave_running or opts.leave_stopped:
         ptree.thaw(tr, leave_stopped=opts.leave_stopped)
-        if tracker is not None and not opts.track_mem and not parent:
-            tracker.stop()
+        if not opts.track_mem and not parent:
+            for t in used:
+                t.stop()
     else:
-        ptree.kill(tr)      # the holder, if any, exits with the task
+        ptree.kill(tr)      # the holders, if any, exit with their tasks
     t_end = time.perf_counter()
     if not (opts.leave_running or opts.leave_stopped):
         ptree.reap_killed(tr)
-    if tracker is not None:
-        tracker.close()
+    for t in used:
+        t.close()
     stats.frozen_us = _us(t_frozen, t_end)
     stats.total_us = _us(t_start, t_end)
     stats.peak_rss_kb = proc.peak_rss_kb()
@@ -504,38 +555,43 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 
 
 def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
-                       parent: Parent | None, start_time: int, early: list | None,
-                       opened: _Open):
+                       start_time: int, early: list | None, opened: _Open) -> list:
     """Collect every process, then write the pages and the image files.
-    Returns the root's tracker (incremental dumps of one process) or None."""
+    Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
-    want_tracking = parent is not None or (opts.track_mem and keeps_running)
     table = files.FileTable(opts.shell_job)
     dumps: list[_ProcDump] = []
-    tracker = None
+    used: dict[int, object] = {}          # pid -> tracker
+    parents: dict[int, Parent | None] = {}
     try:
         for p in tr.live:
             is_root = p is tr.root
+            pst = proc.read_stat(p.pid)
+            parents[p.pid] = _open_parent(opts, p.pid, pst.start_time, tr.root.pid)
+            want = parents[p.pid] is not None or (opts.track_mem and keeps_running)
             d, t = _collect(opts, p.frozen, table, opened, early if is_root else None,
-                            want_tracking and is_root, start_time)
+                            want, pst.start_time)
             dumps.append(d)
             stats.remote_syscalls += d.remote_syscalls
-            if is_root:
-                tracker = t
+            if t is not None:
+                used[p.pid] = t
         phase = Phases(tr.root.pid)
         pipe_data = table.finish()
         phase("pipe data and socket pairs")
-        if tracker is not None and tracker.fresh:
-            tracker.hold()
+        for t in used.values():
+            if t.fresh:
+                t.hold()
 
         # 3. Memory: present pages only (or only those not in the parent chain).
-        if parent is not None and tracker is None:
-            log.warning("pid %d: dirty tracking was lost: the dump copies every page", tr.root.pid)
-        if tracker is not None and parent is None:
-            tracker.fresh = True
         for d in dumps:
             phase = Phases(d.pid)
-            t = tracker if d.pid == tr.root.pid else None
+            t = used.get(d.pid)
+            parent = parents[d.pid]
+            if parent is not None and t is None:
+                log.warning("pid %d: dirty tracking was lost: the dump copies every page",
+                            d.pid)
+            if t is not None and parent is None:
+                t.fresh = True
             # The task is frozen: the VMAs read above are still the VMAs.
             runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
                                            parent if t else None, t, stats)
@@ -544,7 +600,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
                 t.clear()       # the next round starts now
             _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False)
             phase("memory copy")
-        stats.tracker = tracker.kind if tracker else ""
+        stats.tracker = ",".join(sorted({t.kind for t in used.values()}))
 
         # 4. The other image files, then the inventory last.
         phase = Phases(tr.root.pid)
@@ -557,18 +613,22 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         images.write_image("pipes.img", pipe_data or [])
         images.write_image("pstree.img", tr.entries())
         images.write_image("stats-dump.img", [stats.to_pb()])
-        if parent:
-            images.set_parent(parent.rel)
-        images.commit(_inventory(opts, tr.root.pid, start_time, inventory_pb2.DUMP, tracker))
+        if opts.prev_images_dir:
+            images.set_parent(opts.prev_images_dir)
+        images.commit(inventory_pb2.inventory_entry(
+            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            kind=inventory_pb2.DUMP, root_pid=tr.root.pid, root_start_time=start_time,
+            shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
+            tracker=stats.tracker))
         phase("image files")
     except BaseException:
         table.close()
-        if tracker is not None:
-            if tracker.fresh:
-                tracker.stop()      # tracking this failed dump started: end it
-            tracker.close()
+        for t in used.values():
+            if t.fresh:
+                t.stop()      # tracking this failed dump started: end it
+            t.close()
         raise
-    return tracker
+    return list(used.values())
 
 
 def _robust_list(pid: int) -> tuple[int, int]:

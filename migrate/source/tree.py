@@ -37,6 +37,7 @@ class Proc:
     frozen: freezer.Frozen | None    # None for a zombie
     exit_status: int = 0             # a zombie's wait status
     comm: str = ""
+    start_time: int = 0
 
     @property
     def zombie(self) -> bool:
@@ -46,7 +47,8 @@ class Proc:
         return pstree_pb2.pstree_entry(
             pid=self.pid, ppid=self.ppid, pgid=self.pgid, sid=self.sid,
             threads=self.frozen.tids if self.frozen else [self.pid], zombie=self.zombie,
-            exit_status=self.exit_status, comm=self.comm if self.zombie else "")
+            exit_status=self.exit_status, comm=self.comm if self.zombie else "",
+            start_time=self.start_time)
 
 
 @dataclasses.dataclass
@@ -70,7 +72,8 @@ def freeze_tree(root: int, whole: bool = True) -> Tree:
     procs: list[Proc] = []
     try:
         st = proc.read_stat(root)
-        procs.append(Proc(root, 0, st.pgrp, st.session, freezer.freeze(root)))
+        procs.append(Proc(root, 0, st.pgrp, st.session, freezer.freeze(root),
+                          start_time=st.start_time))
         i = 0
         while whole and i < len(procs):
             p = procs[i]
@@ -95,7 +98,8 @@ def _take(pid: int, ppid: int) -> Proc:
     st = proc.read_stat(pid)
     if st.state not in ("Z", "X"):
         try:
-            return Proc(pid, ppid, st.pgrp, st.session, freezer.freeze(pid))
+            return Proc(pid, ppid, st.pgrp, st.session, freezer.freeze(pid),
+                        start_time=st.start_time)
         except errors.MigrateError:
             st = proc.read_stat(pid)      # exited meanwhile: now a zombie?
             if st.state not in ("Z", "X"):
@@ -104,7 +108,7 @@ def _take(pid: int, ppid: int) -> Proc:
             if e.errno != errno.ESRCH:
                 raise
             st = proc.read_stat(pid)
-    return Proc(pid, ppid, st.pgrp, st.session, None, st.exit_code, st.comm)
+    return Proc(pid, ppid, st.pgrp, st.session, None, st.exit_code, st.comm, st.start_time)
 
 
 def check_sessions(procs: list[Proc]) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from migrate.source import tracker as trackers
-from tests.integration.harness import Workload, migrate
+from tests.integration.harness import Workload, descendants, migrate, reap_pids
 
 
 def _start(name, workdir, workloads, *args):
@@ -33,10 +33,12 @@ def _pre_dump(w, workdir, i, *extra):
 
 def _final(w, workdir, parent, *extra):
     images = os.path.join(workdir, "final")
+    below = descendants(w.pid)
     p = migrate("dump", "-t", str(w.pid), "-D", images, "--prev-images-dir", f"../{parent}",
                 "--display-stats", *extra)
     assert p.returncode == 0, p.stderr
     w.reap_dumped()
+    reap_pids(below)          # a tree's other processes, orphaned to us
     return images, json.loads(p.stdout)
 
 
@@ -74,7 +76,7 @@ def test_dirtier_through_five_pre_dumps(tracker, workdir, workloads):
 
 
 @pytest.mark.parametrize("name", ["mem_vmas", "signals", "fds", "threads", "seccomp",
-                                  "timers"])
+                                  "timers", "tree", "forest"])
 def test_other_workloads_through_pre_dumps(name, workdir, workloads):
     w = _start(name, workdir, workloads)
     for i in range(3):
