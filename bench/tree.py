@@ -24,44 +24,15 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.dump_restore import BIN, run_migrate, start, wait_ready  # noqa: E402
 from migrate.kernel import syscalls  # noqa: E402
+from tests.integration.harness import descendants, reap_pids as reap  # noqa: E402
 
 PHASE = re.compile(r"phase (.+?) took ([\d.]+) ms")
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-                out += kids
-                todo += kids
-        except FileNotFoundError:
-            pass
-    return out
-
-
-def reap(pids: list[int], timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    left = set(pids)
-    while left and time.monotonic() < end:
-        for p in list(left):
-            try:
-                if os.waitpid(p, os.WNOHANG)[0] == p:
-                    left.discard(p)
-            except ChildProcessError:
-                if not os.path.exists(f"/proc/{p}"):
-                    left.discard(p)
-        time.sleep(0.005)
 
 
 def phases(log: str) -> dict[str, float]:

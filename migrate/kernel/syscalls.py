@@ -128,6 +128,17 @@ def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
     return call(sysno.pidfd_getfd, pidfd, targetfd, 0, pid=pid, detail=f"fd {targetfd}")
 
 
+def take_fd(pid: int, fd: int) -> int:
+    """Our own copy of fd ``fd`` of process ``pid`` (pidfd_getfd): the same
+    open file description, to close when done."""
+    import os
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd, pid)
+    finally:
+        os.close(pidfd)
+
+
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     call(sysno.tgkill, tgid, tid, sig, pid=tid)
 

@@ -19,7 +19,7 @@ import stat as stat_mod
 
 from migrate import errors
 from migrate.images._pb import files_pb2
-from migrate.kernel import proc, sockdiag
+from migrate.kernel import proc, sockdiag, syscalls
 from migrate.kernel.kcmp import compare_files
 from migrate.resources import eventobjs, fanotify, inotify, locks, pipes, unix
 
@@ -196,12 +196,7 @@ def _content(pid: int, fd: int, link: str, size: int) -> bytes:
         raise errors.UnsupportedResource(pid, "file", f"{link} holds {size} bytes: "
                                          f"unlinked files and memfds over "
                                          f"{MAX_CONTENT >> 20} MiB are not supported", fd=fd)
-    from migrate.kernel import syscalls
-    pidfd = syscalls.pidfd_open(pid)
-    try:
-        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
-    finally:
-        os.close(pidfd)
+    mine = syscalls.take_fd(pid, fd)
     try:
         if os.fstat(mine).st_size != size:
             raise errors.DumpError(f"pid {pid} fd {fd}: {link} changed size while dumped")
@@ -218,12 +213,7 @@ def _content(pid: int, fd: int, link: str, size: int) -> bytes:
 
 
 def _seals(pid: int, fd: int) -> int:
-    from migrate.kernel import syscalls
-    pidfd = syscalls.pidfd_open(pid)
-    try:
-        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
-    finally:
-        os.close(pidfd)
+    mine = syscalls.take_fd(pid, fd)
     try:
         return fcntl.fcntl(mine, F_GET_SEALS)
     finally:
@@ -234,12 +224,7 @@ def _dump_fown(pid: int, fd: int):
     """Owner and signal of a description with O_ASYNC (not in fdinfo: asked
     with fcntl on our copy of the fd)."""
     import struct
-    from migrate.kernel import syscalls
-    pidfd = syscalls.pidfd_open(pid)
-    try:
-        mine = syscalls.pidfd_getfd(pidfd, fd, pid)
-    finally:
-        os.close(pidfd)
+    mine = syscalls.take_fd(pid, fd)
     try:
         typ, owner = struct.unpack("ii", fcntl.fcntl(mine, F_GETOWN_EX, b"\0" * 8))
         return files_pb2.fown_entry(type=typ, pid=owner, signum=fcntl.fcntl(mine, F_GETSIG))
@@ -252,16 +237,11 @@ def restore_fown(files, fd_in: dict[int, tuple[int, int]]) -> None:
     exists (an owner is usually one of them).  ``fd_in``: file id ->
     (pid, fd) of a restored process holding it."""
     import struct
-    from migrate.kernel import syscalls
     for f in files:
         if not f.HasField("fown") or f.id not in fd_in:
             continue
         pid, fd = fd_in[f.id]
-        pidfd = syscalls.pidfd_open(pid)
-        try:
-            mine = syscalls.pidfd_getfd(pidfd, fd, pid)
-        finally:
-            os.close(pidfd)
+        mine = syscalls.take_fd(pid, fd)
         try:
             if f.fown.pid:
                 fcntl.fcntl(mine, F_SETOWN_EX, struct.pack("ii", f.fown.type, f.fown.pid))

@@ -61,7 +61,7 @@ def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
             if not read:
                 continue        # nobody can read what is in flight
         pid, fd = sides[True]
-        out.append(_copy_in_flight(pid, pid_, _their_fd(pid, fd)))
+        out.append(_copy_in_flight(pid, pid_, syscalls.take_fd(pid, fd)))
     # FIFOs: through a read end of the dump, else through the FIFO's path
     fifos: dict[int, tuple] = {}
     for f in entries:
@@ -69,7 +69,7 @@ def dump_data(entries: list, fd_of: dict[int, tuple[int, int]]) -> list:
             if f.pipe.read_end or f.pipe.pipe_id not in fifos:
                 fifos[f.pipe.pipe_id] = (f, fd_of[f.id])
     for pid_, (f, (pid, fd)) in fifos.items():
-        src = _their_fd(pid, fd) if f.pipe.read_end else \
+        src = syscalls.take_fd(pid, fd) if f.pipe.read_end else \
             os.open(f.reg.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         out.append(_copy_in_flight(pid, pid_, src))
     return out
@@ -80,7 +80,7 @@ def _other_end_gone(pid: int, fd: int, read: bool) -> bool:
     says so: POLLHUP on a read end with no writer left, POLLERR on a write
     end with no reader left."""
     import select
-    mine = _their_fd(pid, fd)
+    mine = syscalls.take_fd(pid, fd)
     try:
         p = select.poll()
         p.register(mine, select.POLLIN if read else select.POLLOUT)
@@ -88,14 +88,6 @@ def _other_end_gone(pid: int, fd: int, read: bool) -> bool:
         return bool(ev & (select.POLLHUP if read else select.POLLERR))
     finally:
         os.close(mine)
-
-
-def _their_fd(pid: int, fd: int) -> int:
-    pidfd = syscalls.pidfd_open(pid)
-    try:
-        return syscalls.pidfd_getfd(pidfd, fd, pid)
-    finally:
-        os.close(pidfd)
 
 
 def _copy_in_flight(pid: int, pid_: int, fd: int):
@@ -137,13 +129,7 @@ class Pipes:
         p = f.pipe
         if p.pipe_id not in self.made:
             r, w = os.pipe2(os.O_CLOEXEC)
-            d = self.data.get(p.pipe_id)
-            if d is not None:
-                if d.size:
-                    fcntl.fcntl(w, F_SETPIPE_SZ, d.size)
-                view = memoryview(d.data)
-                while view:
-                    view = view[os.write(w, view):]
+            self._fill(w, p.pipe_id)
             self.made[p.pipe_id] = (r, w)
         base = self.made[p.pipe_id][0 if p.read_end else 1]
         key = (p.pipe_id, p.read_end)
@@ -157,6 +143,17 @@ class Pipes:
         fcntl.fcntl(fd, fcntl.F_SETFL, p.flags & ~os.O_ASYNC)  # O_ASYNC: files.install_fds
         return fd
 
+    def _fill(self, w: int, pipe_id: int) -> None:
+        """The pipe's size and the data it had in flight, through ``w``."""
+        d = self.data.get(pipe_id)
+        if d is None:
+            return
+        if d.size:
+            fcntl.fcntl(w, F_SETPIPE_SZ, d.size)
+        view = memoryview(d.data)
+        while view:
+            view = view[os.write(w, view):]
+
     def _fifo_end(self, f) -> int:
         """A FIFO end: the FIFO held open read-write first (so no open
         blocks), filled, then each end opened through it with its mode."""
@@ -167,13 +164,7 @@ class Pipes:
                 os.mkfifo(path, f.reg.mode & 0o7777)
             h = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             self.made[p.pipe_id] = (h, os.dup(h))
-            d = self.data.get(p.pipe_id)
-            if d is not None:
-                if d.size:
-                    fcntl.fcntl(h, F_SETPIPE_SZ, d.size)
-                view = memoryview(d.data)
-                while view:
-                    view = view[os.write(h, view):]
+            self._fill(h, p.pipe_id)
         fd = os.open(f"/proc/self/fd/{self.made[p.pipe_id][0]}",
                      (f.reg.flags & O_ACCMODE) | os.O_CLOEXEC)
         fcntl.fcntl(fd, fcntl.F_SETFL, p.flags & ~os.O_ASYNC)  # O_ASYNC: files.install_fds

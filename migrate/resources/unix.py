@@ -86,11 +86,7 @@ class Dumper:
                                              f"{u.state}", fd=fd)
         if u.name and not u.name.startswith(b"\0"):
             self._bound_file(e, u, fd)
-        pidfd = syscalls.pidfd_open(self.pid)
-        try:
-            mine = syscalls.pidfd_getfd(pidfd, fd, self.pid)
-        finally:
-            os.close(pidfd)
+        mine = syscalls.take_fd(self.pid, fd)
         try:
             s = socket.socket(fileno=mine)
             try:
