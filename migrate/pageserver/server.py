@@ -1065,11 +1065,11 @@ class Handler:
         if pending:
             raise SessionError(P.Code.PROTOCOL, f"COMMIT: {len(pending)} streams still "
                                                 f"open after {JOIN_WAIT_S:.0f} s")
+        if self.stream.failure is not None:      # the reason a stream gave
+            raise self.stream.failure
         for n, fut in j.ended.items():
             if not fut.result():
                 raise SessionError(P.Code.ABORTED, f"stream {n} failed")
-        if self.stream.failure is not None:
-            raise self.stream.failure
 
     async def on_Abort(self, ev: P.Abort) -> None:
         log.warning("%s: aborted by the client: %s", self._who(), ev.reason or "no reason")
