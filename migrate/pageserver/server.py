@@ -48,6 +48,7 @@ LINGER_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 60.0      # SIGTERM: how long running sessions may take to finish
 JOIN_WAIT_S = 60.0          # COMMIT waits this long for the other streams to end
+PAYLOAD_IDLE_S = 120.0      # a client silent this long in the middle of a chunk is dropped
 
 
 class SessionError(errors.MigrateError):
@@ -535,7 +536,9 @@ class _Stream(asyncio.BufferedProtocol):
             self.conn.receive_data(b"")
         self.lost = True
         self._wake()
-        return True         # keep the transport: we may still answer (plain TCP)
+        # Keep the transport to answer after the client's FIN (plain TCP; a
+        # TLS transport closes after close_notify whatever we say).
+        return self.srv.ssl is None
 
     def connection_lost(self, exc) -> None:
         if not self.lost and exc is None and not self.discarding:
@@ -582,8 +585,14 @@ class _Stream(asyncio.BufferedProtocol):
             raise ConnectionResetError(str(self.lost_exc))
         self._resume()
         self._waiter = asyncio.get_running_loop().create_future()
+        # Silence is fine between frames (a read session may idle for long),
+        # not while the connection holds one of the shared receive buffers.
+        holding = self.conn.in_payload
         try:
-            await self._waiter
+            await asyncio.wait_for(self._waiter, PAYLOAD_IDLE_S if holding else None)
+        except asyncio.TimeoutError:
+            raise SessionError(P.Code.PROTOCOL, f"no byte for {PAYLOAD_IDLE_S:.0f} s in "
+                                                "the middle of a frame") from None
         finally:
             self._waiter = None
         if self.failure is not None:
@@ -862,6 +871,8 @@ class Handler:
     async def _settle(self) -> None:
         if self.inflight:
             await asyncio.wait(self.inflight)
+            for f in self.inflight:
+                f.exception()       # retrieved (raised by _settle_chunks, or moot)
             self.inflight.clear()
 
     async def _finish(self) -> None:

@@ -328,7 +328,7 @@ def test_revoked_certificate_is_refused(tmp_path, workdir, workloads, pki, serve
     assert not os.path.exists(os.path.join(root, "revoked", "inventory.img"))
 
 
-def test_bad_joins_and_a_bad_chunk_on_a_joined_stream(tmp_path, pki, servers):
+def test_bad_joins_bad_zstd_and_a_bad_chunk_on_a_joined_stream(tmp_path, pki, servers):
     root = str(tmp_path / "srv")
     srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
     servers.append(srv)
@@ -356,6 +356,19 @@ def test_bad_joins_and_a_bad_chunk_on_a_joined_stream(tmp_path, pki, servers):
         sink.extra[0].send(P.PageChunk(1, 0, 1, bytes(16), b"x" * 4096))
         sink.commit(inventory_pb2.inventory_entry(root_pid=1))
     sink.close()
+    # zstd frames that lie: garbage, a declared size other than the chunk's.
+    import zstandard
+    for data, why in [(b"\x28\xb5\x2f\xfd" + os.urandom(200), "zstd frame"),
+                      (zstandard.ZstdCompressor().compress(bytes(8192)), "does not declare")]:
+        sink = PageServerSink("127.0.0.1", srv.port, "zbad", ssl_context=good, compress=True)
+        assert sink.compress
+        sink.pages_writer(1)
+        with pytest.raises(errors.PageServerError, match="PROTOCOL"):
+            sink._send_chunk(P.PageChunk(1, 0, 1, bytes(16), data, compressed=True))
+            sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+        sink.close()
+        time.sleep(0.2)
+        assert why in srv.log()
     time.sleep(0.5)
     log = srv.log()
     assert "no open session has this token" in log

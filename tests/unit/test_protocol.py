@@ -417,7 +417,7 @@ def malformed_frames(rng: random.Random, n: int):
             chunk(nr=1), P.ZeroRange(7, 0x1000, 3), P.SetParent("../p"),
             P.Commit(b"I" * 32)]
     kinds = ["type", "flags", "reserved", "length-lie", "length-huge", "truncated",
-             "bad-field", "state", "name"]
+             "bad-field", "state", "name", "join", "zstd"]
     for i in range(n):
         kind = kinds[i % len(kinds)]
         ev = good[rng.randrange(len(good))]
@@ -449,6 +449,13 @@ def malformed_frames(rng: random.Random, n: int):
             frame = bytearray(struct.pack("<BBHIHHII", 2, 0, 0, 12, 1, 0, 0, 4096)
                               if rng.random() < .5 else
                               struct.pack("<BBHI", 12, 0, 0, 24) + bytes(24))
+        elif kind == "join":          # only a new connection may JOIN
+            frame = bytearray(struct.pack("<BBHI", 15, 0, 0, 24) + struct.pack(
+                "<4sHH16s", b"MGPS", 2, rng.randrange(0, 65536), os.urandom(16)))
+        elif kind == "zstd":          # a compressed chunk, CAP_ZSTD not granted
+            body = struct.pack("<IIII16s", 7, 0, 2048, 0, b"d" * 16) + os.urandom(
+                rng.randrange(1, 600))
+            frame = bytearray(struct.pack("<BBHI", 6, P.FLAG_ZSTD, 0, len(body)) + body)
         elif kind == "name":
             name = rng.choice([b"../../etc/passwd", b"/abs", b"a\0b", b"x" * 60,
                                b"inventory.img", b"pages-1.img"])
