@@ -6,7 +6,11 @@ default): throughput of `migrate dump -R --page-server` into a page-server on
 loopback (tmpfs under /dev/shm), with mutual TLS and without; measured in the
 same run, the ceilings: raw loopback TCP throughput (one stream, 8 MiB
 sends) and single-core AES-128-GCM / AES-256-GCM throughput through
-`cryptography`; and the server's peak RSS with 8 concurrent sessions.
+`cryptography`, and writing fresh pages into tmpfs (the server's part that
+no protocol saves); and the server's peak RSS with 8 concurrent sessions.
+Each mode runs plain, then with 2 TCP streams (`--ps-streams 2`), and TLS
+also with zstd (`--compress`; memhog's pages are a pattern, so they
+compress far better than real memory: that figure is an upper bound).
 
 Two figures per mode: ``*_GiB_s`` is the whole `migrate dump` command (wall,
 with interpreter start, freezing and the other files), ``*_memory_phase_GiB_s``
@@ -81,11 +85,12 @@ class Server:
         self.proc.wait(60)
 
 
-def dump(pid: int, port: int, session: str, logs: str, tls: list[str]) -> float:
+def dump(pid: int, port: int, session: str, logs: str, tls: list[str],
+         extra: tuple = ()) -> float:
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "migrate", "dump", "-t", str(pid), "-R",
                         "-D", logs, "--page-server", "--address", "127.0.0.1", "--port",
-                        str(port), "--session", session, "-v1", *tls],
+                        str(port), "--session", session, "-v1", *tls, *extra],
                        cwd=ROOT, capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"dump failed: {p.stderr}")
@@ -136,6 +141,21 @@ def ceiling_tcp(total: int = 2 * GiB) -> float:
     return total / (time.perf_counter() - t) / GiB
 
 
+def ceiling_tmpfs_write(total: int = GiB) -> float:
+    """pwrite of 8 MiB chunks into a new file under /dev/shm: what the server
+    must do with every page, before any network or hashing."""
+    buf = os.urandom(8 * MiB)
+    fd, path = tempfile.mkstemp(dir="/dev/shm", prefix="bench-ps-w")
+    try:
+        t = time.perf_counter()
+        for i in range(total // len(buf)):
+            os.pwrite(fd, buf, 4096 + i * len(buf))
+        return total / (time.perf_counter() - t) / GiB
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def ceiling_aesgcm(bits: int, total: int = GiB) -> float:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     a = AESGCM(AESGCM.generate_key(bits))
@@ -170,16 +190,20 @@ def main() -> None:
         wall, mem = local_dump(hog.pid, os.path.join(tmp, "local"))
         out["local_dump_wall_s"] = round(wall, 2)
         out["local_dump_memory_phase_GiB_s"] = round(data / mem / GiB, 2)
-        for name, targs in (("plaintext", ["--no-tls"]), ("tls", tls)):
+        modes = (("plaintext", ["--no-tls"], ()), ("tls", tls, ()),
+                 ("plaintext_2streams", ["--no-tls"], ("--ps-streams", "2")),
+                 ("tls_2streams", tls, ("--ps-streams", "2")),
+                 ("tls_2streams_zstd", tls, ("--ps-streams", "2", "--compress")))
+        for name, targs, extra in modes:
             root = os.path.join(tmp, f"srv-{name}")
             srv = Server(root, os.path.join(tmp, f"ps-{name}.log"), targs)
             servers.append(srv)
-            dump(hog.pid, srv.port, "warm", os.path.join(tmp, "logs"), targs)
+            dump(hog.pid, srv.port, "warm", os.path.join(tmp, "logs"), targs, extra)
             shutil.rmtree(os.path.join(root, "warm"))
             walls, mems = [], []
             for i in range(2):
                 walls.append(dump(hog.pid, srv.port, f"run{i}", os.path.join(tmp, "logs"),
-                                  targs))
+                                  targs, extra))
                 mems.append(memdump_s(os.path.join(root, f"run{i}")))
                 shutil.rmtree(os.path.join(root, f"run{i}"), ignore_errors=True)
             best = min(walls)
@@ -214,6 +238,7 @@ def main() -> None:
         out[f"server_peak_rss_MiB_{args.sessions}_sessions"] = round(srv.hwm_mib(), 1)
 
         out["ceiling_loopback_tcp_GiB_s"] = round(ceiling_tcp(), 2)
+        out["ceiling_tmpfs_write_GiB_s"] = round(ceiling_tmpfs_write(), 2)
         out["ceiling_aes128gcm_1core_GiB_s"] = round(ceiling_aesgcm(128), 2)
         out["ceiling_aes256gcm_1core_GiB_s"] = round(ceiling_aesgcm(256), 2)
         out["tls_vs_aes_ceiling"] = round(out["tls_GiB_s"] / out["ceiling_aes256gcm_1core_GiB_s"], 2)
