@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 256 << 10     # bytes buffered outside a chunk before reading pauses
 CHUNK_BUFFERS = 6           # receive buffers (8 MiB) shared by all sessions
-VERIFY_WINDOW = 1 << 20     # the bytes as written are read back and hashed in such pieces
+VERIFY_WINDOW = 256 << 10   # chunks are written, read back and hashed in such pieces
 LINGER_S = 5.0              # after an ERROR, read and drop for this long before closing
 LINGER_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
@@ -231,6 +231,10 @@ class Session:
         return data
 
     def write_chunk(self, pf: _PagesFile, ev: P.PageChunk) -> None:
+        """Check the chunk as received, then write it piece by piece (256 KiB),
+        reading each piece back from the page cache and hashing it while it
+        is still in this core's cache (mapping the file instead costs as much
+        in page-table work and TLB shootdowns, and RSS)."""
         name = f"pages-{ev.pid}.img"
         data = self._decompress(ev, name) if ev.compressed else ev.data
         got = chunk_digest(data)
@@ -239,22 +243,20 @@ class Session:
                                                 f"{got.hex()} on arrival, the client says "
                                                 f"{ev.digest.hex()}")
         off = PAGES_DATA_OFFSET + ev.index * CHUNK_PAGES * PAGE_SIZE
-        self._pwrite(pf.fd, data, off, self._p(name))
-        # Hash the bytes as written: read them back from the page cache in
-        # small pieces through a buffer of this thread (mapping them instead
-        # costs as much in page-table work and TLB shootdowns, and RSS).
         view = _verify_buffer()
+        src = memoryview(data)
         h = chunk_hasher()
-        at = off
-        try:
-            while at < off + len(data):
-                n = os.preadv(pf.fd, [view[:min(len(view), off + len(data) - at)]], at)
-                if n <= 0:
-                    raise SessionError(P.Code.IO, f"{name}: short read at offset {at}")
-                h.update(view[:n])
-                at += n
-        except OSError as e:
-            raise _os_error(self._p(name), f"read back at offset {at}", e) from e
+        for at in range(0, len(src), len(view)):
+            piece = src[at:at + len(view)]
+            self._pwrite(pf.fd, piece, off + at, self._p(name))
+            back = view[:len(piece)]
+            try:
+                n = os.preadv(pf.fd, [back], off + at)
+            except OSError as e:
+                raise _os_error(self._p(name), f"read back at offset {off + at}", e) from e
+            if n != len(piece):
+                raise SessionError(P.Code.IO, f"{name}: short read at offset {off + at}")
+            h.update(back)
         again = h.digest()
         if again != ev.digest:
             raise SessionError(P.Code.CHECKSUM, f"{name} chunk {ev.index}: the bytes "
