@@ -11,6 +11,9 @@ no protocol saves); and the server's peak RSS with 8 concurrent sessions.
 Each mode runs plain, then with 2 TCP streams (`--ps-streams 2`), and TLS
 also with zstd (`--compress`; memhog's pages are a pattern, so they
 compress far better than real memory: that figure is an upper bound).
+``*_client_library_only_GiB_s``: the same server fed by PageServerSink in a
+process of its own, from one 8 MiB buffer (no dump: no freezing, no reading
+of the task's memory).
 
 Two figures per mode: ``*_GiB_s`` is the whole `migrate dump` command (wall,
 with interpreter start, freezing and the other files), ``*_memory_phase_GiB_s``
@@ -141,6 +144,37 @@ def ceiling_tcp(total: int = 2 * GiB) -> float:
     return total / (time.perf_counter() - t) / GiB
 
 
+SYNTHETIC = r"""
+import os, sys, time
+from migrate.images._pb import inventory_pb2
+from migrate.pageserver import tls
+from migrate.pageserver.client import PageServerSink
+port, total, streams, cacert, cert, key = sys.argv[1:7]
+ctx = tls.client_context(cacert, cert, key) if cacert else None
+buf = memoryview(bytearray(os.urandom(8 << 20)))
+sink = PageServerSink("127.0.0.1", int(port), "synthetic", ssl_context=ctx,
+                      server_hostname="localhost", streams=int(streams))
+pw = sink.pages_writer(1)
+t = time.perf_counter()
+for i in range(int(total) // len(buf)):
+    pw.account(2048, pw.write_chunk(i, buf))
+sink.add_pages(1, pw)
+sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+print(time.perf_counter() - t)
+"""
+
+
+def synthetic(port: int, total: int, streams: int, tls_files: tuple) -> float:
+    """The client library alone (no dump): ``total`` bytes of 8 MiB chunks
+    from one buffer, hashed and sent; seconds from the first chunk to
+    COMMITTED."""
+    p = subprocess.run([sys.executable, "-c", SYNTHETIC, str(port), str(total), str(streams),
+                        *tls_files], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"synthetic client failed: {p.stderr}")
+    return float(p.stdout.strip().splitlines()[-1])
+
+
 def ceiling_tmpfs_write(total: int = GiB) -> float:
     """pwrite of 8 MiB chunks into a new file under /dev/shm: what the server
     must do with every page, before any network or hashing."""
@@ -211,6 +245,17 @@ def main() -> None:
             out[f"{name}_wall_s"] = round(best, 2)
             out[f"{name}_memory_phase_GiB_s"] = round(data / min(mems) / GiB, 2)
             out[f"{name}_server_rss_MiB"] = round(srv.hwm_mib(), 1)
+            if not extra:
+                # The same server fed by the client library alone: what the
+                # page-server path takes without the dump's own work.
+                files = (certs.paths(pki)["cacert"], p["cert"], p["key"]) if targs is tls \
+                    else ("", "", "")
+                runs = []
+                for _ in range(2):
+                    runs.append(synthetic(srv.port, data, 1, files))
+                    shutil.rmtree(os.path.join(root, "synthetic"))
+                secs = min(runs)
+                out[f"{name}_client_library_only_GiB_s"] = round(data / secs / GiB, 2)
             srv.stop()
             servers.remove(srv)
         os.kill(hog.pid, signal.SIGKILL)
