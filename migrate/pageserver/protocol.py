@@ -772,9 +772,7 @@ class Connection:
         from next_event) lends its data from; use its data no more."""
         data = getattr(ev, "data", None)
         if isinstance(data, memoryview):
-            buf = self._held.pop(id(data.obj), None)
-            if buf is not None and self._buffers is not None:
-                self._buffers.give(buf)
+            self._give(data)
 
     def release_all(self) -> None:
         """The connection is done: give back every buffer it holds."""
@@ -855,14 +853,16 @@ class Connection:
         try:
             ev = self._event(cls, flags, payload, start)
         except RemoteProtocolError:
-            self.release_all()
+            self._give(payload)     # (buffers lent to earlier events stay lent)
             raise
         if not isinstance(getattr(ev, "data", None), memoryview):
-            # The event copied what it keeps: the buffer is free again.
-            buf = self._held.pop(id(payload.obj), None)
-            if buf is not None:
-                self._buffers.give(buf)
+            self._give(payload)     # the event copied what it keeps
         return ev
+
+    def _give(self, view: memoryview) -> None:
+        buf = self._held.pop(id(view.obj), None)
+        if buf is not None:
+            self._buffers.give(buf)
 
     def _event(self, cls, flags, payload, start):
         try:

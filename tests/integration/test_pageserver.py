@@ -346,6 +346,27 @@ def test_bad_joins_bad_zstd_and_a_bad_chunk_on_a_joined_stream(tmp_path, pki, se
     conn.receive_data(data)
     ev = conn.next_event()
     assert isinstance(ev, P.Error) and ev.code == P.Code.NOT_FOUND
+    # A JOIN for a stream number the session was not granted.
+    s = _raw_tls(srv, good)
+    conn = P.Connection(P.Role.CLIENT)
+    s.sendall(conn.send(P.Hello("granted3", streams=3, caps=P.CAP_STREAMS)))
+    s.settimeout(10)
+    while (welcome := conn.next_event()) is P.NEED_DATA:
+        conn.receive_data(s.recv(1 << 16))
+    assert isinstance(welcome, P.Welcome) and welcome.streams == 3
+    s2 = _raw_tls(srv, good)
+    s2.sendall(P.Connection(P.Role.CLIENT).send(P.Join(welcome.token, 5)))
+    joined = P.Connection(P.Role.CLIENT)
+    joined.state = P.State.AWAIT_WELCOME_JOIN
+    s2.settimeout(10)
+    data = b""
+    while chunk := s2.recv(1 << 16):
+        data += chunk
+    joined.receive_data(data)
+    ev = joined.next_event()
+    assert isinstance(ev, P.Error) and ev.code == P.Code.BUSY, ev
+    s2.close()
+    s.close()
     # A chunk whose digest is wrong, on the second of two streams: the whole
     # session fails and leaves nothing that looks complete.
     sink = PageServerSink("127.0.0.1", srv.port, "twostreams", ssl_context=good, streams=2)
