@@ -496,7 +496,8 @@ class _Stream(asyncio.BufferedProtocol):
         self._drained: asyncio.Future | None = None
         self._read_paused = False
         self._write_paused = False
-        self.lost = False
+        self.eof = False                             # the client's FIN (or close_notify)
+        self.lost = False                            # the connection is gone
         self.lost_exc: BaseException | None = None
         self.failure: BaseException | None = None    # set by another stream of the session
         self.discarding = False                      # after our ERROR: drop what comes
@@ -534,17 +535,18 @@ class _Stream(asyncio.BufferedProtocol):
                 self._pause()
 
     def eof_received(self) -> bool:
-        if not self.discarding:
+        if not self.discarding and not self.eof:
             self.conn.receive_data(b"")
-        self.lost = True
+        self.eof = True
         self._wake()
         # Keep the transport to answer after the client's FIN (plain TCP; a
         # TLS transport closes after close_notify whatever we say).
         return self.srv.ssl is None
 
     def connection_lost(self, exc) -> None:
-        if not self.lost and exc is None and not self.discarding:
+        if not self.eof and exc is None and not self.discarding:
             self.conn.receive_data(b"")
+            self.eof = True
         self.lost = True
         self.lost_exc = exc
         self._wake()
@@ -565,7 +567,7 @@ class _Stream(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     def _pause(self) -> None:
-        if not self._read_paused and not self.lost:
+        if not self._read_paused and not self.lost and not self.eof:
             self._read_paused = True
             self.transport.pause_reading()
 
@@ -619,7 +621,7 @@ class _Stream(asyncio.BufferedProtocol):
         self.discarding = True
         self.conn.release_all()
         deadline = time.monotonic() + LINGER_S
-        while not self.lost and self.dropped < LINGER_BYTES:
+        while not self.lost and not self.eof and self.dropped < LINGER_BYTES:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
