@@ -168,8 +168,11 @@ def test_eight_concurrent_sessions(tmp_path, workdir, workloads, pki, servers):
     srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
     servers.append(srv)
     ws = [start("mem_vmas", workdir, workloads) for _ in range(8)]
+    # Half of them on 3 streams (and some compressed): 20 connections share
+    # the server's 6 receive buffers.
+    extra = [(), ("--ps-streams", "3"), (), ("--ps-streams", "3", "--compress")] * 2
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda iw: dump_via(iw[1], workdir, srv, f"c{iw[0]}",
+        list(ex.map(lambda iw: dump_via(iw[1], workdir, srv, f"c{iw[0]}", *extra[iw[0]],
                                         *tls_args(pki["good"])), enumerate(ws)))
     for i, w in enumerate(ws):
         w.restore(os.path.join(root, f"c{i}"))
