@@ -77,6 +77,12 @@ def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session", metavar="NAME",
                    help="session name: the image's directory under the server's -D "
                         "(default: the basename of -D)")
+    p.add_argument("--ps-streams", type=int, default=1, metavar="N",
+                   help="TCP streams to the page-server, where one cannot fill the link "
+                        "(1..8, default 1)")
+    p.add_argument("--compress", action="store_true",
+                   help="zstd-compress pages to the page-server (slow links; off by "
+                        "default)")
     _add_tls(p)
 
 
@@ -236,7 +242,8 @@ def _sink(args):
     session = args.session or os.path.basename(os.path.normpath(
         os.path.abspath(args.images_dir)))
     return PageServerSink(args.address, args.port, session,
-                          ssl_context=_tls_context(args, server=False))
+                          ssl_context=_tls_context(args, server=False),
+                          streams=args.ps_streams, compress=args.compress)
 
 
 def _with_sink(sink, fn, opts):

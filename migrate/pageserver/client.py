@@ -2,16 +2,19 @@
 dump to a remote ``migrate page-server``.
 
 Blocking sockets (with stdlib ssl): the dump's two worker threads call
-``write_chunk`` at once; each hashes its chunk on its own core, then sends
-the frame under one lock straight from its buffer (no copy), so at most two
-chunks (the workers' own buffers) are in memory.  Before every frame it looks
-for an ERROR from the server (disk full, checksum...) and raises it as a
+``write_chunk`` at once; each hashes its chunk on its own core (and, with
+``compress``, zstd-compresses it), then sends the frame straight from its
+buffer (no copy): on a stream of its own when the server granted several,
+else under the one stream's lock.  So at most two chunks (the workers' own
+buffers) are in memory.  Before every frame it looks for an ERROR from the
+server on that stream (disk full, checksum...) and raises it as a
 PageServerError naming the server's reason.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import ssl
@@ -26,12 +29,19 @@ from migrate.images.imgfile import (CHUNK_PAGES, PAGE_SIZE, PAGES_DATA_OFFSET, I
                                     chunk_digest, pages_digest)
 from migrate.pageserver import protocol as P
 
+try:
+    import zstandard
+except ImportError:           # optional: --compress then says so
+    zstandard = None
+
 log = logging.getLogger(__name__)
 
 FILE_PART = 4 << 20
 CONNECT_TIMEOUT_S = 30.0
 IO_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 600.0   # the server syncs the whole image before it answers
+SOCKET_BUFFER = 4 << 20    # SO_SNDBUF: a chunk's worth in flight (net.core.wmem_max caps it)
+ZSTD_LEVEL = 1             # fast: compression must cost less than the link it saves
 
 
 class RemotePages:
@@ -54,7 +64,9 @@ class RemotePages:
         if len(view) % PAGE_SIZE or not 0 < len(view) <= CHUNK_PAGES * PAGE_SIZE:
             raise ValueError(f"chunk of {len(view)} bytes")
         digest = chunk_digest(view)
-        self.sink._send(P.PageChunk(self.pid, index, len(view) // PAGE_SIZE, digest, view))
+        nr = len(view) // PAGE_SIZE
+        data, compressed = self.sink._compress(view)
+        self.sink._send_chunk(P.PageChunk(self.pid, index, nr, digest, data, compressed))
         return digest
 
     def account(self, nr_pages: int, digest: bytes) -> None:
@@ -68,36 +80,42 @@ class RemotePages:
         """Nothing to free here: the sink's discard() aborts the session."""
 
 
-class PageServerSink:
-    """Streams an image to ``address:port`` as session ``session``."""
+def _error_from(client, ev, when: str) -> errors.PageServerError:
+    if isinstance(ev, P.Error):
+        return errors.PageServerError(client.peer, ev.code_name,
+                                      f"refused the session {client.session!r} ({when}): "
+                                      f"{ev.code_name}: {ev.text}")
+    return errors.PageServerError(client.peer, "CONNECTION",
+                                  f"closed the connection ({when}) without a reason")
 
-    def __init__(self, address: str, port: int, session: str, *,
-                 ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:
-        try:
-            P.check_session_name(session)
-        except ValueError as e:
-            raise errors.PageServerError(f"{address}:{port}", "BAD_NAME", str(e)) from None
-        self.peer = f"{address}:{port}"
-        self.session = session
-        self.checksums: dict[str, tuple[int, str]] = {}
-        self.inventory = None
+
+class _Wire:
+    """One TCP (TLS) connection of the session and its protocol state."""
+
+    def __init__(self, sink: "PageServerSink", number: int) -> None:
+        self.sink = sink
+        self.peer = sink.peer
+        self.number = number
         self.conn = P.Connection(P.Role.CLIENT)
-        self._lock = threading.Lock()
-        self._failed: errors.PageServerError | None = None
-        self._closed = False
+        self.lock = threading.Lock()
+        self.failed: errors.PageServerError | None = None
+        self.tls = sink.ssl_context is not None
         self.bytes_sent = 0
-        self.t0 = time.monotonic()
         try:
-            raw = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT_S)
+            raw = socket.create_connection((sink.address, sink.port),
+                                           timeout=CONNECT_TIMEOUT_S)
         except OSError as e:
             raise errors.PageServerError(self.peer, "CONNECTION",
                                          f"cannot connect: {e.strerror or e}") from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.tls = ssl_context is not None
         try:
-            if ssl_context is not None:
-                self.sock = ssl_context.wrap_socket(raw, server_hostname=server_hostname or address)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
+        try:
+            if self.tls:
+                self.sock = sink.ssl_context.wrap_socket(
+                    raw, server_hostname=sink.server_hostname or sink.address)
             else:
                 self.sock = raw
         except ssl.SSLError as e:
@@ -109,9 +127,13 @@ class PageServerSink:
             raise errors.PageServerError(self.peer, "TLS", f"TLS handshake failed: {e}") \
                 from None
         self.sock.settimeout(IO_TIMEOUT_S)
+
+    def open(self, first) -> P.Welcome:
+        """Send HELLO or JOIN; return the WELCOME (or raise the server's reason)."""
+        what = type(first).__name__.upper()
         try:
-            self._sendall(self.conn.send_parts(P.Hello(session, P.MODE_WRITE)))
-            ev = self._recv_event(CONNECT_TIMEOUT_S)
+            self.sendall(self.conn.send_parts(first))
+            ev = self.recv_event(CONNECT_TIMEOUT_S)
         except errors.PageServerError:
             self.sock.close()
             raise
@@ -124,25 +146,15 @@ class PageServerSink:
                                                            f"connection: {why}") from None
         if not isinstance(ev, P.Welcome):
             self.sock.close()
-            raise self._error_from(ev, "HELLO")
-        log.info("page-server %s: session %r open (%s, version %d)", self.peer, session,
-                 self.sock.version() if self.tls else "plaintext", ev.version)
+            raise _error_from(self.sink, ev, what)
+        return ev
 
-    # -- the wire ------------------------------------------------------------
-    def _error_from(self, ev, when: str) -> errors.PageServerError:
-        if isinstance(ev, P.Error):
-            return errors.PageServerError(self.peer, ev.code_name,
-                                          f"refused the session {self.session!r} ({when}): "
-                                          f"{ev.code_name}: {ev.text}")
-        return errors.PageServerError(self.peer, "CONNECTION",
-                                      f"closed the connection ({when}) without a reason")
-
-    def _sendall(self, parts) -> None:
+    def sendall(self, parts) -> None:
         for p in parts:
             self.sock.sendall(p)
             self.bytes_sent += len(p)
 
-    def _recv_event(self, timeout: float):
+    def recv_event(self, timeout: float):
         """Block for the next event from the server (ERROR, WELCOME, COMMITTED)."""
         end = time.monotonic() + timeout
         while True:
@@ -168,16 +180,16 @@ class PageServerSink:
                 self.sock.settimeout(IO_TIMEOUT_S)
             self.conn.receive_data(data)
 
-    def _incoming(self) -> bool:
+    def incoming(self) -> bool:
         if self.tls and self.sock.pending():
             return True
         r, _, _ = select.select([self.sock], [], [], 0)
         return bool(r)
 
-    def _raise_server_error(self, cause: BaseException | None, when: str):
+    def raise_server_error(self, cause: BaseException | None, when: str):
         """The server said something (or hung up): read its ERROR if any."""
         try:
-            ev = self._recv_event(5.0)
+            ev = self.recv_event(5.0)
         except errors.PageServerError as e:
             if cause is None:
                 err = e
@@ -185,27 +197,146 @@ class PageServerSink:
                 err = errors.PageServerError(self.peer, "CONNECTION",
                                              f"connection lost while sending {when}: {cause}")
         else:
-            err = self._error_from(ev, when)
-        self._failed = err
+            err = _error_from(self.sink, ev, when)
+        self.failed = err
         raise err from None
 
-    def _send(self, ev) -> None:
-        if self._failed is not None:
-            raise self._failed
-        with self._lock:
-            if self._failed is not None:
-                raise self._failed
+    def send(self, ev, look: bool = True) -> None:
+        """Under the lock: look for an ERROR first (``look``: a write session,
+        where the server sends nothing else), then send the frame."""
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
             what = type(ev).__name__
-            if self._incoming():
-                self._raise_server_error(None, what)
+            if look and self.incoming():
+                self.raise_server_error(None, what)
             try:
                 parts = self.conn.send_parts(ev)
             except P.LocalProtocolError as e:
                 raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
             try:
-                self._sendall(parts)
+                self.sendall(parts)
             except (OSError, ssl.SSLError) as e:
-                self._raise_server_error(e, what)
+                self.raise_server_error(e, what)
+
+    def end(self) -> None:
+        """A joined stream is done: end it cleanly (TLS close_notify, FIN), and
+        report an ERROR the server sent on it meanwhile."""
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
+            if self.incoming():
+                self.raise_server_error(None, "the end of the stream")
+            self.close()
+
+    def close(self) -> None:
+        try:
+            if self.tls:
+                self.sock.settimeout(2)
+                try:
+                    self.sock.unwrap()
+                except (OSError, ssl.SSLError, ValueError):
+                    pass
+            else:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class PageServerSink:
+    """Streams an image to ``address:port`` as session ``session``.
+
+    ``streams``: TCP streams to ask for (the server may grant fewer);
+    ``compress``: zstd-compress chunks if the server takes them.
+    """
+
+    def __init__(self, address: str, port: int, session: str, *,
+                 ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, streams: int = 1,
+                 compress: bool = False) -> None:
+        try:
+            P.check_session_name(session)
+        except ValueError as e:
+            raise errors.PageServerError(f"{address}:{port}", "BAD_NAME", str(e)) from None
+        if not 1 <= streams <= P.MAX_STREAMS:
+            raise errors.PageServerError(f"{address}:{port}", "BAD_STREAMS",
+                                         f"{streams} streams (1..{P.MAX_STREAMS})")
+        if compress and zstandard is None:
+            raise errors.PageServerError(f"{address}:{port}", "ZSTD",
+                                         "--compress needs the zstandard package")
+        self.address, self.port = address, port
+        self.peer = f"{address}:{port}"
+        self.session = session
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.checksums: dict[str, tuple[int, str]] = {}
+        self.inventory = None
+        self._closed = False
+        self.t0 = time.monotonic()
+        self.tls = ssl_context is not None
+        caps = (P.CAP_STREAMS if streams > 1 else 0) | (P.CAP_ZSTD if compress else 0)
+        self.main = _Wire(self, 0)
+        ev = self.main.open(P.Hello(session, P.MODE_WRITE, caps, streams=streams))
+        self.caps = ev.caps
+        self.compress = bool(ev.caps & P.CAP_ZSTD)
+        self._zstd = threading.local()
+        self.extra: list[_Wire] = []
+        try:
+            for n in range(1, ev.streams if ev.caps & P.CAP_STREAMS else 1):
+                w = _Wire(self, n)
+                self.extra.append(w)
+                w.open(P.Join(ev.token, n))
+        except errors.PageServerError:
+            self._close_all()
+            raise
+        # A worker sends its chunk on a free stream, so with two streams the
+        # two workers send (and encrypt) at once.
+        self._free: queue.Queue = queue.Queue()
+        for w in [self.main, *self.extra]:
+            self._free.put(w)
+        log.info("page-server %s: session %r open (%s, version %d, %d stream%s%s)", self.peer,
+                 session, self.main.sock.version() if self.tls else "plaintext", ev.version,
+                 1 + len(self.extra), "s" if self.extra else "",
+                 ", zstd" if self.compress else "")
+
+    @property
+    def conn(self) -> P.Connection:
+        return self.main.conn
+
+    @property
+    def sock(self):
+        return self.main.sock
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.main.bytes_sent + sum(w.bytes_sent for w in self.extra)
+
+    # -- the wire ------------------------------------------------------------
+    def _send(self, ev) -> None:
+        self.main.send(ev)
+
+    def _compress(self, view):
+        """(data, compressed): zstd level 1 on this thread's compressor, kept
+        only when it is smaller than the pages."""
+        if not self.compress:
+            return view, False
+        c = getattr(self._zstd, "c", None)
+        if c is None:
+            c = self._zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL,
+                                                        write_content_size=True)
+        z = c.compress(view)
+        return (z, True) if len(z) < len(view) else (view, False)
+
+    def _send_chunk(self, ev: P.PageChunk) -> None:
+        w = self._free.get()
+        try:
+            w.send(ev)
+        finally:
+            self._free.put(w)
 
     # -- the image sink ------------------------------------------------------
     def write_image(self, name: str, msgs) -> None:
@@ -231,6 +362,15 @@ class PageServerSink:
 
     def commit(self, inv) -> None:
         """Send the inventory; return once the server has everything synced."""
+        # The server commits only once every stream has ended.
+        for w in self.extra:
+            try:
+                w.end()
+            except errors.PageServerError:
+                # The server also fails the first stream: prefer its reason.
+                if self.main.incoming():
+                    self.main.raise_server_error(None, "COMMIT")
+                raise
         del inv.files[:]
         for name in sorted(self.checksums):
             size, digest = self.checksums[name]
@@ -239,10 +379,10 @@ class PageServerSink:
         if not inv.created_ns:
             inv.created_ns = time.time_ns()
         self._send(P.Commit(imgfile.encode_records(ImageKind.INVENTORY, [inv])))
-        ev = self._recv_event(COMMIT_TIMEOUT_S)
+        ev = self.main.recv_event(COMMIT_TIMEOUT_S)
         if not isinstance(ev, P.Committed):
-            self._failed = self._error_from(ev, "COMMIT")
-            raise self._failed
+            self.main.failed = _error_from(self, ev, "COMMIT")
+            raise self.main.failed
         self.inventory = inv
         dt = time.monotonic() - self.t0
         log.info("page-server %s: session %r committed, %d files, %.1f MiB in %.2f s",
@@ -253,25 +393,80 @@ class PageServerSink:
         """Abort the session: the server removes what it wrote."""
         if self._closed:
             return
-        if self._failed is None and self.conn.state is P.State.WRITE:
+        if self.main.failed is None and self.conn.state is P.State.WRITE:
             try:
-                with self._lock:
-                    self._sendall(self.conn.send_parts(P.Abort("the dump failed")))
+                with self.main.lock:
+                    self.main.sendall(self.conn.send_parts(P.Abort("the dump failed")))
             except (OSError, ssl.SSLError, P.ProtocolError):
                 pass
         self.close()
+
+    def _close_all(self) -> None:
+        for w in self.extra:
+            w.close()
+        self.main.close()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._close_all()
+
+
+class PageServerReader:
+    """A read session (post-copy): pages of a committed image by GET, each
+    checked against the digest the server computed from what it read."""
+
+    def __init__(self, address: str, port: int, session: str, *,
+                 ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
         try:
-            if self.tls:
-                self.sock.settimeout(2)
-                try:
-                    self.sock.unwrap()
-                except (OSError, ssl.SSLError, ValueError):
-                    pass
-            self.sock.close()
-        except OSError:
-            pass
+            P.check_session_name(session)
+        except ValueError as e:
+            raise errors.PageServerError(f"{address}:{port}", "BAD_NAME", str(e)) from None
+        self.address, self.port = address, port
+        self.peer = f"{address}:{port}"
+        self.session = session
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.wire = _Wire(self, 0)
+        ev = self.wire.open(P.Hello(session, P.MODE_READ, P.CAP_GET))
+        if not ev.caps & P.CAP_GET:
+            self.close()
+            raise errors.PageServerError(self.peer, "NOT_FOUND", "the server does not "
+                                                                 "serve read sessions")
+        self._next_id = 0
+
+    def get_many(self, requests) -> list[bytes]:
+        """The pages of each ``(pid, vaddr, nr_pages)``, in order; up to
+        MAX_OUTSTANDING_GETS requests are in flight at once."""
+        requests = list(requests)
+        out: list[bytes] = []
+        sent = 0
+        while len(out) < len(requests):
+            while sent < len(requests) and sent - len(out) < P.MAX_OUTSTANDING_GETS:
+                pid, vaddr, nr = requests[sent]
+                self.wire.send(P.Get(self._next_id & 0xFFFFFFFF, pid, vaddr, nr), look=False)
+                self._next_id += 1
+                sent += 1
+            ev = self.wire.recv_event(IO_TIMEOUT_S)
+            if not isinstance(ev, P.PageData):
+                self.wire.failed = _error_from(self, ev, "GET")
+                raise self.wire.failed
+            pid, vaddr, nr = requests[len(out)]
+            if (ev.vaddr, ev.nr_pages) != (vaddr, nr):
+                raise errors.PageServerError(self.peer, "PROTOCOL",
+                                             f"asked pages {vaddr:#x} +{nr}, got "
+                                             f"{ev.vaddr:#x} +{ev.nr_pages}")
+            if chunk_digest(ev.data) != ev.digest:
+                raise errors.PageServerError(self.peer, "CHECKSUM",
+                                             f"pid {pid} pages {vaddr:#x} +{nr}: xxh3-128 "
+                                             "does not match the server's")
+            out.append(bytes(ev.data))
+        return out
+
+    def get(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
+        return self.get_many([(pid, vaddr, nr_pages)])[0]
+
+    def close(self) -> None:
+        self.wire.close()

@@ -10,6 +10,12 @@ allowed flags, zero reserved bits, a length inside the bounds of its type,
 and a type allowed in the current state from that sender.  Only then is the
 payload waited for, so a lying length or a huge count never makes us buffer
 more than ``MAX_FRAME``.  Errors name the byte offset in the stream.
+
+Zero copy: besides ``receive_data``, a connection offers ``get_buffer`` and
+``buffer_updated`` (the shape of ``asyncio.BufferedProtocol``).  The payload
+of a large frame (over ``BIG_PAYLOAD``) is received in place into a buffer of
+its own, from ``PayloadBuffers`` when one is given, and the event hands out a
+view of it; ``release(ev)`` gives the buffer back.
 """
 
 from __future__ import annotations
@@ -25,16 +31,17 @@ from migrate.errors import LocalProtocolError, ProtocolError, RemoteProtocolErro
 __all__ = [
     "VERSION", "SUPPORTED_VERSIONS", "MAGIC", "PAGE_SIZE", "MAX_FRAME", "MAX_CHUNK_PAGES",
     "MAX_GET_PAGES", "MAX_CHUNK_INDEX", "MAX_SESSION_NAME", "MAX_FILE_NAME", "MAX_LINK",
-    "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MODE_WRITE", "MODE_READ",
-    "CAP_GET", "CAP_ZSTD", "FLAG_LAST", "Code", "Role", "State", "NEED_DATA", "Connection",
-    "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin", "PageChunk", "ZeroRange",
-    "ParentRange", "Commit", "Committed", "Abort", "Get", "PageData", "Error",
-    "ConnectionClosed", "EVENTS", "ProtocolError", "LocalProtocolError",
-    "RemoteProtocolError", "check_session_name", "check_link_target",
+    "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
+    "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
+    "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
+    "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
+    "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
+    "PageData", "Error", "Join", "ConnectionClosed", "EVENTS", "ProtocolError",
+    "LocalProtocolError", "RemoteProtocolError", "check_session_name", "check_link_target",
 ]
 
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MAGIC = b"MGPS"
 PAGE_SIZE = 4096
 
@@ -48,16 +55,22 @@ MAX_LINK = 255
 MAX_FILE_SIZE = 256 << 20
 MAX_ERROR_TEXT = 1024
 MAX_OUTSTANDING_GETS = 64
+MAX_STREAMS = 8                          # TCP connections of one write session
+TOKEN_SIZE = 16
+BIG_PAYLOAD = 64 << 10                   # larger payloads are received in place
 
 MODE_WRITE = 1
 MODE_READ = 2
 CAP_GET = 1
-CAP_ZSTD = 2                             # reserved, never granted in version 1
-FLAG_LAST = 1
+CAP_ZSTD = 2                             # PAGE_CHUNK may carry FLAG_ZSTD
+CAP_STREAMS = 4                          # JOIN: more TCP streams for one session
+FLAG_LAST = 1                            # FILE_PART: the file is complete
+FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 
 HEADER = struct.Struct("<BBHI")          # type, flags, reserved, length
 _HELLO = struct.Struct("<4sHBBI")
-_WELCOME = struct.Struct("<HHII")
+_WELCOME = struct.Struct("<HHII16s")
+_JOIN = struct.Struct("<4sHH16s")
 _FILE = struct.Struct("<QB")
 _U32 = struct.Struct("<I")
 _CHUNK = struct.Struct("<IIII16s")
@@ -91,7 +104,9 @@ class State(enum.Enum):
     AWAIT_HELLO = "AWAIT_HELLO"
     AWAIT_WELCOME_WRITE = "AWAIT_WELCOME_WRITE"
     AWAIT_WELCOME_READ = "AWAIT_WELCOME_READ"
+    AWAIT_WELCOME_JOIN = "AWAIT_WELCOME_JOIN"
     WRITE = "WRITE"
+    STREAM = "STREAM"
     READ = "READ"
     COMMITTING = "COMMITTING"
     DONE = "DONE"
@@ -180,17 +195,22 @@ def _text(b: bytes, what: str) -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Hello:
-    """C->S, opens a session: its name, mode (MODE_WRITE or MODE_READ), caps."""
+    """C->S, opens a session: its name, mode (MODE_WRITE or MODE_READ), caps,
+    and how many TCP streams the client would like to use (CAP_STREAMS)."""
     name: str
     mode: int = MODE_WRITE
     caps: int = 0
     version: int = VERSION
+    streams: int = 1
     TYPE = 1
     BOUNDS = (_HELLO.size, _HELLO.size + MAX_SESSION_NAME)
 
     def check(self) -> None:
         if self.mode not in (MODE_WRITE, MODE_READ):
             raise _Bad(f"mode {self.mode} (1 write, 2 read)", 6)
+        if not 0 <= self.streams <= MAX_STREAMS or (self.mode == MODE_READ
+                                                      and self.streams > 1):
+            raise _Bad(f"streams {self.streams} (0..{MAX_STREAMS}, 1 for a read session)", 7)
         if not 0 <= self.version <= 0xFFFF or not 0 <= self.caps <= 0xFFFFFFFF:
             raise _Bad("version or caps out of range", 4)
         try:
@@ -199,26 +219,28 @@ class Hello:
             raise _Bad(str(e), _HELLO.size, Code.BAD_NAME) from None
 
     def encode(self) -> tuple[int, list]:
-        return 0, [_HELLO.pack(MAGIC, self.version, self.mode, 0, self.caps),
+        return 0, [_HELLO.pack(MAGIC, self.version, self.mode, self.streams, self.caps),
                    self.name.encode()]
 
     @classmethod
     def decode(cls, flags: int, p: bytes) -> "Hello":
-        magic, version, mode, res, caps = _HELLO.unpack_from(p)
+        magic, version, mode, streams, caps = _HELLO.unpack_from(p)
         if magic != MAGIC:
             raise _Bad(f"bad magic {magic!r}, expected {MAGIC!r}: not a migrate page-server "
                        "client", 0)
-        if res:
-            raise _Bad("reserved byte is not 0", 7)
-        return cls(_text(p[_HELLO.size:], "session name"), mode, caps, version)
+        return cls(_text(p[_HELLO.size:], "session name"), mode, caps, version, streams)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Welcome:
-    """S->C, accepts the session: the version and the capabilities granted."""
+    """S->C, accepts the session (or a JOINed stream): the version, the
+    capabilities and the number of streams granted, and the token that
+    further streams of this session present in their JOIN."""
     version: int = VERSION
     caps: int = 0
     max_frame: int = MAX_FRAME
+    streams: int = 1
+    token: bytes = bytes(TOKEN_SIZE)
     TYPE = 2
     BOUNDS = (_WELCOME.size, _WELCOME.size)
 
@@ -227,16 +249,19 @@ class Welcome:
             raise _Bad("version or caps out of range")
         if not 0 < self.max_frame <= 0xFFFFFFFF:
             raise _Bad(f"max_frame {self.max_frame}", 8)
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise _Bad(f"streams {self.streams} (1..{MAX_STREAMS})", 2)
+        if len(self.token) != TOKEN_SIZE:
+            raise _Bad(f"token is not {TOKEN_SIZE} bytes", 12)
 
     def encode(self):
-        return 0, [_WELCOME.pack(self.version, 0, self.caps, self.max_frame)]
+        return 0, [_WELCOME.pack(self.version, self.streams, self.caps, self.max_frame,
+                                 self.token)]
 
     @classmethod
     def decode(cls, flags, p):
-        version, res, caps, max_frame = _WELCOME.unpack(p)
-        if res:
-            raise _Bad("reserved field is not 0", 2)
-        return cls(version, caps, max_frame)
+        version, streams, caps, max_frame, token = _WELCOME.unpack(p)
+        return cls(version, caps, max_frame, streams, token)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,20 +356,31 @@ def _check_pages(data_len: int, nr_pages: int, limit: int, at: int) -> None:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PageChunk:
-    """C->S, chunk ``index`` of pages-PID.img with the xxh3-128 of its data."""
+    """C->S, chunk ``index`` of pages-PID.img with the xxh3-128 of its data.
+    ``compressed``: ``data`` is one zstd frame of the ``nr_pages`` pages (the
+    digest is of the pages), no longer than them; only once CAP_ZSTD is granted."""
     pid: int
     index: int
     nr_pages: int
     digest: bytes
     data: bytes
+    compressed: bool = False
     TYPE = 6
-    BOUNDS = (_CHUNK.size + PAGE_SIZE, _CHUNK.size + MAX_CHUNK_PAGES * PAGE_SIZE)
+    BOUNDS = (_CHUNK.size + 1, _CHUNK.size + MAX_CHUNK_PAGES * PAGE_SIZE)
+    FLAGS = FLAG_ZSTD
 
     def check(self) -> None:
         _check_pid(self.pid)
         if not 0 <= self.index <= MAX_CHUNK_INDEX:
             raise _Bad(f"chunk index {self.index} (0..{MAX_CHUNK_INDEX})", 4)
-        _check_pages(len(self.data), self.nr_pages, MAX_CHUNK_PAGES, 8)
+        if self.compressed:
+            if not 0 < self.nr_pages <= MAX_CHUNK_PAGES:
+                raise _Bad(f"nr_pages {self.nr_pages} (1..{MAX_CHUNK_PAGES})", 8)
+            if not 0 < len(self.data) <= self.nr_pages * PAGE_SIZE:
+                raise _Bad(f"{len(self.data)} compressed bytes for {self.nr_pages} pages "
+                           "(send them uncompressed)", 8)
+        else:
+            _check_pages(len(self.data), self.nr_pages, MAX_CHUNK_PAGES, 8)
         if len(self.digest) != 16:
             raise _Bad("digest is not 16 bytes", 16)
 
@@ -352,14 +388,15 @@ class PageChunk:
         return [_CHUNK.pack(self.pid, self.index, self.nr_pages, 0, self.digest), self.data]
 
     def encode(self):
-        return 0, self.parts()
+        return (FLAG_ZSTD if self.compressed else 0), self.parts()
 
     @classmethod
     def decode(cls, flags, p):
         pid, index, nr, res, digest = _CHUNK.unpack_from(p)
         if res:
             raise _Bad("reserved field is not 0", 12)
-        return cls(pid, index, nr, digest, memoryview(p)[_CHUNK.size:])
+        return cls(pid, index, nr, digest, memoryview(p)[_CHUNK.size:],
+                   bool(flags & FLAG_ZSTD))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -546,12 +583,42 @@ class Error:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Join:
+    """C->S, opens one more TCP stream of the write session whose WELCOME
+    gave ``token``; ``stream`` numbers it (1..granted-1)."""
+    token: bytes
+    stream: int
+    version: int = VERSION
+    TYPE = 15
+    BOUNDS = (_JOIN.size, _JOIN.size)
+
+    def check(self) -> None:
+        if not 0 <= self.version <= 0xFFFF:
+            raise _Bad(f"version {self.version}", 4)
+        if not 1 <= self.stream < MAX_STREAMS:
+            raise _Bad(f"stream {self.stream} (1..{MAX_STREAMS - 1})", 6)
+        if len(self.token) != TOKEN_SIZE:
+            raise _Bad(f"token is not {TOKEN_SIZE} bytes", 8)
+
+    def encode(self):
+        return 0, [_JOIN.pack(MAGIC, self.version, self.stream, self.token)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        magic, version, stream, token = _JOIN.unpack(p)
+        if magic != MAGIC:
+            raise _Bad(f"bad magic {magic!r}, expected {MAGIC!r}: not a migrate page-server "
+                       "client", 0)
+        return cls(token, stream, version)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer ended the stream (not a frame)."""
 
 
 EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
-          ParentRange, Commit, Committed, Abort, Get, PageData, Error)
+          ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join)
 _BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
 
 
@@ -564,6 +631,9 @@ TRANSITIONS: dict = {
     (_ST.AWAIT_HELLO, C, (Hello, MODE_READ)): _ST.AWAIT_WELCOME_READ,
     (_ST.AWAIT_WELCOME_WRITE, S, Welcome): _ST.WRITE,
     (_ST.AWAIT_WELCOME_READ, S, Welcome): _ST.READ,
+    (_ST.AWAIT_HELLO, C, Join): _ST.AWAIT_WELCOME_JOIN,
+    (_ST.AWAIT_WELCOME_JOIN, S, Welcome): _ST.STREAM,
+    (_ST.STREAM, C, PageChunk): _ST.STREAM,
     **{(_ST.WRITE, C, cls): _ST.WRITE
        for cls in (FilePart, SetParent, PagesBegin, PageChunk, ZeroRange, ParentRange)},
     (_ST.WRITE, C, Commit): _ST.COMMITTING,
@@ -583,28 +653,82 @@ def _key(ev):
     return (Hello, ev.mode) if isinstance(ev, Hello) else type(ev)
 
 
+class PayloadBuffers:
+    """Receive buffers of ``MAX_FRAME`` bytes for large payloads, shared by
+    every connection of a server, so that its memory stays bounded however
+    many sessions run: at most ``limit`` exist, made when first needed and
+    kept.  A connection holds at most ``per_connection`` (receive the next
+    frame while the last one is being written).  When ``take`` says None the
+    connection waits (``Connection.stalled``) until some buffer is given
+    back; ``on_free``, if set, is called then."""
+
+    def __init__(self, limit: int = 6, per_connection: int = 2) -> None:
+        self.limit = limit
+        self.per_connection = per_connection
+        self._free: list[bytearray] = []
+        self.out = 0
+        self.on_free = None
+
+    def take(self, held: int) -> bytearray | None:
+        if held >= self.per_connection or self.out >= self.limit:
+            return None
+        self.out += 1
+        return self._free.pop() if self._free else bytearray(MAX_FRAME)
+
+    def give(self, buf: bytearray) -> None:
+        self.out -= 1
+        self._free.append(buf)
+        if self.on_free is not None:
+            self.on_free()
+
+
 class Connection:
-    """One end of one connection: ``Connection(Role.SERVER)`` or CLIENT."""
+    """One end of one connection: ``Connection(Role.SERVER)`` or CLIENT.
+
+    ``buffers``: a ``PayloadBuffers`` for large payloads; without one each
+    large payload gets a new buffer of its exact size.
+    """
 
     MAX_BUFFER = MAX_FRAME + HEADER.size + (4 << 20)
+    SCRATCH = 64 << 10
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, buffers: PayloadBuffers | None = None) -> None:
         self.our_role = role
         self.their_role = S if role is C else C
         self.state = State.AWAIT_HELLO
         self.mode = 0
+        self.caps = 0                # granted in WELCOME
         self._buf = bytearray()
-        self._pos = 0            # stream offset of _buf[0]
+        self._pos = 0                # stream offset of _buf[0]
         self._eof = False
         self._gets: collections.deque = collections.deque()
         self.bytes_received = 0
+        self.bytes_copied = 0        # of large payloads, before they had their buffer
         self.bytes_sent = 0
+        self._buffers = buffers
+        self._held: dict[int, bytearray] = {}     # id -> pool buffer lent to events
+        self._payload: memoryview | None = None   # a large payload being received
+        self._filled = 0
+        self._frame = None                        # (cls, flags, start) of that frame
+        self._scratch = memoryview(bytearray(self.SCRATCH))
+        self._into_payload = False
+        self.stalled = False     # a large frame waits for a buffer: release() one
 
     # -- receiving -----------------------------------------------------------
     @property
     def offset(self) -> int:
         """Stream offset of the next unparsed byte."""
         return self._pos
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed, outside a large payload."""
+        return len(self._buf)
+
+    @property
+    def in_payload(self) -> bool:
+        """The bytes now expected go into a large payload, in place."""
+        return self._payload is not None and self._filled < len(self._payload)
 
     def receive_data(self, data) -> None:
         """Buffer bytes from the peer; ``b""`` means end of stream."""
@@ -613,11 +737,50 @@ class Connection:
         if not data:
             self._eof = True
             return
+        mv = memoryview(data)
+        self.bytes_received += len(mv)
+        if self.in_payload:
+            n = min(len(mv), len(self._payload) - self._filled)
+            self._payload[self._filled:self._filled + n] = mv[:n]
+            self._filled += n
+            mv = mv[n:]
+            if not mv:
+                return
         if len(self._buf) > self.MAX_BUFFER:
             raise LocalProtocolError(f"receive buffer over {self.MAX_BUFFER} bytes: "
                                      "call next_event() before receiving more")
-        self._buf += data
-        self.bytes_received += len(data)
+        self._buf += mv
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes from the peer go (asyncio.BufferedProtocol):
+        the rest of a large payload, in place, or else a scratch area."""
+        self._into_payload = self.in_payload
+        if self._into_payload:
+            return self._payload[self._filled:]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        if self._into_payload:
+            self._filled += nbytes
+            self.bytes_received += nbytes
+        else:
+            self.receive_data(self._scratch[:nbytes])
+
+    def release(self, ev) -> None:
+        """Give back the buffer that ``ev`` (a PageChunk, FilePart or PageData
+        from next_event) lends its data from; use its data no more."""
+        data = getattr(ev, "data", None)
+        if isinstance(data, memoryview):
+            self._give(data)
+
+    def release_all(self) -> None:
+        """The connection is done: give back every buffer it holds."""
+        held, self._held = self._held, {}
+        if self._buffers is not None:
+            for buf in held.values():
+                self._buffers.give(buf)
+        self._payload = None
 
     def _remote(self, why: str, at: int, code: int = 1) -> RemoteProtocolError:
         """The error, with ``offset`` and ``code`` (the ERROR code to answer with)."""
@@ -627,7 +790,19 @@ class Connection:
         e.code = code
         return e
 
+    def _storage(self, length: int) -> memoryview | None:
+        if self._buffers is None:
+            return memoryview(bytearray(length))
+        buf = self._buffers.take(len(self._held))
+        if buf is None:
+            return None
+        self._held[id(buf)] = buf
+        return memoryview(buf)[:length]
+
     def next_event(self):
+        self.stalled = False
+        if self._payload is not None:
+            return self._large_frame()
         buf = self._buf
         if len(buf) < HEADER.size:
             if self._eof:
@@ -639,16 +814,57 @@ class Connection:
         typ, flags, res, length = HEADER.unpack_from(buf)
         cls = self._check_header(typ, flags, res, length)
         end = HEADER.size + length
+        start = self._pos
         if len(buf) < end:
             if self._eof:
                 raise self._remote(f"stream ended inside a {cls.__name__} frame: "
                                    f"{len(buf) - HEADER.size} of {length} payload bytes",
                                    self._pos)
-            return NEED_DATA
+            if length <= BIG_PAYLOAD:
+                return NEED_DATA
+            # Receive the rest in place: what is buffered (at most a scratch
+            # read past the header) is the only part copied.
+            storage = self._storage(length)
+            if storage is None:
+                self.stalled = True
+                return NEED_DATA
+            have = len(buf) - HEADER.size
+            storage[:have] = memoryview(buf)[HEADER.size:]
+            self.bytes_copied += have
+            del buf[:]
+            self._payload, self._filled = storage, have
+            self._frame = (cls, flags, start)
+            self._pos += end
+            return self._large_frame()
         payload = bytes(buf[HEADER.size:end])
-        start = self._pos
         del buf[:end]
         self._pos += end
+        return self._event(cls, flags, payload, start)
+
+    def _large_frame(self):
+        cls, flags, start = self._frame
+        if self._filled < len(self._payload):
+            if self._eof:
+                raise self._remote(f"stream ended inside a {cls.__name__} frame: "
+                                   f"{self._filled} of {len(self._payload)} payload bytes",
+                                   start)
+            return NEED_DATA
+        payload, self._payload = self._payload, None
+        try:
+            ev = self._event(cls, flags, payload, start)
+        except RemoteProtocolError:
+            self._give(payload)     # (buffers lent to earlier events stay lent)
+            raise
+        if not isinstance(getattr(ev, "data", None), memoryview):
+            self._give(payload)     # the event copied what it keeps
+        return ev
+
+    def _give(self, view: memoryview) -> None:
+        buf = self._held.pop(id(view.obj), None)
+        if buf is not None:
+            self._buffers.give(buf)
+
+    def _event(self, cls, flags, payload, start):
         try:
             ev = cls.decode(flags, payload)
             ev.check()
@@ -670,14 +886,19 @@ class Connection:
             raise self._remote(f"unknown message type {typ}", at)
         if flags & ~getattr(cls, "FLAGS", 0):
             raise self._remote(f"{cls.__name__}: flags {flags:#x} not allowed", at + 1)
+        if flags & FLAG_ZSTD and cls is PageChunk and not self.caps & CAP_ZSTD:
+            raise self._remote("PageChunk: compressed, but CAP_ZSTD was not granted", at + 1)
         if res:
             raise self._remote(f"{cls.__name__}: reserved header field {res:#x} is not 0",
                                at + 2)
         lo, hi = cls.BOUNDS
+        if cls in (PageChunk, PageData) and not flags & FLAG_ZSTD:
+            lo = _CHUNK.size + PAGE_SIZE         # the same for PageData (_DATA)
         if not lo <= length <= hi:
             raise self._remote(f"{cls.__name__}: payload length {length} outside "
                                f"{lo}..{hi}", at + 4)
-        if cls in (PageChunk, PageData) and (length - lo) % PAGE_SIZE:
+        if cls in (PageChunk, PageData) and not flags & FLAG_ZSTD \
+                and (length - lo) % PAGE_SIZE:
             raise self._remote(f"{cls.__name__}: payload length {length} is not a whole "
                                "number of pages", at + 4)
         if cls not in _ALLOWED[(self.state, self.their_role)]:
@@ -694,6 +915,8 @@ class Connection:
             raise LocalProtocolError(f"not an event: {ev!r}")
         try:
             ev.check()
+            if isinstance(ev, PageChunk) and ev.compressed and not self.caps & CAP_ZSTD:
+                raise _Bad("compressed, but CAP_ZSTD was not granted")
             self._transition(self.our_role, ev)
         except _Bad as e:
             raise LocalProtocolError(f"{type(ev).__name__}: {e.why}") from None
@@ -728,4 +951,6 @@ class Connection:
             self._gets.popleft()
         elif isinstance(ev, Hello):
             self.mode = ev.mode
+        elif isinstance(ev, Welcome):
+            self.caps = ev.caps
         self.state = nxt

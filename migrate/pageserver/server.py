@@ -18,28 +18,37 @@ import concurrent.futures
 import dataclasses
 import errno
 import logging
-import mmap
 import os
+import secrets
 import signal
 import ssl
+import threading
 import time
 
 import xxhash
 
+try:
+    import zstandard
+except ImportError:          # optional: the server then never grants CAP_ZSTD
+    zstandard = None
+
 from migrate import errors
 from migrate.images import imgfile
 from migrate.images.imgfile import (CHUNK_PAGES, PAGE_SIZE, PAGES_DATA_OFFSET, ImageKind,
-                                    chunk_digest, pages_digest)
+                                    chunk_digest, chunk_hasher, pages_digest)
 from migrate.pageserver import protocol as P
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
-CHUNKS_IN_FLIGHT = 2        # per session: chunks being written while the next arrives
+READ_AHEAD = 256 << 10     # bytes buffered outside a chunk before reading pauses
+CHUNK_BUFFERS = 6           # receive buffers (8 MiB) shared by all sessions
+VERIFY_WINDOW = 256 << 10   # chunks are written, read back and hashed in such pieces
 LINGER_S = 5.0              # after an ERROR, read and drop for this long before closing
 LINGER_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 60.0      # SIGTERM: how long running sessions may take to finish
+JOIN_WAIT_S = 60.0          # COMMIT waits this long for the other streams to end
+PAYLOAD_IDLE_S = 120.0      # a client silent this long in the middle of a chunk is dropped
 
 
 class SessionError(errors.MigrateError):
@@ -68,6 +77,17 @@ class _PagesFile:
     fd: int
     header_digest: bytes
     chunks: dict = dataclasses.field(default_factory=dict)   # index -> (nr_pages, digest)
+
+
+_local = threading.local()
+
+
+def _verify_buffer() -> memoryview:
+    """This I/O thread's buffer for reading back what it wrote."""
+    v = getattr(_local, "view", None)
+    if v is None:
+        v = _local.view = memoryview(bytearray(VERIFY_WINDOW))
+    return v
 
 
 def _within(root: str, path: str) -> bool:
@@ -194,29 +214,56 @@ class Session:
         pf.chunks[ev.index] = None      # reserved; filled when written
         return pf
 
+    @staticmethod
+    def _decompress(ev: P.PageChunk, name: str):
+        size = ev.nr_pages * PAGE_SIZE
+        what = f"{name} chunk {ev.index}: zstd frame"
+        try:
+            # The frame header must say the exact size before anything is
+            # allocated for it (a bomb names a size, or none, and is refused).
+            if zstandard.frame_content_size(ev.data) != size:
+                raise SessionError(P.Code.PROTOCOL, f"{what} does not declare {size} bytes")
+            data = zstandard.ZstdDecompressor().decompress(ev.data, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise SessionError(P.Code.PROTOCOL, f"{what}: {e}") from None
+        if len(data) != size:
+            raise SessionError(P.Code.PROTOCOL, f"{what} gave {len(data)} bytes, not {size}")
+        return data
+
     def write_chunk(self, pf: _PagesFile, ev: P.PageChunk) -> None:
+        """Check the chunk as received, then write it piece by piece (256 KiB),
+        reading each piece back from the page cache and hashing it while it
+        is still in this core's cache (mapping the file instead costs as much
+        in page-table work and TLB shootdowns, and RSS)."""
         name = f"pages-{ev.pid}.img"
-        got = chunk_digest(ev.data)
+        data = self._decompress(ev, name) if ev.compressed else ev.data
+        got = chunk_digest(data)
         if got != ev.digest:
             raise SessionError(P.Code.CHECKSUM, f"{name} chunk {ev.index}: xxh3-128 "
                                                 f"{got.hex()} on arrival, the client says "
                                                 f"{ev.digest.hex()}")
         off = PAGES_DATA_OFFSET + ev.index * CHUNK_PAGES * PAGE_SIZE
-        self._pwrite(pf.fd, ev.data, off, self._p(name))
-        # Hash the bytes as written: a shared mapping of the file reads them
-        # back from the page cache without a copy.
-        try:
-            with mmap.mmap(pf.fd, len(ev.data), mmap.MAP_SHARED, mmap.PROT_READ,
-                           offset=off) as m:
-                again = chunk_digest(m)
-        except OSError as e:
-            raise _os_error(self._p(name), f"mmap at offset {off}", e) from e
+        view = _verify_buffer()
+        src = memoryview(data)
+        h = chunk_hasher()
+        for at in range(0, len(src), len(view)):
+            piece = src[at:at + len(view)]
+            self._pwrite(pf.fd, piece, off + at, self._p(name))
+            back = view[:len(piece)]
+            try:
+                n = os.preadv(pf.fd, [back], off + at)
+            except OSError as e:
+                raise _os_error(self._p(name), f"read back at offset {off + at}", e) from e
+            if n != len(piece):
+                raise SessionError(P.Code.IO, f"{name}: short read at offset {off + at}")
+            h.update(back)
+        again = h.digest()
         if again != ev.digest:
             raise SessionError(P.Code.CHECKSUM, f"{name} chunk {ev.index}: the bytes "
                                                 f"written at offset {off} hash to "
                                                 f"{again.hex()}, expected {ev.digest.hex()}")
         pf.chunks[ev.index] = (ev.nr_pages, ev.digest)
-        self.nbytes += len(ev.data)
+        self.nbytes += len(data)
 
     def _pages_checksum(self, pid: int, pf: _PagesFile) -> tuple[int, str]:
         n = len(pf.chunks)
@@ -308,24 +355,50 @@ class Session:
 
 
 class ReadSession:
-    """A committed image served to GET requests (post-copy)."""
+    """A committed image served to GET requests (post-copy).  Pages marked
+    IN_PARENT are read from the image its ``parent`` link names, and so on
+    down the chain (at most ``MAX_CHAIN`` images, each inside the server's
+    directory and committed)."""
 
-    def __init__(self, path: str) -> None:
+    MAX_CHAIN = 64
+
+    def __init__(self, path: str, root: str | None = None, depth: int = 0) -> None:
+        self.path = path
+        self.root = root or path
+        self.depth = depth
         try:
             self.images = imgfile.ImageDir.open(path)
         except errors.ImageError as e:
             raise SessionError(P.Code.NOT_FOUND, str(e)) from None
         self.maps: dict[int, tuple[list, list, object]] = {}
+        self._parent: ReadSession | None = None
+
+    def parent(self) -> "ReadSession":
+        if self._parent is None:
+            link = os.path.join(self.path, "parent")
+            if not os.path.islink(link):
+                raise SessionError(P.Code.NOT_FOUND, f"{self.path}: pages in the parent "
+                                                     "image, but no parent link")
+            if self.depth + 1 >= self.MAX_CHAIN:
+                raise SessionError(P.Code.NOT_FOUND, f"{self.path}: parent chain longer "
+                                                     f"than {self.MAX_CHAIN}")
+            target = os.path.join(self.path, os.readlink(link))
+            if not _within(self.root, target):
+                raise SessionError(P.Code.NOT_FOUND, f"{link}: resolves outside the "
+                                                     "server's directory")
+            self._parent = ReadSession(target, self.root, self.depth + 1)
+        return self._parent
 
     def _map(self, pid: int):
         m = self.maps.get(pid)
         if m is None:
             name = f"pagemap-{pid}.img"
             if not self.images.has(name):
-                raise SessionError(P.Code.NOT_FOUND, f"pid {pid}: no {name} in the image")
+                raise SessionError(P.Code.NOT_FOUND, f"pid {pid}: no {name} in {self.path}")
             try:
                 entries = self.images.read_image(name)[1:]
-                reader = self.images.pages_reader(pid)
+                reader = (self.images.pages_reader(pid)
+                          if self.images.has(f"pages-{pid}.img") else None)
             except errors.ImageError as e:
                 raise SessionError(P.Code.IO, str(e)) from None
             runs, off = [], 0
@@ -337,31 +410,42 @@ class ReadSession:
             m = self.maps[pid] = ([r[0] for r in runs], runs, reader)
         return m
 
-    def get(self, ev: P.Get) -> P.PageData:
-        starts, runs, reader = self._map(ev.pid)
-        out = bytearray(ev.nr_pages * PAGE_SIZE)
-        addr, end = ev.vaddr, ev.vaddr + ev.nr_pages * PAGE_SIZE
+    def _fill(self, pid: int, vaddr: int, out: memoryview) -> None:
+        """Pages [vaddr, vaddr + len(out)) of pid into ``out``."""
+        starts, runs, reader = self._map(pid)
+        addr, end = vaddr, vaddr + len(out)
         while addr < end:
             i = bisect.bisect_right(starts, addr) - 1
             if i < 0 or addr >= runs[i][0] + runs[i][1] * PAGE_SIZE:
-                raise SessionError(P.Code.NOT_FOUND, f"pid {ev.pid}: page {addr:#x} is not "
-                                                     "in the image")
-            vaddr, nr, flags, first = runs[i]
-            stop = min(end, vaddr + nr * PAGE_SIZE)
+                raise SessionError(P.Code.NOT_FOUND, f"pid {pid}: page {addr:#x} is not "
+                                                     f"in the image {self.path}")
+            start, nr, flags, first = runs[i]
+            stop = min(end, start + nr * PAGE_SIZE)
+            view = out[addr - vaddr:stop - vaddr]
             if flags & imgfile.PE_PRESENT:
-                off = PAGES_DATA_OFFSET + (first + (addr - vaddr) // PAGE_SIZE) * PAGE_SIZE
-                view = memoryview(out)[addr - ev.vaddr:stop - ev.vaddr]
-                if os.preadv(reader.fd, [view], off) != len(view):
-                    raise SessionError(P.Code.IO, f"pages-{ev.pid}.img: short read at {off}")
-            elif not flags & imgfile.PE_ZERO:
-                raise SessionError(P.Code.NOT_FOUND, f"pid {ev.pid}: page {addr:#x} is in "
-                                                     "the parent image (not served in v1)")
+                off = PAGES_DATA_OFFSET + (first + (addr - start) // PAGE_SIZE) * PAGE_SIZE
+                if reader is None or os.preadv(reader.fd, [view], off) != len(view):
+                    raise SessionError(P.Code.IO, f"pages-{pid}.img: short read at {off}")
+            elif flags & imgfile.PE_IN_PARENT:
+                self.parent()._fill(pid, addr, view)
+            elif flags & imgfile.PE_ZERO:
+                view[:] = bytes(len(view))
+            else:
+                raise SessionError(P.Code.NOT_FOUND, f"pid {pid}: page {addr:#x} has no "
+                                                     "data in the image")
             addr = stop
-        return P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(out), bytes(out))
+
+    def get(self, ev: P.Get) -> P.PageData:
+        out = bytearray(ev.nr_pages * PAGE_SIZE)
+        self._fill(ev.pid, ev.vaddr, memoryview(out))
+        return P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(out), out)
 
     def close(self) -> None:
         for _, _, reader in self.maps.values():
-            reader.close()
+            if reader is not None:
+                reader.close()
+        if self._parent is not None:
+            self._parent.close()
 
 
 def _log_loop_exception(loop, context: dict) -> None:
@@ -396,20 +480,199 @@ class _TLSPending(asyncio.Protocol):
         pass
 
 
+class _Stream(asyncio.BufferedProtocol):
+    """One connection's transport, reading where its ``Connection`` says: a
+    page chunk lands in place in a shared chunk buffer, never copied in
+    Python (with TLS, asyncio decrypts straight into it).  The handler task
+    pulls events with ``next_event()``; reading pauses when unparsed bytes
+    pile up or the connection waits for a buffer."""
+
+    def __init__(self, server: "PageServer") -> None:
+        self.srv = server
+        self.conn = P.Connection(P.Role.SERVER, server.buffers)
+        self.transport = None
+        self.peer = "?"
+        self._waiter: asyncio.Future | None = None
+        self._drained: asyncio.Future | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self.eof = False                             # the client's FIN (or close_notify)
+        self.lost = False                            # the connection is gone
+        self.lost_exc: BaseException | None = None
+        self.failure: BaseException | None = None    # set by another stream of the session
+        self.discarding = False                      # after our ERROR: drop what comes
+        self.dropped = 0
+        self._drop = memoryview(bytearray(64 << 10))
+
+    # -- asyncio callbacks ---------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        pn = transport.get_extra_info("peername")
+        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        task = asyncio.get_running_loop().create_task(self.srv._accept(self))
+        self.srv.handshakes.add(task)
+        task.add_done_callback(self.srv.handshakes.discard)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.discarding:
+            return self._drop
+        return self.conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.discarding:
+            self.dropped += nbytes
+            if self.dropped >= LINGER_BYTES:
+                self._wake()
+            return
+        try:
+            self.conn.buffer_updated(nbytes)
+        except P.LocalProtocolError as e:       # cannot happen: reading pauses first
+            self.fail(e)
+            return
+        if not self.conn.in_payload:
+            self._wake()
+            if self.conn.buffered >= READ_AHEAD:
+                self._pause()
+
+    def eof_received(self) -> bool:
+        if not self.discarding and not self.eof:
+            self.conn.receive_data(b"")
+        self.eof = True
+        self._wake()
+        # Keep the transport to answer after the client's FIN (plain TCP; a
+        # TLS transport closes after close_notify whatever we say).
+        return self.srv.ssl is None
+
+    def connection_lost(self, exc) -> None:
+        if not self.eof and exc is None and not self.discarding:
+            self.conn.receive_data(b"")
+            self.eof = True
+        self.lost = True
+        self.lost_exc = exc
+        self._wake()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- for the handler -----------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _pause(self) -> None:
+        if not self._read_paused and not self.lost and not self.eof:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._read_paused and not self.transport.is_closing():
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def fail(self, exc: BaseException) -> None:
+        """Make the handler's next wait raise ``exc`` (another stream failed)."""
+        self.failure = exc
+        self._wake()
+
+    async def wait_data(self) -> None:
+        """Until more bytes, the end of the stream, or a failure."""
+        if self.failure is not None:
+            raise self.failure
+        if self.lost and self.lost_exc is not None:
+            raise ConnectionResetError(str(self.lost_exc))
+        self._resume()
+        self._waiter = asyncio.get_running_loop().create_future()
+        # Silence is fine between frames (a read session may idle for long),
+        # not while the connection holds one of the shared receive buffers.
+        holding = self.conn.in_payload
+        try:
+            await asyncio.wait_for(self._waiter, PAYLOAD_IDLE_S if holding else None)
+        except asyncio.TimeoutError:
+            raise SessionError(P.Code.PROTOCOL, f"no byte for {PAYLOAD_IDLE_S:.0f} s in "
+                                                "the middle of a frame") from None
+        finally:
+            self._waiter = None
+        if self.failure is not None:
+            raise self.failure
+
+    def write(self, data) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("connection lost")
+        if self._write_paused:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+            if self.lost:
+                raise ConnectionResetError("connection lost")
+
+    async def linger(self) -> None:
+        """Read and drop what the client still sends (bounded), so that it
+        reads our ERROR instead of a reset."""
+        self.discarding = True
+        self.conn.release_all()
+        deadline = time.monotonic() + LINGER_S
+        while not self.lost and not self.eof and self.dropped < LINGER_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._resume()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, left)
+            except asyncio.TimeoutError:
+                break
+            finally:
+                self._waiter = None
+
+    async def close(self) -> None:
+        self.conn.release_all()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+@dataclasses.dataclass
+class _Joinable:
+    """A write session that granted more than one stream."""
+    session: Session
+    main: "Handler"
+    caps: int
+    streams: int
+    joined: dict = dataclasses.field(default_factory=dict)   # stream number -> Handler
+    ended: dict = dataclasses.field(default_factory=dict)    # stream number -> Future
+    begun: dict = dataclasses.field(default_factory=dict)    # pid -> asyncio.Event
+
+
 class PageServer:
     """``serve``: many sessions, each in ``root/<name>``; otherwise one session
     into ``root`` itself, then ``run()`` returns."""
 
     def __init__(self, root: str, host: str = "0.0.0.0", port: int = 0, *,
                  ssl_context: ssl.SSLContext | None = None, serve: bool = False,
-                 sock=None, workers: int = 4) -> None:
+                 sock=None, workers: int = 4, compress: bool = True,
+                 max_streams: int = P.MAX_STREAMS) -> None:
         self.root = os.path.abspath(root)
         self.host, self.port = host, port
         self.ssl = ssl_context
         self.serve = serve
         self.sock = sock
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ps-io")
+        self.buffers = P.PayloadBuffers(CHUNK_BUFFERS)
+        self.buffers.on_free = self._buffer_freed
+        self._buffer_waiters: list[asyncio.Future] = []
+        self.caps = P.CAP_GET | P.CAP_STREAMS | (P.CAP_ZSTD if compress and zstandard else 0)
+        self.max_streams = max_streams
         self.active: dict[str, asyncio.Task] = {}
+        self.joinable: dict[bytes, _Joinable] = {}
         self.tasks: set[asyncio.Task] = set()
         self.server: asyncio.base_events.Server | None = None
         self.stopping = False
@@ -419,30 +682,35 @@ class PageServer:
         self.connections = 0
         self.handshakes: set[asyncio.Task] = set()
 
+    def _buffer_freed(self) -> None:
+        waiters, self._buffer_waiters = self._buffer_waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    def buffer_freed(self) -> asyncio.Future:
+        """Resolved when some connection gives a receive buffer back."""
+        f = asyncio.get_running_loop().create_future()
+        self._buffer_waiters.append(f)
+        return f
+
     # -- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
         os.makedirs(self.root, exist_ok=True)
-        # TLS is set up by the listener (start_tls on an accepted stream may
-        # lose a ClientHello already read into the stream's buffer).
         # Handshake failures reach the loop's exception handler: log one line.
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_log_loop_exception)
         if self.ssl is None:
-            kw = dict(limit=READ_SIZE)
-            if self.sock is not None:
-                self.server = await asyncio.start_server(self._accept, sock=self.sock, **kw)
-            else:
-                self.server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                         reuse_address=True, **kw)
+            factory = lambda: _Stream(self)  # noqa: E731
         else:
             # Our own handshake, so that a failure is logged with the peer and
             # the reason (asyncio logs an SSLError only in debug mode).
             factory = lambda: _TLSPending(self)  # noqa: E731
-            if self.sock is not None:
-                self.server = await loop.create_server(factory, sock=self.sock)
-            else:
-                self.server = await loop.create_server(factory, self.host, self.port,
-                                                       reuse_address=True)
+        if self.sock is not None:
+            self.server = await loop.create_server(factory, sock=self.sock)
+        else:
+            self.server = await loop.create_server(factory, self.host, self.port,
+                                                   reuse_address=True)
         addr = self.server.sockets[0].getsockname()
         self.port = addr[1]
         log.info("page-server: listening on %s:%d (%s, %s) for %s", addr[0], addr[1],
@@ -493,10 +761,9 @@ class PageServer:
         loop = asyncio.get_running_loop()
         pn = tr.get_extra_info("peername")
         peer = f"{pn[0]}:{pn[1]}" if pn else "?"
-        reader = asyncio.StreamReader(limit=READ_SIZE)
-        proto = asyncio.StreamReaderProtocol(reader)
+        stream = _Stream(self)
         try:
-            new = await loop.start_tls(tr, proto, self.ssl, server_side=True,
+            new = await loop.start_tls(tr, stream, self.ssl, server_side=True,
                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as e:
             why = getattr(e, "reason", None) or str(e) or type(e).__name__
@@ -505,74 +772,59 @@ class PageServer:
                         f" ({verify})" if verify else "")
             tr.close()
             return
-        proto.connection_made(new)
-        writer = asyncio.StreamWriter(new, proto, reader, loop)
-        await self._accept(reader, writer)
+        stream.connection_made(new)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    async def _accept(self, stream: _Stream) -> None:
         task = asyncio.current_task()
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        if self.stopping or (not self.serve and self.connections):
-            log.warning("%s: refused: %s", peer, "stopping" if self.stopping else
-                        "this page-server takes one session (use --serve for more)")
-            await self._send_error_and_close(reader, writer, None,
-                                             P.Code.SHUTDOWN if self.stopping else P.Code.BUSY,
+        if self.stopping:
+            log.warning("%s: refused: stopping", stream.peer)
+            await self._send_error_and_close(stream, P.Code.SHUTDOWN,
                                              "the page-server is not taking sessions")
             return
-        self.connections += 1
         self.tasks.add(task)
+        h = Handler(self, stream)
         try:
-            ok = await Handler(self, reader, writer, peer).run()
+            ok = await h.run()
         finally:
             self.tasks.discard(task)
-            self.sessions_done += 1
-        if not self.serve:
+            if h.counted:
+                self.sessions_done += 1
+        if not self.serve and h.counted:
             self.outcome = ok
             self.done.set()
 
-    async def _send_error_and_close(self, reader, writer, conn, code, text) -> None:
+    async def _send_error_and_close(self, stream: _Stream, code, text) -> None:
         try:
-            if conn is None:
-                conn = P.Connection(P.Role.SERVER)
-            writer.write(conn.send(P.Error(code, text[:P.MAX_ERROR_TEXT])))
-            await asyncio.wait_for(writer.drain(), LINGER_S)
-            # Read and drop what the client still sends, so that it reads our
-            # ERROR instead of a reset.
-            deadline = time.monotonic() + LINGER_S
-            dropped = 0
-            while dropped < LINGER_BYTES:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                data = await asyncio.wait_for(reader.read(READ_SIZE), left)
-                if not data:
-                    break
-                dropped += len(data)
+            stream.write(stream.conn.send(P.Error(code, text[:P.MAX_ERROR_TEXT])))
+            await asyncio.wait_for(stream.drain(), LINGER_S)
+            await stream.linger()
         except (OSError, ssl.SSLError, asyncio.TimeoutError, P.ProtocolError):
             pass
         finally:
-            writer.close()
-            try:
-                await asyncio.wait_for(writer.wait_closed(), 2)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError):
-                pass
+            await stream.close()
 
 
 class Handler:
-    """One connection: handshake, then one small handler per event type."""
+    """One connection: handshake, then one small handler per event type.
+    A write session may have more streams: each has its own Handler, sharing
+    the main one's Session (HELLO opens it, JOIN adds a stream)."""
 
-    def __init__(self, server: PageServer, reader, writer, peer: str) -> None:
+    def __init__(self, server: PageServer, stream: _Stream) -> None:
         self.srv = server
-        self.reader, self.writer = reader, writer
-        self.peer = peer
-        self.conn = P.Connection(P.Role.SERVER)
+        self.stream = stream
+        self.conn = stream.conn
+        self.peer = stream.peer
         self.session: Session | None = None
         self.reads: ReadSession | None = None
         self.inflight: set[asyncio.Future] = set()
         self.loop = asyncio.get_running_loop()
         self.t0 = time.monotonic()
         self.key: str | None = None
+        self.token: bytes | None = None
+        self.join: _Joinable | None = None     # set on every stream of a joinable session
+        self.number = 0                        # stream number (0: the HELLO stream)
+        self.counted = False                   # a session (not a JOINed stream)
+        self.clean_end = False                 # a JOINed stream ended after its chunks
 
     def _io(self, fn, *args) -> asyncio.Future:
         return self.loop.run_in_executor(self.srv.pool, fn, *args)
@@ -580,10 +832,11 @@ class Handler:
     async def run(self) -> bool:
         """Serve the connection; True if a write session committed."""
         if self.srv.ssl is not None:
-            cert = self.writer.get_extra_info("peercert") or {}
+            tr = self.stream.transport
+            cert = tr.get_extra_info("peercert") or {}
             subj = dict(x[0] for x in cert.get("subject", ()))
             log.info("%s: TLS %s, client certificate CN=%s", self.peer,
-                     self.writer.get_extra_info("ssl_object").version(),
+                     tr.get_extra_info("ssl_object").version(),
                      subj.get("commonName", "?"))
         try:
             return await self._loop()
@@ -593,7 +846,7 @@ class Handler:
         except SessionError as e:
             log.warning("%s: %s: closing", self._who(), e)
             await self._fail(e.code, str(e))
-        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as e:
+        except (ConnectionError, ssl.SSLError, OSError) as e:
             log.warning("%s: connection lost: %s", self._who(), e)
         except asyncio.CancelledError:
             log.warning("%s: cancelled (shutdown)", self._who())
@@ -603,23 +856,39 @@ class Handler:
         return False
 
     def _who(self) -> str:
-        return f"{self.peer} session {self.session.name!r}" if self.session else self.peer
+        if self.session is None:
+            return self.peer
+        if self.number:
+            return f"{self.peer} session {self.session.name!r} stream {self.number}"
+        return f"{self.peer} session {self.session.name!r}"
 
     async def _fail(self, code, text: str) -> None:
         await self._settle()
+        if self.join is not None and self.number:
+            # A broken stream fails its whole session: tell the main stream.
+            self.join.main.stream.fail(SessionError(code, f"stream {self.number}: {text}"))
         if self.conn.state in (P.State.CLOSED, P.State.DONE):
-            self.writer.close()
+            await self.stream.close()
             return
-        await self.srv._send_error_and_close(self.reader, self.writer, self.conn, code, text)
+        await self.srv._send_error_and_close(self.stream, code, text)
 
     async def _settle(self) -> None:
         if self.inflight:
             await asyncio.wait(self.inflight)
+            for f in self.inflight:
+                f.exception()       # retrieved (raised by _settle_chunks, or moot)
             self.inflight.clear()
 
     async def _finish(self) -> None:
         await self._settle()
-        if self.session is not None and not self.session.committed:
+        if self.join is not None and not self.number:
+            self.srv.joinable.pop(self.token, None)
+            for h in self.join.joined.values():
+                if not h.stream.lost:
+                    h.stream.fail(SessionError(P.Code.ABORTED, "the session ended"))
+            if self.join.ended:
+                await asyncio.wait(list(self.join.ended.values()), timeout=10)
+        if not self.number and self.session is not None and not self.session.committed:
             log.warning("%s: ended before its commit: removing what it wrote (%s)",
                         self._who(), self.session.path)
             await self._io(self.session.discard)
@@ -627,20 +896,47 @@ class Handler:
             self.reads.close()
         if self.key is not None:
             self.srv.active.pop(self.key, None)
-        if not self.writer.is_closing():
-            self.writer.close()
+        await self.stream.close()
+        if self.join is not None and self.number:
+            fut = self.join.ended.get(self.number)
+            if fut is not None and not fut.done():
+                fut.set_result(self.clean_end)
+
+    async def _next_event(self):
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is not P.NEED_DATA:
+                return ev
+            if conn.stalled:
+                # No receive buffer for the next chunk: ours lend their data
+                # to chunks being written, or other sessions hold the rest.
+                # Wait for one to come back (reading is paused meanwhile).
+                freed = self.srv.buffer_freed()
+                try:
+                    await asyncio.wait({freed, *self.inflight},
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    freed.cancel()
+                for f in [f for f in self.inflight if f.done()]:
+                    self.inflight.discard(f)
+                    f.result()      # raises SessionError (checksum, disk full)
+                if self.stream.failure is not None:
+                    raise self.stream.failure
+                continue
+            await self.stream.wait_data()
 
     async def _loop(self) -> bool:
         conn = self.conn
         while True:
-            ev = conn.next_event()
-            if ev is P.NEED_DATA:
-                data = await self.reader.read(READ_SIZE)
-                conn.receive_data(data)
-                continue
+            ev = await self._next_event()
             if isinstance(ev, P.ConnectionClosed):
                 if conn.state is P.State.DONE:
                     return True
+                if conn.state is P.State.STREAM:
+                    await self._settle_chunks()
+                    self.clean_end = True
+                    return False
                 if conn.state not in (P.State.READ, P.State.CLOSED):
                     log.warning("%s: client disconnected in state %s", self._who(),
                                 conn.state.value)
@@ -650,8 +946,20 @@ class Handler:
             if isinstance(ev, (P.Abort, P.Error)):
                 return False
 
+    async def _settle_chunks(self) -> None:
+        done = list(self.inflight)
+        await self._settle()
+        for f in done:
+            f.result()
+
     # -- one handler per event -----------------------------------------------
     async def on_Hello(self, ev: P.Hello) -> None:
+        self.counted = True
+        if not self.srv.serve:
+            self.srv.connections += 1
+            if self.srv.connections > 1:
+                raise SessionError(P.Code.BUSY, "this page-server takes one session "
+                                                "(use --serve for more)")
         if ev.version not in P.SUPPORTED_VERSIONS:
             raise SessionError(P.Code.VERSION, f"protocol version {ev.version}; this server "
                                                f"speaks {P.SUPPORTED_VERSIONS}")
@@ -660,38 +968,82 @@ class Handler:
         if key in self.srv.active:
             raise SessionError(P.Code.BUSY, f"session {ev.name!r} is in use by another "
                                             "connection")
+        caps = ev.caps & self.srv.caps
+        streams = 1
         if ev.mode == P.MODE_READ:
-            self.reads = await self._io(ReadSession, path)
+            caps &= P.CAP_GET
+            self.reads = await self._io(ReadSession, path, self.srv.root)
         else:
+            caps &= ~P.CAP_GET
             self.srv.active[key] = asyncio.current_task()
             self.key = key
             s = Session(self.srv.root, path, ev.name)
             self.session = s
             await self._io(s.begin)
-        caps = ev.caps & P.CAP_GET
-        self.writer.write(self.conn.send(P.Welcome(P.VERSION, caps)))
-        log.info("%s: %s session %r into %s", self.peer,
-                 "read" if ev.mode == P.MODE_READ else "write", ev.name, path)
+            if caps & P.CAP_STREAMS:
+                streams = max(1, min(ev.streams, self.srv.max_streams))
+        token = bytes(P.TOKEN_SIZE)
+        if streams > 1:
+            token = secrets.token_bytes(P.TOKEN_SIZE)
+            self.token = token
+            self.join = _Joinable(self.session, self, caps, streams)
+            self.srv.joinable[token] = self.join
+        self.stream.write(self.conn.send(P.Welcome(P.VERSION, caps, streams=streams,
+                                                   token=token)))
+        log.info("%s: %s session %r into %s (%d stream%s%s)", self.peer,
+                 "read" if ev.mode == P.MODE_READ else "write", ev.name, path, streams,
+                 "s" if streams > 1 else "", ", zstd" if caps & P.CAP_ZSTD else "")
+
+    async def on_Join(self, ev: P.Join) -> None:
+        if ev.version not in P.SUPPORTED_VERSIONS:
+            raise SessionError(P.Code.VERSION, f"protocol version {ev.version}; this server "
+                                               f"speaks {P.SUPPORTED_VERSIONS}")
+        j = self.srv.joinable.get(ev.token)
+        if j is None:
+            raise SessionError(P.Code.NOT_FOUND, "JOIN: no open session has this token")
+        if ev.stream >= j.streams or ev.stream in j.joined:
+            raise SessionError(P.Code.BUSY, f"JOIN: stream {ev.stream} of session "
+                                            f"{j.session.name!r} (granted {j.streams}) "
+                                            "is taken or not granted")
+        self.join, self.number, self.session = j, ev.stream, j.session
+        j.joined[ev.stream] = self
+        j.ended[ev.stream] = self.loop.create_future()
+        self.stream.write(self.conn.send(P.Welcome(P.VERSION, j.caps, streams=j.streams,
+                                                   token=ev.token)))
+        log.info("%s: joined session %r as stream %d of %d", self.peer, j.session.name,
+                 ev.stream, j.streams)
 
     async def on_FilePart(self, ev: P.FilePart) -> None:
         await self._settle()
-        await self._io(self.session.file_part, ev)
+        try:
+            await self._io(self.session.file_part, ev)
+        finally:
+            self.conn.release(ev)
 
     async def on_SetParent(self, ev: P.SetParent) -> None:
         await self._io(self.session.set_parent, ev.target)
 
     async def on_PagesBegin(self, ev: P.PagesBegin) -> None:
         await self._io(self.session.pages_begin, ev.pid)
+        if self.join is not None:
+            self.join.begun.setdefault(ev.pid, asyncio.Event()).set()
 
     async def on_PageChunk(self, ev: P.PageChunk) -> None:
+        if self.number and ev.pid not in self.session.pages:
+            # Streams are not ordered with each other: PAGES_BEGIN on the
+            # main stream may still be on its way.
+            began = self.join.begun.setdefault(ev.pid, asyncio.Event())
+            try:
+                await asyncio.wait_for(began.wait(), JOIN_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
         pf = self.session.check_chunk(ev)
         fut = self._io(self.session.write_chunk, pf, ev)
+        fut.add_done_callback(lambda _f, ev=ev: self.conn.release(ev))
         self.inflight.add(fut)
-        while len(self.inflight) >= CHUNKS_IN_FLIGHT or any(f.done() for f in self.inflight):
-            done, self.inflight = await asyncio.wait(self.inflight,
-                                                     return_when=asyncio.FIRST_COMPLETED)
-            for f in done:
-                f.result()      # raises SessionError (checksum, disk full)
+        for f in [f for f in self.inflight if f.done()]:
+            self.inflight.discard(f)
+            f.result()      # raises SessionError (checksum, disk full)
 
     async def on_ZeroRange(self, ev: P.ZeroRange) -> None:
         self.session.ranges["parent" if isinstance(ev, P.ParentRange) else "zero"] += \
@@ -700,16 +1052,39 @@ class Handler:
     on_ParentRange = on_ZeroRange
 
     async def on_Commit(self, ev: P.Commit) -> None:
-        done = list(self.inflight)
-        await self._settle()
-        for f in done:
-            f.result()
+        await self._settle_chunks()
+        if self.join is not None:
+            await self._wait_streams()
         nr, nbytes = await self._io(self.session.commit, ev.inventory)
-        self.writer.write(self.conn.send(P.Committed(nr, nbytes)))
-        await self.writer.drain()
+        self.stream.write(self.conn.send(P.Committed(nr, nbytes)))
+        await self.stream.drain()
         dt = time.monotonic() - self.t0
         log.info("%s: committed %d files, %.1f MiB in %.2f s (%.0f MiB/s)", self._who(),
                  nr, nbytes / 2**20, dt, nbytes / 2**20 / max(dt, 1e-6))
+        log.debug("%s: %.1f MiB received, %.1f MiB of it copied before it had a buffer",
+                  self._who(), self.conn.bytes_received / 2**20,
+                  self.conn.bytes_copied / 2**20)
+
+    async def _wait_streams(self) -> None:
+        """Every granted stream must have joined and ended cleanly before the
+        commit (the client ends them before it sends COMMIT)."""
+        j = self.join
+        deadline = time.monotonic() + JOIN_WAIT_S
+        while len(j.joined) < j.streams - 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if len(j.joined) < j.streams - 1:
+            raise SessionError(P.Code.PROTOCOL, f"COMMIT: {len(j.joined) + 1} of "
+                                                f"{j.streams} streams joined")
+        left = max(0.0, deadline - time.monotonic())
+        _, pending = await asyncio.wait(list(j.ended.values()), timeout=left)
+        if pending:
+            raise SessionError(P.Code.PROTOCOL, f"COMMIT: {len(pending)} streams still "
+                                                f"open after {JOIN_WAIT_S:.0f} s")
+        if self.stream.failure is not None:      # the reason a stream gave
+            raise self.stream.failure
+        for n, fut in j.ended.items():
+            if not fut.result():
+                raise SessionError(P.Code.ABORTED, f"stream {n} failed")
 
     async def on_Abort(self, ev: P.Abort) -> None:
         log.warning("%s: aborted by the client: %s", self._who(), ev.reason or "no reason")
@@ -719,8 +1094,9 @@ class Handler:
 
     async def on_Get(self, ev: P.Get) -> None:
         data = await self._io(self.reads.get, ev)
-        self.writer.write(b"".join(bytes(p) for p in self.conn.send_parts(data)))
-        await self.writer.drain()
+        for part in self.conn.send_parts(data):
+            self.stream.write(part)
+        await self.stream.drain()
 
     # events a server never receives (the state table refuses them first)
     async def _never(self, ev) -> None:

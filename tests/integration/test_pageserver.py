@@ -27,7 +27,8 @@ from migrate import errors
 from migrate.images._pb import inventory_pb2, pstree_pb2
 from migrate.pageserver import certs, tls
 from migrate.pageserver import protocol as P
-from migrate.pageserver.client import PageServerSink
+from migrate.images import imgfile
+from migrate.pageserver.client import PageServerReader, PageServerSink
 from tests.integration.harness import ROOT, Workload, alive, migrate
 from tests.unit.test_protocol import malformed_frames
 
@@ -167,14 +168,237 @@ def test_eight_concurrent_sessions(tmp_path, workdir, workloads, pki, servers):
     srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
     servers.append(srv)
     ws = [start("mem_vmas", workdir, workloads) for _ in range(8)]
+    # Half of them on 3 streams (and some compressed): 20 connections share
+    # the server's 6 receive buffers.
+    extra = [(), ("--ps-streams", "3"), (), ("--ps-streams", "3", "--compress")] * 2
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
-        list(ex.map(lambda iw: dump_via(iw[1], workdir, srv, f"c{iw[0]}",
+        list(ex.map(lambda iw: dump_via(iw[1], workdir, srv, f"c{iw[0]}", *extra[iw[0]],
                                         *tls_args(pki["good"])), enumerate(ws)))
     for i, w in enumerate(ws):
         w.restore(os.path.join(root, f"c{i}"))
     for w in ws:
         w.assert_pass()
     print(f"\npage-server peak RSS with 8 concurrent sessions: {srv.rss_kib() // 1024} MiB")
+
+
+def _runs(image: str, pid: int):
+    """(vaddr, nr_pages, flags) of every pagemap entry of pid in ``image``."""
+    d = imgfile.ImageDir.open(image)
+    return [(e.vaddr, e.nr_pages, e.flags) for e in d.read_image(f"pagemap-{pid}.img")[1:]]
+
+
+def _gets(runs, limit=P.MAX_GET_PAGES):
+    """GET requests covering ``runs``, cut at ``limit`` pages (and odd sizes)."""
+    out = []
+    for vaddr, nr, _ in runs:
+        done = 0
+        while done < nr:
+            n = min(nr - done, limit, 1 + (done * 7) % 613)
+            out.append((vaddr + done * P.PAGE_SIZE, n))
+            done += n
+    return out
+
+
+def _local_pages(image: str, pid: int, runs) -> dict[int, bytes]:
+    """Page by page, what the image on disk holds (read without the server)."""
+    d = imgfile.ImageDir.open(image)
+    pages = {}
+    with open(os.path.join(image, f"pages-{pid}.img"), "rb") as f:
+        at = imgfile.PAGES_DATA_OFFSET
+        for vaddr, nr, flags in runs:
+            if flags & imgfile.PE_PRESENT:
+                f.seek(at)
+                data = f.read(nr * P.PAGE_SIZE)
+                at += nr * P.PAGE_SIZE
+                for i in range(nr):
+                    pages[vaddr + i * P.PAGE_SIZE] = data[i * P.PAGE_SIZE:(i + 1) * P.PAGE_SIZE]
+    d.verify_all()
+    return pages
+
+
+def test_streams_and_zstd_then_get_matches_the_image(tmp_path, workdir, workloads, pki,
+                                                     servers):
+    """A dump over 3 TLS streams with zstd; then a read session GETs every
+    page of it back and compares with the image read from disk; then the
+    image restores and the program checks itself."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("mem_vmas", workdir, workloads)
+    dump_via(w, workdir, srv, "multi", "--ps-streams", "3", "--compress",
+             *tls_args(pki["good"]))
+    img = os.path.join(root, "multi")
+    log = srv.log()
+    assert "3 streams, zstd" in log and "as stream 2 of 3" in log, log[-3000:]
+    runs = _runs(img, w.pid)
+    local = _local_pages(img, w.pid, runs)
+    assert local
+    reqs = [(vaddr, n) for vaddr, n in _gets(runs)
+            if all(vaddr + i * P.PAGE_SIZE in local for i in range(n))]
+    r = PageServerReader("127.0.0.1", srv.port, "multi", ssl_context=client_ctx(pki["good"]))
+    got = r.get_many([(w.pid, vaddr, n) for vaddr, n in reqs])
+    r.close()
+    assert len(reqs) > 10
+    for (vaddr, n), data in zip(reqs, got):
+        want = b"".join(local[vaddr + i * P.PAGE_SIZE] for i in range(n))
+        assert data == want, f"pages at {vaddr:#x} +{n} differ"
+    # A page that is not in the image ends the read session with NOT_FOUND.
+    r = PageServerReader("127.0.0.1", srv.port, "multi", ssl_context=client_ctx(pki["good"]))
+    with pytest.raises(errors.PageServerError, match="NOT_FOUND"):
+        r.get(w.pid, 0x1000, 1)
+    r.close()
+    w.restore(img)
+    w.assert_pass()
+
+
+def _biggest_anon(pid: int) -> tuple[int, int]:
+    best = (0, 0)
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 5 and "rw" in fields[1]:
+                a, b = (int(x, 16) for x in fields[0].split("-"))
+                if b - a > best[1] - best[0]:
+                    best = (a, b)
+    return best
+
+
+def test_read_session_follows_the_parent_chain(tmp_path, workdir, workloads, servers):
+    """pre-dump, dirty 1% of the pages, dump on top of it through the server;
+    GETs of the dump then hold pages from both images, and equal the
+    process's memory (it is left running, unchanged)."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", "--no-tls")
+    servers.append(srv)
+    w = start("memhog", workdir, workloads, "32")
+    chain = os.path.join(root, "chain")
+    # The client's -D (its log) is the session's directory itself, so that
+    # --prev-images-dir ../pre0 means the same image on both sides.
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", os.path.join(chain, "pre0"),
+                "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
+                "--session", "chain/pre0", "--no-tls")
+    assert p.returncode == 0, p.stderr
+    before = w.log().count("DIRTIED")
+    os.kill(w.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while w.log().count("DIRTIED") == before:
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.05)
+    w.dump(os.path.join(chain, "d1"), "-R", "--prev-images-dir", "../pre0",
+           "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
+           "--session", "chain/d1", "--no-tls")
+    runs = _runs(os.path.join(chain, "d1"), w.pid)
+    assert any(f & imgfile.PE_IN_PARENT for _, _, f in runs)
+    assert any(f & imgfile.PE_PRESENT for _, _, f in runs)
+    lo, hi = _biggest_anon(w.pid)
+    assert hi - lo >= 32 << 20
+    inside = [(max(v, lo), (min(v + n * P.PAGE_SIZE, hi) - max(v, lo)) // P.PAGE_SIZE, f)
+              for v, n, f in runs if v < hi and v + n * P.PAGE_SIZE > lo]
+    reqs = _gets(inside)
+    r = PageServerReader("127.0.0.1", srv.port, "chain/d1")
+    got = r.get_many([(w.pid, v, n) for v, n in reqs])
+    r.close()
+    with open(f"/proc/{w.pid}/mem", "rb", buffering=0) as mem:
+        for (v, n), data in zip(reqs, got):
+            mem.seek(v)
+            assert data == mem.read(n * P.PAGE_SIZE), f"pages at {v:#x} +{n} differ"
+    assert sum(n for _, n in reqs) >= (32 << 20) // P.PAGE_SIZE
+    w.assert_pass()
+
+
+def test_revoked_certificate_is_refused(tmp_path, workdir, workloads, pki, servers):
+    ca = str(tmp_path / "ca")
+    migrate("certs", "init", ca, check=True)
+    migrate("certs", "issue", ca, "localhost", check=True)
+    migrate("certs", "issue", ca, "client2", check=True)
+    crl = migrate("certs", "revoke", ca, "client2", check=True).stdout.strip()
+    assert os.path.isfile(crl)
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(ca),
+                 "--tls-cacrl", crl)
+    servers.append(srv)
+    p = certs.paths(ca, "client2")
+    revoked = tls.client_context(p["cacert"], p["cert"], p["key"])
+    with pytest.raises(errors.PageServerError):
+        PageServerSink("127.0.0.1", srv.port, "revoked", ssl_context=revoked)
+    # The server still takes a client whose certificate is not revoked.
+    w = start("signals", workdir, workloads)
+    dump_via(w, workdir, srv, "good", *tls_args(ca), "--tls-cacrl", crl)
+    w.restore(os.path.join(root, "good"))
+    w.assert_pass()
+    time.sleep(0.5)
+    assert "certificate revoked" in srv.log(), srv.log()[-3000:]
+    assert not os.path.exists(os.path.join(root, "revoked", "inventory.img"))
+
+
+def test_bad_joins_bad_zstd_and_a_bad_chunk_on_a_joined_stream(tmp_path, pki, servers):
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    good = client_ctx(pki["good"])
+    # A JOIN with a token no session has.
+    s = _raw_tls(srv, good)
+    s.sendall(P.Connection(P.Role.CLIENT).send(P.Join(b"x" * 16, 1)))
+    conn = P.Connection(P.Role.CLIENT)
+    conn.state = P.State.AWAIT_WELCOME_JOIN
+    s.settimeout(10)
+    data = b""
+    while chunk := s.recv(1 << 16):
+        data += chunk
+    s.close()
+    conn.receive_data(data)
+    ev = conn.next_event()
+    assert isinstance(ev, P.Error) and ev.code == P.Code.NOT_FOUND
+    # A JOIN for a stream number the session was not granted.
+    s = _raw_tls(srv, good)
+    conn = P.Connection(P.Role.CLIENT)
+    s.sendall(conn.send(P.Hello("granted3", streams=3, caps=P.CAP_STREAMS)))
+    s.settimeout(10)
+    while (welcome := conn.next_event()) is P.NEED_DATA:
+        conn.receive_data(s.recv(1 << 16))
+    assert isinstance(welcome, P.Welcome) and welcome.streams == 3
+    s2 = _raw_tls(srv, good)
+    s2.sendall(P.Connection(P.Role.CLIENT).send(P.Join(welcome.token, 5)))
+    joined = P.Connection(P.Role.CLIENT)
+    joined.state = P.State.AWAIT_WELCOME_JOIN
+    s2.settimeout(10)
+    data = b""
+    while chunk := s2.recv(1 << 16):
+        data += chunk
+    joined.receive_data(data)
+    ev = joined.next_event()
+    assert isinstance(ev, P.Error) and ev.code == P.Code.BUSY, ev
+    s2.close()
+    s.close()
+    # A chunk whose digest is wrong, on the second of two streams: the whole
+    # session fails and leaves nothing that looks complete.
+    sink = PageServerSink("127.0.0.1", srv.port, "twostreams", ssl_context=good, streams=2)
+    assert len(sink.extra) == 1
+    sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+    sink.pages_writer(1)
+    with pytest.raises(errors.PageServerError, match="CHECKSUM"):
+        sink.extra[0].send(P.PageChunk(1, 0, 1, bytes(16), b"x" * 4096))
+        sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    sink.close()
+    # zstd frames that lie: garbage, a declared size other than the chunk's.
+    import zstandard
+    for data, why in [(b"\x28\xb5\x2f\xfd" + os.urandom(200), "zstd frame"),
+                      (zstandard.ZstdCompressor().compress(bytes(8192)), "does not declare")]:
+        sink = PageServerSink("127.0.0.1", srv.port, "zbad", ssl_context=good, compress=True)
+        assert sink.compress
+        sink.pages_writer(1)
+        with pytest.raises(errors.PageServerError, match="PROTOCOL"):
+            sink._send_chunk(P.PageChunk(1, 0, 1, bytes(16), data, compressed=True))
+            sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+        sink.close()
+        time.sleep(0.2)
+        assert why in srv.log()
+    time.sleep(0.5)
+    log = srv.log()
+    assert "no open session has this token" in log
+    assert "stream 1" in log and "on arrival" in log
+    assert not os.path.exists(os.path.join(root, "twostreams", "inventory.img"))
+    assert srv.proc.poll() is None
 
 
 # ------------------------------------------------------------------ bad input

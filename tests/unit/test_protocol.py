@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -214,6 +215,108 @@ def test_boundaries_protocol_is_stdlib_only():
     assert {m for m in mods if m.startswith("migrate")} <= {"migrate.errors"}
 
 
+def feed_in_place(conn, data, splits=()):
+    """Feed ``data`` the way asyncio.BufferedProtocol does (get_buffer, then
+    buffer_updated), cut at ``splits``; return every event, releasing each."""
+    out = []
+    cuts = [0, *sorted(set(min(max(0, s), len(data)) for s in splits)), len(data)]
+    for a, b in zip(cuts, cuts[1:]):
+        while a < b:
+            buf = conn.get_buffer(-1)
+            n = min(len(buf), b - a)
+            buf[:n] = data[a:a + n]
+            conn.buffer_updated(n)
+            a += n
+            while (ev := conn.next_event()) is not P.NEED_DATA:
+                out.append(ev)
+                if isinstance(ev, P.Hello) and conn.our_role is S:
+                    conn.send(P.Welcome())
+    conn.receive_data(b"")
+    while not isinstance(ev := conn.next_event(), P.ConnectionClosed):
+        out.append(ev)
+    return out
+
+
+def test_large_payload_received_in_place():
+    c, _ = opened()
+    _, s = opened()
+    pool = P.PayloadBuffers(limit=2)
+    s._buffers = pool
+    big = chunk(nr=2048, fill=b"\x5a")
+    data = c.send(big)
+    evs = []
+    at = 0
+    while at < len(data):              # a scratch read, then in place
+        buf = s.get_buffer()
+        piece = data[at:at + min(100_000, len(buf))]
+        buf[:len(piece)] = piece
+        s.buffer_updated(len(piece))
+        at += len(piece)
+        while (ev := s.next_event()) is not P.NEED_DATA:
+            evs.append(ev)
+    (ev,) = evs
+    assert ev == big and isinstance(ev.data, memoryview)
+    assert ev.data.obj in pool._free or pool.out == 1
+    assert s.bytes_copied < P.Connection.SCRATCH       # only what came before the header
+    s.release(ev)
+    assert pool.out == 0
+
+
+def test_no_free_buffer_stalls_until_release():
+    c, _ = opened()
+    _, s = opened()
+    s._buffers = P.PayloadBuffers(limit=1)
+    one, two = chunk(index=0, nr=100), chunk(index=1, nr=100)
+    a, b = c.send(one), c.send(two)
+    s.receive_data(a[:4096])
+    assert s.next_event() is P.NEED_DATA and s.in_payload   # took the only buffer
+    s.receive_data(a[4096:] + b[:4096])
+    ev = s.next_event()
+    assert ev == one and isinstance(ev.data, memoryview)
+    assert s.next_event() is P.NEED_DATA and s.stalled
+    s.release(ev)
+    assert s.next_event() is P.NEED_DATA and not s.stalled and s.in_payload
+
+
+def test_compressed_chunks_need_cap_zstd():
+    c, s = opened()           # WELCOME granted CAP_GET only
+    z = P.PageChunk(7, 0, 2, b"d" * 16, b"zstd frame", compressed=True)
+    with pytest.raises(P.LocalProtocolError, match="CAP_ZSTD was not granted"):
+        c.send(z)
+    frame = struct.pack("<BBHI", 6, P.FLAG_ZSTD, 0, 32 + 10) + \
+        struct.pack("<IIII16s", 7, 0, 2, 0, b"d" * 16) + b"zstd frame"
+    s.receive_data(frame)
+    with pytest.raises(P.RemoteProtocolError, match="CAP_ZSTD was not granted"):
+        s.next_event()
+    c2, s2 = pair()
+    s2.receive_data(c2.send(P.Hello("z", caps=P.CAP_ZSTD)))
+    s2.next_event()
+    c2.receive_data(s2.send(P.Welcome(caps=P.CAP_ZSTD)))
+    c2.next_event()
+    s2.receive_data(c2.send(z))
+    assert s2.next_event() == z
+    with pytest.raises(P.LocalProtocolError, match="send them uncompressed"):
+        c2.send(P.PageChunk(7, 1, 1, b"d" * 16, b"x" * 4097, compressed=True))
+
+
+def test_join_stream_carries_only_chunks():
+    token = b"t" * 16
+    c, s = pair()
+    s.receive_data(c.send(P.Join(token, 3)))
+    assert s.next_event() == P.Join(token, 3)
+    c.receive_data(s.send(P.Welcome(caps=P.CAP_STREAMS, streams=4, token=token)))
+    assert c.next_event().streams == 4
+    assert c.state is s.state is P.State.STREAM
+    s.receive_data(c.send(chunk()))
+    assert s.next_event() == chunk()
+    with pytest.raises(P.LocalProtocolError, match="not allowed in state STREAM"):
+        c.send(P.PagesBegin(7))
+    s.receive_data(b"")
+    assert isinstance(s.next_event(), P.ConnectionClosed)
+    with pytest.raises(P.LocalProtocolError, match="stream 8"):
+        P.Connection(C).send(P.Join(token, 8))
+
+
 # ------------------------------------------------------------------ hypothesis
 
 names = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}(/[A-Za-z0-9_-]{1,10}){0,3}",
@@ -261,6 +364,24 @@ def test_round_trip_any_split(name, evs, inv, splits):
         assert events_of(P.Connection(S), hello + body, range(len(hello + body))) == whole
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 40)), min_size=1, max_size=4),
+       st.lists(st.integers(0, 200_000), max_size=6), st.integers(1, 3))
+def test_in_place_receive_same_events_any_split(chunks, splits, limit):
+    evs = [P.PagesBegin(7)] + [chunk(index=i, nr=nr, fill=bytes([i + 1]))
+                               for i, nr in chunks]
+    hello, body = _session_bytes("big", evs, b"I" * 20)
+    whole = events_of(P.Connection(S), hello + body)
+    s = P.Connection(S, P.PayloadBuffers(limit=limit, per_connection=limit))
+    got = []
+    for ev in feed_in_place(s, hello + body, splits):
+        got.append(ev if not isinstance(getattr(ev, "data", None), memoryview)
+                   else dataclasses.replace(ev, data=bytes(ev.data)))
+        s.release(ev)
+    assert got == whole
+    assert s._buffers.out == 0
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000), st.integers(0, 3))
 def test_garbage_raises_only_protocol_error(garbage, prefix):
@@ -296,7 +417,7 @@ def malformed_frames(rng: random.Random, n: int):
             chunk(nr=1), P.ZeroRange(7, 0x1000, 3), P.SetParent("../p"),
             P.Commit(b"I" * 32)]
     kinds = ["type", "flags", "reserved", "length-lie", "length-huge", "truncated",
-             "bad-field", "state", "name"]
+             "bad-field", "state", "name", "join", "zstd"]
     for i in range(n):
         kind = kinds[i % len(kinds)]
         ev = good[rng.randrange(len(good))]
@@ -328,6 +449,13 @@ def malformed_frames(rng: random.Random, n: int):
             frame = bytearray(struct.pack("<BBHIHHII", 2, 0, 0, 12, 1, 0, 0, 4096)
                               if rng.random() < .5 else
                               struct.pack("<BBHI", 12, 0, 0, 24) + bytes(24))
+        elif kind == "join":          # only a new connection may JOIN
+            frame = bytearray(struct.pack("<BBHI", 15, 0, 0, 24) + struct.pack(
+                "<4sHH16s", b"MGPS", 2, rng.randrange(0, 65536), os.urandom(16)))
+        elif kind == "zstd":          # a compressed chunk, CAP_ZSTD not granted
+            body = struct.pack("<IIII16s", 7, 0, 2048, 0, b"d" * 16) + os.urandom(
+                rng.randrange(1, 600))
+            frame = bytearray(struct.pack("<BBHI", 6, P.FLAG_ZSTD, 0, len(body)) + body)
         elif kind == "name":
             name = rng.choice([b"../../etc/passwd", b"/abs", b"a\0b", b"x" * 60,
                                b"inventory.img", b"pages-1.img"])
