@@ -716,7 +716,7 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     for t in core.threads:
         if t.tid != pid:
             others.append((t, _clone_thread(ctl, pid, t.tid, created)))
-            _restore_thread_state(others[-1][1], t)
+            _restore_thread_state(others[-1][1], t, new_thread_of=thread)
     for t in core.threads:
         task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
         signals.restore_pending(ctl, pid, t.tid, list(t.pending),
@@ -775,14 +775,20 @@ def _clone_thread(ctl: TaskCtl, pid: int, tid: int, created: list[int]) -> TaskC
     return TaskCtl(remote.RemoteTask(tid, ctl.remote.gadget), ctl.scratch, ctl.scratch_size)
 
 
-def _restore_thread_state(ctl: TaskCtl, t) -> None:
-    """What each thread has of its own, by remote syscalls in that thread."""
-    signals.restore_sigaltstack(ctl, t.sigaltstack)
-    ctl.call(sysno.set_tid_address, t.clear_child_tid)
+def _restore_thread_state(ctl: TaskCtl, t, new_thread_of=None) -> None:
+    """What each thread has of its own, by remote syscalls in that thread.
+    A thread just made by our clone3 (``new_thread_of``: the leader's entry)
+    starts with no altstack (CLONE_VM clears it), no tid address, and the
+    leader's name: what already matches is not set again."""
+    fresh = new_thread_of is not None
+    if not (fresh and t.sigaltstack.ss_flags & signals.SS_DISABLE):
+        signals.restore_sigaltstack(ctl, t.sigaltstack)
+    if not (fresh and t.clear_child_tid == 0):
+        ctl.call(sysno.set_tid_address, t.clear_child_tid)
     if t.robust_list:
         ctl.call(sysno.set_robust_list, t.robust_list, t.robust_list_len)
     if t.rseq.rseq_abi_pointer:
         ctl.call(sysno.rseq, t.rseq.rseq_abi_pointer, t.rseq.rseq_abi_size, 0,
                  t.rseq.signature)
-    if t.comm:
+    if t.comm and not (fresh and t.comm[:15] == new_thread_of.comm[:15]):
         ctl.call(sysno.prctl, syscalls.PR_SET_NAME, ctl.put_str(t.comm[:15]), 0, 0, 0)
