@@ -28,6 +28,7 @@ import struct
 import time
 
 from migrate import errors
+from migrate.dest import lazy
 from migrate.images import ImageDir
 from migrate.images import pagemap
 from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
@@ -57,6 +58,8 @@ class RestoreOptions:
     pidfile: str | None = None
     shell_job: bool = False
     leave_stopped: bool = False
+    lazy_pages: bool = False            # post-copy: the root's anonymous pages (dest/lazy.py)
+    lazy_socket: str | None = None      # the lazy-pages daemon's unix socket
 
 
 @dataclasses.dataclass
@@ -598,11 +601,14 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     phase("seize and clear")
     memory.map_vmas(ctl, mm.vmas, shared)
     phase("map VMAs", f"{len(mm.vmas)} VMAs")
-    # The deepest parent first: each image overwrites what its parents wrote.
-    for reader, parts in reversed(list(zip(pages, p.parts))):
-        stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
-        reader.verify()
-    memory.protect_vmas(ctl, mm.vmas)
+    if opts.lazy_pages and pid == img.pid:
+        _fill_lazy(ctl, p, opts, pages, stats)
+    else:
+        # The deepest parent first: each image overwrites what its parents wrote.
+        for reader, parts in reversed(list(zip(pages, p.parts))):
+            stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
+            reader.verify()
+        memory.protect_vmas(ctl, mm.vmas)
     phase("pages")
 
     # Per-task state.
@@ -647,6 +653,20 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     phase("creds and swap")
     stats.remote_syscalls += rt.calls + sum(tctl.remote.calls for _, tctl in others)
     return _Release(pid, thread, others, core.stopped)
+
+
+def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
+               stats: RestoreStats) -> None:
+    """--lazy-pages: write all but the lazy pages, then hand the process's
+    userfaultfd to the lazy-pages daemon before any other remote syscall
+    (dest/lazy.py)."""
+    lp = lazy.plan(p)
+    for reader, parts in reversed(list(zip(pages, p.parts))):
+        stats.pages_restored += lazy.fill_eager(p.pid, p.mm.vmas, lp.eager_parts(parts),
+                                                reader)
+    memory.protect_vmas(ctl, p.mm.vmas)
+    sock = opts.lazy_socket or os.path.join(opts.images_dir, lazy.SOCKET_NAME)
+    lazy.hand_over(ctl, p.pid, lp, sock)
 
 
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)

@@ -1,0 +1,181 @@
+"""Lazy restore (post-copy), the restore's side (DESIGN.md §3 "Lazy pages").
+
+With ``restore --lazy-pages`` the private anonymous VMAs (anonymous, heap,
+stack) of the root process are mapped but their stored pages are not
+written, except the pages that hold a thread's stack pointer (and the red
+zone below it) and each thread's rseq area (the kernel writes it on the way
+back to user space, which the restore's own remote syscalls already do).
+Then, before any other remote syscall:
+
+1. a userfaultfd is created inside the process by a remote syscall, taken
+   with pidfd_getfd, and closed in the process (its fd table stays the
+   image's);
+2. UFFDIO_API with the non-cooperative events (FORK, REMAP, REMOVE, UNMAP)
+   and the faulting thread's id;
+3. every lazy VMA is registered in MISSING mode, whole (a partial
+   registration would split the VMA);
+4. the uffd goes to the lazy-pages daemon (``migrate lazy-pages``) over its
+   unix socket with SCM_RIGHTS, with the ranges whose pages it must supply;
+   the daemon answers ``OK`` once it serves them.
+
+From then on a touch of a missing page, by the process or by the kernel on
+its behalf (the rest of the restore included), blocks until the daemon
+copies the page in.  A page that is registered but not in the ranges (never
+written before the dump) is mapped as the zero page on its first touch.
+
+Known gap: lazy pages for the root process only; other processes of a tree
+are restored in full.  Processes the root forks later are followed by the
+daemon (UFFD_EVENT_FORK).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+
+from migrate import errors
+from migrate.images import pagemap
+from migrate.images._pb import mm_pb2
+from migrate.images.imgfile import PAGES_DATA_OFFSET
+from migrate.kernel import memory as kmem
+from migrate.kernel import syscalls, sysno, userfaultfd
+from migrate.resources import memory
+from migrate.resources.taskctl import PROT_READ, PROT_WRITE, TaskCtl
+
+log = logging.getLogger(__name__)
+
+PAGE = kmem.PAGE_SIZE
+SOCKET_NAME = "lazy-pages.socket"
+LAZY_KINDS = (mm_pb2.ANON_PRIVATE, mm_pb2.HEAP, mm_pb2.STACK)
+RED_ZONE = 128               # x86-64 ABI: below rsp, the leaf function's scratch
+HANDOVER_TIMEOUT_S = 30.0
+UFFD_FEATURES = (userfaultfd.UFFD_FEATURE_EVENT_FORK | userfaultfd.UFFD_FEATURE_EVENT_REMAP |
+                 userfaultfd.UFFD_FEATURE_EVENT_REMOVE | userfaultfd.UFFD_FEATURE_EVENT_UNMAP |
+                 userfaultfd.UFFD_FEATURE_THREAD_ID)
+HEADER = struct.Struct("<I")
+MAX_MESSAGE = 64 << 20
+
+
+class LazyPlan:
+    """Which VMAs are registered and which stored pages the daemon supplies."""
+
+    def __init__(self, vmas: list, threads: list, stored: list[pagemap.Range]) -> None:
+        self.vmas = pagemap.normalize(
+            (e.start, e.end) for e in vmas
+            if e.kind in LAZY_KINDS and not e.flags & 0x01          # MAP_SHARED
+            and e.prot & (PROT_READ | PROT_WRITE) == PROT_READ | PROT_WRITE)
+        eager = []
+        for t in threads:
+            sp = t.regs.rsp
+            eager.append(((sp - RED_ZONE) & ~(PAGE - 1), (sp & ~(PAGE - 1)) + PAGE))
+            r = t.rseq
+            if r.rseq_abi_pointer:
+                a = r.rseq_abi_pointer
+                eager.append((a & ~(PAGE - 1),
+                              (a + max(r.rseq_abi_size, 32) + PAGE - 1) & ~(PAGE - 1)))
+        self.eager = pagemap.normalize(eager)
+        # Pages the daemon supplies: stored, in a lazy VMA, not eager.
+        self.lazy = pagemap.subtract(pagemap.intersect(pagemap.normalize(stored), self.vmas),
+                                     self.eager)
+
+    def eager_parts(self, parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """The (file index, vaddr, nr_pages) parts the restore writes itself:
+        everything but the lazy pages."""
+        out = []
+        for idx, addr, n in parts:
+            for s, e in pagemap.subtract([(addr, addr + n * PAGE)], self.lazy):
+                out.append((idx + (s - addr) // PAGE, s, (e - s) // PAGE))
+        return out
+
+
+def plan(p) -> LazyPlan:
+    """The plan for a ProcImage (dest.restore)."""
+    stored = [(addr, addr + n * PAGE) for parts in p.parts for _, addr, n in parts]
+    return LazyPlan(p.mm.vmas, list(p.core.threads), stored)
+
+
+FILL_STEP = 8 << 20
+
+
+def fill_eager(pid: int, vmas: list, parts: list[tuple[int, int, int]], reader) -> int:
+    """Write ``parts`` of ``reader``'s page file into the task: pread and
+    process_vm_writev (``/proc/PID/mem`` where the area is not writable).
+    Unlike memory.fill_pages it reads only these pages; the page file's
+    checksum is checked by the lazy-pages daemon, which reads it whole."""
+    writable = pagemap.normalize((e.start, e.end) for e in vmas
+                                 if memory.initial_prot(e) & PROT_WRITE)
+    buf = bytearray(FILL_STEP)
+    total = 0
+    for idx, addr, n in parts:
+        total += n
+        while n:
+            k = min(n, FILL_STEP // PAGE)
+            view = memoryview(buf)[:k * PAGE]
+            off = PAGES_DATA_OFFSET + idx * PAGE
+            got = os.preadv(reader.fd, [view], off)
+            if got != len(view):
+                raise errors.ImageError(reader.path, off, f"short read: {got} of {len(view)}")
+            if pagemap.subtract([(addr, addr + k * PAGE)], writable):
+                with kmem.ProcMem(pid, write=True) as mem:
+                    mem.write(addr, view)
+            else:
+                kmem.vm_write(pid, buf, [(addr, k * PAGE, 0)])
+            idx, addr, n = idx + k, addr + k * PAGE, n - k
+    return total
+
+
+def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str) -> None:
+    """Steps 1-4 of the module doc.  RestoreError if the daemon is not there
+    or refuses (the caller kills the half-built process)."""
+    pid = ctl.pid
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
+    r = ctl.call(sysno.userfaultfd, flags, what="userfaultfd")
+    pidfd = syscalls.pidfd_open(pid)
+    try:
+        uffd = syscalls.pidfd_getfd(pidfd, r, pid)
+    finally:
+        os.close(pidfd)
+        ctl.call(sysno.close, r)
+    try:
+        got = userfaultfd.api(uffd, UFFD_FEATURES)
+        if got & UFFD_FEATURES != UFFD_FEATURES:
+            raise errors.RestoreError(f"pid {pid}: userfaultfd lacks features "
+                                      f"{UFFD_FEATURES & ~got:#x} needed for lazy pages")
+        for s, e in lp.vmas:
+            userfaultfd.register(uffd, s, e - s, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
+        msg = json.dumps({"pid": pid, "image_pid": image_pid, "vmas": lp.vmas,
+                          "lazy": lp.lazy}).encode()
+        _send(sock_path, msg, uffd, pid)
+    finally:
+        os.close(uffd)
+    log.info("pid %d: %d lazy VMAs registered, %d pages handed to the lazy-pages daemon "
+             "(%d eager ranges)", pid, len(lp.vmas), pagemap.pages(lp.lazy), len(lp.eager))
+
+
+def _send(sock_path: str, msg: bytes, uffd: int, pid: int) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(HANDOVER_TIMEOUT_S)
+        try:
+            s.connect(sock_path)
+            socket.send_fds(s, [HEADER.pack(len(msg))], [uffd])
+            s.sendall(msg)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = s.recv(1024)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError as e:
+            raise errors.RestoreError(
+                f"pid {pid}: cannot hand the userfaultfd to the lazy-pages daemon at "
+                f"{sock_path}: {e.strerror or e} (is `migrate lazy-pages` running?)") from None
+        text = answer.decode("utf-8", "replace").strip()
+        if text != "OK":
+            raise errors.RestoreError(f"pid {pid}: the lazy-pages daemon refused: "
+                                      f"{text or 'no answer'}")
+    finally:
+        s.close()
