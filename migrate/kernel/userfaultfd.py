@@ -172,3 +172,22 @@ def wake(fd: int, start: int, length: int) -> None:
     if libc.ioctl(fd, ffi.cast("unsigned long", UFFDIO_WAKE), _range) < 0:
         raise errors.from_errno("ioctl(UFFDIO_WAKE)", ffi.errno, None,
                                 f"range {start:#x}-{start + length:#x}")
+
+
+PROBE_ADDR = 0x10000           # the default vm.mmap_min_addr: nothing is mapped there
+
+
+def mm_alive(fd: int) -> bool:
+    """Whether the uffd's process still has its memory: UFFDIO_REGISTER takes
+    a reference on the mm before it looks for VMAs, and fails with ENOMEM
+    once the mm is gone (checked on 6.18; ESRCH taken too).  The range
+    probed (one page at PROBE_ADDR) holds no VMA, so nothing is registered
+    (EINVAL while the process lives).  For processes known only by their uffd
+    (UFFD_EVENT_FORK gives no pid)."""
+    r = ffi.new("struct uffdio_register *")
+    r.range.start = PROBE_ADDR
+    r.range.len = 4096
+    r.mode = UFFDIO_REGISTER_MODE_MISSING
+    if libc.ioctl(fd, ffi.cast("unsigned long", UFFDIO_REGISTER), r) == 0:
+        return True
+    return ffi.errno not in (3, 12)      # ESRCH, ENOMEM

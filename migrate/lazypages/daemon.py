@@ -56,6 +56,7 @@ LOCAL_BATCH = 256            # pages per UFFDIO_COPY when prefetching locally (1
 REMOTE_BATCH = 512           # pages per prefetch GET (2 MiB)
 REMOTE_DEPTH = 4             # prefetch GETs in flight
 RETRY_S = 0.0005
+WATCH_S = 0.5
 
 
 @dataclasses.dataclass
@@ -139,14 +140,15 @@ class LazyPages:
         if ready is not None:
             ready()
         accept = asyncio.create_task(self._accept_loop())
+        watch = asyncio.create_task(self._watch_children())
         pre = asyncio.create_task(self._prefetch_loop()) if self.prefetch_on else None
         try:
             await self.finished.wait()
         finally:
-            for t in (accept, pre, *self.tasks):
+            for t in (accept, watch, pre, *self.tasks):
                 if t is not None:
                     t.cancel()
-            for t in (accept, pre, *self.tasks):
+            for t in (accept, watch, pre, *self.tasks):
                 if t is not None:
                     try:
                         await t
@@ -293,6 +295,18 @@ class LazyPages:
         log.info("lazy-pages: pid %d: %d pages to supply over %d ranges", pid,
                  p.missing.pages, len(p.missing.items()))
         self._check_finished()
+
+    async def _watch_children(self) -> None:
+        """Forked children come without a pid (no pidfd): probe their mm."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            for p in self.procs:
+                if p.alive and not p.pid and not U.mm_alive(p.uffd):
+                    if not p.done:
+                        log.info("lazy-pages: %r exited with %d pages still missing", p,
+                                 p.missing.pages + p.inflight.pages)
+                    self._drop(p, None)
+            self._check_finished()
 
     def _add(self, p: Proc) -> None:
         self.procs.append(p)
