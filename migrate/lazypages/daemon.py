@@ -128,11 +128,13 @@ class LazyPages:
         self.listener: socket.socket | None = None
         self.tasks: set[asyncio.Task] = set()
         self.killed: list[int] = []
+        self.error = ""
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, ready=None) -> int:
         self.loop = asyncio.get_running_loop()
         if self.source.remote:
+            self.source.on_lost = self.fail
             await self.source.open()
         self._listen()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,9 +164,11 @@ class LazyPages:
     def _report(self) -> int:
         d = self.stats.as_dict()
         if self.failed is not None:
-            log.error("lazy-pages: %s%s", self.failed,
-                      f"; killed pid {', '.join(map(str, self.killed))} so that it does not "
-                      f"run on with missing memory" if self.killed else "")
+            why = f"lazy-pages: {self.failed}"
+            if self.killed:
+                why += (f"; killed pid {', '.join(map(str, self.killed))} so that it does "
+                        "not run on with missing memory")
+            self.error = why
             return 1
         log.info("lazy-pages: done: %d pages by fault, %d by prefetch, %d zero pages, "
                  "%d faults, blocked %.1f ms in total (at most %.1f ms), all in after %.3f s",
@@ -222,9 +226,11 @@ class LazyPages:
         if self.failed is not None:
             return
         self.failed = exc
-        for p in self.procs:
-            if p.alive and p.pid:
-                self._kill_tree(p.pid)
+        if any(p.alive and not p.done for p in self.procs):
+            # Children known only by their uffd are in the trees below.
+            for p in self.procs:
+                if p.alive and p.pid:
+                    self._kill_tree(p.pid)
         self.finished.set()
 
     def _kill_tree(self, pid: int) -> None:
@@ -315,7 +321,7 @@ class LazyPages:
         self.work.set()
 
     def _on_exit(self, p: Proc) -> None:
-        if p.alive and not p.done:
+        if p.alive and not p.done and self.failed is None:
             log.warning("lazy-pages: %r exited with %d pages still missing", p,
                         p.missing.pages + p.inflight.pages)
         self._drop(p, None)
@@ -585,10 +591,9 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
             os.close(status_fd)
 
     lp = LazyPages(src, sock_path, prefetch=prefetch)
-    try:
-        rc = asyncio.run(lp.run(ready))
-    except errors.PageSourceError:
-        raise
+    rc = asyncio.run(lp.run(ready))
     if stats_out is not None:
         stats_out(lp.stats.as_dict())
+    if rc:
+        raise errors.MigrateError(lp.error)     # logged, and on stderr with -o
     return rc

@@ -142,7 +142,8 @@ class _Lane:
     def _error(self, ev, when: str) -> errors.PageSourceError:
         if isinstance(ev, P.Error):
             return errors.PageSourceError(self.src.name, f"{when}: {ev.code_name}: {ev.text}")
-        return errors.PageSourceError(self.src.name, f"{when}: the connection closed")
+        return errors.PageSourceError(self.src.name, f"{when}: the page-server closed the "
+                                                     "connection")
 
     async def _next(self):
         while True:
@@ -179,7 +180,12 @@ class _Lane:
             raise
 
     def _fail(self, e: errors.PageSourceError) -> None:
+        if self.src.closing:
+            return
+        first = self.src.failed is None
         self.src.failed = self.src.failed or e
+        if first and self.src.on_lost is not None:
+            self.src.on_lost(e)
         while self.waiting:
             fut, _ = self.waiting.popleft()
             if not fut.done():
@@ -227,6 +233,8 @@ class RemoteSource:
         self.ssl = ssl_context
         self.name = f"{address}:{port} session {session!r}"
         self.failed: errors.PageSourceError | None = None
+        self.on_lost = None            # called once when the source is lost
+        self.closing = False
         self.fault = _Lane(self, "fault")
         self.prefetch = _Lane(self, "prefetch")
 
@@ -237,5 +245,6 @@ class RemoteSource:
                  "TLS" if self.ssl else "plaintext")
 
     async def close(self) -> None:
+        self.closing = True
         await self.fault.close()
         await self.prefetch.close()
