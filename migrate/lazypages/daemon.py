@@ -71,6 +71,7 @@ class Stats:
     latencies_us: list = dataclasses.field(default_factory=list)
     first_handover: float = 0.0
     all_in_s: float = 0.0
+    done_monotonic: float = 0.0  # CLOCK_MONOTONIC when the last page was in (benches)
     processes: int = 0
 
     def block(self, us: float) -> None:
@@ -89,7 +90,8 @@ class Stats:
                 "blocktime_total_us": round(self.blocktime_total_us, 1),
                 "blocktime_max_us": round(self.blocktime_max_us, 1),
                 "fault_latency_p50_us": pct(0.50), "fault_latency_p99_us": pct(0.99),
-                "all_in_s": round(self.all_in_s, 4)}
+                "all_in_s": round(self.all_in_s, 4),
+                "done_monotonic": self.done_monotonic}
 
 
 class Proc:
@@ -219,6 +221,7 @@ class LazyPages:
         if self.procs and all(not p.alive or p.done for p in self.procs):
             if not self.stats.all_in_s:
                 self.stats.all_in_s = time.perf_counter() - self.stats.first_handover
+                self.stats.done_monotonic = time.monotonic()
             self.finished.set()
 
     def fail(self, exc: BaseException) -> None:
