@@ -107,7 +107,8 @@ def fill_eager(pid: int, vmas: list, parts: list[tuple[int, int, int]], reader) 
     checksum is checked by the lazy-pages daemon, which reads it whole."""
     writable = pagemap.normalize((e.start, e.end) for e in vmas
                                  if memory.initial_prot(e) & PROT_WRITE)
-    buf = bytearray(FILL_STEP)
+    # Fresh memory is slow to touch: a buffer no bigger than the largest part.
+    buf = bytearray(min(FILL_STEP, max((n * PAGE for _, _, n in parts), default=0)))
     total = 0
     for idx, addr, n in parts:
         total += n

@@ -660,13 +660,16 @@ def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
     """--lazy-pages: write all but the lazy pages, then hand the process's
     userfaultfd to the lazy-pages daemon before any other remote syscall
     (dest/lazy.py)."""
+    phase = Phases(p.pid)
     lp = lazy.plan(p)
     for reader, parts in reversed(list(zip(pages, p.parts))):
         stats.pages_restored += lazy.fill_eager(p.pid, p.mm.vmas, lp.eager_parts(parts),
                                                 reader)
+    phase("eager pages")
     memory.protect_vmas(ctl, p.mm.vmas)
     sock = opts.lazy_socket or os.path.join(opts.images_dir, lazy.SOCKET_NAME)
     lazy.hand_over(ctl, p.pid, lp, sock)
+    phase("lazy hand-over")
 
 
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)

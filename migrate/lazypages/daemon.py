@@ -256,7 +256,8 @@ class LazyPages:
             conn, _ = await self.loop.sock_accept(self.listener)
             try:
                 await self._take(conn)
-            except (OSError, ValueError, KeyError, errors.MigrateError) as e:
+            except (OSError, ValueError, KeyError, asyncio.TimeoutError,
+                    errors.MigrateError) as e:
                 log.warning("lazy-pages: hand-over refused: %s", e)
                 try:
                     await self.loop.sock_sendall(conn, f"ERROR {e}\n".encode())
@@ -265,11 +266,18 @@ class LazyPages:
             finally:
                 conn.close()
 
+    async def _readable(self, sock: socket.socket, timeout: float = 10) -> None:
+        fut = self.loop.create_future()
+        self.loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self.loop.remove_reader(sock.fileno())
+
     async def _take(self, conn: socket.socket) -> None:
-        conn.setblocking(True)
-        conn.settimeout(10)
-        head, fds, _, _ = await self.loop.run_in_executor(
-            None, socket.recv_fds, conn, HEADER.size, 1)
+        conn.setblocking(False)
+        await self._readable(conn)
+        head, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
         if len(head) != HEADER.size or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -281,7 +289,7 @@ class LazyPages:
                 raise ValueError(f"hand-over message of {n} bytes")
             buf = bytearray()
             while len(buf) < n:
-                chunk = await self.loop.run_in_executor(None, conn.recv, n - len(buf))
+                chunk = await self.loop.sock_recv(conn, n - len(buf))
                 if not chunk:
                     raise ValueError("hand-over message truncated")
                 buf += chunk

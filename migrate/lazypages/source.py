@@ -47,8 +47,13 @@ class LocalSource:
         self._maps: list[dict[int, mmap.mmap]] = [{} for _ in self.chain]
 
     def verify(self) -> None:
+        """Check every file, and index the root's pages (before the restore
+        comes: its hand-over waits for us)."""
         for level in self.chain:
             level.verify_all()
+        root = self.chain[0].inventory.root_pid
+        if root:
+            self._open(root)
 
     def _open(self, pid: int):
         ix = self._index.get(pid)
