@@ -274,23 +274,33 @@ def _with_sink(sink, fn, opts):
 
 def cmd_dump(args) -> int:
     from migrate.source.dump import DumpOptions, dump
+    serve_lazy = None
     if args.lazy_pages:
         if args.page_server or not args.address:
             raise SystemExit("migrate: dump --lazy-pages needs --address (and no "
-                             "--page-server: the image is written to -D, then served)")
-        ctx = _tls_context(args, server=True)
+                             "--page-server: the image is written to -D, its lazy pages "
+                             "served from the frozen process)")
+        serve_lazy = _lazy_server(args, _tls_context(args, server=True))
     sink = _sink(args)
     st = _with_sink(sink, dump, DumpOptions(
         pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
         leave_stopped=args.leave_stopped, shell_job=args.shell_job,
         prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
-        tracker=args.tracker))
+        tracker=args.tracker, serve_lazy=serve_lazy))
     if args.display_stats:
         _print_stats(st)
-    if args.lazy_pages:
-        from migrate.pageserver import lazyserve
-        return lazyserve.serve(args.images_dir, args.address, args.port, ctx)
     return 0
+
+
+def _lazy_server(args, ctx):
+    """dump --lazy-pages: serve the frozen root's lazy pages to the daemon."""
+    def serve(keeper) -> None:
+        from migrate.pageserver import lazyserve
+        session = os.path.basename(os.path.normpath(os.path.abspath(args.images_dir)))
+        if lazyserve.serve(keeper.read, session, args.address, args.port, ctx):
+            raise errors.MigrateError(f"pid {keeper.image_pid}: stopped before the "
+                                      "destination took every lazy page")
+    return serve
 
 
 def cmd_lazy_pages(args) -> int:

@@ -37,20 +37,18 @@ import socket
 import struct
 
 from migrate import errors
+from migrate.images import lazy as imglazy
 from migrate.images import pagemap
-from migrate.images._pb import mm_pb2
 from migrate.images.imgfile import PAGES_DATA_OFFSET
 from migrate.kernel import memory as kmem
 from migrate.kernel import syscalls, sysno, userfaultfd
 from migrate.resources import memory
-from migrate.resources.taskctl import PROT_READ, PROT_WRITE, TaskCtl
+from migrate.resources.taskctl import PROT_WRITE, TaskCtl
 
 log = logging.getLogger(__name__)
 
 PAGE = kmem.PAGE_SIZE
 SOCKET_NAME = "lazy-pages.socket"
-LAZY_KINDS = (mm_pb2.ANON_PRIVATE, mm_pb2.HEAP, mm_pb2.STACK)
-RED_ZONE = 128               # x86-64 ABI: below rsp, the leaf function's scratch
 HANDOVER_TIMEOUT_S = 30.0
 UFFD_FEATURES = (userfaultfd.UFFD_FEATURE_EVENT_FORK | userfaultfd.UFFD_FEATURE_EVENT_REMAP |
                  userfaultfd.UFFD_FEATURE_EVENT_REMOVE | userfaultfd.UFFD_FEATURE_EVENT_UNMAP |
@@ -60,26 +58,21 @@ MAX_MESSAGE = 64 << 20
 
 
 class LazyPlan:
-    """Which VMAs are registered and which stored pages the daemon supplies."""
+    """Which VMAs are registered and which pages the daemon supplies: the
+    stored pages that may be lazy (images/lazy.py), and the pages the dump
+    left out (PE_LAZY, served by the source)."""
 
-    def __init__(self, vmas: list, threads: list, stored: list[pagemap.Range]) -> None:
-        self.vmas = pagemap.normalize(
-            (e.start, e.end) for e in vmas
-            if e.kind in LAZY_KINDS and not e.flags & 0x01          # MAP_SHARED
-            and e.prot & (PROT_READ | PROT_WRITE) == PROT_READ | PROT_WRITE)
-        eager = []
-        for t in threads:
-            sp = t.regs.rsp
-            eager.append(((sp - RED_ZONE) & ~(PAGE - 1), (sp & ~(PAGE - 1)) + PAGE))
-            r = t.rseq
-            if r.rseq_abi_pointer:
-                a = r.rseq_abi_pointer
-                eager.append((a & ~(PAGE - 1),
-                              (a + max(r.rseq_abi_size, 32) + PAGE - 1) & ~(PAGE - 1)))
-        self.eager = pagemap.normalize(eager)
-        # Pages the daemon supplies: stored, in a lazy VMA, not eager.
-        self.lazy = pagemap.subtract(pagemap.intersect(pagemap.normalize(stored), self.vmas),
-                                     self.eager)
+    def __init__(self, vmas: list, threads: list, stored: list[pagemap.Range],
+                 flagged: list[pagemap.Range] = ()) -> None:
+        self.vmas = imglazy.lazy_vmas(vmas)
+        self.eager = imglazy.eager_ranges(threads)
+        self.flagged = pagemap.normalize(flagged)
+        self.lazy = pagemap.union(
+            imglazy.lazy_ranges(pagemap.normalize(stored), vmas, threads), self.flagged)
+        bad = pagemap.subtract(self.flagged, pagemap.subtract(self.vmas, self.eager))
+        if bad:
+            raise errors.ImageError("pagemap", None, f"pages {bad[0][0]:#x}-{bad[0][1]:#x} "
+                                                     "are flagged lazy but cannot be")
 
     def eager_parts(self, parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """The (file index, vaddr, nr_pages) parts the restore writes itself:
@@ -94,7 +87,25 @@ class LazyPlan:
 def plan(p) -> LazyPlan:
     """The plan for a ProcImage (dest.restore)."""
     stored = [(addr, addr + n * PAGE) for parts in p.parts for _, addr, n in parts]
-    return LazyPlan(p.mm.vmas, list(p.core.threads), stored)
+    return LazyPlan(p.mm.vmas, list(p.core.threads), stored, flagged(p.pagemap))
+
+
+def flagged(entries) -> list[pagemap.Range]:
+    """Pages the dump left out for the source to serve (PE_LAZY)."""
+    return pagemap.ranges_of(entries, pagemap.PE_LAZY)
+
+
+def check_image(procs, lazy_pages: bool) -> None:
+    """An image whose dump left pages to its source restores only lazily."""
+    if lazy_pages:
+        return
+    for p in procs:
+        f = flagged(p.pagemap)
+        if f:
+            raise errors.RestoreError(
+                f"pid {p.pid}: {pagemap.pages(f)} pages of the image are left with its "
+                "source (dump --lazy-pages): restore it with --lazy-pages and a "
+                "`migrate lazy-pages --page-server`")
 
 
 FILL_STEP = 8 << 20

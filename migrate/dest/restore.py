@@ -227,6 +227,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     t0 = time.perf_counter()
     img = load(opts.images_dir)
     preflight(img)
+    lazy.check_image(img.procs, opts.lazy_pages)
     stats = RestoreStats()
     tty = _own_tty() if opts.shell_job else None
     base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1

@@ -203,14 +203,28 @@ def _lazy_remote(w, workdir, daemons, dumps, tls, *daemon_args):
 
 
 def test_remote_through_tls(workdir, workloads, daemons, dumps, pki):
-    """Pages by GET from the source's dump --lazy-pages, faults on their own
-    connection, prefetch on the other; the source exits once all is taken."""
+    """Pages by GET from the source's dump --lazy-pages (read from the dumped
+    process's memory, kept by a clone: never written to the image), faults
+    on their own connection, prefetch on the other; the source exits once
+    all is taken.  Without --lazy-pages that image is refused."""
     w = _start("lazymem", workdir, workloads, "16")
-    src, d = _lazy_remote(w, workdir, daemons, dumps, pki)
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki)
+    dumps.append(src)
+    pages = os.path.getsize(os.path.join(images, f"pages-{w.pid}.img")) // 4096
+    assert pages < 100, f"{pages} pages written: the lazy ones should not be"
+    p = migrate("restore", "-D", images, "-d")
+    assert p.returncode == 1 and "--lazy-pages" in p.stderr, p.stderr
+    assert not alive(w.pid)
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *pki)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
     w.assert_pass()
-    _check_done(d, processes=1)
+    stats = _check_done(d, processes=1)
+    assert stats["pages_fault"] + stats["pages_prefetch"] > 4000, stats
     assert src.proc.wait(60) == 0, src.log()[-3000:]
-    assert "TLS" in d.log()
+    assert "TLS" in d.log() and "memory keeper" in src.log()
 
 
 def test_dirtier_remote_every_page_by_fault(workdir, workloads, daemons, dumps, pki):
