@@ -65,6 +65,8 @@ class Stats:
     pages_prefetch: int = 0
     pages_zero: int = 0
     pages_dropped: int = 0       # unmapped or removed before we copied them
+    pages_local: int = 0         # remote mode: taken from the local image chain
+    pages_remote: int = 0        # remote mode: fetched by GET
     faults: int = 0
     blocktime_total_us: float = 0.0
     blocktime_max_us: float = 0.0
@@ -86,6 +88,7 @@ class Stats:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else 0.0
         return {"pages_fault": self.pages_fault, "pages_prefetch": self.pages_prefetch,
                 "pages_zero": self.pages_zero, "pages_dropped": self.pages_dropped,
+                "pages_local": self.pages_local, "pages_remote": self.pages_remote,
                 "faults": self.faults, "processes": self.processes,
                 "blocktime_total_us": round(self.blocktime_total_us, 1),
                 "blocktime_max_us": round(self.blocktime_max_us, 1),
@@ -214,8 +217,9 @@ class LazyPages:
                 os.unlink(self.sock_path)
             except OSError:
                 pass
-        if hasattr(self.source, "close") and not self.source.remote:
-            self.source.close()
+        local = self.source.local if self.source.remote else self.source
+        if local is not None:
+            local.close()
 
     def _check_finished(self) -> None:
         if self.procs and all(not p.alive or p.done for p in self.procs):
@@ -468,9 +472,20 @@ class LazyPages:
                 return
             self._place(p, pieces, kind)
             return
-        t = asyncio.create_task(self._fetch_remote(p, src, end, kind))
-        self.tasks.add(t)
-        t.add_done_callback(self.tasks.discard)
+        here, there = self.source.split(p.image_pid, src, end)
+        for a, b in here:
+            try:
+                pieces = self.source.local.pieces(p.image_pid, a, b)
+            except errors.MigrateError as e:
+                self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+                return
+            self.stats.pages_local += (b - a) // PAGE
+            self._place(p, pieces, kind)
+        for a, b in there:
+            self.stats.pages_remote += (b - a) // PAGE
+            t = asyncio.create_task(self._fetch_remote(p, a, b, kind))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
 
     async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
         lane = self.source.fault if kind == "fault" else self.source.prefetch
@@ -594,7 +609,11 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         log.info("lazy-pages: image %s checked in %.0f ms", images_dir,
                  (time.perf_counter() - t0) * 1e3)
     else:
-        src = S.RemoteSource(*remote)
+        local = None
+        if os.path.exists(os.path.join(images_dir, "inventory.img")):
+            local = S.LocalSource(images_dir)      # pre-copy pages, the eager ones
+            local.verify()
+        src = S.RemoteSource(*remote, local=local)
 
     def ready() -> None:
         if status_fd is not None:

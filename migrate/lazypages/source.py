@@ -84,6 +84,10 @@ class LocalSource:
         ix = self._index[pid] = ([p[0] for p in pieces], pieces)
         return ix
 
+    def stored(self, pid: int) -> list[tuple[int, int]]:
+        """The pages of ``pid`` the chain holds (normalized)."""
+        return pagemap.normalize((s, e) for s, e, _, _ in self._open(pid)[1])
+
     def pieces(self, pid: int, src: int, end: int) -> list[tuple[int, object, int, int]]:
         """(src address, buffer, offset in buffer, length) covering [src, end)."""
         starts, pieces = self._open(pid)
@@ -233,7 +237,7 @@ class RemoteSource:
     remote = True
 
     def __init__(self, address: str, port: int, session: str,
-                 ssl_context: ssl.SSLContext | None) -> None:
+                 ssl_context: ssl.SSLContext | None, local: LocalSource | None = None) -> None:
         self.address, self.port, self.session = address, port, session
         self.ssl = ssl_context
         self.name = f"{address}:{port} session {session!r}"
@@ -242,6 +246,25 @@ class RemoteSource:
         self.closing = False
         self.fault = _Lane(self, "fault")
         self.prefetch = _Lane(self, "prefetch")
+        # Pages the local image chain holds (pre-copy rounds) are taken from
+        # it, never fetched again: only the dump's PE_LAZY pages come by GET.
+        self.local = local
+        self._stored: dict[int, list[tuple[int, int]]] = {}
+
+    def split(self, pid: int, src: int, end: int
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """[src, end) as (ranges held locally, ranges to GET)."""
+        if self.local is None:
+            return [], [(src, end)]
+        st = self._stored.get(pid)
+        if st is None:
+            try:
+                st = self.local.stored(pid)
+            except errors.ImageError:
+                st = []
+            self._stored[pid] = st
+        here = pagemap.intersect([(src, end)], st)
+        return here, pagemap.subtract([(src, end)], here)
 
     async def open(self) -> None:
         await self.fault.open()

@@ -330,9 +330,8 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     lazy_out: list = []
     try:
         if opts.serve_lazy is not None and (opts.leave_running or opts.leave_stopped
-                                            or incremental or sink is not None):
-            raise errors.DumpError("--lazy-pages: not with -R, -s, incremental dumps or "
-                                   "--page-server")
+                                            or sink is not None):
+            raise errors.DumpError("--lazy-pages: not with -R, -s or --page-server")
         tracker = _collect_and_write(opts, tr, images, stats, parent, st.start_time,
                                      early, opened, lazy_out)
     except BaseException as exc:

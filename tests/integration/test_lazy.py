@@ -153,13 +153,14 @@ def _free_port() -> int:
 class LazyDump:
     """`migrate dump --lazy-pages`: dumps, then serves the pages."""
 
-    def __init__(self, w: Workload, images: str, port: int, tls: list[str]) -> None:
+    def __init__(self, w: Workload, images: str, port: int, tls: list[str],
+                 *extra: str) -> None:
         os.makedirs(images, exist_ok=True)
         self.log_path = os.path.join(images, "dump.log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "migrate", "dump", "-t", str(w.pid), "-D", images, "-v4",
              "-o", "dump.log", "--lazy-pages", "--address", TLS_HOST, "--port", str(port),
-             *tls], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+             *tls, *extra], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True)
         end = time.monotonic() + 60
         while "lazy-pages: serving" not in self.log():
@@ -272,3 +273,30 @@ def test_restore_without_daemon_leaves_nothing(workdir, workloads):
     reap_pids([w.pid], 5)
     assert not alive(w.pid)
     w.reaped = True
+
+
+def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dumps, pki):
+    """pre-dump, 1% of the pages rewritten, dump --lazy-pages on top of it:
+    the daemon takes what the pre-dump holds from the local chain and GETs
+    only the pages written since."""
+    w = _start("memhog", workdir, workloads, "32")
+    pre = os.path.join(workdir, "1")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
+    assert p.returncode == 0, p.stderr
+    os.kill(w.pid, signal.SIGUSR1)               # memhog rewrites 1% of its pages
+    end = time.monotonic() + 30
+    while "DIRTIED" not in w.log():
+        assert time.monotonic() < end, w.log()
+        time.sleep(0.02)
+    images = os.path.join(workdir, "2")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki, "--prev-images-dir", "../1")
+    dumps.append(src)
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *pki)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    w.assert_pass()
+    stats = _check_done(d)
+    assert 0 < stats["pages_remote"] <= 200, stats        # 81 pages rewritten
+    assert stats["pages_local"] >= 8000, stats
+    assert src.proc.wait(60) == 0, src.log()[-3000:]
