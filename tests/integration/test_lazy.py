@@ -300,3 +300,101 @@ def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dum
     assert 0 < stats["pages_remote"] <= 200, stats        # 81 pages rewritten
     assert stats["pages_local"] >= 8000, stats
     assert src.proc.wait(60) == 0, src.log()[-3000:]
+
+
+def test_corrupt_image_is_refused_before_anything_runs(workdir, workloads):
+    """A page file that fails its checksum: the daemon refuses to start, so
+    the restore cannot hand its uffd over and leaves nothing running."""
+    w = _start("memhog", workdir, workloads, "8")
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    path = os.path.join(images, f"pages-{w.pid}.img")
+    with open(path, "r+b") as f:
+        f.seek(4096 + 1000 * 4096 + 8)
+        f.write(b"\xff" * 8)
+    p = subprocess.run([sys.executable, "-m", "migrate", "lazy-pages", "-D", images],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
+    p = migrate("restore", "-D", images, "-d", "--lazy-pages")
+    assert p.returncode == 1 and "lazy-pages daemon" in p.stderr, p.stderr
+    reap_pids([w.pid], 5)
+    assert not alive(w.pid)
+    w.reaped = True
+
+
+class _FlipProxy:
+    """A TCP relay that flips one byte of the first page the server sends
+    on each connection (WELCOME is 20 bytes, then PAGE_DATA: an 8-byte
+    header, 32 bytes of fields, the data)."""
+
+    FLIP_AT = 20 + 8 + 32 + 100
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+        self.target = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind((TLS_HOST, 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection((TLS_HOST, self.target))
+            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, flip: bool) -> None:
+        off = 0
+        try:
+            while True:
+                data = bytearray(a.recv(65536))
+                if not data:
+                    break
+                if flip and off <= self.FLIP_AT < off + len(data):
+                    data[self.FLIP_AT - off] ^= 0x01
+                off += len(data)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop = True
+        self.lsock.close()
+
+
+def test_corrupt_page_in_flight_kills_the_process(workdir, workloads, daemons, dumps):
+    """A page whose xxh3-128 does not match (flipped on the way): the
+    restored process is killed rather than run on with it."""
+    w = _start("lazymem", workdir, workloads, "16")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, ["--no-tls"])
+    dumps.append(src)
+    proxy = _FlipProxy(port)
+    try:
+        d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port",
+                   str(proxy.port), "--no-tls", "--no-prefetch")
+        daemons.append(d)
+        p = migrate("restore", "-D", images, "-d", "--lazy-pages")
+        os.kill(w.pid, signal.SIGTERM)
+        rc, _, err = d.finish()
+    finally:
+        proxy.close()
+    assert rc == 1 and "checksum mismatch" in err and f"killed pid {w.pid}" in err, \
+        f"{err}\n{p.stderr}"
+    reap_pids([w.pid], 10)
+    assert not alive(w.pid) and "PASS" not in w.log()
+    w.reaped = True
