@@ -23,9 +23,9 @@ its behalf (the rest of the restore included), blocks until the daemon
 copies the page in.  A page that is registered but not in the ranges (never
 written before the dump) is mapped as the zero page on its first touch.
 
-Known gap: lazy pages for the root process only; other processes of a tree
-are restored in full.  Processes the root forks later are followed by the
-daemon (UFFD_EVENT_FORK).
+Every process of a tree is handed over, one connection each, the last one
+saying so (the daemon does not finish before it).  Processes forked later
+are followed by the daemon (UFFD_EVENT_FORK).
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def fill_eager(pid: int, vmas: list, parts: list[tuple[int, int, int]], reader) 
     return total
 
 
-def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str) -> None:
+def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str,
+              last: bool = True) -> None:
     """Steps 1-4 of the module doc.  RestoreError if the daemon is not there
     or refuses (the caller kills the half-built process)."""
     pid = ctl.pid
@@ -159,7 +160,7 @@ def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str) -> Non
         for s, e in lp.vmas:
             userfaultfd.register(uffd, s, e - s, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
         msg = json.dumps({"pid": pid, "image_pid": image_pid, "vmas": lp.vmas,
-                          "lazy": lp.lazy}).encode()
+                          "lazy": lp.lazy, "last": last}).encode()
         _send(sock_path, msg, uffd, pid)
     finally:
         os.close(uffd)

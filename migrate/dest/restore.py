@@ -602,8 +602,8 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     phase("seize and clear")
     memory.map_vmas(ctl, mm.vmas, shared)
     phase("map VMAs", f"{len(mm.vmas)} VMAs")
-    if opts.lazy_pages and pid == img.pid:
-        _fill_lazy(ctl, p, opts, pages, stats)
+    if opts.lazy_pages:
+        _fill_lazy(ctl, p, opts, pages, stats, last=p is img.procs[-1])
     else:
         # The deepest parent first: each image overwrites what its parents wrote.
         for reader, parts in reversed(list(zip(pages, p.parts))):
@@ -657,7 +657,7 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
 
 
 def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
-               stats: RestoreStats) -> None:
+               stats: RestoreStats, last: bool) -> None:
     """--lazy-pages: write all but the lazy pages, then hand the process's
     userfaultfd to the lazy-pages daemon before any other remote syscall
     (dest/lazy.py)."""
@@ -669,7 +669,7 @@ def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
     phase("eager pages")
     memory.protect_vmas(ctl, p.mm.vmas)
     sock = opts.lazy_socket or os.path.join(opts.images_dir, lazy.SOCKET_NAME)
-    lazy.hand_over(ctl, p.pid, lp, sock)
+    lazy.hand_over(ctl, p.pid, lp, sock, last)
     phase("lazy hand-over")
 
 

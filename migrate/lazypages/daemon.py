@@ -134,6 +134,7 @@ class LazyPages:
         self.tasks: set[asyncio.Task] = set()
         self.killed: list[int] = []
         self.error = ""
+        self.last_seen = False           # the restore's last process was handed over
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, ready=None) -> int:
@@ -222,7 +223,11 @@ class LazyPages:
             local.close()
 
     def _check_finished(self) -> None:
-        if self.procs and all(not p.alive or p.done for p in self.procs):
+        # Done when every process handed over is done or gone, and the
+        # restore has handed over its last one (or every process died: a
+        # restore that failed half-way killed them).
+        if self.procs and all(not p.alive or p.done for p in self.procs) and (
+                self.last_seen or all(not p.alive for p in self.procs)):
             if not self.stats.all_in_s:
                 self.stats.all_in_s = time.perf_counter() - self.stats.first_handover
                 self.stats.done_monotonic = time.monotonic()
@@ -299,6 +304,7 @@ class LazyPages:
                 buf += chunk
             msg = json.loads(buf)
             pid, image_pid = int(msg["pid"]), int(msg["image_pid"])
+            last = bool(msg.get("last", True))
             missing = RangeMap((int(s), int(e)) for s, e in msg["lazy"])
             os.set_blocking(uffd, False)
             p = Proc(uffd, pid, image_pid, missing)
@@ -309,6 +315,7 @@ class LazyPages:
             os.close(uffd)
             raise
         self._add(p)
+        self.last_seen = self.last_seen or last
         if not self.stats.first_handover:
             self.stats.first_handover = time.perf_counter()
         self.loop.add_reader(p.pidfd, self._on_exit, p)

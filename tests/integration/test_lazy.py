@@ -398,3 +398,23 @@ def test_corrupt_page_in_flight_kills_the_process(workdir, workloads, daemons, d
     reap_pids([w.pid], 10)
     assert not alive(w.pid) and "PASS" not in w.log()
     w.reaped = True
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "faults-only"])
+def test_tree_of_processes_local(workdir, workloads, daemons, prefetch):
+    """Every process of a tree (20 processes, 3 threads each) is handed
+    over; the daemon serves them all and ends after the last."""
+    w = _start("forest", workdir, workloads, "20", "3")
+    _, d = _lazy_local(w, workdir, daemons, *([] if prefetch else ["--no-prefetch"]))
+    time.sleep(0.5)
+    w.assert_pass()
+    _check_done(d, processes=20)
+
+
+def test_tree_sessions_zombies_shared_memory_local(workdir, workloads, daemons):
+    """`tree`: sessions, groups, zombies, a stopped child, pipes, shared
+    anonymous and memfd memory (not lazy) next to lazy private memory."""
+    w = _start("tree", workdir, workloads)
+    _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
+    w.assert_pass()
+    _check_done(d)
