@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the process is a job of a shell: dump its terminal fds")
     _add_incremental(d)
     _add_page_server_client(d)
+    d.add_argument("--lazy-pages", action="store_true",
+                   help="post-copy: after the dump, serve its pages to a `migrate "
+                        "lazy-pages --page-server` on --address/--port until it has them all")
     _add_common(d)
 
     pd = sub.add_parser("pre-dump", help="copy memory while the process runs (incremental)")
@@ -164,7 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the process this terminal and keep it in this session")
     r.add_argument("-s", "--leave-stopped", action="store_true",
                    help="leave the process stopped (SIGSTOP) after the restore")
+    r.add_argument("--lazy-pages", action="store_true",
+                   help="post-copy: leave the anonymous memory to a `migrate lazy-pages` "
+                        "daemon (its socket: -W or -D /lazy-pages.socket)")
     _add_common(r)
+
+    lz = sub.add_parser("lazy-pages", help="post-copy: supply the missing pages of a "
+                                           "`restore --lazy-pages`")
+    lz.add_argument("-D", "--images-dir", required=True, metavar="DIR",
+                    help="the image (its pages, unless --page-server); the socket is "
+                         "created in -W or here")
+    lz.add_argument("--page-server", action="store_true",
+                    help="fetch the pages from the source's `migrate dump --lazy-pages`")
+    lz.add_argument("--address", metavar="HOST", help="the source's address")
+    lz.add_argument("--port", type=int, default=DEFAULT_PS_PORT, metavar="N")
+    lz.add_argument("--session", metavar="NAME",
+                    help="session name on the source (default: the basename of -D)")
+    lz.add_argument("--no-prefetch", action="store_true",
+                    help="copy pages only when they are touched (no background copy)")
+    lz.add_argument("--status-fd", type=int, metavar="FD",
+                    help="write \\0 to FD and close it once listening")
+    _add_tls(lz)
+    _add_common(lz)
 
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
     s.add_argument("path", metavar="FILE|DIR")
@@ -257,15 +281,49 @@ def _with_sink(sink, fn, opts):
 
 def cmd_dump(args) -> int:
     from migrate.source.dump import DumpOptions, dump
+    serve_lazy = None
+    if args.lazy_pages:
+        if args.page_server or not args.address:
+            raise SystemExit("migrate: dump --lazy-pages needs --address (and no "
+                             "--page-server: the image is written to -D, its lazy pages "
+                             "served from the frozen process)")
+        serve_lazy = _lazy_server(args, _tls_context(args, server=True))
     sink = _sink(args)
     st = _with_sink(sink, dump, DumpOptions(
         pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
         leave_stopped=args.leave_stopped, shell_job=args.shell_job,
         prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
-        tracker=args.tracker))
+        tracker=args.tracker, serve_lazy=serve_lazy))
     if args.display_stats:
         _print_stats(st)
     return 0
+
+
+def _lazy_server(args, ctx):
+    """dump --lazy-pages: serve the frozen root's lazy pages to the daemon."""
+    def serve(keeper) -> None:
+        from migrate.pageserver import lazyserve
+        session = os.path.basename(os.path.normpath(os.path.abspath(args.images_dir)))
+        if lazyserve.serve(keeper.read, session, args.address, args.port, ctx):
+            raise errors.MigrateError(f"pid {keeper.image_pid}: stopped before the "
+                                      "destination took every lazy page")
+    return serve
+
+
+def cmd_lazy_pages(args) -> int:
+    from migrate.lazypages import daemon
+    remote = None
+    if args.page_server:
+        if not args.address:
+            raise SystemExit("migrate: lazy-pages --page-server needs --address")
+        session = args.session or os.path.basename(os.path.normpath(
+            os.path.abspath(args.images_dir)))
+        remote = (args.address, args.port, session, _tls_context(args, server=False))
+    sock = os.path.join(args.work_dir or args.images_dir, "lazy-pages.socket")
+    out = (lambda d: print(json.dumps(d, indent=2), flush=True)) if args.display_stats \
+        else None
+    return daemon.run(args.images_dir, sock, remote=remote, prefetch=not args.no_prefetch,
+                      status_fd=args.status_fd, stats_out=out)
 
 
 def cmd_pre_dump(args) -> int:
@@ -287,7 +345,10 @@ def cmd_restore(args) -> int:
     pid, st = restore(RestoreOptions(images_dir=args.images_dir,
                                      detach=args.restore_detached, pidfile=pidfile,
                                      shell_job=args.shell_job,
-                                     leave_stopped=args.leave_stopped))
+                                     leave_stopped=args.leave_stopped,
+                                     lazy_pages=args.lazy_pages,
+                                     lazy_socket=os.path.join(args.work_dir or args.images_dir,
+                                                              "lazy-pages.socket")))
     if args.display_stats:
         _print_stats(st)
     if args.restore_detached:
@@ -390,7 +451,7 @@ def cmd_certs(args) -> int:
     return 0
 
 
-COMMANDS = {"page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+COMMANDS = {"lazy-pages": cmd_lazy_pages, "page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,3 +108,13 @@ class PageServerError(MigrateError):
         self.peer = peer
         self.code = code
         super().__init__(f"page-server {peer}: {why}")
+
+
+class PageSourceError(MigrateError):
+    """Post-copy: the lazy pages' source is lost (the source host died, the
+    link broke, a checksum failed); the restored processes are killed."""
+
+    def __init__(self, source: str, why: str) -> None:
+        super().__init__(f"page source {source}: {why}")
+        self.source = source
+        self.why = why

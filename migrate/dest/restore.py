@@ -28,6 +28,7 @@ import struct
 import time
 
 from migrate import errors
+from migrate.dest import lazy
 from migrate.images import ImageDir
 from migrate.images import pagemap
 from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
@@ -57,6 +58,8 @@ class RestoreOptions:
     pidfile: str | None = None
     shell_job: bool = False
     leave_stopped: bool = False
+    lazy_pages: bool = False            # post-copy: the root's anonymous pages (dest/lazy.py)
+    lazy_socket: str | None = None      # the lazy-pages daemon's unix socket
 
 
 @dataclasses.dataclass
@@ -233,6 +236,7 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     t0 = time.perf_counter()
     img = load(opts.images_dir)
     preflight(img)
+    lazy.check_image(img.procs, opts.lazy_pages)
     # Orphans of a failed restore come to us to be reaped.
     was_subreaper = syscalls.get_child_subreaper()
     if not was_subreaper:
@@ -541,7 +545,9 @@ def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], share
     ptrace binds a tracee to the thread that seized it, so each thread also
     releases its own processes; a thread that fails makes the others stop,
     and its tracees die with it (PTRACE_O_EXITKILL)."""
-    n = min(WORKERS, len(img.procs))
+    # Lazy pages: processes are handed to the daemon in order, the last one
+    # saying so, so they are built one after the other.
+    n = 1 if opts.lazy_pages else min(WORKERS, len(img.procs))
     if n <= 1:
         rels = [_take_over(img, p, opts, ctl_fds, shared, stats, created)
                 for p in img.procs]
@@ -697,11 +703,14 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     phase("seize and clear")
     memory.map_vmas(ctl, mm.vmas, shared)
     phase("map VMAs", f"{len(mm.vmas)} VMAs")
-    # The deepest parent first: each image overwrites what its parents wrote.
-    for reader, parts in reversed(list(zip(pages, p.parts))):
-        stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
-        reader.verify()
-    memory.protect_vmas(ctl, mm.vmas)
+    if opts.lazy_pages:
+        _fill_lazy(ctl, p, opts, pages, stats, last=p is img.procs[-1])
+    else:
+        # The deepest parent first: each image overwrites what its parents wrote.
+        for reader, parts in reversed(list(zip(pages, p.parts))):
+            stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
+            reader.verify()
+        memory.protect_vmas(ctl, mm.vmas)
     phase("pages")
 
     # Per-task state.
@@ -746,6 +755,23 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     phase("creds and swap")
     stats.remote_syscalls += rt.calls + sum(tctl.remote.calls for _, tctl in others)
     return _Release(pid, thread, others, core.stopped)
+
+
+def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
+               stats: RestoreStats, last: bool) -> None:
+    """--lazy-pages: write all but the lazy pages, then hand the process's
+    userfaultfd to the lazy-pages daemon before any other remote syscall
+    (dest/lazy.py)."""
+    phase = Phases(p.pid)
+    lp = lazy.plan(p)
+    for reader, parts in reversed(list(zip(pages, p.parts))):
+        stats.pages_restored += lazy.fill_eager(p.pid, p.mm.vmas, lp.eager_parts(parts),
+                                                reader)
+    phase("eager pages")
+    memory.protect_vmas(ctl, p.mm.vmas)
+    sock = opts.lazy_socket or os.path.join(opts.images_dir, lazy.SOCKET_NAME)
+    lazy.hand_over(ctl, p.pid, lp, sock, last)
+    phase("lazy hand-over")
 
 
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)

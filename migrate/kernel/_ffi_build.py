@@ -56,6 +56,8 @@ struct ptrace_peeksiginfo_args { uint64_t off; uint32_t flags; int32_t nr; };
 struct uffdio_api { uint64_t api; uint64_t features; uint64_t ioctls; };
 struct uffdio_range { uint64_t start; uint64_t len; };
 struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
+struct uffdio_copy { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; int64_t copy; };
+struct uffdio_zeropage { struct uffdio_range range; uint64_t mode; int64_t zeropage; };
 """
 
 ffibuilder = cffi.FFI()

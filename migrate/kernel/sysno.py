@@ -34,6 +34,7 @@ connect = 42
 accept = 43
 sendto = 44
 recvfrom = 45
+clone = 56
 exit = 60
 wait4 = 61
 kill = 62

@@ -25,6 +25,7 @@ import time
 
 from migrate import __version__, errors
 from migrate.images import ImageDir
+from migrate.images import lazy as imglazy
 from migrate.images import pagemap as pm
 from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
 from migrate.kernel import memory as kmem
@@ -33,6 +34,7 @@ from migrate.resources import files, fs, memory, regs, seccomp, signals, task, t
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
+from migrate.source import lazy as srclazy
 from migrate.source import tree as ptree
 from migrate.source import tracker as trackers
 
@@ -51,6 +53,11 @@ class DumpOptions:
     prev_images_dir: str | None = None   # relative to images_dir, as in criu
     track_mem: bool = False
     tracker: str | None = None           # force "uffd" or "soft-dirty"
+    # Post-copy (dump --lazy-pages): the root's lazy pages (images/lazy.py)
+    # are left out of the page file, flagged PE_LAZY; once the image is
+    # committed, their memory is kept by a clone of the root (source/lazy.py),
+    # the tree is killed, and serve_lazy(keeper) returns once they are taken.
+    serve_lazy: object = None
 
 
 @dataclasses.dataclass
@@ -157,8 +164,15 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     return memory.split_runs(runs, copy), pm.subtract(data, copy)
 
 
+def _leave_lazy(d, runs) -> tuple[list, list[tuple[int, int]]]:
+    """(runs still to copy, lazy ranges) for dump --lazy-pages."""
+    data = pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE) for r in runs)
+    lazy = imglazy.lazy_ranges(data, d.vma_entries, d.core.threads)
+    return memory.split_runs(runs, pm.subtract(data, lazy)), lazy
+
+
 def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
-                  tolerant: bool) -> None:
+                  tolerant: bool, lazy: list[tuple[int, int]] = ()) -> None:
     t0 = time.perf_counter()
     pw = images.pages_writer(pid)
     try:
@@ -171,6 +185,7 @@ def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
     stats.pages_in_parent += pm.pages(in_parent)
     flags = [(e.vaddr, e.vaddr + e.nr_pages * memory.PAGE, pm.PE_PRESENT) for e in present]
     flags += [(s, e, pm.PE_IN_PARENT) for s, e in in_parent]
+    flags += [(s, e, pm.PE_LAZY) for s, e in lazy]
     # PRESENT entries must stay in page-file order (address order here).
     entries = pm.to_entries(flags, pagemap_pb2.pagemap_entry)
     images.write_image(f"pagemap-{pid}.img",
@@ -363,8 +378,13 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     stats.freezing_us = _us(t0, t_frozen)
     opened = _Open()
     used: list = []
+    lazy_out: list = []
     try:
-        used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened)
+        if opts.serve_lazy is not None and (opts.leave_running or opts.leave_stopped
+                                            or sink is not None):
+            raise errors.DumpError("--lazy-pages: not with -R, -s or --page-server")
+        used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened,
+                                  lazy_out)
     except BaseException as exc:
         _rollback(tr, opened, images)
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
@@ -372,7 +392,16 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             raise errors.DumpError(f"dump of pid {pid} failed, the {what} left running "
                                    f"as before: {exc}") from exc
         raise
-    if opts.leave_running or opts.leave_stopped:
+    keeper = None
+    if opts.serve_lazy is not None:
+        try:
+            keeper = srclazy.keep_memory(tr.root.pid, lazy_out)
+        except BaseException:
+            ptree.kill(tr)
+            ptree.reap_killed(tr)
+            raise
+        ptree.kill(tr)
+    elif opts.leave_running or opts.leave_stopped:
         ptree.thaw(tr, leave_stopped=opts.leave_stopped)
         if not opts.track_mem and not parent:
             for t in used:
@@ -390,6 +419,11 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     log.info("pid %d: dumped to %s, %d process%s, %d pages (%d in parent), frozen %.1f ms",
              pid, opts.images_dir, len(tr.procs), "es" if len(tr.procs) > 1 else "",
              stats.pages_written, stats.pages_in_parent, stats.frozen_us / 1000)
+    if keeper is not None:
+        try:
+            opts.serve_lazy(keeper)         # until the destination has every page
+        finally:
+            keeper.release()
     return stats
 
 
@@ -555,7 +589,8 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 
 
 def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
-                       start_time: int, early: list | None, opened: _Open) -> list:
+                       start_time: int, early: list | None, opened: _Open,
+                       lazy_out: list | None = None) -> list:
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
@@ -598,7 +633,12 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             phase("memory scan")
             if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
                 t.clear()       # the next round starts now
-            _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False)
+            lazy = []
+            if opts.serve_lazy is not None and d.pid == tr.root.pid:
+                runs, lazy = _leave_lazy(d, runs)
+                if lazy_out is not None:
+                    lazy_out.extend(lazy)
+            _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False, lazy=lazy)
             phase("memory copy")
         stats.tracker = ",".join(sorted({t.kind for t in used.values()}))
 

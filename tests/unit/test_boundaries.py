@@ -55,3 +55,13 @@ def test_resources_import_only_kernel_and_images():
             if mod.startswith("migrate."):
                 ok = mod.split(".")[1] in ("kernel", "images", "resources", "errors")
                 assert ok, f"{path} imports {mod}"
+
+
+def test_lazypages_imports_only_kernel_images_pageserver():
+    for path in _modules("lazypages"):
+        for mod in _imports(path):
+            if mod.startswith("migrate."):
+                ok = mod.split(".")[1] in ("kernel", "images", "pageserver", "lazypages",
+                                           "errors")
+                assert ok, f"{path} imports {mod}"
+                assert mod != "migrate.pageserver.server", f"{path} imports the server"

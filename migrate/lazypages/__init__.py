@@ -1,0 +1,1 @@
+"""The lazy-pages daemon (post-copy): userfaultfd events, fault service, prefetch."""

@@ -1,0 +1,636 @@
+"""`migrate lazy-pages`: serve the missing pages of restored processes.
+
+The restore (dest/lazy.py) connects to our unix socket once per process and
+sends its userfaultfd (SCM_RIGHTS) with the ranges whose pages we supply.
+Then, on one asyncio loop:
+
+* each uffd is a reader; its events go to one handler each: ``on_pagefault``
+  (UFFDIO_COPY of the page, UFFDIO_ZEROPAGE where nothing is stored),
+  ``on_fork`` (the child's uffd arrives in the message: it inherits the
+  parent's missing pages), ``on_remap`` (missing pages move with the area),
+  ``on_remove`` and ``on_unmap`` (those pages are never fetched; a later
+  touch of a MADV_DONTNEED'ed page gets the zero page);
+* a prefetch task copies the remaining pages in large batches, starting
+  just after the latest fault, then in address order (wrapping around);
+* races: EEXIST (the page is already there) skips the page, EAGAIN (the mm
+  is changing: an event is pending for us) retries once the events are
+  read, ENOENT (the range is gone) drops it, ESRCH (the process is gone)
+  drops the process.
+
+Fault requests to a remote source have their own connection, so they never
+wait behind prefetch traffic.  When every page is in, the uffds are closed
+(the registrations go with them) and the daemon reports pages by fault and
+by prefetch and the time threads spent blocked on missing pages, then exits.
+
+If the page source is lost (connection, protocol, checksum, image error),
+every restored process is killed before its uffd is closed: with the uffd
+gone its missing pages would read as zeros.  Known gap: if the daemon itself
+is SIGKILLed, that cannot be done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+
+from migrate import errors
+from migrate.kernel import proc as kproc
+from migrate.kernel import syscalls, userfaultfd as U
+from migrate.lazypages.ranges import PAGE, RangeMap
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<I")
+MAX_MESSAGE = 64 << 20
+FAULT_PAGES = 1              # pages copied per fault (the rest is prefetch's job)
+LOCAL_BATCH = 256            # pages per UFFDIO_COPY when prefetching locally (1 MiB):
+                             # the loop answers faults between two batches
+REMOTE_BATCH = 512           # pages per prefetch GET (2 MiB)
+REMOTE_DEPTH = 4             # prefetch GETs in flight
+RETRY_S = 0.0005
+WATCH_S = 0.5
+
+
+@dataclasses.dataclass
+class Stats:
+    pages_fault: int = 0
+    pages_prefetch: int = 0
+    pages_zero: int = 0
+    pages_dropped: int = 0       # unmapped or removed before we copied them
+    pages_local: int = 0         # remote mode: taken from the local image chain
+    pages_remote: int = 0        # remote mode: fetched by GET
+    faults: int = 0
+    blocktime_total_us: float = 0.0
+    blocktime_max_us: float = 0.0
+    latencies_us: list = dataclasses.field(default_factory=list)
+    first_handover: float = 0.0
+    all_in_s: float = 0.0
+    done_monotonic: float = 0.0  # CLOCK_MONOTONIC when the last page was in (benches)
+    processes: int = 0
+
+    def block(self, us: float) -> None:
+        self.blocktime_total_us += us
+        self.blocktime_max_us = max(self.blocktime_max_us, us)
+        self.latencies_us.append(us)
+
+    def as_dict(self) -> dict:
+        lat = sorted(self.latencies_us)
+
+        def pct(q: float) -> float:
+            return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else 0.0
+        return {"pages_fault": self.pages_fault, "pages_prefetch": self.pages_prefetch,
+                "pages_zero": self.pages_zero, "pages_dropped": self.pages_dropped,
+                "pages_local": self.pages_local, "pages_remote": self.pages_remote,
+                "faults": self.faults, "processes": self.processes,
+                "blocktime_total_us": round(self.blocktime_total_us, 1),
+                "blocktime_max_us": round(self.blocktime_max_us, 1),
+                "fault_latency_p50_us": pct(0.50), "fault_latency_p99_us": pct(0.99),
+                "all_in_s": round(self.all_in_s, 4),
+                "done_monotonic": self.done_monotonic}
+
+
+class Proc:
+    """One process whose pages we supply (its uffd)."""
+
+    def __init__(self, uffd: int, pid: int, image_pid: int, missing: RangeMap) -> None:
+        self.uffd = uffd
+        self.pid = pid                  # 0: a child we learnt of by UFFD_EVENT_FORK
+        self.image_pid = image_pid      # whose pages (the GET's pid)
+        self.missing = missing
+        self.inflight = RangeMap()      # taken from missing, copy not done yet
+        self.waiters: dict[int, list[float]] = {}   # page -> fault times
+        self.cursor = 0                 # prefetch goes on from here
+        self.pidfd = -1
+        self.alive = True
+
+    def __repr__(self) -> str:
+        return f"pid {self.pid}" if self.pid else f"child of pid {self.image_pid} (uffd {self.uffd})"
+
+    @property
+    def done(self) -> bool:
+        return not self.missing and not self.inflight
+
+
+class LazyPages:
+    def __init__(self, source, sock_path: str, *, prefetch: bool = True) -> None:
+        self.source = source
+        self.sock_path = sock_path
+        self.prefetch_on = prefetch
+        self.procs: list[Proc] = []
+        self.stats = Stats()
+        self.failed: BaseException | None = None
+        self.finished = asyncio.Event()
+        self.work = asyncio.Event()      # something to prefetch
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.listener: socket.socket | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.killed: list[int] = []
+        self.error = ""
+        self.last_seen = False           # the restore's last process was handed over
+
+    # -- lifecycle -----------------------------------------------------------
+    async def run(self, ready=None) -> int:
+        self.loop = asyncio.get_running_loop()
+        if self.source.remote:
+            self.source.on_lost = self.fail
+            await self.source.open()
+        self._listen()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        if ready is not None:
+            ready()
+        accept = asyncio.create_task(self._accept_loop())
+        watch = asyncio.create_task(self._watch_children())
+        pre = asyncio.create_task(self._prefetch_loop()) if self.prefetch_on else None
+        try:
+            await self.finished.wait()
+        finally:
+            for t in (accept, watch, pre, *self.tasks):
+                if t is not None:
+                    t.cancel()
+            for t in (accept, watch, pre, *self.tasks):
+                if t is not None:
+                    try:
+                        await t
+                    except (asyncio.CancelledError, errors.MigrateError):
+                        pass
+            self._close()
+            if self.source.remote:
+                await self.source.close()
+        return self._report()
+
+    def _report(self) -> int:
+        d = self.stats.as_dict()
+        if self.failed is not None:
+            why = f"lazy-pages: {self.failed}"
+            if self.killed:
+                why += (f"; killed pid {', '.join(map(str, self.killed))} so that it does "
+                        "not run on with missing memory")
+            self.error = why
+            return 1
+        log.info("lazy-pages: done: %d pages by fault, %d by prefetch, %d zero pages, "
+                 "%d faults, blocked %.1f ms in total (at most %.1f ms), all in after %.3f s",
+                 d["pages_fault"], d["pages_prefetch"], d["pages_zero"], d["faults"],
+                 d["blocktime_total_us"] / 1000, d["blocktime_max_us"] / 1000, d["all_in_s"])
+        return 0
+
+    def _on_signal(self, sig) -> None:
+        log.warning("lazy-pages: %s: stopping", signal.Signals(sig).name)
+        if any(p.alive and not p.done for p in self.procs):
+            self.fail(errors.MigrateError(f"stopped by {signal.Signals(sig).name} with pages "
+                                          "still missing"))
+        else:
+            self.finished.set()
+
+    def _listen(self) -> None:
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(self.sock_path)
+            os.chmod(self.sock_path, 0o600)
+            s.listen(16)
+        except OSError as e:
+            s.close()
+            raise errors.MigrateError(f"lazy-pages: cannot listen on {self.sock_path}: "
+                                      f"{e.strerror or e}") from None
+        s.setblocking(False)
+        self.listener = s
+        log.info("lazy-pages: waiting for the restore on %s", self.sock_path)
+
+    def _close(self) -> None:
+        for p in self.procs:
+            self._drop(p, None)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.sock_path)
+            except OSError:
+                pass
+        local = self.source.local if self.source.remote else self.source
+        if local is not None:
+            local.close()
+
+    def _check_finished(self) -> None:
+        # Done when every process handed over is done or gone, and the
+        # restore has handed over its last one (or every process died: a
+        # restore that failed half-way killed them).
+        if self.procs and all(not p.alive or p.done for p in self.procs) and (
+                self.last_seen or all(not p.alive for p in self.procs)):
+            if not self.stats.all_in_s:
+                self.stats.all_in_s = time.perf_counter() - self.stats.first_handover
+                self.stats.done_monotonic = time.monotonic()
+            self.finished.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """The page source is lost: no process may run on with wrong memory."""
+        if self.failed is not None:
+            return
+        self.failed = exc
+        if any(p.alive and not p.done for p in self.procs):
+            # Children known only by their uffd are in the trees below.
+            for p in self.procs:
+                if p.alive and p.pid:
+                    self._kill_tree(p.pid)
+        self.finished.set()
+
+    def _kill_tree(self, pid: int) -> None:
+        todo = [pid]
+        while todo:
+            q = todo.pop()
+            try:
+                todo.extend(kproc.list_children(q))
+            except errors.MigrateError:
+                pass
+            try:
+                os.kill(q, signal.SIGKILL)
+                self.killed.append(q)
+            except ProcessLookupError:
+                pass
+
+    # -- the restore's hand-over ---------------------------------------------
+    async def _accept_loop(self) -> None:
+        while True:
+            conn, _ = await self.loop.sock_accept(self.listener)
+            try:
+                await self._take(conn)
+            except (OSError, ValueError, KeyError, asyncio.TimeoutError,
+                    errors.MigrateError) as e:
+                log.warning("lazy-pages: hand-over refused: %s", e)
+                try:
+                    await self.loop.sock_sendall(conn, f"ERROR {e}\n".encode())
+                except OSError:
+                    pass
+            finally:
+                conn.close()
+
+    async def _readable(self, sock: socket.socket, timeout: float = 10) -> None:
+        fut = self.loop.create_future()
+        self.loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self.loop.remove_reader(sock.fileno())
+
+    async def _take(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        await self._readable(conn)
+        head, fds, _, _ = socket.recv_fds(conn, HEADER.size, 1)
+        if len(head) != HEADER.size or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("a hand-over needs a length and one userfaultfd")
+        uffd = fds[0]
+        try:
+            (n,) = HEADER.unpack(head)
+            if n > MAX_MESSAGE:
+                raise ValueError(f"hand-over message of {n} bytes")
+            buf = bytearray()
+            while len(buf) < n:
+                chunk = await self.loop.sock_recv(conn, n - len(buf))
+                if not chunk:
+                    raise ValueError("hand-over message truncated")
+                buf += chunk
+            msg = json.loads(buf)
+            pid, image_pid = int(msg["pid"]), int(msg["image_pid"])
+            last = bool(msg.get("last", True))
+            missing = RangeMap((int(s), int(e)) for s, e in msg["lazy"])
+            os.set_blocking(uffd, False)
+            p = Proc(uffd, pid, image_pid, missing)
+            if self.source.remote is False:
+                self.source.pieces(image_pid, 0, 0)      # load its index now
+            p.pidfd = syscalls.pidfd_open(pid)
+        except BaseException:
+            os.close(uffd)
+            raise
+        self._add(p)
+        self.last_seen = self.last_seen or last
+        if not self.stats.first_handover:
+            self.stats.first_handover = time.perf_counter()
+        self.loop.add_reader(p.pidfd, self._on_exit, p)
+        await self.loop.sock_sendall(conn, b"OK\n")
+        log.info("lazy-pages: pid %d: %d pages to supply over %d ranges", pid,
+                 p.missing.pages, len(p.missing.items()))
+        self._check_finished()
+
+    async def _watch_children(self) -> None:
+        """Forked children come without a pid (no pidfd): probe their mm."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            for p in self.procs:
+                if p.alive and not p.pid and not U.mm_alive(p.uffd):
+                    if not p.done:
+                        log.info("lazy-pages: %r exited with %d pages still missing", p,
+                                 p.missing.pages + p.inflight.pages)
+                    self._drop(p, None)
+            self._check_finished()
+
+    def _add(self, p: Proc) -> None:
+        self.procs.append(p)
+        self.stats.processes += 1
+        self.loop.add_reader(p.uffd, self._on_uffd, p)
+        self.work.set()
+
+    def _on_exit(self, p: Proc) -> None:
+        if p.alive and not p.done and self.failed is None:
+            log.warning("lazy-pages: %r exited with %d pages still missing", p,
+                        p.missing.pages + p.inflight.pages)
+        self._drop(p, None)
+        self._check_finished()
+
+    def _drop(self, p: Proc, why: str | None) -> None:
+        if why:
+            log.info("lazy-pages: %r: %s", p, why)
+        if p.uffd >= 0:
+            self.loop.remove_reader(p.uffd)
+            os.close(p.uffd)
+            p.uffd = -1
+        if p.pidfd >= 0:
+            self.loop.remove_reader(p.pidfd)
+            os.close(p.pidfd)
+            p.pidfd = -1
+        p.alive = False
+
+    # -- uffd events: one handler each ------------------------------------------
+    def _on_uffd(self, p: Proc) -> None:
+        if not p.alive:
+            return
+        t0 = time.perf_counter()
+        try:
+            msgs = U.read_msgs(p.uffd)
+        except errors.KernelError as e:
+            self._drop(p, f"reading its uffd failed: {e}")
+            self._check_finished()
+            return
+        try:
+            for m in msgs:
+                getattr(self, _HANDLERS.get(m.event, "on_unknown"))(p, m, t0)
+                if not p.alive:
+                    break
+        except Exception as e:  # noqa: BLE001 -- a bug here must kill the process
+            log.exception("lazy-pages: %r: handling its events failed", p)  # rather than
+            self.fail(e)                                                     # let it run on
+            return
+        self._check_finished()
+
+    def on_pagefault(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
+        self.stats.faults += 1
+        addr = m.address & ~(PAGE - 1)
+        if p.missing.src_of(addr) is not None:
+            end = addr + FAULT_PAGES * PAGE
+            parts = p.missing.pop(addr, end)
+            for s, e, src in parts:
+                p.inflight.add(s, e, src)
+            p.waiters.setdefault(addr, []).append(t0)
+            p.cursor = end
+            self.work.set()
+            for s, e, src in parts:
+                self._fetch(p, src, src + (e - s), "fault")
+        elif p.inflight.src_of(addr) is not None:
+            p.waiters.setdefault(addr, []).append(t0)   # its copy wakes it
+        else:
+            self._zero(p, addr, t0)
+
+    def on_fork(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
+        # The child's page tables are a copy of the parent's: what the parent
+        # misses (or has in flight), the child misses too.
+        missing = p.missing.copy()
+        missing.update(p.inflight)
+        child = Proc(m.ufd, 0, p.image_pid, missing)
+        os.set_blocking(m.ufd, False)
+        self._add(child)
+        log.info("lazy-pages: %r forked (uffd %d): %d pages to supply", p, m.ufd,
+                 missing.pages)
+
+    def on_remap(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
+        p.missing.move(m.start, m.end, m.length)
+        p.inflight.move(m.start, m.end, m.length)
+        waiters = {a: t for a, t in p.waiters.items() if m.start <= a < m.start + m.length}
+        for a, t in waiters.items():
+            del p.waiters[a]
+            p.waiters[a - m.start + m.end] = t
+        log.debug("lazy-pages: %r: remap %#x -> %#x (%d bytes)", p, m.start, m.end, m.length)
+
+    def on_remove(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
+        n = sum(e - s for s, e, _ in p.missing.pop(m.start, m.end))
+        n += sum(e - s for s, e, _ in p.inflight.pop(m.start, m.end))
+        self.stats.pages_dropped += n // PAGE
+        log.debug("lazy-pages: %r: %s %#x-%#x (%d missing pages dropped)", p,
+                  "unmap" if m.event == U.UFFD_EVENT_UNMAP else "remove", m.start, m.end,
+                  n // PAGE)
+
+    on_unmap = on_remove
+
+    def on_unknown(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
+        log.warning("lazy-pages: %r: unexpected uffd event %#x", p, m.event)
+
+    # -- copying -------------------------------------------------------------------
+    def _zero(self, p: Proc, addr: int, t0: float) -> None:
+        done, err = U.zeropage(p.uffd, addr, PAGE)
+        if err == 0:
+            self.stats.pages_zero += 1
+        elif err == errno.EEXIST:
+            self._wake(p, addr, PAGE)
+        elif err == errno.EAGAIN:
+            self.loop.call_later(RETRY_S, self._retry_zero, p, addr, t0)
+            return
+        elif err == errno.ESRCH:
+            self._drop(p, "gone")
+            return
+        elif err != errno.ENOENT:
+            self.fail(errors.KernelError("ioctl(UFFDIO_ZEROPAGE)", err, p.pid or None,
+                                         f"page {addr:#x}"))
+            return
+        self.stats.block((time.perf_counter() - t0) * 1e6)
+
+    def _retry_zero(self, p: Proc, addr: int, t0: float) -> None:
+        if not p.alive:
+            return
+        if p.missing.src_of(addr) is not None or p.inflight.src_of(addr) is not None:
+            self.stats.faults -= 1   # counted again
+            self.on_pagefault(p, U.UffdMsg(U.UFFD_EVENT_PAGEFAULT, address=addr), t0)
+        else:
+            self._zero(p, addr, t0)
+
+    def _wake(self, p: Proc, addr: int, length: int) -> None:
+        try:
+            U.wake(p.uffd, addr, length)
+        except errors.KernelError:
+            pass
+
+    def _fetch(self, p: Proc, src: int, end: int, kind: str) -> None:
+        """Get [src, end) of the image and copy it to wherever it is now."""
+        if not self.source.remote:
+            try:
+                pieces = self.source.pieces(p.image_pid, src, end)
+            except errors.MigrateError as e:
+                self.fail(errors.PageSourceError(self.source.name, str(e)))
+                return
+            self._place(p, pieces, kind)
+            return
+        here, there = self.source.split(p.image_pid, src, end)
+        for a, b in here:
+            try:
+                pieces = self.source.local.pieces(p.image_pid, a, b)
+            except errors.MigrateError as e:
+                self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+                return
+            self.stats.pages_local += (b - a) // PAGE
+            self._place(p, pieces, kind)
+        for a, b in there:
+            self.stats.pages_remote += (b - a) // PAGE
+            t = asyncio.create_task(self._fetch_remote(p, a, b, kind))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+    async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
+        lane = self.source.fault if kind == "fault" else self.source.prefetch
+        try:
+            data = await lane.get(p.image_pid, src, (end - src) // PAGE)
+        except errors.PageSourceError as e:
+            self.fail(e)
+            return
+        self._place(p, [(src, data, 0, end - src)], kind)
+        self._check_finished()
+
+    def _place(self, p: Proc, pieces, kind: str) -> None:
+        """UFFDIO_COPY the pieces (src, buffer, offset, length) to where
+        their pages are now (in flight: they may have moved or gone)."""
+        if not p.alive:
+            return
+        for src, buf, off, length in pieces:
+            for a, b, s in p.inflight.pop_src(src, src + length):
+                self._copy(p, a, b, s, buf, off + (s - src), kind)
+
+    def _copy(self, p: Proc, a: int, b: int, src: int, buf, off: int, kind: str) -> None:
+        """[a, b) of the process gets the pages of image address ``src``,
+        found at ``off`` of ``buf``."""
+        dst = a
+        while dst < b and p.alive:
+            done, err = U.copy(p.uffd, dst, buf, b - dst, off + (dst - a))
+            n = done // PAGE
+            if kind == "fault":
+                self.stats.pages_fault += n
+            else:
+                self.stats.pages_prefetch += n
+            dst += n * PAGE
+            if err == 0:
+                break
+            if err == errno.EEXIST:          # already there (zero page, or a race)
+                self._wake(p, dst, PAGE)
+                dst += PAGE
+            elif err == errno.EAGAIN:        # an event is pending: read it first
+                self._defer(p, dst, b, src + (dst - a), buf, off + (dst - a), kind)
+                break
+            elif err == errno.ESRCH:
+                self._drop(p, "gone")
+                return
+            elif err in (errno.ENOENT, errno.EFAULT, errno.EINVAL):
+                self.stats.pages_dropped += (b - dst) // PAGE   # unregistered meanwhile
+                self._wake(p, dst, b - dst)
+                dst = b
+            else:
+                self.fail(errors.KernelError("ioctl(UFFDIO_COPY)", err, p.pid or None,
+                                             f"pages {dst:#x}-{b:#x}"))
+                return
+        self._woken(p, a, dst)
+
+    def _defer(self, p: Proc, a: int, b: int, src: int, buf, off: int, kind: str) -> None:
+        """EAGAIN: keep [a, b) in flight (an event may move or drop it) and
+        copy it once the pending events are read."""
+        p.inflight.add(a, b, src)
+
+        def retry() -> None:
+            if p.alive:
+                self._place(p, [(src, buf, off, b - a)], kind)
+                self._check_finished()
+        self.loop.call_later(RETRY_S, retry)
+
+    def _woken(self, p: Proc, a: int, b: int) -> None:
+        if not p.waiters:
+            return
+        now = time.perf_counter()
+        for addr in [x for x in p.waiters if a <= x < b]:
+            for t0 in p.waiters.pop(addr):
+                self.stats.block((now - t0) * 1e6)
+
+    # -- prefetch ------------------------------------------------------------------
+    async def _prefetch_loop(self) -> None:
+        try:
+            await self._prefetch()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- see _on_uffd
+            log.exception("lazy-pages: prefetch failed")
+            self.fail(e)
+
+    async def _prefetch(self) -> None:
+        batch = (REMOTE_BATCH if self.source.remote else LOCAL_BATCH) * PAGE
+        while True:
+            p = next((q for q in self.procs if q.alive and q.missing), None)
+            if p is None:
+                self.work.clear()
+                await self.work.wait()
+                continue
+            nxt = p.missing.next_from(p.cursor, batch)
+            s, e, src = nxt
+            for a, b, sa in p.missing.pop(s, e):
+                p.inflight.add(a, b, sa)
+            p.cursor = e
+            if self.source.remote:
+                while len(self.tasks) >= REMOTE_DEPTH:
+                    await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
+                self._fetch(p, src, src + (e - s), "prefetch")
+            else:
+                self._fetch(p, src, src + (e - s), "prefetch")
+                self._check_finished()
+            await asyncio.sleep(0)        # let faults in between two batches
+
+
+_HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork",
+             U.UFFD_EVENT_REMAP: "on_remap", U.UFFD_EVENT_REMOVE: "on_remove",
+             U.UFFD_EVENT_UNMAP: "on_unmap"}
+
+
+def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
+        prefetch: bool = True, status_fd: int | None = None,
+        stats_out=None) -> int:
+    """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
+    = (address, port, session, ssl context), from the source's page-server."""
+    from migrate.lazypages import source as S
+    if remote is None:
+        src = S.LocalSource(images_dir)
+        t0 = time.perf_counter()
+        src.verify()
+        log.info("lazy-pages: image %s checked in %.0f ms", images_dir,
+                 (time.perf_counter() - t0) * 1e3)
+    else:
+        local = None
+        if os.path.exists(os.path.join(images_dir, "inventory.img")):
+            local = S.LocalSource(images_dir)      # pre-copy pages, the eager ones
+            local.verify()
+        src = S.RemoteSource(*remote, local=local)
+
+    def ready() -> None:
+        if status_fd is not None:
+            os.write(status_fd, b"\0")       # criu(8) --status-fd
+            os.close(status_fd)
+
+    lp = LazyPages(src, sock_path, prefetch=prefetch)
+    rc = asyncio.run(lp.run(ready))
+    if stats_out is not None:
+        stats_out(lp.stats.as_dict())
+    if rc:
+        raise errors.MigrateError(lp.error)     # logged, and on stderr with -o
+    return rc

@@ -1,0 +1,278 @@
+"""Where the lazy pages come from: the local image, or the source host's
+page-server (GET in read sessions, docs/protocol.md).
+
+Both answer ``pieces(pid, src, end)`` / ``get(...)`` with buffers that
+UFFDIO_COPY reads from directly: the local source maps the page files
+(read-only, shared: the page cache, no copy), the remote one hands out the
+payload of the PAGE_DATA frame after checking its digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import logging
+import mmap
+import os
+import ssl
+
+from migrate import errors
+from migrate.images import ImageDir
+from migrate.images import pagemap
+from migrate.images.imgfile import PAGES_DATA_OFFSET, chunk_digest
+from migrate.pageserver import protocol as P
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+MAX_CHAIN = 256
+
+
+class LocalSource:
+    """Pages from an image directory and its parent chain.  Every file of
+    every level is checked against its inventory (``verify``) before a page
+    is served: a corrupt image must not reach the process."""
+
+    remote = False
+
+    def __init__(self, images_dir: str) -> None:
+        self.name = images_dir
+        self.chain = [ImageDir.open(images_dir)]
+        while self.chain[-1].inventory.parent:
+            if len(self.chain) >= MAX_CHAIN:
+                raise errors.ImageError(self.chain[-1].path, None, "parent chain too long")
+            self.chain.append(ImageDir.open(os.path.join(self.chain[-1].path, "parent")))
+        self._index: dict[int, tuple[list[int], list[tuple[int, int, int, int]]]] = {}
+        self._maps: list[dict[int, mmap.mmap]] = [{} for _ in self.chain]
+
+    def verify(self) -> None:
+        """Check every file, and index the root's pages (before the restore
+        comes: its hand-over waits for us)."""
+        for level in self.chain:
+            level.verify_all()
+        root = self.chain[0].inventory.root_pid
+        if root:
+            self._open(root)
+
+    def _open(self, pid: int):
+        ix = self._index.get(pid)
+        if ix is not None:
+            return ix
+        maps, names = [], []
+        for level in self.chain:
+            name = f"pagemap-{pid}.img"
+            if not level.has(name):
+                raise errors.ImageError(os.path.join(level.path, name), None,
+                                        f"no pagemap of pid {pid}")
+            maps.append(level.read_image(name)[1:])
+            names.append(level.path)
+        parts = pagemap.resolve(maps, names)
+        pieces = []
+        for lvl, lst in enumerate(parts):
+            if not lst:
+                continue
+            r = self.chain[lvl].pages_reader(pid)
+            try:
+                if r.nr_pages:
+                    self._maps[lvl][pid] = mmap.mmap(r.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                r.close()
+            for idx, vaddr, n in lst:
+                pieces.append((vaddr, vaddr + n * PAGE, lvl, idx))
+        pieces.sort()
+        ix = self._index[pid] = ([p[0] for p in pieces], pieces)
+        return ix
+
+    def stored(self, pid: int) -> list[tuple[int, int]]:
+        """The pages of ``pid`` the chain holds (normalized)."""
+        return pagemap.normalize((s, e) for s, e, _, _ in self._open(pid)[1])
+
+    def pieces(self, pid: int, src: int, end: int) -> list[tuple[int, object, int, int]]:
+        """(src address, buffer, offset in buffer, length) covering [src, end)."""
+        starts, pieces = self._open(pid)
+        out = []
+        a = src
+        i = bisect.bisect_right(starts, a) - 1
+        while a < end:
+            if i < 0 or i >= len(pieces) or not pieces[i][0] <= a < pieces[i][1]:
+                i = bisect.bisect_right(starts, a) - 1
+                if i < 0 or a >= pieces[i][1]:
+                    raise errors.ImageError(self.name, None, f"pid {pid}: page {a:#x} is "
+                                                             "not stored in the image")
+            s, e, lvl, idx = pieces[i]
+            b = min(end, e)
+            off = PAGES_DATA_OFFSET + (idx + (a - s) // PAGE) * PAGE
+            out.append((a, self._maps[lvl][pid], off, b - a))
+            a = b
+            i += 1
+        return out
+
+    def close(self) -> None:
+        for m in self._maps:
+            for mm in m.values():
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+        self._maps = [{} for _ in self.chain]
+
+
+READ_SIZE = 1 << 20
+
+
+class _Lane:
+    """One connection in a read session: GETs answered in order."""
+
+    def __init__(self, src: "RemoteSource", name: str) -> None:
+        self.src = src
+        self.name = name
+        self.conn = P.Connection(P.Role.CLIENT)
+        self.waiting: collections.deque = collections.deque()
+        self.req = 0
+        self.reader = self.writer = None
+        self.task: asyncio.Task | None = None
+        self.slots = asyncio.Semaphore(P.MAX_OUTSTANDING_GETS)
+
+    async def open(self) -> None:
+        s = self.src
+        try:
+            self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(
+                s.address, s.port, ssl=s.ssl, server_hostname=s.address if s.ssl else None,
+                limit=READ_SIZE), 30)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
+            raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
+        self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ, P.CAP_GET)))
+        ev = await self._next()
+        if not isinstance(ev, P.Welcome):
+            raise self._error(ev, "HELLO")
+        self.task = asyncio.create_task(self._read_loop())
+
+    def _error(self, ev, when: str) -> errors.PageSourceError:
+        if isinstance(ev, P.Error):
+            return errors.PageSourceError(self.src.name, f"{when}: {ev.code_name}: {ev.text}")
+        return errors.PageSourceError(self.src.name, f"{when}: the page-server closed the "
+                                                     "connection")
+
+    async def _next(self):
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except P.ProtocolError as e:
+                raise errors.PageSourceError(self.src.name, str(e)) from None
+            if ev is not P.NEED_DATA:
+                return ev
+            try:
+                data = await self.reader.read(READ_SIZE)
+            except (OSError, ssl.SSLError) as e:
+                raise errors.PageSourceError(self.src.name, f"connection lost: {e}") from None
+            self.conn.receive_data(data)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                ev = await self._next()
+                if isinstance(ev, P.PageData):
+                    fut, want = self.waiting.popleft()
+                    if chunk_digest(ev.data) != ev.digest:
+                        raise errors.PageSourceError(
+                            self.src.name, f"checksum mismatch in the pages at "
+                                           f"{ev.vaddr:#x} ({ev.nr_pages} pages)")
+                    if not fut.done():
+                        fut.set_result(ev.data)
+                    continue
+                raise self._error(ev, "GET")
+        except errors.PageSourceError as e:
+            self._fail(e)
+        except asyncio.CancelledError:
+            self._fail(errors.PageSourceError(self.src.name, "closed"))
+            raise
+
+    def _fail(self, e: errors.PageSourceError) -> None:
+        if self.src.closing:
+            return
+        first = self.src.failed is None
+        self.src.failed = self.src.failed or e
+        if first and self.src.on_lost is not None:
+            self.src.on_lost(e)
+        while self.waiting:
+            fut, _ = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(e)
+
+    async def get(self, pid: int, src: int, nr_pages: int):
+        if self.src.failed:
+            raise self.src.failed
+        async with self.slots:
+            self.req = (self.req + 1) & 0xFFFFFFFF
+            fut = asyncio.get_running_loop().create_future()
+            try:
+                data = self.conn.send_parts(P.Get(self.req, pid, src, nr_pages))
+            except P.ProtocolError as e:
+                raise errors.PageSourceError(self.src.name, str(e)) from None
+            self.waiting.append((fut, nr_pages))
+            self.writer.write(b"".join(bytes(d) for d in data))
+            return await fut
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except (asyncio.CancelledError, errors.MigrateError):
+                pass
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await asyncio.wait_for(self.writer.wait_closed(), 2)
+            except (OSError, ssl.SSLError, asyncio.TimeoutError):
+                pass
+
+
+class RemoteSource:
+    """Pages from the source host's page-server (read session ``session``).
+    Two connections: faults have their own, so they never queue behind
+    prefetch traffic."""
+
+    remote = True
+
+    def __init__(self, address: str, port: int, session: str,
+                 ssl_context: ssl.SSLContext | None, local: LocalSource | None = None) -> None:
+        self.address, self.port, self.session = address, port, session
+        self.ssl = ssl_context
+        self.name = f"{address}:{port} session {session!r}"
+        self.failed: errors.PageSourceError | None = None
+        self.on_lost = None            # called once when the source is lost
+        self.closing = False
+        self.fault = _Lane(self, "fault")
+        self.prefetch = _Lane(self, "prefetch")
+        # Pages the local image chain holds (pre-copy rounds) are taken from
+        # it, never fetched again: only the dump's PE_LAZY pages come by GET.
+        self.local = local
+        self._stored: dict[int, list[tuple[int, int]]] = {}
+
+    def split(self, pid: int, src: int, end: int
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """[src, end) as (ranges held locally, ranges to GET)."""
+        if self.local is None:
+            return [], [(src, end)]
+        st = self._stored.get(pid)
+        if st is None:
+            try:
+                st = self.local.stored(pid)
+            except errors.ImageError:
+                st = []
+            self._stored[pid] = st
+        here = pagemap.intersect([(src, end)], st)
+        return here, pagemap.subtract([(src, end)], here)
+
+    async def open(self) -> None:
+        await self.fault.open()
+        await self.prefetch.open()
+        log.info("lazy-pages: page source %s (%s)", self.name,
+                 "TLS" if self.ssl else "plaintext")
+
+    async def close(self) -> None:
+        self.closing = True
+        await self.fault.close()
+        await self.prefetch.close()

@@ -1,0 +1,420 @@
+"""Post-copy: `restore --lazy-pages` with the `migrate lazy-pages` daemon.
+
+Real processes, the real kernel: self-checking programs are dumped, then
+restored lazily, their pages supplied by the daemon from the local image or
+from the source's `dump --lazy-pages` over TLS; then SIGTERM and their
+verdict.  With --no-prefetch every page comes in by a fault, so forks,
+mremap, munmap and MADV_DONTNEED happen while pages are still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.harness import ROOT, Workload, alive, migrate, reap_pids
+
+TLS_HOST = "127.0.0.1"
+
+
+class Daemon:
+    """`migrate lazy-pages`, ready once it writes \\0 on --status-fd."""
+
+    def __init__(self, images: str, *args: str) -> None:
+        self.log_path = os.path.join(images, "lazy.log")
+        r, w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migrate", "lazy-pages", "-D", images, "-v4",
+             "-o", "lazy.log", "--display-stats", "--status-fd", str(w), *args],
+            cwd=ROOT, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        os.close(w)
+        ok = os.read(r, 1)
+        os.close(r)
+        assert ok == b"\0", f"lazy-pages did not start:\n{self.log()}\n{self.finish()[2]}"
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def finish(self, timeout: float = 120) -> tuple[int, dict, str]:
+        """Wait for it to exit: (status, stats, stderr)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        stats = json.loads(out) if out.strip() else {}
+        return self.proc.returncode, stats, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def daemons():
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    migrate("certs", "init", d, check=True)
+    migrate("certs", "issue", d, TLS_HOST, check=True)
+    return ["--tls-cacert", f"{d}/cacert.pem", "--tls-cert", f"{d}/{TLS_HOST}/cert.pem",
+            "--tls-key", f"{d}/{TLS_HOST}/private/key.pem"]
+
+
+def _start(name: str, workdir: str, workloads: list, *args: str) -> Workload:
+    w = Workload.program(name, workdir, *args)
+    workloads.append(w)
+    w.wait_ready()
+    return w
+
+
+def _lazy_local(w: Workload, workdir: str, daemons: list, *daemon_args: str):
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    d = Daemon(images, *daemon_args)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    return images, d
+
+
+def _check_done(d: Daemon, processes: int = 1) -> dict:
+    rc, stats, err = d.finish()
+    assert rc == 0, f"lazy-pages exited {rc}:\n{err}\n{d.log()[-3000:]}"
+    assert stats["processes"] >= processes, stats
+    return stats
+
+
+def test_dirtier_local(workdir, workloads, daemons):
+    """Faults and prefetch racing: the dirtier rewrites, unmaps, mremaps and
+    drops pages from the first instruction; every page is checked."""
+    w = _start("dirtier", workdir, workloads)
+    time.sleep(0.5)
+    _, d = _lazy_local(w, workdir, daemons)
+    time.sleep(1)
+    w.assert_pass()
+    stats = _check_done(d)
+    assert stats["pages_fault"] + stats["pages_prefetch"] > 0, stats
+
+
+def test_lazymem_local_every_page_by_fault(workdir, workloads, daemons):
+    """--no-prefetch: a fork, 8 threads faulting at once, mremap, munmap and
+    MADV_DONTNEED, all on pages still missing."""
+    w = _start("lazymem", workdir, workloads, "16")
+    _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
+    w.assert_pass()
+    stats = _check_done(d, processes=2)       # the fork's child came by UFFD_EVENT_FORK
+    assert stats["pages_fault"] > 0 and stats["pages_prefetch"] == 0, stats
+    assert stats["pages_zero"] > 0 and stats["pages_dropped"] > 0, stats
+    assert stats["blocktime_max_us"] > 0, stats
+
+
+def test_threads_local(workdir, workloads, daemons):
+    w = _start("threads", workdir, workloads)
+    _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
+    time.sleep(1)
+    w.assert_pass()
+    _check_done(d)
+
+
+def test_python_interpreter_local(workdir, workloads, daemons):
+    w = _start("pyloop.py", workdir, workloads)
+    _, d = _lazy_local(w, workdir, daemons)
+    w.assert_pass(timeout=120)
+    _check_done(d)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind((TLS_HOST, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class LazyDump:
+    """`migrate dump --lazy-pages`: dumps, then serves the pages."""
+
+    def __init__(self, w: Workload, images: str, port: int, tls: list[str],
+                 *extra: str) -> None:
+        os.makedirs(images, exist_ok=True)
+        self.log_path = os.path.join(images, "dump.log")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migrate", "dump", "-t", str(w.pid), "-D", images, "-v4",
+             "-o", "dump.log", "--lazy-pages", "--address", TLS_HOST, "--port", str(port),
+             *tls, *extra], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        end = time.monotonic() + 60
+        while "lazy-pages: serving" not in self.log():
+            assert self.proc.poll() is None, f"dump failed:\n{self.proc.stderr.read()}\n" \
+                                             f"{self.log()[-3000:]}"
+            assert time.monotonic() < end, "dump --lazy-pages is not serving"
+            time.sleep(0.05)
+        w.reap_dumped()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def dumps():
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def _lazy_remote(w, workdir, daemons, dumps, tls, *daemon_args):
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, tls)
+    dumps.append(src)
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *tls,
+               *daemon_args)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    return src, d
+
+
+def test_remote_through_tls(workdir, workloads, daemons, dumps, pki):
+    """Pages by GET from the source's dump --lazy-pages (read from the dumped
+    process's memory, kept by a clone: never written to the image), faults
+    on their own connection, prefetch on the other; the source exits once
+    all is taken.  Without --lazy-pages that image is refused."""
+    w = _start("lazymem", workdir, workloads, "16")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki)
+    dumps.append(src)
+    pages = os.path.getsize(os.path.join(images, f"pages-{w.pid}.img")) // 4096
+    assert pages < 100, f"{pages} pages written: the lazy ones should not be"
+    p = migrate("restore", "-D", images, "-d")
+    assert p.returncode == 1 and "--lazy-pages" in p.stderr, p.stderr
+    assert not alive(w.pid)
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *pki)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    w.assert_pass()
+    stats = _check_done(d, processes=1)
+    assert stats["pages_fault"] + stats["pages_prefetch"] > 4000, stats
+    assert src.proc.wait(60) == 0, src.log()[-3000:]
+    assert "TLS" in d.log() and "memory keeper" in src.log()
+
+
+def test_dirtier_remote_every_page_by_fault(workdir, workloads, daemons, dumps, pki):
+    w = _start("dirtier", workdir, workloads)
+    time.sleep(0.5)
+    src, d = _lazy_remote(w, workdir, daemons, dumps, pki, "--no-prefetch")
+    time.sleep(1)
+    w.assert_pass()
+    stats = _check_done(d)
+    assert stats["pages_fault"] > 0 and stats["pages_prefetch"] == 0, stats
+
+
+def test_lost_source_kills_the_process(workdir, workloads, daemons, dumps, pki):
+    """The source dies while pages are missing: the restored process must
+    not run on with wrong memory; it is killed and the daemon says why."""
+    w = _start("lazymem", workdir, workloads, "16")
+    src, d = _lazy_remote(w, workdir, daemons, dumps, pki, "--no-prefetch")
+    src.kill()                                      # SIGKILL: the source host is gone
+    os.kill(w.pid, signal.SIGTERM)                  # its check touches every page
+    end = time.monotonic() + 30
+    status = None
+    while time.monotonic() < end:
+        pid, st = os.waitpid(w.pid, os.WNOHANG)
+        if pid == w.pid:
+            status = st
+            break
+        time.sleep(0.02)
+    w.reaped = True
+    assert status is not None, "the restored process still runs without its page source"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+        f"status {status:#x}:\n{w.log()}"
+    assert "PASS" not in w.log()
+    rc, _, err = d.finish()
+    assert rc == 1
+    assert "page source" in err and f"killed pid {w.pid}" in err, err
+
+
+def test_restore_without_daemon_leaves_nothing(workdir, workloads):
+    w = _start("counter", workdir, workloads)
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    p = migrate("restore", "-D", images, "-d", "--lazy-pages", "-v4", "-o", "restore.log")
+    assert p.returncode == 1
+    assert "lazy-pages daemon" in p.stderr + open(os.path.join(images, "restore.log")).read()
+    reap_pids([w.pid], 5)
+    assert not alive(w.pid)
+    w.reaped = True
+
+
+def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dumps, pki):
+    """pre-dump, 1% of the pages rewritten, dump --lazy-pages on top of it:
+    the daemon takes what the pre-dump holds from the local chain and GETs
+    only the pages written since."""
+    w = _start("memhog", workdir, workloads, "32")
+    pre = os.path.join(workdir, "1")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
+    assert p.returncode == 0, p.stderr
+    os.kill(w.pid, signal.SIGUSR1)               # memhog rewrites 1% of its pages
+    end = time.monotonic() + 30
+    while "DIRTIED" not in w.log():
+        assert time.monotonic() < end, w.log()
+        time.sleep(0.02)
+    images = os.path.join(workdir, "2")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki, "--prev-images-dir", "../1")
+    dumps.append(src)
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *pki)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    w.assert_pass()
+    stats = _check_done(d)
+    assert 0 < stats["pages_remote"] <= 200, stats        # 81 pages rewritten
+    assert stats["pages_local"] >= 8000, stats
+    assert src.proc.wait(60) == 0, src.log()[-3000:]
+
+
+def test_corrupt_image_is_refused_before_anything_runs(workdir, workloads):
+    """A page file that fails its checksum: the daemon refuses to start, so
+    the restore cannot hand its uffd over and leaves nothing running."""
+    w = _start("memhog", workdir, workloads, "8")
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    path = os.path.join(images, f"pages-{w.pid}.img")
+    with open(path, "r+b") as f:
+        f.seek(4096 + 1000 * 4096 + 8)
+        f.write(b"\xff" * 8)
+    p = subprocess.run([sys.executable, "-m", "migrate", "lazy-pages", "-D", images],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "checksum" in p.stderr, p.stderr
+    p = migrate("restore", "-D", images, "-d", "--lazy-pages")
+    assert p.returncode == 1 and "lazy-pages daemon" in p.stderr, p.stderr
+    reap_pids([w.pid], 5)
+    assert not alive(w.pid)
+    w.reaped = True
+
+
+class _FlipProxy:
+    """A TCP relay that flips one byte of the first page the server sends
+    on each connection (WELCOME is 20 bytes, then PAGE_DATA: an 8-byte
+    header, 32 bytes of fields, the data)."""
+
+    FLIP_AT = 20 + 8 + 32 + 100
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+        self.target = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind((TLS_HOST, 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+        while not self.stop:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            s = socket.create_connection((TLS_HOST, self.target))
+            threading.Thread(target=self._pipe, args=(c, s, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c, True), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket, flip: bool) -> None:
+        off = 0
+        try:
+            while True:
+                data = bytearray(a.recv(65536))
+                if not data:
+                    break
+                if flip and off <= self.FLIP_AT < off + len(data):
+                    data[self.FLIP_AT - off] ^= 0x01
+                off += len(data)
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for x in (a, b):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop = True
+        self.lsock.close()
+
+
+def test_corrupt_page_in_flight_kills_the_process(workdir, workloads, daemons, dumps):
+    """A page whose xxh3-128 does not match (flipped on the way): the
+    restored process is killed rather than run on with it."""
+    w = _start("lazymem", workdir, workloads, "16")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, ["--no-tls"])
+    dumps.append(src)
+    proxy = _FlipProxy(port)
+    try:
+        d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port",
+                   str(proxy.port), "--no-tls", "--no-prefetch")
+        daemons.append(d)
+        p = migrate("restore", "-D", images, "-d", "--lazy-pages")
+        os.kill(w.pid, signal.SIGTERM)
+        rc, _, err = d.finish()
+    finally:
+        proxy.close()
+    assert rc == 1 and "checksum mismatch" in err and f"killed pid {w.pid}" in err, \
+        f"{err}\n{p.stderr}"
+    reap_pids([w.pid], 10)
+    assert not alive(w.pid) and "PASS" not in w.log()
+    w.reaped = True
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "faults-only"])
+def test_tree_of_processes_local(workdir, workloads, daemons, prefetch):
+    """Every process of a tree (20 processes, 3 threads each) is handed
+    over; the daemon serves them all and ends after the last."""
+    w = _start("forest", workdir, workloads, "20", "3")
+    _, d = _lazy_local(w, workdir, daemons, *([] if prefetch else ["--no-prefetch"]))
+    time.sleep(0.5)
+    w.assert_pass()
+    _check_done(d, processes=20)
+
+
+def test_tree_sessions_zombies_shared_memory_local(workdir, workloads, daemons):
+    """`tree`: sessions, groups, zombies, a stopped child, pipes, shared
+    anonymous and memfd memory (not lazy) next to lazy private memory."""
+    w = _start("tree", workdir, workloads)
+    _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
+    w.assert_pass()
+    _check_done(d)
