@@ -36,6 +36,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="print the operation's statistics at the end")
 
 
+def _add_tcp(p: argparse.ArgumentParser, dump: bool) -> None:
+    if dump:
+        p.add_argument("--tcp-established", action="store_true",
+                       help="dump established TCP connections (TCP_REPAIR); without it "
+                            "a process with one is refused")
+        p.add_argument("--skip-in-flight", action="store_true",
+                       help="drop connections a listener has not accepted yet (their "
+                            "clients reconnect) instead of refusing")
+        p.add_argument("--tcp-close", action="store_true",
+                       help="do not dump the state of established connections, nor lock "
+                            "them: they come back closed")
+    else:
+        p.add_argument("--tcp-established", action="store_true",
+                       help="accepted for criu compatibility: connections in the image "
+                            "are always restored")
+        p.add_argument("--tcp-close", action="store_true",
+                       help="restore established connections as closed sockets")
+    p.add_argument("--network-lock", choices=("nftables", "iptables", "skip"),
+                   default=None, help="how packets of the connections are dropped between "
+                                      "dump and restore (default: nftables, else iptables)")
+
+
 def _add_incremental(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prev-images-dir", metavar="REL",
                    help="the parent image, relative to -D: only pages written since it "
@@ -99,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the process stopped (SIGSTOP) after the dump")
     d.add_argument("-j", "--shell-job", action="store_true",
                    help="the process is a job of a shell: dump its terminal fds")
+    _add_tcp(d, dump=True)
     _add_incremental(d)
     _add_page_server_client(d)
     _add_common(d)
@@ -158,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the process this terminal and keep it in this session")
     r.add_argument("-s", "--leave-stopped", action="store_true",
                    help="leave the process stopped (SIGSTOP) after the restore")
+    _add_tcp(r, dump=False)
     _add_common(r)
 
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
@@ -255,7 +279,9 @@ def cmd_dump(args) -> int:
         pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
         leave_stopped=args.leave_stopped, shell_job=args.shell_job,
         prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
-        tracker=args.tracker))
+        tracker=args.tracker, tcp_established=args.tcp_established,
+        tcp_close=args.tcp_close, skip_in_flight=args.skip_in_flight,
+        network_lock=args.network_lock))
     if args.display_stats:
         _print_stats(st)
     return 0
@@ -280,7 +306,9 @@ def cmd_restore(args) -> int:
     pid, st = restore(RestoreOptions(images_dir=args.images_dir,
                                      detach=args.restore_detached, pidfile=pidfile,
                                      shell_job=args.shell_job,
-                                     leave_stopped=args.leave_stopped))
+                                     leave_stopped=args.leave_stopped,
+                                     tcp_close=args.tcp_close,
+                                     network_lock=args.network_lock))
     if args.display_stats:
         _print_stats(st)
     if args.restore_detached:

@@ -108,3 +108,12 @@ class PageServerError(MigrateError):
         self.peer = peer
         self.code = code
         super().__init__(f"page-server {peer}: {why}")
+
+
+class NetworkLockError(MigrateError):
+    """The network lock (an nftables table or iptables chain of ours) could
+    not be set or lifted.  ``name`` is the table or chain."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        super().__init__(f"network lock {name}: {why}")
