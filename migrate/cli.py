@@ -184,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tcp(r, dump=False)
     _add_common(r)
 
+    nl = sub.add_parser("network-lock", help="set the network lock of an image here, ahead "
+                                             "of its restore (which lifts it)")
+    nl.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    nl.add_argument("--network-lock", choices=("nftables", "iptables"), default=None,
+                    help="backend (default: nftables, else iptables)")
+    _add_common(nl)
+
+    nu = sub.add_parser("network-unlock", help="lift the network lock a dump of PID left "
+                                               "(the source, once the process runs elsewhere)")
+    nu.add_argument("-t", "--tree", type=int, required=True, metavar="PID")
+    nu.add_argument("--network-lock", choices=("nftables", "iptables"), default=None,
+                    help="the backend the dump used (default: both are cleaned)")
+    _add_common(nu)
+
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
     s.add_argument("path", metavar="FILE|DIR")
     s.add_argument("--verify", action="store_true",
@@ -325,6 +339,19 @@ def cmd_restore(args) -> int:
     return 128 + os.WTERMSIG(status)
 
 
+def cmd_network_lock(args) -> int:
+    from migrate.dest.restore import lock_network
+    n = lock_network(args.images_dir, args.network_lock)
+    log.info("%d connection(s) locked", n)
+    return 0
+
+
+def cmd_network_unlock(args) -> int:
+    from migrate.resources import netlock
+    netlock.unlock_tree(args.tree, args.network_lock)
+    return 0
+
+
 def cmd_show(args) -> int:
     from migrate.images import ImageDir, decode_file
     path = args.path
@@ -411,7 +438,7 @@ def cmd_certs(args) -> int:
     return 0
 
 
-COMMANDS = {"page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+COMMANDS = {"network-lock": cmd_network_lock, "network-unlock": cmd_network_unlock, "page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -237,14 +237,12 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     tty = _own_tty() if opts.shell_job else None
     base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1
     phase = Phases(img.pid)
-    conns = [] if opts.tcp_close else [
-        f.inet for f in img.files if f.type == files_pb2.INET_SOCKET and f.inet.HasField("tcp")
-        and not f.inet.closed]
+    conns = [] if opts.tcp_close else _connections(img.files)
     stats.tcp_connections = len(conns)
     # The connections' packets are dropped until every process runs (on the
-    # host of the dump, this takes over the dump's lock of the same name).
-    lock = netlock.lock(img.pid, [netlock.Conn(e.family, e.src_addr, e.src_port, e.dst_addr,
-                                               e.dst_port) for e in conns], opts.network_lock)
+    # host of the dump, or after `migrate network-lock`, this takes over the
+    # lock of the same name).
+    lock = netlock.lock(img.pid, conns, opts.network_lock)
     stats.netlock_us = lock.set_us if lock else 0
     inets = inet.Opener(tcp_close=opts.tcp_close)
     shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
@@ -342,6 +340,23 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
              "es" if len(img.entries) > 1 else "", stats.pages_restored,
              stats.remote_syscalls)
     return pid, stats
+
+
+def _connections(files_) -> list:
+    return [netlock.Conn.of(e.family, e.src_addr, e.src_port, e.dst_addr, e.dst_port)
+            for e in (f.inet for f in files_ if f.type == files_pb2.INET_SOCKET)
+            if e.HasField("tcp") and not e.closed]
+
+
+def lock_network(images_dir: str, backend: str | None) -> int:
+    """Set the image's network lock here, ahead of the restore (which
+    takes it over and lifts it): on a destination that gets the
+    connections' addresses before the restore.  Returns the number of
+    connections locked."""
+    d = ImageDir.open(images_dir)
+    conns = _connections(d.read_image("files.img"))
+    netlock.lock(d.inventory.root_pid, conns, backend)
+    return len(conns)
 
 
 def _own_tty() -> str | None:

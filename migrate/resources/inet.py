@@ -241,12 +241,15 @@ class Opener:
         try:
             if e.family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(e.v6only))
-            if repair:
-                tr.set_repair(s, tr.TCP_REPAIR_ON)
             if e.reuseaddr:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if e.reuseport:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if repair:
+                # After SO_REUSEADDR, which would replace the SK_FORCE_REUSE
+                # repair mode sets: the connection binds to the port of a
+                # listener (an accepted connection) or of another connection.
+                tr.set_repair(s, tr.TCP_REPAIR_ON)
             if e.freebind or repair:
                 # The connection's address may be moved here only later.
                 if e.family == socket.AF_INET6:

@@ -39,6 +39,14 @@ class Conn:
     raddr: str
     rport: int
 
+    @classmethod
+    def of(cls, family: int, laddr: str, lport: int, raddr: str, rport: int) -> "Conn":
+        """An IPv4 connection on an IPv6 socket (::ffff:a.b.c.d) is IPv4 on
+        the wire: its rules must match IPv4 packets."""
+        if family == socket.AF_INET6 and laddr.startswith("::ffff:") and "." in laddr:
+            return cls(socket.AF_INET, laddr[7:], lport, raddr[7:], rport)
+        return cls(family, laddr, lport, raddr, rport)
+
     def __str__(self) -> str:
         if self.family == socket.AF_INET6:
             return f"[{self.laddr}]:{self.lport} -> [{self.raddr}]:{self.rport}"
@@ -165,8 +173,7 @@ def exists(pid: int) -> list[str]:
     out = []
     if shutil.which("nft"):
         p = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
-        if f"inet migrate-{pid}" in p.stdout.split("\n") or \
-                f"table inet migrate-{pid}" in p.stdout.splitlines():
+        if f"table inet migrate-{pid}" in p.stdout.splitlines():
             out.append(f"nft table inet migrate-{pid}")
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool):
@@ -174,6 +181,17 @@ def exists(pid: int) -> list[str]:
             if f"-N MIGRATE-{pid}" in p.stdout.splitlines():
                 out.append(f"{tool} chain MIGRATE-{pid}")
     return out
+
+
+def unlock_tree(pid: int, backend: str | None = None) -> None:
+    """Lift the lock of tree ``pid`` left by a dump (both backends unless
+    one is named); nothing to lift is not an error."""
+    for kind in ([backend] if backend else ["nftables", "iptables"]):
+        if kind == "nftables" and not shutil.which("nft"):
+            continue
+        if kind == "iptables" and not shutil.which("iptables"):
+            continue
+        NetLock(pid, kind).unlock()
 
 
 def lock(pid: int, conns: list[Conn], backend: str | None) -> NetLock | None:
