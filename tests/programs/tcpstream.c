@@ -1,8 +1,8 @@
 /*
- * tcpstream ADDR PORT [NCONN]: NCONN (default 1) TCP connections to an echo
+ * tcpstream ADDR PORT [NCONN [WINDOW]]: NCONN (default 1) TCP connections to an echo
  * server, each streaming numbered bytes (byte i of a connection is
  * (i * 7 + i / 251 + conn) % 256) and checking every byte echoed back, in
- * order.  Up to WINDOW bytes per connection are in flight, so both queues of
+ * order.  Up to WINDOW bytes (default 256 KiB) per connection are in flight, so both queues of
  * each connection hold data whenever the program is dumped.  Options set
  * on every socket: TCP_NODELAY, SO_KEEPALIVE with TCP_KEEPIDLE 77.
  * READY once every connection has echoed its first bytes.
@@ -28,7 +28,7 @@
 #include <unistd.h>
 
 #define MAXCONN 128
-#define WINDOW (256 * 1024)
+static unsigned long long WINDOW = 256 * 1024;
 
 struct conn {
 	int fd;
@@ -67,7 +67,7 @@ static void pump_out(struct conn *c, int i)
 	while (c->sent - c->got < WINDOW) {
 		size_t n = sizeof(buf);
 		if (n > WINDOW - (c->sent - c->got))
-			n = WINDOW - (c->sent - c->got);
+			n = (size_t)(WINDOW - (c->sent - c->got));
 		for (size_t k = 0; k < n; k++)
 			buf[k] = byte_at(c->sent + k, i);
 		ssize_t w = send(c->fd, buf, n, MSG_NOSIGNAL);
@@ -112,6 +112,8 @@ int main(int argc, char **argv)
 	unsigned long long total = 0;
 
 	test_init(argc, argv);
+	if (argc > 4)
+		WINDOW = strtoull(argv[4], NULL, 0);
 	if (argc < 3 || n < 1 || n > MAXCONN)
 		fail("usage: tcpstream ADDR PORT [NCONN]");
 	for (int i = 0; i < n; i++)
