@@ -5,7 +5,8 @@ the destination none yet) and both just see a pause.
 
 nftables (`nft`): one table of our own, `inet migrate-PID` (PID: the
 dumped tree's root), with an input and an output chain at priority -300
-(before conntrack) holding one drop rule per direction and connection.
+(before conntrack) dropping the packets whose addresses and ports are in
+a set of the connections (one set for IPv4, one for IPv6).
 iptables fallback: a chain `MIGRATE-PID` in the filter table of iptables
 and ip6tables, jumped to first from INPUT and OUTPUT.  Nothing else is
 touched: lifting the lock deletes our table (or our jumps and chain) by
@@ -90,6 +91,7 @@ class NetLock:
         self.backend = backend
         self.conns: list[Conn] = []
         self.held = False
+        self.held_sets = False
         self.set_us = 0
         self.unset_us = 0
 
@@ -122,13 +124,23 @@ class NetLock:
                  "policy accept; }",
                  f"add chain {t} output {{ type filter hook output priority {PRIORITY}; "
                  "policy accept; }"]
-        for c in conns:
-            ip = "ip6" if c.family == socket.AF_INET6 else "ip"
-            lines.append(f"add rule {t} input {ip} saddr {c.raddr} {ip} daddr {c.laddr} "
-                         f"tcp sport {c.rport} tcp dport {c.lport} drop")
-            lines.append(f"add rule {t} output {ip} saddr {c.laddr} {ip} daddr {c.raddr} "
-                         f"tcp sport {c.lport} tcp dport {c.rport} drop")
+        if not self.held_sets:
+            # One set lookup per packet whatever the number of connections;
+            # elements are (remote address, port, local address, port).
+            for ip, kind, name in (("ip", "ipv4_addr", "conns4"), ("ip6", "ipv6_addr", "conns6")):
+                lines += [f"add set {t} {name} {{ type {kind} . inet_service . {kind} . "
+                          "inet_service; }",
+                          f"add rule {t} input {ip} saddr . tcp sport . {ip} daddr . tcp dport "
+                          f"@{name} drop",
+                          f"add rule {t} output {ip} daddr . tcp dport . {ip} saddr . "
+                          f"tcp sport @{name} drop"]
+        for name, fam in (("conns4", socket.AF_INET), ("conns6", socket.AF_INET6)):
+            elems = [f"{c.raddr} . {c.rport} . {c.laddr} . {c.lport}" for c in conns
+                     if c.family == fam]
+            if elems:
+                lines.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
         _run(["nft", "-f", "-"], self.name, "\n".join(lines) + "\n")
+        self.held_sets = True
 
     def _ipt_add(self, conns: list[Conn]) -> None:
         ch = self.name
