@@ -10,6 +10,7 @@ a process in another mount namespace than its own).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -330,3 +331,96 @@ time.sleep(120)
     finally:
         pending.kill()
         pending.wait()
+
+
+REDIS_CLIENT = r'''
+import socket, sys
+
+def resp(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+class Conn:
+    def __init__(self, addr):
+        self.s = socket.create_connection((addr, 6379), timeout=60)
+        self.buf = b""
+    def line(self):
+        while b"\r\n" not in self.buf:
+            chunk = self.s.recv(1 << 16)
+            if not chunk:
+                raise SystemExit("FAIL: redis closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+    def reply(self):
+        line = self.line()
+        if line[:1] == b"$":
+            n = int(line[1:])
+            while len(self.buf) < n + 2:
+                self.buf += self.s.recv(1 << 16)
+            data, self.buf = self.buf[:n], self.buf[n + 2:]
+            return data
+        if line[:1] == b"*":
+            return [self.reply() for _ in range(int(line[1:]))]
+        return line
+
+c = Conn(sys.argv[1])
+N = 20000
+for base in range(0, N, 1000):
+    args = [b"MSET"]
+    for i in range(base, base + 1000):
+        args += [b"k%d" % i, b"v%d" % (i * 7)]
+    c.s.sendall(resp(*args))
+    assert c.reply() == b"+OK"
+# A pipeline still in flight while the server is dumped: answers queued.
+c.s.sendall(b"".join(resp(b"GET", b"k%d" % i) for i in range(100)))
+print("loaded", flush=True)
+sys.stdin.readline()
+for i in range(100):
+    got = c.reply()
+    assert got == b"v%d" % (i * 7), (i, got)
+for base in range(0, N, 1000):
+    c.s.sendall(resp(b"MGET", *[b"k%d" % i for i in range(base, base + 1000)]))
+    got = c.reply()
+    assert got == [b"v%d" % (i * 7) for i in range(base, base + 1000)], base
+c.s.sendall(resp(b"SET", b"after", b"restore"))
+assert c.reply() == b"+OK"
+print("PASS", flush=True)
+'''
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not "
+                    "installed (scripts/setup.sh installs it)")
+def test_redis_keeps_its_tcp_client(net, workdir, workloads):
+    """redis-server with a client connected over TCP (from another
+    namespace) and a pipeline of requests in flight: dumped and restored
+    twice, the same connection then reads every answer and every key."""
+    c, s = net.ns("c"), net.ns("s")
+    net.link(c, s, 9)
+    w = Workload(net.enter(s, ["redis-server", "--port", "6379", "--bind", NET4.format(9, 2),
+                               "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                               "--dir", workdir]), workdir, "redis")
+    workloads.append(w)
+    end = time.monotonic() + 30
+    while "Ready to accept connections" not in w.log() and time.monotonic() < end:
+        time.sleep(0.05)
+    client = subprocess.Popen(net.enter(c, [sys.executable, "-c", REDIS_CLIENT,
+                                            NET4.format(9, 2)]),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "loaded", client.stderr.read()
+        for i in range(2):
+            images = os.path.join(workdir, f"img{i}")
+            dump(net, s, w, images, "--tcp-established")
+            restore(net, s, w, images)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=120)
+        assert "PASS" in out, f"{out}\n{err}"
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
