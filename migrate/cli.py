@@ -36,6 +36,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="print the operation's statistics at the end")
 
 
+def _add_tcp(p: argparse.ArgumentParser, dump: bool) -> None:
+    if dump:
+        p.add_argument("--tcp-established", action="store_true",
+                       help="dump established TCP connections (TCP_REPAIR); without it "
+                            "a process with one is refused")
+        p.add_argument("--skip-in-flight", action="store_true",
+                       help="drop connections a listener has not accepted yet (their "
+                            "clients reconnect) instead of refusing")
+        p.add_argument("--tcp-close", action="store_true",
+                       help="do not dump the state of established connections, nor lock "
+                            "them: they come back closed")
+    else:
+        p.add_argument("--tcp-established", action="store_true",
+                       help="accepted for criu compatibility: connections in the image "
+                            "are always restored")
+        p.add_argument("--tcp-close", action="store_true",
+                       help="restore established connections as closed sockets")
+    p.add_argument("--network-lock", choices=("nftables", "iptables", "skip"),
+                   default=None, help="how packets of the connections are dropped between "
+                                      "dump and restore (default: nftables, else iptables)")
+
+
 def _add_incremental(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prev-images-dir", metavar="REL",
                    help="the parent image, relative to -D: only pages written since it "
@@ -105,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the process stopped (SIGSTOP) after the dump")
     d.add_argument("-j", "--shell-job", action="store_true",
                    help="the process is a job of a shell: dump its terminal fds")
+    _add_tcp(d, dump=True)
     _add_incremental(d)
     _add_page_server_client(d)
     d.add_argument("--lazy-pages", action="store_true",
@@ -170,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lazy-pages", action="store_true",
                    help="post-copy: leave the anonymous memory to a `migrate lazy-pages` "
                         "daemon (its socket: -W or -D /lazy-pages.socket)")
+    _add_tcp(r, dump=False)
     _add_common(r)
 
     lz = sub.add_parser("lazy-pages", help="post-copy: supply the missing pages of a "
@@ -189,6 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write \\0 to FD and close it once listening")
     _add_tls(lz)
     _add_common(lz)
+
+    nl = sub.add_parser("network-lock", help="set the network lock of an image here, ahead "
+                                             "of its restore (which lifts it)")
+    nl.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    nl.add_argument("--network-lock", choices=("nftables", "iptables"), default=None,
+                    help="backend (default: nftables, else iptables)")
+    _add_common(nl)
+
+    nu = sub.add_parser("network-unlock", help="lift the network lock a dump of PID left "
+                                               "(the source, once the process runs elsewhere)")
+    nu.add_argument("-t", "--tree", type=int, required=True, metavar="PID")
+    nu.add_argument("--network-lock", choices=("nftables", "iptables"), default=None,
+                    help="the backend the dump used (default: both are cleaned)")
+    _add_common(nu)
 
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
     s.add_argument("path", metavar="FILE|DIR")
@@ -293,7 +331,9 @@ def cmd_dump(args) -> int:
         pid=args.tree, images_dir=args.images_dir, leave_running=args.leave_running,
         leave_stopped=args.leave_stopped, shell_job=args.shell_job,
         prev_images_dir=args.prev_images_dir, track_mem=args.track_mem,
-        tracker=args.tracker, serve_lazy=serve_lazy))
+        tracker=args.tracker, serve_lazy=serve_lazy, tcp_established=args.tcp_established,
+        tcp_close=args.tcp_close, skip_in_flight=args.skip_in_flight,
+        network_lock=args.network_lock))
     if args.display_stats:
         _print_stats(st)
     return 0
@@ -348,7 +388,9 @@ def cmd_restore(args) -> int:
                                      leave_stopped=args.leave_stopped,
                                      lazy_pages=args.lazy_pages,
                                      lazy_socket=os.path.join(args.work_dir or args.images_dir,
-                                                              "lazy-pages.socket")))
+                                                              "lazy-pages.socket"),
+                                     tcp_close=args.tcp_close,
+                                     network_lock=args.network_lock))
     if args.display_stats:
         _print_stats(st)
     if args.restore_detached:
@@ -363,6 +405,19 @@ def cmd_restore(args) -> int:
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     return 128 + os.WTERMSIG(status)
+
+
+def cmd_network_lock(args) -> int:
+    from migrate.dest.restore import lock_network
+    n = lock_network(args.images_dir, args.network_lock)
+    log.info("%d connection(s) locked", n)
+    return 0
+
+
+def cmd_network_unlock(args) -> int:
+    from migrate.resources import netlock
+    netlock.unlock_tree(args.tree, args.network_lock)
+    return 0
 
 
 def cmd_show(args) -> int:
@@ -451,7 +506,10 @@ def cmd_certs(args) -> int:
     return 0
 
 
-COMMANDS = {"lazy-pages": cmd_lazy_pages, "page-server": cmd_page_server, "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump, "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+COMMANDS = {"lazy-pages": cmd_lazy_pages, "network-lock": cmd_network_lock,
+            "network-unlock": cmd_network_unlock, "page-server": cmd_page_server,
+            "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump,
+            "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,3 +118,12 @@ class PageSourceError(MigrateError):
         super().__init__(f"page source {source}: {why}")
         self.source = source
         self.why = why
+
+
+class NetworkLockError(MigrateError):
+    """The network lock (an nftables table or iptables chain of ours) could
+    not be set or lifted.  ``name`` is the table or chain."""
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name = name
+        super().__init__(f"network lock {name}: {why}")

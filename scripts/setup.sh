@@ -9,6 +9,11 @@ command -v gcc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
 command -v make >/dev/null 2>&1 || missing="$missing make"
 # a real program the tests dump and restore (tests/integration/test_real.py)
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+# the network lock and the namespaced TCP tests (tests/integration/test_tcp.py)
+command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"
 if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

@@ -34,7 +34,8 @@ from migrate.images import pagemap
 from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
-from migrate.resources import files, fs, memory, regs, seccomp, signals, task, timers
+from migrate.resources import (files, fs, inet, memory, netlock, regs, seccomp, signals,
+                               task, timers)
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
@@ -60,10 +61,15 @@ class RestoreOptions:
     leave_stopped: bool = False
     lazy_pages: bool = False            # post-copy: the root's anonymous pages (dest/lazy.py)
     lazy_socket: str | None = None      # the lazy-pages daemon's unix socket
+    tcp_close: bool = False              # connections come back closed, no lock
+    network_lock: str | None = None      # "nftables" (default), "iptables", "skip"
 
 
 @dataclasses.dataclass
 class RestoreStats:
+    tcp_connections: int = 0
+    netlock_us: int = 0
+    netunlock_us: int = 0
     forking_us: int = 0
     restore_us: int = 0
     pages_restored: int = 0
@@ -75,7 +81,10 @@ class RestoreStats:
                                      restore_us=self.restore_us,
                                      pages_restored=self.pages_restored,
                                      remote_syscalls=self.remote_syscalls,
-                                     total_us=self.restore_us)
+                                     total_us=self.restore_us,
+                                     tcp_connections=self.tcp_connections,
+                                     netlock_us=self.netlock_us,
+                                     netunlock_us=self.netunlock_us)
 
 
 @dataclasses.dataclass
@@ -253,14 +262,24 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
     tty = _own_tty() if opts.shell_job else None
     base = max([fi.fd for p in img.procs for fi in p.fdinfos] + [2]) + 1
     phase = Phases(img.pid)
+    conns = [] if opts.tcp_close else _connections(img.files)
+    stats.tcp_connections = len(conns)
+    # The connections' packets are dropped until every process runs (on the
+    # host of the dump, or after `migrate network-lock`, this takes over the
+    # lock of the same name).
+    lock = netlock.lock(img.pid, conns, opts.network_lock)
+    stats.netlock_us = lock.set_us if lock else 0
+    inets = inet.Opener(tcp_close=opts.tcp_close)
     shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
                                   [f for f in img.files
                                    if f.type == files_pb2.REG and f.reg.memfd])
     try:
         opened = files.open_all(img.files, tty, img.pipes, base, shared,
-                                {e.pid for e in img.entries})
+                                {e.pid for e in img.entries}, inets)
     except BaseException:
         shared.close()
+        if lock is not None:
+            lock.unlock()
         raise
     phase("open files", f"{len(img.files)} files")
     ready_r = ready_w = go_r = go_w = -1
@@ -293,9 +312,13 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
                 os.close(fd)
         shared.close()
         files.close_all(opened)
+        inets.close()
+        if lock is not None:
+            lock.unlock()
         raise
     # The new processes hold what they need: ours go.
     files.close_all(opened)
+    inets.forked()
     os.close(ready_w)
     os.close(go_r)
     created: list[int] = []
@@ -306,10 +329,14 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
             shared.seal()
             files.restore_fown(img.files, {fi.id: (p.pid, fi.fd) for p in reversed(img.procs)
                                            for fi in p.fdinfos})
+            inets.finish()                   # TCP connections out of repair mode
 
         _build_all(img, opts, plan.keep, shared, stats, created, all_built)
     except BaseException as exc:
+        inets.close()
         _kill_tree(pid, [e.pid for e in img.entries], created)
+        if lock is not None:
+            lock.unlock()
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.RestoreError):
             raise errors.RestoreError(f"restore of pid {img.pid} failed, nothing was left "
                                       f"running: {exc}") from exc
@@ -318,6 +345,12 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
         os.close(ready_r)
         os.close(go_w)
         shared.close()
+    if lock is not None:     # the processes run: a failure here must not kill them
+        try:
+            lock.unlock()
+        except errors.NetworkLockError as e:
+            log.error("%s: remove it by hand", e)
+        stats.netunlock_us = lock.unset_us
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
     stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:
@@ -328,6 +361,23 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
              "es" if len(img.entries) > 1 else "", stats.pages_restored,
              stats.remote_syscalls)
     return pid, stats
+
+
+def _connections(files_) -> list:
+    return [netlock.Conn.of(e.family, e.src_addr, e.src_port, e.dst_addr, e.dst_port)
+            for e in (f.inet for f in files_ if f.type == files_pb2.INET_SOCKET)
+            if e.HasField("tcp") and not e.closed]
+
+
+def lock_network(images_dir: str, backend: str | None) -> int:
+    """Set the image's network lock here, ahead of the restore (which
+    takes it over and lifts it): on a destination that gets the
+    connections' addresses before the restore.  Returns the number of
+    connections locked."""
+    d = ImageDir.open(images_dir)
+    conns = _connections(d.read_image("files.img"))
+    netlock.lock(d.inventory.root_pid, conns, backend)
+    return len(conns)
 
 
 def _own_tty() -> str | None:

@@ -116,3 +116,50 @@ def unix_sockets() -> dict[int, UnixSock]:
         return socks
     finally:
         s.close()
+
+
+# inet_diag (include/uapi/linux/inet_diag.h): a listener's backlog is only
+# shown here (idiag_wqueue = sk_max_ack_backlog).
+INET_DIAG_REQ_V2 = struct.Struct("=BBBBI48s")
+INET_DIAG_MSG = struct.Struct("=BBBB48sIIIII")
+
+
+def tcp_listen_backlogs() -> dict[int, tuple[int, int]]:
+    """Every listening TCP socket of our network namespace: inode ->
+    (connections waiting to be accepted, listen(2) backlog)."""
+    out: dict[int, tuple[int, int]] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+        except OSError as e:
+            raise errors.from_errno("socket(NETLINK_SOCK_DIAG)", e.errno) from e
+        try:
+            req = INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN,
+                                        b"\0" * 48)
+            hdr = NLMSGHDR.pack(NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY,
+                                NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+            s.send(hdr + req)
+            done = False
+            while not done:
+                data = s.recv(1 << 16)
+                if not data:
+                    break
+                off = 0
+                while off + NLMSGHDR.size <= len(data):
+                    length, mtype, _, _, _ = NLMSGHDR.unpack_from(data, off)
+                    if length < NLMSGHDR.size or off + length > len(data):
+                        raise errors.KernelError("inet_diag", 5, None,
+                                                 f"netlink message of {length} bytes")
+                    body = data[off + NLMSGHDR.size:off + length]
+                    off += _align(length)
+                    if mtype == NLMSG_DONE:
+                        done = True
+                        break
+                    if mtype == NLMSG_ERROR:
+                        raise errors.from_errno("inet_diag", -struct.unpack_from("=i", body)[0])
+                    if mtype == SOCK_DIAG_BY_FAMILY and len(body) >= INET_DIAG_MSG.size:
+                        *_, rq, wq, _uid, ino = INET_DIAG_MSG.unpack_from(body)
+                        out[ino] = (rq, wq)
+        finally:
+            s.close()
+    return out

@@ -21,7 +21,7 @@ from migrate import errors
 from migrate.images._pb import files_pb2
 from migrate.kernel import proc, sockdiag, syscalls
 from migrate.kernel.kcmp import compare_files
-from migrate.resources import eventobjs, fanotify, inotify, locks, pipes, unix
+from migrate.resources import eventobjs, fanotify, inet, inotify, locks, pipes, unix
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ class FileTable:
     with kcmp(KCMP_FILE), which works across processes.
     """
 
-    def __init__(self, shell_job: bool) -> None:
+    def __init__(self, shell_job: bool, inet_opts: dict | None = None) -> None:
         self.shell_job = shell_job
+        # IPv4/IPv6 sockets; inet_opts: tcp_established, tcp_close, skip_in_flight
+        self.inet = inet.Dumper(**(inet_opts or {}))
         self.files: list = []
         self.fd_of: dict[int, tuple[int, int]] = {}     # file id -> (pid, fd)
         self._by_inode: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
@@ -143,6 +145,8 @@ class FileTable:
             f = inotify.dump(pid, fd, fid, flags, raw)
         elif kind == fanotify.LINK:
             f = fanotify.dump(pid, fd, fid, flags, raw)
+        elif kind == "socket" and unix.sock_ino(link) not in self.unix_diag():
+            f = self.inet.dump(pid, fd, fid, link, flags)
         elif kind == "socket":
             f = socks.dump(fd, fid, link, flags)
         else:
@@ -176,6 +180,14 @@ class FileTable:
         for fd in self._held:
             os.close(fd)
         self._held = []
+
+    def abort(self) -> None:
+        """The dump failed: our copies closed, TCP connections out of repair
+        mode (the programs go on as before)."""
+        try:
+            self.close()
+        finally:
+            self.inet.rollback()
 
 
 def dump_fds(pid: int, shell_job: bool) -> tuple[list, list, list]:
@@ -391,12 +403,17 @@ class Ghosts:
 
 
 def open_all(files, tty_path: str | None, pipe_data: list, base: int,
-             shared=None, pids: set[int] = frozenset()) -> dict[int, int]:
+             shared=None, pids: set[int] = frozenset(),
+             inets: inet.Opener | None = None) -> dict[int, int]:
     """Open every file description of the tree once, in the tool, at fd
     numbers from ``base`` up (above every fd number a restored process
     uses); returns file id -> fd.  The processes forked afterwards inherit
     them all, so a description shared by several processes is one
-    description again (one offset, one pipe, one socket)."""
+    description again (one offset, one pipe, one socket).  ``inets`` keeps
+    the TCP connections made in repair mode until inets.finish(); without
+    it they leave repair mode here."""
+    own_inets = inets is None
+    inets = inet.Opener() if own_inets else inets
     opened: dict[int, int] = {}
     made = pipes.Pipes(pipe_data)
     pairs = unix.Pairs(files, opened)
@@ -429,6 +446,8 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int,
                 fd = inotify.open_object(f)
             elif f.type == files_pb2.FANOTIFY:
                 fd = fanotify.open_object(f)
+            elif f.type == files_pb2.INET_SOCKET:
+                fd = inets.open(f)
             else:
                 fd = open_file(f, tty_path)
             try:
@@ -437,8 +456,11 @@ def open_all(files, tty_path: str | None, pipe_data: list, base: int,
                 os.close(fd)
             if f.type == files_pb2.REG and f.reg.locks:
                 locks.take_description_locks(opened[f.id], f.reg.locks, f.reg.path)
+        if own_inets:
+            inets.finish()
     except BaseException:
         close_all(opened)
+        inets.close()
         raise
     finally:
         made.close()

@@ -41,6 +41,14 @@ FEATURES = {
 }
 
 
+def _netlock() -> tuple[bool, str]:
+    from migrate.resources import netlock
+    return netlock.probe()
+
+
+FEATURES["network_lock"] = (_netlock, "--tcp-established without --network-lock skip")
+
+
 def _tracker() -> tuple[bool, str]:
     from migrate.source import tracker
     kind = tracker.choose(None)

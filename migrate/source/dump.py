@@ -30,7 +30,8 @@ from migrate.images import pagemap as pm
 from migrate.images._pb import inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
-from migrate.resources import files, fs, memory, regs, seccomp, signals, task, timers
+from migrate.resources import (files, fs, inet, memory, netlock, regs, seccomp, signals,
+                               task, timers)
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import TaskCtl
 from migrate.source import freeze as freezer
@@ -58,6 +59,14 @@ class DumpOptions:
     # committed, their memory is kept by a clone of the root (source/lazy.py),
     # the tree is killed, and serve_lazy(keeper) returns once they are taken.
     serve_lazy: object = None
+    tcp_established: bool = False        # dump established TCP connections (TCP_REPAIR)
+    tcp_close: bool = False              # ... or keep them as closed sockets, no lock
+    skip_in_flight: bool = False         # drop connections not accepted yet
+    network_lock: str | None = None      # "nftables" (default), "iptables", "skip"
+
+    def inet_opts(self) -> dict:
+        return {"tcp_established": self.tcp_established, "tcp_close": self.tcp_close,
+                "skip_in_flight": self.skip_in_flight}
 
 
 @dataclasses.dataclass
@@ -73,6 +82,8 @@ class DumpStats:
     total_us: int = 0
     peak_rss_kb: int = 0
     tracker: str = ""
+    tcp_connections: int = 0
+    netlock_us: int = 0
 
     def to_pb(self):
         return stats_pb2.stats_entry(**dataclasses.asdict(self))
@@ -368,6 +379,11 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     # VMAs with their flags before freezing (smaps walks every page table),
     # and only check the layout once frozen.
     early = proc.read_smaps(pid) if parent is not None else None
+    try:
+        _refuse_connections(opts, _tree_pids(pid))
+    except BaseException:
+        images.discard()
+        raise
     t0 = time.perf_counter()
     try:
         tr = ptree.freeze_tree(pid)
@@ -379,14 +395,20 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     opened = _Open()
     used: list = []
     lazy_out: list = []
+    lock = None
     try:
         if opts.serve_lazy is not None and (opts.leave_running or opts.leave_stopped
                                             or sink is not None):
             raise errors.DumpError("--lazy-pages: not with -R, -s or --page-server")
+        lock = _lock_network(opts, tr, stats)
         used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened,
-                                  lazy_out)
+                                  lazy_out, lock)
     except BaseException as exc:
-        _rollback(tr, opened, images)
+        try:
+            _rollback(tr, opened, images)
+        finally:
+            if lock is not None:
+                lock.unlock()       # whatever failed, our table goes
         if isinstance(exc, errors.MigrateError) and not isinstance(exc, errors.DumpError):
             what = "process was" if len(tr.procs) == 1 else "processes were"
             raise errors.DumpError(f"dump of pid {pid} failed, the {what} left running "
@@ -403,11 +425,15 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         ptree.kill(tr)
     elif opts.leave_running or opts.leave_stopped:
         ptree.thaw(tr, leave_stopped=opts.leave_stopped)
+        if lock is not None:
+            lock.unlock()
         if not opts.track_mem and not parent:
             for t in used:
                 t.stop()
     else:
         ptree.kill(tr)      # the holders, if any, exit with their tasks
+        if lock is not None:
+            log.info("network lock %s stays until the restore lifts it", lock.name)
     t_end = time.perf_counter()
     if not (opts.leave_running or opts.leave_stopped):
         ptree.reap_killed(tr)
@@ -425,6 +451,47 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         finally:
             keeper.release()
     return stats
+
+
+def _tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo.extend(proc.list_children(p))
+        except errors.NoSuchProcess:
+            pass
+    return out
+
+
+def _refuse_connections(opts: DumpOptions, pids: list[int]) -> None:
+    """Before anything is touched: established TCP connections need
+    --tcp-established (or --tcp-close)."""
+    if opts.tcp_established or opts.tcp_close:
+        return
+    conns = inet.tree_connections(pids)
+    if conns:
+        raise errors.UnsupportedResource(
+            opts.pid, "tcp", f"{len(conns)} TCP connection(s): "
+            f"{', '.join(c.describe() for c in conns[:8])}"
+            f"{' ...' if len(conns) > 8 else ''}: dump with --tcp-established "
+            "(or --tcp-close)")
+
+
+def _lock_network(opts: DumpOptions, tr: ptree.Tree, stats: DumpStats):
+    """Once the tree is frozen, before any socket is read: drop the packets
+    of its established connections (their queues then stay still)."""
+    if not opts.tcp_established or opts.tcp_close:
+        return None
+    conns = [c for c in inet.tree_connections([p.pid for p in tr.live])
+             if c.state == inet.tr.TCP_ESTABLISHED]
+    lk = netlock.lock(tr.root.pid, [netlock.Conn(c.family, c.local[0], c.local[1],
+                                                 c.remote[0], c.remote[1]) for c in conns],
+                      opts.network_lock)
+    if lk is not None:
+        stats.netlock_us = lk.set_us
+    return lk
 
 
 def _remote(pid: int, fr: freezer.Frozen, vmas=None) -> TaskCtl:
@@ -590,11 +657,11 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 
 def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
                        start_time: int, early: list | None, opened: _Open,
-                       lazy_out: list | None = None) -> list:
+                       lazy_out: list | None = None, lock=None) -> list:
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
-    table = files.FileTable(opts.shell_job)
+    table = files.FileTable(opts.shell_job, opts.inet_opts())
     dumps: list[_ProcDump] = []
     used: dict[int, object] = {}          # pid -> tracker
     parents: dict[int, Parent | None] = {}
@@ -613,6 +680,14 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         phase = Phases(tr.root.pid)
         pipe_data = table.finish()
         phase("pipe data and socket pairs")
+        conns = table.inet.connections()
+        stats.tcp_connections = len(conns)
+        if conns and lock is None and opts.network_lock != "skip":
+            raise errors.DumpError(f"{len(conns)} TCP connection(s) would be dumped "
+                                   "without the network lock")
+        if lock is not None:        # a connection the first look missed
+            lock.add([netlock.Conn(e.family, e.src_addr, e.src_port, e.dst_addr, e.dst_port)
+                      for e in conns])
         for t in used.values():
             if t.fresh:
                 t.hold()
@@ -661,8 +736,12 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
         phase("image files")
+        if keeps_running:
+            table.inet.rollback()       # repair off: the programs go on
+        else:
+            table.inet.done()           # killed in repair mode: no FIN, no RST
     except BaseException:
-        table.close()
+        table.abort()
         for t in used.values():
             if t.fresh:
                 t.stop()      # tracking this failed dump started: end it

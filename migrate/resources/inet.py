@@ -1,0 +1,314 @@
+"""IPv4 and IPv6 sockets: established TCP connections (resources/tcp.py),
+listening TCP sockets, bound or connected UDP sockets, unconnected sockets.
+
+Dump: our own copy of the socket (pidfd_getfd); its family, type, names,
+options (SO_REUSEADDR/PORT, SO_KEEPALIVE with TCP_KEEPIDLE/INTVL/CNT,
+TCP_NODELAY, buffer sizes, IPV6_V6ONLY, IP_FREEBIND) and state (TCP_INFO).
+Refused, with the connection named: established connections without
+--tcp-established (or --tcp-close), TCP states other than ESTABLISHED,
+LISTEN and CLOSE (half-closed, closing, connecting), a listener with
+connections not accepted yet without --skip-in-flight.
+Lost, with a warning: datagrams queued on a UDP socket (UDP may lose them
+anyway; the sender's address could not be given back), connections dropped
+by --skip-in-flight (their clients see a reset once the lock is lifted).
+Restore (in the tool, files.open_all): Opener below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from migrate import errors
+from migrate.images._pb import files_pb2
+from migrate.kernel import sockdiag, syscalls
+from migrate.kernel import tcprepair as tr
+from migrate.resources import tcp
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+SOCK_TYPE_MASK = 0xF
+
+
+def _name(family: int, addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if family == socket.AF_INET6 else f"{addr}:{port}"
+
+
+def describe(e) -> str:
+    """One socket in a message: "TCP 10.1.0.1:40000 -> 10.1.0.2:7000"."""
+    kind = "TCP" if e.type == socket.SOCK_STREAM else "UDP"
+    out = f"{kind} {_name(e.family, e.src_addr, e.src_port)}"
+    if e.dst_addr:
+        out += f" -> {_name(e.family, e.dst_addr, e.dst_port)}"
+    return out
+
+
+def tree_connections(pids: list[int]) -> list[tr.InetSock]:
+    """The established (or half-closed) TCP connections the fds of ``pids``
+    hold, from /proc/PID/net/tcp{,6} (the first pid's namespace)."""
+    if not pids:
+        return []
+    table = tr.inet_sockets(pids[0], "tcp")
+    out: dict[int, tr.InetSock] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                ino = int(link[8:-1])
+                s = table.get(ino)
+                if s is not None and s.state not in (tr.TCP_LISTEN, tr.TCP_CLOSE):
+                    out[ino] = s
+    return list(out.values())
+
+
+def _addr(name) -> tuple[str, int]:
+    return name[0], name[1]
+
+
+class Dumper:
+    """The inet sockets of a dumped tree (one per files.FileTable).  Keeps
+    the connections it put in repair mode until the dump ends: done() leaves
+    them in repair mode (the program is killed: closing sends nothing),
+    rollback() turns repair off (the program goes on)."""
+
+    def __init__(self, tcp_established: bool = False, tcp_close: bool = False,
+                 skip_in_flight: bool = False) -> None:
+        self.tcp_established = tcp_established
+        self.tcp_close = tcp_close
+        self.skip_in_flight = skip_in_flight
+        self.repaired: list[tuple[socket.socket, object]] = []
+        self._backlogs: dict[int, tuple[int, int]] | None = None
+
+    def connections(self) -> list:
+        """inet_sk_entry of every connection dumped in repair mode."""
+        return [e for _, e in self.repaired]
+
+    def dump(self, pid: int, fd: int, fid: int, link: str, flags: int):
+        pidfd = syscalls.pidfd_open(pid)
+        try:
+            mine = syscalls.pidfd_getfd(pidfd, fd, pid)
+        finally:
+            os.close(pidfd)
+        try:
+            s = socket.socket(fileno=mine)
+        except OSError as e:
+            os.close(mine)
+            raise errors.from_errno("socket(fileno)", e.errno or 0, pid, f"fd {fd}") from None
+        keep = False
+        try:
+            if s.family not in FAMILIES:
+                raise errors.UnsupportedResource(pid, "socket", f"{link} is neither a unix "
+                                                 f"nor an inet socket (family {s.family})",
+                                                 fd=fd)
+            typ = s.type & SOCK_TYPE_MASK
+            if (typ, s.proto) not in ((socket.SOCK_STREAM, socket.IPPROTO_TCP),
+                                      (socket.SOCK_DGRAM, socket.IPPROTO_UDP)):
+                raise errors.UnsupportedResource(pid, "socket", f"{link}: {FAMILIES[s.family]}"
+                                                 f" socket of type {typ} protocol {s.proto}",
+                                                 fd=fd)
+            e = files_pb2.inet_sk_entry(ino=int(link[8:-1]), family=s.family, type=typ,
+                                        flags=flags & os.O_NONBLOCK)
+            e.src_addr, e.src_port = _addr(s.getsockname())
+            self._options(s, e)
+            if typ == socket.SOCK_STREAM:
+                keep = self._tcp(pid, fd, s, e)
+            else:
+                self._udp(pid, fd, s, e)
+            return files_pb2.file_entry(id=fid, type=files_pb2.INET_SOCKET, inet=e)
+        finally:
+            if not keep:
+                s.close()
+
+    @staticmethod
+    def _options(s: socket.socket, e) -> None:
+        def sol(opt):
+            return s.getsockopt(socket.SOL_SOCKET, opt)
+        e.reuseaddr = bool(sol(socket.SO_REUSEADDR))
+        e.reuseport = bool(sol(socket.SO_REUSEPORT))
+        e.rcvbuf, e.sndbuf = sol(socket.SO_RCVBUF), sol(socket.SO_SNDBUF)
+        if e.family == socket.AF_INET6:
+            e.v6only = bool(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            e.freebind = bool(s.getsockopt(socket.IPPROTO_IPV6, tr.IPV6_FREEBIND))
+        else:
+            e.freebind = bool(s.getsockopt(socket.IPPROTO_IP, tr.IP_FREEBIND))
+        if e.type == socket.SOCK_STREAM:
+            e.keepalive = bool(sol(socket.SO_KEEPALIVE))
+            e.nodelay = bool(s.getsockopt(tr.SOL_TCP, socket.TCP_NODELAY))
+            e.keepidle = s.getsockopt(tr.SOL_TCP, socket.TCP_KEEPIDLE)
+            e.keepintvl = s.getsockopt(tr.SOL_TCP, socket.TCP_KEEPINTVL)
+            e.keepcnt = s.getsockopt(tr.SOL_TCP, socket.TCP_KEEPCNT)
+
+    def _tcp(self, pid: int, fd: int, s: socket.socket, e) -> bool:
+        """Fill a TCP socket's state; True if it is kept (in repair mode)."""
+        e.state = tr.tcp_info(s).tcpi_state
+        state = tr.STATES.get(e.state, str(e.state))
+        if e.state == tr.TCP_LISTEN:
+            if self._backlogs is None:
+                self._backlogs = sockdiag.tcp_listen_backlogs()
+            waiting, e.backlog = self._backlogs.get(e.ino, (0, socket.SOMAXCONN))
+            if waiting:
+                if not self.skip_in_flight:
+                    raise errors.UnsupportedResource(
+                        pid, "socket", f"listener {describe(e)} has {waiting} connection(s) "
+                        "not accepted yet (in flight): dump with --skip-in-flight to drop "
+                        "them", fd=fd)
+                log.warning("pid %d fd %d: listener %s: %d connection(s) not accepted yet "
+                            "are dropped (--skip-in-flight)", pid, fd, describe(e), waiting)
+            return False
+        if e.state == tr.TCP_CLOSE:
+            return False
+        e.dst_addr, e.dst_port = _addr(s.getpeername())
+        if self.tcp_close:
+            e.closed = True           # --tcp-close: no state, no lock
+            return False
+        if e.state != tr.TCP_ESTABLISHED:
+            raise errors.UnsupportedResource(pid, "socket", f"{describe(e)} is in state "
+                                             f"{state}: only established TCP connections "
+                                             "are supported (or --tcp-close)", fd=fd)
+        if not self.tcp_established:
+            raise errors.UnsupportedResource(pid, "socket", f"established connection "
+                                             f"{describe(e)}: dump with --tcp-established "
+                                             "(or --tcp-close)", fd=fd)
+        tr.set_repair(s, tr.TCP_REPAIR_ON)
+        self.repaired.append((s, e))
+        e.tcp.CopyFrom(tcp.dump_stream(s))
+        log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
+                  pid, fd, describe(e), len(e.tcp.inq), len(e.tcp.outq), e.tcp.unsq_len)
+        return True
+
+    def _udp(self, pid: int, fd: int, s: socket.socket, e) -> None:
+        e.state = tr.TCP_CLOSE
+        try:
+            e.dst_addr, e.dst_port = _addr(s.getpeername())
+            e.state = tr.TCP_ESTABLISHED
+        except OSError:
+            pass
+        if tr.inq_length(s):
+            log.warning("pid %d fd %d: %s: the datagrams queued on it are lost", pid, fd,
+                        describe(e))
+
+    def done(self) -> None:
+        """The dump succeeded and the programs are killed: the connections
+        stay in repair mode, so that closing them sends nothing."""
+        for s, _ in self.repaired:
+            s.close()
+        self.repaired = []
+
+    def rollback(self) -> None:
+        """Repair off: the programs go on with their connections as before."""
+        for s, e in self.repaired:
+            try:
+                _repair_off(s, e)
+            except errors.MigrateError as err:
+                log.error("%s: could not leave repair mode: %s", describe(e), err)
+            finally:
+                s.close()
+        self.repaired = []
+
+
+def _repair_off(s: socket.socket, e) -> None:
+    tr.set_repair(s, tr.TCP_REPAIR_OFF)
+    # Leaving repair mode resets sk_reuse (net/ipv4/tcp.c do_tcp_setsockopt).
+    if e.reuseaddr:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+class Opener:
+    """Restore side, in the tool: each inet socket made once (files.open_all).
+    Established connections are kept (our own fd of each) until finish()
+    takes them out of repair mode, once every process is built."""
+
+    def __init__(self, tcp_close: bool = False) -> None:
+        self.tcp_close = tcp_close
+        self.repaired: list[tuple[socket.socket, object]] = []
+        self.made: list[socket.socket] = []
+
+    def open(self, f) -> int:
+        e = f.inet
+        s = socket.socket(e.family, e.type)
+        self.made.append(s)
+        repair = (e.type == socket.SOCK_STREAM and e.state == tr.TCP_ESTABLISHED and
+                  e.HasField("tcp") and not e.closed and not self.tcp_close)
+        try:
+            if e.family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(e.v6only))
+            if e.reuseaddr:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if e.reuseport:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if repair:
+                # After SO_REUSEADDR, which would replace the SK_FORCE_REUSE
+                # repair mode sets: the connection binds to the port of a
+                # listener (an accepted connection) or of another connection.
+                tr.set_repair(s, tr.TCP_REPAIR_ON)
+            if e.freebind or repair:
+                # The connection's address may be moved here only later.
+                if e.family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, tr.IPV6_FREEBIND, 1)
+                else:
+                    s.setsockopt(socket.IPPROTO_IP, tr.IP_FREEBIND, 1)
+            if e.type == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(e.keepalive))
+                s.setsockopt(tr.SOL_TCP, socket.TCP_NODELAY, int(e.nodelay))
+                for opt, val in ((socket.TCP_KEEPIDLE, e.keepidle),
+                                 (socket.TCP_KEEPINTVL, e.keepintvl),
+                                 (socket.TCP_KEEPCNT, e.keepcnt)):
+                    if val:
+                        s.setsockopt(tr.SOL_TCP, opt, val)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(e.rcvbuf // 2, 1))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(e.sndbuf // 2, 1))
+            closed = e.closed or (self.tcp_close and e.type == socket.SOCK_STREAM and
+                                  e.state == tr.TCP_ESTABLISHED)
+            if (e.src_port or e.state == tr.TCP_LISTEN) and not closed:
+                s.bind((e.src_addr, e.src_port))
+            if e.state == tr.TCP_LISTEN:
+                s.listen(e.backlog)
+            elif repair:
+                tcp.restore_stream(s, e, e.tcp)
+                self.repaired.append((s, e))
+            elif e.type == socket.SOCK_DGRAM and e.state == tr.TCP_ESTABLISHED:
+                s.connect((e.dst_addr, e.dst_port))
+        except OSError as err:
+            raise errors.RestoreError(f"{describe(e)} (file id {f.id}): "
+                                      f"{os.strerror(err.errno) if err.errno else err}") \
+                from None
+        fd = os.dup(s.fileno())
+        os.set_blocking(fd, not e.flags & os.O_NONBLOCK)
+        return fd
+
+    def finish(self) -> None:
+        """Every process is built: the connections leave repair mode (each
+        sends a window probe, which tells the peer our window again), and the
+        bytes that were queued but never sent are sent."""
+        try:
+            for s, e in self.repaired:
+                _repair_off(s, e)
+                tcp.send_unsent(s, e.tcp, describe(e))
+        finally:
+            self.close()
+
+    def forked(self) -> None:
+        """The processes hold the sockets now: ours go, but for the
+        connections still in repair mode (finish)."""
+        keep = {id(s) for s, _ in self.repaired}
+        for s in self.made:
+            if id(s) not in keep:
+                s.close()
+        self.made = [s for s, _ in self.repaired]
+
+    def close(self) -> None:
+        """Our fds: the sockets live on in the processes' fds."""
+        for s in self.made:
+            s.close()
+        self.made = []
+        self.repaired = []

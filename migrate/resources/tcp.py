@@ -1,0 +1,127 @@
+"""Established TCP connections, by TCP_REPAIR (man 7 tcp, include/uapi/linux/tcp.h).
+
+Dump (on our copy of the socket, taken with pidfd_getfd: repair mode is a
+property of the socket, so the program's fd sees it too): repair on; for
+each queue, TCP_REPAIR_QUEUE then TCP_QUEUE_SEQ (the sequence number after
+the queue) and the queue itself with MSG_PEEK (the send queue holds every
+byte not acknowledged yet, sent or not); the options the peers agreed on
+(MSS clamp, window scales, SACK, timestamps) from TCP_INFO and TCP_MAXSEG
+(which answers mss_clamp in repair mode); the timestamp clock
+(TCP_TIMESTAMP); the windows (TCP_REPAIR_WINDOW).  The socket stays in
+repair mode: if the dump kills the program, closing it in repair mode sends
+nothing (tcp_disconnect), and the network lock drops what the peer sends.
+A dump that fails, or leaves the program running, turns repair off again.
+
+Restore (in the tool, before the processes are forked): socket, repair on,
+bind (IP_FREEBIND: the address may come later), the first sequence number
+of each queue, connect (in repair mode: no handshake, straight to
+ESTABLISHED), the options, the timestamp clock, the receive queue and the
+part of the send queue that had been sent, the windows.  Repair off comes
+once every process is built (finish), then the unsent part of the send
+queue is sent as the program would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+
+from migrate import errors
+from migrate.images._pb import files_pb2
+from migrate.kernel import tcprepair as tr
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 << 10            # repair-mode sends, one skb each at most this big
+UNSENT_WAIT = 10.0          # seconds to push the unsent part after repair off
+
+
+def dump_stream(s: socket.socket) -> "files_pb2.tcp_stream_entry":
+    """The connection's repair state; ``s`` must be in repair mode already."""
+    e = files_pb2.tcp_stream_entry()
+    inq_len, outq_len, unsq_len = tr.queue_lengths(s)
+    tr.set_queue(s, tr.TCP_RECV_QUEUE)
+    e.rcv_seq = tr.get_queue_seq(s)
+    e.inq = tr.peek(s, inq_len, "receive queue")
+    tr.set_queue(s, tr.TCP_SEND_QUEUE)
+    e.snd_seq = tr.get_queue_seq(s)
+    e.outq = tr.peek(s, outq_len, "send queue")
+    e.unsq_len = unsq_len
+    tr.set_queue(s, tr.TCP_NO_QUEUE)
+    e.mss = tr.getopt(s, tr.SOL_TCP, socket.TCP_MAXSEG, "TCP_MAXSEG")
+    info = tr.tcp_info(s)
+    e.sack = bool(info.tcpi_options & tr.TCPI_OPT_SACK)
+    e.timestamps = bool(info.tcpi_options & tr.TCPI_OPT_TIMESTAMPS)
+    e.wscale = bool(info.tcpi_options & tr.TCPI_OPT_WSCALE)
+    e.snd_wscale, e.rcv_wscale = info.tcpi_snd_wscale, info.tcpi_rcv_wscale
+    e.timestamp = tr.get_timestamp(s)
+    w = tr.get_window(s)
+    e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup = (
+        w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+    return e
+
+
+def _send_repair(s: socket.socket, data: bytes, what: str) -> None:
+    """Fill the selected queue: in repair mode a send only queues (the send
+    queue's bytes count as sent, the receive queue's as received)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = s.send(view[:CHUNK], socket.MSG_DONTWAIT)
+        except OSError as e:
+            raise errors.from_errno(f"send({what} in repair mode)", e.errno or 0, None,
+                                    f"{len(view)} bytes left of {len(data)}") from None
+        view = view[n:]
+
+
+def restore_stream(s: socket.socket, inet, e) -> None:
+    """Make ``s`` (a fresh socket, in repair mode, bound) the connection
+    ``e`` (tcp_stream_entry) to inet.dst_addr:dst_port."""
+    sent = len(e.outq) - e.unsq_len
+    tr.set_queue(s, tr.TCP_SEND_QUEUE)
+    tr.set_queue_seq(s, e.snd_seq - len(e.outq))
+    tr.set_queue(s, tr.TCP_RECV_QUEUE)
+    tr.set_queue_seq(s, e.rcv_seq - len(e.inq))
+    try:
+        s.connect((inet.dst_addr, inet.dst_port))
+    except OSError as err:
+        raise errors.from_errno("connect(repair mode)", err.errno or 0, None,
+                                f"to {inet.dst_addr} port {inet.dst_port}") from None
+    opts = [(tr.TCPOPT_MSS, e.mss)]
+    if e.wscale:
+        opts.append((tr.TCPOPT_WINDOW, e.snd_wscale | e.rcv_wscale << 16))
+    if e.sack:
+        opts.append((tr.TCPOPT_SACK_PERM, 0))
+    if e.timestamps:
+        opts.append((tr.TCPOPT_TIMESTAMP, 0))
+    tr.set_options(s, opts)
+    tr.set_timestamp(s, e.timestamp)
+    tr.set_queue(s, tr.TCP_RECV_QUEUE)
+    _send_repair(s, e.inq, "receive queue")
+    tr.set_queue(s, tr.TCP_SEND_QUEUE)
+    _send_repair(s, e.outq[:sent], "send queue")
+    tr.set_queue(s, tr.TCP_NO_QUEUE)
+    tr.set_window(s, tr.TcpRepairWindow(e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd,
+                                        e.rcv_wup))
+
+
+def send_unsent(s: socket.socket, e, what: str) -> None:
+    """After repair off: the bytes the program had queued but the kernel had
+    not sent yet, sent now as the program's own send would have."""
+    data = memoryview(e.outq)[len(e.outq) - e.unsq_len:]
+    end = time.monotonic() + UNSENT_WAIT
+    while data:
+        try:
+            data = data[s.send(data, socket.MSG_DONTWAIT):]
+            continue
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            raise errors.from_errno("send(unsent data)", err.errno or 0, None, what) from None
+        left = end - time.monotonic()
+        if left <= 0:
+            raise errors.RestoreError(f"{what}: {len(data)} bytes of the send queue could "
+                                      f"not be queued again in {UNSENT_WAIT:.0f} s")
+        select.select([], [s], [], min(left, 0.5))
