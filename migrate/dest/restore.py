@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PAGE = kmem.PAGE_SIZE
 GADGET_PAGES = 5             # one code page, four data pages
+BATCH_AT = 64                # remote.BATCH_CODE, after the syscall instruction
 TASK_SIZE = 0x7FFFFFFFF000   # 47-bit user address space
 ARCH_MAP_VDSO_64 = 0x2003
 RSEQ_FLAG_UNREGISTER = 1
@@ -710,8 +711,10 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     rt.call(sysno.mmap, g, GADGET_PAGES * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC,
             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
     kmem.write_bytes(pid, g, remote.SYSCALL_INSN)
+    kmem.write_bytes(pid, g + BATCH_AT, remote.BATCH_CODE)
     rt.set_gadget(g)
     ctl = TaskCtl(rt, g + PAGE, (GADGET_PAGES - 1) * PAGE)
+    ctl.batch_code = g + BATCH_AT
 
     # rseq off before anything is unmapped: the kernel writes cpu_id into it.
     cfg = ptrace.get_rseq_config(pid)

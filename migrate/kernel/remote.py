@@ -27,6 +27,20 @@ from migrate.kernel.proc import Vma
 log = logging.getLogger(__name__)
 
 SYSCALL_INSN = b"\x0f\x05"
+# A batch of syscalls in one run (RemoteTask.batch): r12 points at a table
+# of 64-byte entries {nr, six args, result}, ended by nr = -1; each result
+# is stored back; then tgkill(r13, r14, SIGSTOP) hands the task back to us
+# (a SIGSTOP cannot be blocked or caught and we drop it at its
+# signal-delivery stop: nothing of the task changes, unlike a forced trap).
+#   loop: mov rax,[r12]; cmp rax,-1; je done; mov rdi,[r12+8]; mov rsi,[r12+16]
+#         mov rdx,[r12+24]; mov r10,[r12+32]; mov r8,[r12+40]; mov r9,[r12+48]
+#         syscall; mov [r12+56],rax; add r12,64; jmp loop
+#   done: mov eax,234; mov rdi,r13; mov rsi,r14; mov edx,19; syscall; jmp done
+BATCH_CODE = bytes.fromhex(
+    "498b04244883f8ff742b498b7c2408498b742410498b5424184d8b5424204d8b4424284d8b4c2430"
+    "0f0549894424384983c440ebcbb8ea0000004c89ef4c89f6ba130000000f05ebec")
+BATCH_ENTRY = 64
+SIGSTOP = 19
 _MASK64 = (1 << 64) - 1
 MAX_ERRNO = 4095
 _CLONE_EVENTS = (1, 2, 3)   # PTRACE_EVENT_FORK, VFORK, CLONE
@@ -128,6 +142,52 @@ class RemoteTask:
             log.debug("pid %d: remote %s%s = %#x", pid, sysno.name(nr),
                       tuple(hex(x) for x in args), res & _MASK64)
         return res
+
+    def batch(self, code: int, table: int, calls: list[tuple[int, tuple]],
+              tgid: int | None = None) -> list[int]:
+        """Run ``calls`` [(nr, args)] in one go: BATCH_CODE is at ``code`` in
+        the task, ``table`` has room for len(calls) + 1 entries; returns the
+        results (-errno on failure).  Calls must not fork or clone."""
+        import struct
+        if not calls:
+            return []
+        rows = []
+        for nr, args in calls:
+            a = [x & _MASK64 for x in args] + [0] * (6 - len(args))
+            rows.append(struct.pack("<8Q", nr, *a, 0))
+        rows.append(struct.pack("<Q", _MASK64))
+        memory.write_bytes(self.pid, table, b"".join(rows))
+        w = ffi.new("struct user_regs_struct *")
+        ffi.memmove(w, self._work, ffi.sizeof(w[0]))
+        w.rip = code
+        w.r12 = table
+        w.r13 = self.pid if tgid is None else tgid
+        w.r14 = self.pid
+        w.orig_rax = _MASK64
+        self._pt(ptrace.PTRACE_SETREGS, 0, w)
+        self._pt(ptrace.PTRACE_CONT, 0, 0)
+        while True:
+            st = ptrace.wait(self.pid)
+            if st.exited:
+                raise RemoteSyscallError("remote batch", errno.ESRCH, self.pid,
+                                         f"task {st.describe()}")
+            if st.stopped and not st.event and st.sig == SIGSTOP:
+                break           # our SIGSTOP: dropped by the next resume
+            raise RemoteSyscallError("remote batch", errno.EFAULT, self.pid,
+                                     f"expected our SIGSTOP, task {st.describe()}")
+        self.at_syscall_exit = True
+        self.calls += len(calls)
+        data = memory.read_bytes(self.pid, table, BATCH_ENTRY * len(calls))
+        out = []
+        for i, (nr, args) in enumerate(calls):
+            res = struct.unpack_from("<Q", data, i * BATCH_ENTRY + 56)[0]
+            if res > _MASK64 >> 1:
+                res -= 1 << 64
+            out.append(res)
+            if self._debug:
+                log.debug("pid %d: remote %s%s = %#x (batch)", self.pid, sysno.name(nr),
+                          tuple(hex(x) for x in args), res & _MASK64)
+        return out
 
     def finish(self) -> None:
         """Put the saved registers back from an interrupt stop (see module doc)."""

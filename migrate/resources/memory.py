@@ -582,7 +582,8 @@ class SharedObjects:
 
 def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -> None:
     """Recreate every VMA at its address (remote mmap with MAP_FIXED).  Each
-    file is opened once in the task (a library has four or five VMAs)."""
+    file is opened once in the task (a library has four or five VMAs); the
+    mmaps and madvises then go in one batch (TaskCtl.batch)."""
     fds: dict[tuple[str, int], int] = {}
 
     def fd_of(path: str, oflags: int) -> int:
@@ -592,6 +593,8 @@ def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -
         return fds[key]
 
     try:
+        calls: list[tuple[int, tuple]] = []
+        wants: list[tuple[int, str]] = []       # (expected result, what) per call
         for e in entries:
             if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
                 continue
@@ -601,22 +604,30 @@ def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -
             obj = shared.path(e.shmid) if shared is not None and e.kind == K.ANON_SHARED \
                 else None
             if obj is not None:
-                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS,
-                         fd_of(obj, O_RDWR), e.pgoff,
-                         what=f"mmap shared {e.path} at {e.start:#x}")
+                calls.append((sysno.mmap, (e.start, length, prot, flags & ~MAP_ANONYMOUS,
+                                           fd_of(obj, O_RDWR), e.pgoff)))
+                wants.append((e.start, f"mmap shared {e.path} at {e.start:#x}"))
             elif e.kind in (K.FILE_PRIVATE, K.FILE_SHARED):
                 oflags = O_RDWR if (e.kind == K.FILE_SHARED and "mw" in e.vmflags) \
                     else O_RDONLY
-                ctl.call(sysno.mmap, e.start, length, prot, flags & ~MAP_ANONYMOUS,
-                         fd_of(e.path, oflags), e.pgoff,
-                         what=f"mmap {e.path} at {e.start:#x}")
+                calls.append((sysno.mmap, (e.start, length, prot, flags & ~MAP_ANONYMOUS,
+                                           fd_of(e.path, oflags), e.pgoff)))
+                wants.append((e.start, f"mmap {e.path} at {e.start:#x}"))
             else:
-                flags |= MAP_ANONYMOUS
-                ctl.call(sysno.mmap, e.start, length, prot, flags, -1, 0,
-                         what=f"mmap at {e.start:#x}")
+                calls.append((sysno.mmap, (e.start, length, prot, flags | MAP_ANONYMOUS, -1,
+                                           0)))
+                wants.append((e.start, f"mmap at {e.start:#x}"))
             for fl, advice in MADV_FOR_FLAG.items():
                 if fl in e.vmflags:
-                    ctl.call(sysno.madvise, e.start, length, advice, check=False)
+                    calls.append((sysno.madvise, (e.start, length, advice)))
+                    wants.append((-1, ""))            # a hint: its result is not checked
+        for (want, what), got in zip(wants, ctl.batch(calls)):
+            if want == -1:
+                continue
+            if -4095 <= got < 0:
+                raise errors.from_errno(f"remote {what}", -got, ctl.pid)
+            if got != want:
+                raise errors.RestoreError(f"pid {ctl.pid}: {what} landed at {got:#x}")
     finally:
         for fd in fds.values():
             ctl.close(fd)
@@ -685,8 +696,9 @@ def fill_pages(pid: int, entries: list, parts: list[tuple[int, int, int]], reade
 
 
 def protect_vmas(ctl: TaskCtl, entries: list) -> None:
-    for e in entries:
-        if e.kind in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL):
-            continue
-        if initial_prot(e) != e.prot:
-            ctl.call(sysno.mprotect, e.start, e.end - e.start, e.prot)
+    todo = [e for e in entries if e.kind not in (K.VDSO, K.VVAR, K.VVAR_VCLOCK, K.VSYSCALL)
+            and initial_prot(e) != e.prot]
+    got = ctl.batch([(sysno.mprotect, (e.start, e.end - e.start, e.prot)) for e in todo])
+    for e, res in zip(todo, got):
+        if res < 0:
+            raise errors.from_errno(f"remote mprotect at {e.start:#x}", -res, ctl.pid)

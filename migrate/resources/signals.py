@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from migrate import errors
 from migrate.images._pb import core_pb2
 from migrate.kernel import ptrace, sysno
 from migrate.resources.taskctl import TaskCtl
@@ -11,6 +12,7 @@ from migrate.resources.taskctl import TaskCtl
 NSIG = 64
 SIGKILL, SIGSTOP = 9, 19
 KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask (kernel layout)
+SIGACTIONS_AT = 8448                  # scratch offset: after a batch table (taskctl.BATCH_MAX)
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
 ITIMERVAL = struct.Struct("<qqqq")    # it_interval {sec, usec}, it_value {sec, usec}
 SS_DISABLE = 2
@@ -46,12 +48,14 @@ def restore_sigactions(ctl: TaskCtl, entries, status: dict | None = None) -> Non
     now = ~0 if status is None else _set_in(status, "SigIgn") | _set_in(status, "SigCgt")
     todo = [e for e in entries
             if e.handler or e.flags or e.mask or e.restorer or now >> (e.sig - 1) & 1]
-    # One buffer with every sigaction, then one call each.
+    # One buffer with every sigaction (after the batch table), then one batch.
     blob = b"".join(KSIGACTION.pack(e.handler, e.flags, e.restorer, e.mask) for e in todo)
-    base = ctl.put(blob) if blob else 0
-    for i, e in enumerate(todo):
-        ctl.call(sysno.rt_sigaction, e.sig, base + i * KSIGACTION.size, 0, 8,
-                 what=f"rt_sigaction({e.sig})")
+    base = ctl.put(blob, SIGACTIONS_AT) if blob else 0
+    got = ctl.batch([(sysno.rt_sigaction, (e.sig, base + i * KSIGACTION.size, 0, 8))
+                     for i, e in enumerate(todo)])
+    for e, res in zip(todo, got):
+        if res < 0:
+            raise errors.from_errno(f"remote rt_sigaction({e.sig})", -res, ctl.pid)
 
 
 def dump_sigaltstack(ctl: TaskCtl):

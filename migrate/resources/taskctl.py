@@ -21,6 +21,9 @@ MAP_GROWSDOWN, MAP_NORESERVE, MAP_FIXED_NOREPLACE = 0x100, 0x4000, 0x100000
 O_RDONLY, O_WRONLY, O_RDWR, O_CLOEXEC = 0, 1, 2, 0o2000000
 
 
+BATCH_MAX = 128            # 129 table entries of 64 bytes: 8 KiB of the scratch area
+
+
 class TaskCtl:
     """Remote syscalls plus a scratch buffer in the task's memory."""
 
@@ -30,9 +33,21 @@ class TaskCtl:
         self.scratch = scratch
         self.scratch_size = scratch_size
         self._mapped_scratch = False
+        self.batch_code = 0      # where remote.BATCH_CODE is in the task, if it is
 
     def call(self, nr: int, *args: int, check: bool = True, what: str = "") -> int:
         return self.remote.call(nr, *args, check=check, what=what)
+
+    def batch(self, calls: list[tuple[int, tuple]]) -> list[int]:
+        """Results of ``calls`` [(nr, args)], independent of each other: in
+        runs of BATCH_MAX through the batch code when the task has it (the
+        table at the start of the scratch area), else one by one."""
+        if not self.batch_code:
+            return [self.call(nr, *args, check=False) for nr, args in calls]
+        out: list[int] = []
+        for i in range(0, len(calls), BATCH_MAX):
+            out += self.remote.batch(self.batch_code, self.scratch, calls[i:i + BATCH_MAX])
+        return out
 
     # -- scratch area ----------------------------------------------------
     def map_scratch(self, size: int = 64 * 1024) -> None:
