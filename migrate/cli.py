@@ -131,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_incremental(d)
     _add_page_server_client(d)
     d.add_argument("--lazy-pages", action="store_true",
-                   help="post-copy: after the dump, serve its pages to a `migrate "
-                        "lazy-pages --page-server` on --address/--port until it has them all")
+                   help="post-copy: leave the anonymous memory out of the image, kill the "
+                        "process, and serve that memory to a `migrate lazy-pages "
+                        "--page-server` on --address/--port until it has taken it all")
     _add_common(d)
 
     pd = sub.add_parser("pre-dump", help="copy memory while the process runs (incremental)")

@@ -60,7 +60,7 @@ class RestoreOptions:
     pidfile: str | None = None
     shell_job: bool = False
     leave_stopped: bool = False
-    lazy_pages: bool = False            # post-copy: the root's anonymous pages (dest/lazy.py)
+    lazy_pages: bool = False            # post-copy: anonymous pages by a daemon (dest/lazy.py)
     lazy_socket: str | None = None      # the lazy-pages daemon's unix socket
     tcp_close: bool = False              # connections come back closed, no lock
     network_lock: str | None = None      # "nftables" (default), "iptables", "skip"

@@ -3,7 +3,7 @@
 The dump leaves the root's lazy pages out of the image (PE_LAZY).  Before it
 kills the process (whose PID the restore needs, on this host or another),
 ``keep_memory`` makes a *keeper*: a remote clone(CLONE_VM) of the frozen
-root, traced from birth (PTRACE_O_TRACECLONE) so it never runs an
+root, traced from birth (PTRACE_O_TRACEFORK) so it never runs an
 instruction; its fds are closed (close_range), it leaves the process's
 session and group (setsid: the restore needs those ids free too), and it
 shares the mm, which
@@ -32,7 +32,10 @@ PAGE = kmem.PAGE_SIZE
 
 CLONE_VM = 0x100
 CLOSE_RANGE_ALL = (0, 0xFFFFFFFF, 0)
-KEEPER_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE |
+# A clone() whose exit signal is SIGCHLD is a fork to ptrace: TRACEFORK
+# makes it stop at birth (TRACECLONE alone would let it run).
+KEEPER_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACEFORK |
+                  ptrace.PTRACE_O_TRACECLONE |
                   ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_SUSPEND_SECCOMP)
 
 
@@ -75,7 +78,10 @@ def keep_memory(pid: int, lazy: list[tuple[int, int]]) -> Keeper:
     ptrace.set_options(pid, KEEPER_OPTIONS)
     rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, proc.read_maps(pid)))
     try:
-        child = rt.call(sysno.clone, CLONE_VM, 0, 0, 0, 0, what="clone(CLONE_VM)")
+        # SIGCHLD as its exit signal: once the process is gone the keeper is
+        # reparented (to a subreaper or init), which reaps it like any child.
+        child = rt.call(sysno.clone, CLONE_VM | signal.SIGCHLD, 0, 0, 0, 0,
+                        what="clone(CLONE_VM)")
     finally:
         rt.finish()
     try:

@@ -181,6 +181,16 @@ class LazyDump:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+        # The keeper (a clone of the dumped process) is reparented to us, the
+        # subreaper, when the process dies: reap it.
+        import re
+        keepers = [int(k) for k in re.findall(r"memory kept by task (\d+)", self.log())]
+        for k in keepers:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        reap_pids(keepers, 10)
 
 
 @pytest.fixture
