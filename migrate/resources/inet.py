@@ -115,15 +115,18 @@ class Dumper:
                 raise errors.UnsupportedResource(pid, "socket", f"{link}: {FAMILIES[s.family]}"
                                                  f" socket of type {typ} protocol {s.proto}",
                                                  fd=fd)
-            e = files_pb2.inet_sk_entry(ino=int(link[8:-1]), family=s.family, type=typ,
-                                        flags=flags & os.O_NONBLOCK)
+            # Filled in place: a copy of the queues would cost a copy per entry.
+            f = files_pb2.file_entry(id=fid, type=files_pb2.INET_SOCKET)
+            e = f.inet
+            e.ino, e.family, e.type = int(link[8:-1]), s.family, typ
+            e.flags = flags & os.O_NONBLOCK
             e.src_addr, e.src_port = _addr(s.getsockname())
             self._options(s, e)
             if typ == socket.SOCK_STREAM:
                 keep = self._tcp(pid, fd, s, e)
             else:
                 self._udp(pid, fd, s, e)
-            return files_pb2.file_entry(id=fid, type=files_pb2.INET_SOCKET, inet=e)
+            return f
         finally:
             if not keep:
                 s.close()
@@ -180,7 +183,7 @@ class Dumper:
                                              "(or --tcp-close)", fd=fd)
         tr.set_repair(s, tr.TCP_REPAIR_ON)
         self.repaired.append((s, e))
-        e.tcp.CopyFrom(tcp.dump_stream(s))
+        tcp.dump_stream(s, e.tcp)
         log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
                   pid, fd, describe(e), len(e.tcp.inq), len(e.tcp.outq), e.tcp.unsq_len)
         return True

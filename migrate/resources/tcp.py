@@ -29,7 +29,6 @@ import socket
 import time
 
 from migrate import errors
-from migrate.images._pb import files_pb2
 from migrate.kernel import tcprepair as tr
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,9 @@ CHUNK = 64 << 10            # repair-mode sends, one skb each at most this big
 UNSENT_WAIT = 10.0          # seconds to push the unsent part after repair off
 
 
-def dump_stream(s: socket.socket) -> "files_pb2.tcp_stream_entry":
-    """The connection's repair state; ``s`` must be in repair mode already."""
-    e = files_pb2.tcp_stream_entry()
+def dump_stream(s: socket.socket, e) -> None:
+    """Fill ``e`` (tcp_stream_entry) with the connection's repair state; ``s``
+    must be in repair mode already."""
     inq_len, outq_len, unsq_len = tr.queue_lengths(s)
     tr.set_queue(s, tr.TCP_RECV_QUEUE)
     e.rcv_seq = tr.get_queue_seq(s)
@@ -60,7 +59,6 @@ def dump_stream(s: socket.socket) -> "files_pb2.tcp_stream_entry":
     w = tr.get_window(s)
     e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup = (
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
-    return e
 
 
 def _send_repair(s: socket.socket, data: bytes, what: str) -> None:

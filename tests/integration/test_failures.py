@@ -83,7 +83,7 @@ def test_dump_unsupported_leaves_process_as_it_was(mode, workdir, workloads):
     images = os.path.join(workdir, "img")
     p = migrate("dump", "-t", str(w.pid), "-D", images)
     assert p.returncode != 0
-    assert {"deleted-map": "deleted file", "socket": "not a unix socket",
+    assert {"deleted-map": "deleted file", "socket": "neither a unix nor an inet socket",
             "timer": "CPU time of pid", "lease": "LEASE lock",
             "seccomp-notify": "SECCOMP_RET_USER_NOTIF"}[mode] \
         in p.stderr, p.stderr

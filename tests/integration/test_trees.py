@@ -50,7 +50,7 @@ def test_tree_dump_refused_leaves_tree(workdir, workloads):
     before = _tree_pids(w)
     d = migrate("dump", "-t", str(w.pid), "-D", os.path.join(workdir, "img"))
     assert d.returncode != 0
-    assert "not a unix socket" in d.stderr and "left running" in d.stderr, d.stderr
+    assert "neither a unix nor an inet socket" in d.stderr and "left running" in d.stderr, d.stderr
     assert "fd " in d.stderr and str(before[1]) in d.stderr, d.stderr
     assert _tree_pids(w) == before
     assert not os.path.exists(os.path.join(workdir, "img", "inventory.img"))

@@ -2,7 +2,7 @@
  * unsupported MODE: a process holding something `migrate dump` refuses
  * (yet), to prove that a refused dump leaves it exactly as it was.
  *   deleted-map  a MAP_PRIVATE mapping of a file that was then unlinked
- *   socket       an AF_INET socket (only unix socketpairs are handled yet)
+ *   socket       an AF_NETLINK socket (unix and inet sockets are handled)
  *   timer        a POSIX timer on the CPU clock of another process
  *   lease        a read lease (F_SETLEASE) on a temporary file
  *   pipe         a pipe with data in flight (supported: a control case)
@@ -105,7 +105,7 @@ int main(int argc, char **argv)
 			fail("F_SETLEASE: %s", strerror(errno));
 		pfd[0] = -1;
 	} else if (!strcmp(mode, "socket")) {
-		if ((pfd[0] = socket(AF_INET, SOCK_STREAM, 0)) < 0)
+		if ((pfd[0] = socket(AF_NETLINK, SOCK_RAW, 0)) < 0)
 			fail("socket");
 		pfd[0] = -1;	/* nothing to read back at the end: keep it open */
 	} else if (!strcmp(mode, "thread")) {
