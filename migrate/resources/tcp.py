@@ -61,6 +61,18 @@ def dump_stream(s: socket.socket, e) -> None:
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
 
 
+def _fit(s: socket.socket, force: int, opt: int, queued: int, dumped: int) -> None:
+    """Make the buffer ``opt`` hold ``queued`` bytes with their skb overhead."""
+    if not queued:
+        return
+    need = 2 * queued + CHUNK
+    if s.getsockopt(socket.SOL_SOCKET, opt) >= need:
+        return
+    # the kernel doubles what is set (man 7 socket)
+    tr.setopt(s, socket.SOL_SOCKET, force, max(need, dumped) // 2 + 1,
+              "SO_SNDBUFFORCE" if force == tr.SO_SNDBUFFORCE else "SO_RCVBUFFORCE")
+
+
 def _send_repair(s: socket.socket, data: bytes, what: str) -> None:
     """Fill the selected queue: in repair mode a send only queues (the send
     queue's bytes count as sent, the receive queue's as received)."""
@@ -96,6 +108,13 @@ def restore_stream(s: socket.socket, inet, e) -> None:
         opts.append((tr.TCPOPT_TIMESTAMP, 0))
     tr.set_options(s, opts)
     tr.set_timestamp(s, e.timestamp)
+    # A new socket's buffers (tcp_wmem/tcp_rmem defaults) may be smaller than
+    # the queues autotuning let the old one hold: a repair-mode send beyond
+    # them fails (EAGAIN, ENOMEM).  Raised to what the old one had, or to
+    # what the queue needs, only then (a buffer set by hand is no longer
+    # autotuned).
+    _fit(s, tr.SO_RCVBUFFORCE, socket.SO_RCVBUF, len(e.inq), inet.rcvbuf)
+    _fit(s, tr.SO_SNDBUFFORCE, socket.SO_SNDBUF, len(e.outq), inet.sndbuf)
     tr.set_queue(s, tr.TCP_RECV_QUEUE)
     _send_repair(s, e.inq, "receive queue")
     tr.set_queue(s, tr.TCP_SEND_QUEUE)
