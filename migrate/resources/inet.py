@@ -48,10 +48,7 @@ def describe(e) -> str:
 def tree_connections(pids: list[int]) -> list[tr.InetSock]:
     """The established (or half-closed) TCP connections the fds of ``pids``
     hold, from /proc/PID/net/tcp{,6} (the first pid's namespace)."""
-    if not pids:
-        return []
-    table = tr.inet_sockets(pids[0], "tcp")
-    out: dict[int, tr.InetSock] = {}
+    inodes: set[int] = set()
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -63,11 +60,12 @@ def tree_connections(pids: list[int]) -> list[tr.InetSock]:
             except OSError:
                 continue
             if link.startswith("socket:["):
-                ino = int(link[8:-1])
-                s = table.get(ino)
-                if s is not None and s.state not in (tr.TCP_LISTEN, tr.TCP_CLOSE):
-                    out[ino] = s
-    return list(out.values())
+                inodes.add(int(link[8:-1]))
+    if not inodes:           # the common case: no table to read
+        return []
+    table = tr.inet_sockets(pids[0], "tcp")
+    return [table[i] for i in sorted(inodes) if i in table and
+            table[i].state not in (tr.TCP_LISTEN, tr.TCP_CLOSE)]
 
 
 def _addr(name) -> tuple[str, int]:
