@@ -167,7 +167,10 @@ class Dumper:
             return False
         if e.state == tr.TCP_CLOSE:
             return False
-        e.dst_addr, e.dst_port = _addr(s.getpeername())
+        try:
+            e.dst_addr, e.dst_port = _addr(s.getpeername())
+        except OSError:
+            pass                      # SYN_SENT: no peer yet (refused below)
         if self.tcp_close:
             e.closed = True           # --tcp-close: no state, no lock
             return False
@@ -180,8 +183,15 @@ class Dumper:
                                              f"{describe(e)}: dump with --tcp-established "
                                              "(or --tcp-close)", fd=fd)
         tr.set_repair(s, tr.TCP_REPAIR_ON)
+        try:
+            tcp.dump_stream(s, e.tcp)
+        except BaseException:
+            try:
+                _repair_off(s, e)      # before our copy is closed (dump's finally)
+            except (errors.MigrateError, OSError) as err:
+                log.error("%s: could not leave repair mode: %s", describe(e), err)
+            raise
         self.repaired.append((s, e))
-        tcp.dump_stream(s, e.tcp)
         log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
                   pid, fd, describe(e), len(e.tcp.inq), len(e.tcp.outq), e.tcp.unsq_len)
         return True

@@ -452,3 +452,25 @@ def test_client_with_unacknowledged_data(net, workdir, workloads):
     _progress(client)
     client.assert_pass()
     server.assert_pass()
+
+
+def test_connecting_socket_refused(net, workdir, workloads):
+    """A connection still being made (SYN_SENT, to an address nobody has)
+    is refused by name, and the process goes on."""
+    c, s = net.ns("c"), net.ns("s")
+    net.link(c, s, 11)
+    w = Workload(net.enter(c, [sys.executable, "-c", f"""
+import socket, time
+s = socket.socket(); s.setblocking(False)
+s.connect_ex(("{NET4.format(11, 3)}", 9))
+print("READY", flush=True)
+time.sleep(120)
+"""]), workdir, "connecting")
+    workloads.append(w)
+    w.wait_ready()
+    p = net.migrate(c, "dump", "-t", str(w.pid), "-D", os.path.join(workdir, "img"),
+                    "--tcp-established")
+    assert p.returncode == 1 and "SYN_SENT" in p.stderr, p.stderr
+    assert f"{NET4.format(11, 1)}:" in p.stderr, p.stderr
+    assert net.tables(c) == []
+    assert alive(w.pid)
