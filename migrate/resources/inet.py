@@ -48,10 +48,7 @@ def describe(e) -> str:
 def tree_connections(pids: list[int]) -> list[tr.InetSock]:
     """The established (or half-closed) TCP connections the fds of ``pids``
     hold, from /proc/PID/net/tcp{,6} (the first pid's namespace)."""
-    if not pids:
-        return []
-    table = tr.inet_sockets(pids[0], "tcp")
-    out: dict[int, tr.InetSock] = {}
+    inodes: set[int] = set()
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -63,11 +60,12 @@ def tree_connections(pids: list[int]) -> list[tr.InetSock]:
             except OSError:
                 continue
             if link.startswith("socket:["):
-                ino = int(link[8:-1])
-                s = table.get(ino)
-                if s is not None and s.state not in (tr.TCP_LISTEN, tr.TCP_CLOSE):
-                    out[ino] = s
-    return list(out.values())
+                inodes.add(int(link[8:-1]))
+    if not inodes:           # the common case: no table to read
+        return []
+    table = tr.inet_sockets(pids[0], "tcp")
+    return [table[i] for i in sorted(inodes) if i in table and
+            table[i].state not in (tr.TCP_LISTEN, tr.TCP_CLOSE)]
 
 
 def _addr(name) -> tuple[str, int]:
@@ -115,15 +113,18 @@ class Dumper:
                 raise errors.UnsupportedResource(pid, "socket", f"{link}: {FAMILIES[s.family]}"
                                                  f" socket of type {typ} protocol {s.proto}",
                                                  fd=fd)
-            e = files_pb2.inet_sk_entry(ino=int(link[8:-1]), family=s.family, type=typ,
-                                        flags=flags & os.O_NONBLOCK)
+            # Filled in place: a copy of the queues would cost a copy per entry.
+            f = files_pb2.file_entry(id=fid, type=files_pb2.INET_SOCKET)
+            e = f.inet
+            e.ino, e.family, e.type = int(link[8:-1]), s.family, typ
+            e.flags = flags & os.O_NONBLOCK
             e.src_addr, e.src_port = _addr(s.getsockname())
             self._options(s, e)
             if typ == socket.SOCK_STREAM:
                 keep = self._tcp(pid, fd, s, e)
             else:
                 self._udp(pid, fd, s, e)
-            return files_pb2.file_entry(id=fid, type=files_pb2.INET_SOCKET, inet=e)
+            return f
         finally:
             if not keep:
                 s.close()
@@ -166,7 +167,10 @@ class Dumper:
             return False
         if e.state == tr.TCP_CLOSE:
             return False
-        e.dst_addr, e.dst_port = _addr(s.getpeername())
+        try:
+            e.dst_addr, e.dst_port = _addr(s.getpeername())
+        except OSError:
+            pass                      # SYN_SENT: no peer yet (refused below)
         if self.tcp_close:
             e.closed = True           # --tcp-close: no state, no lock
             return False
@@ -179,8 +183,15 @@ class Dumper:
                                              f"{describe(e)}: dump with --tcp-established "
                                              "(or --tcp-close)", fd=fd)
         tr.set_repair(s, tr.TCP_REPAIR_ON)
+        try:
+            tcp.dump_stream(s, e.tcp)
+        except BaseException:
+            try:
+                _repair_off(s, e)      # before our copy is closed (dump's finally)
+            except (errors.MigrateError, OSError) as err:
+                log.error("%s: could not leave repair mode: %s", describe(e), err)
+            raise
         self.repaired.append((s, e))
-        e.tcp.CopyFrom(tcp.dump_stream(s))
         log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
                   pid, fd, describe(e), len(e.tcp.inq), len(e.tcp.outq), e.tcp.unsq_len)
         return True

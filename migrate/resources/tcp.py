@@ -29,7 +29,6 @@ import socket
 import time
 
 from migrate import errors
-from migrate.images._pb import files_pb2
 from migrate.kernel import tcprepair as tr
 
 log = logging.getLogger(__name__)
@@ -38,9 +37,9 @@ CHUNK = 64 << 10            # repair-mode sends, one skb each at most this big
 UNSENT_WAIT = 10.0          # seconds to push the unsent part after repair off
 
 
-def dump_stream(s: socket.socket) -> "files_pb2.tcp_stream_entry":
-    """The connection's repair state; ``s`` must be in repair mode already."""
-    e = files_pb2.tcp_stream_entry()
+def dump_stream(s: socket.socket, e) -> None:
+    """Fill ``e`` (tcp_stream_entry) with the connection's repair state; ``s``
+    must be in repair mode already."""
     inq_len, outq_len, unsq_len = tr.queue_lengths(s)
     tr.set_queue(s, tr.TCP_RECV_QUEUE)
     e.rcv_seq = tr.get_queue_seq(s)
@@ -60,7 +59,18 @@ def dump_stream(s: socket.socket) -> "files_pb2.tcp_stream_entry":
     w = tr.get_window(s)
     e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup = (
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
-    return e
+
+
+def _fit(s: socket.socket, force: int, opt: int, queued: int, dumped: int) -> None:
+    """Make the buffer ``opt`` hold ``queued`` bytes with their skb overhead."""
+    if not queued:
+        return
+    need = 2 * queued + CHUNK
+    if s.getsockopt(socket.SOL_SOCKET, opt) >= need:
+        return
+    # the kernel doubles what is set (man 7 socket)
+    tr.setopt(s, socket.SOL_SOCKET, force, max(need, dumped) // 2 + 1,
+              "SO_SNDBUFFORCE" if force == tr.SO_SNDBUFFORCE else "SO_RCVBUFFORCE")
 
 
 def _send_repair(s: socket.socket, data: bytes, what: str) -> None:
@@ -98,6 +108,13 @@ def restore_stream(s: socket.socket, inet, e) -> None:
         opts.append((tr.TCPOPT_TIMESTAMP, 0))
     tr.set_options(s, opts)
     tr.set_timestamp(s, e.timestamp)
+    # A new socket's buffers (tcp_wmem/tcp_rmem defaults) may be smaller than
+    # the queues autotuning let the old one hold: a repair-mode send beyond
+    # them fails (EAGAIN, ENOMEM).  Raised to what the old one had, or to
+    # what the queue needs, only then (a buffer set by hand is no longer
+    # autotuned).
+    _fit(s, tr.SO_RCVBUFFORCE, socket.SO_RCVBUF, len(e.inq), inet.rcvbuf)
+    _fit(s, tr.SO_SNDBUFFORCE, socket.SO_SNDBUF, len(e.outq), inet.sndbuf)
     tr.set_queue(s, tr.TCP_RECV_QUEUE)
     _send_repair(s, e.inq, "receive queue")
     tr.set_queue(s, tr.TCP_SEND_QUEUE)

@@ -486,7 +486,7 @@ def _lock_network(opts: DumpOptions, tr: ptree.Tree, stats: DumpStats):
         return None
     conns = [c for c in inet.tree_connections([p.pid for p in tr.live])
              if c.state == inet.tr.TCP_ESTABLISHED]
-    lk = netlock.lock(tr.root.pid, [netlock.Conn(c.family, c.local[0], c.local[1],
+    lk = netlock.lock(tr.root.pid, [netlock.Conn.of(c.family, c.local[0], c.local[1],
                                                  c.remote[0], c.remote[1]) for c in conns],
                       opts.network_lock)
     if lk is not None:
@@ -686,7 +686,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             raise errors.DumpError(f"{len(conns)} TCP connection(s) would be dumped "
                                    "without the network lock")
         if lock is not None:        # a connection the first look missed
-            lock.add([netlock.Conn(e.family, e.src_addr, e.src_port, e.dst_addr, e.dst_port)
+            lock.add([netlock.Conn.of(e.family, e.src_addr, e.src_port, e.dst_addr, e.dst_port)
                       for e in conns])
         for t in used.values():
             if t.fresh:
