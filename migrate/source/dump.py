@@ -599,12 +599,9 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     status = proc.read_status(pid)
     task.check_unsupported(pid, status)
     seccomp_state = seccomp.dump(pid, fr.tids, ptrace.PTRACE_O_TRACESYSGOOD)  # as freeze seized
-    shared_pending = signals.dump_pending(pid, shared=True,
-                                          drop_sigcont_from=os.getpid() if fr.stopped else None)
     threads = []
     for tid in fr.tids:                 # the leader first
         t = regs.dump_thread(pid, tid, fr.regs[tid])
-        t.pending.extend(signals.dump_pending(tid, shared=False))
         t.robust_list, t.robust_list_len = _robust_list(tid)
         t.comm = proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
         t.sched_policy, t.sched_priority, t.nice = task.dump_sched(tid)
@@ -618,6 +615,13 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     core.sigactions.extend(signals.dump_sigactions(ctl, status))
     core.itimers.extend(signals.dump_itimers(ctl))
     timers.dump(ctl, core, fr.tids)
+    # Pending signals right after the timers: the timers run while the task
+    # is frozen, and a one-shot timer that expires between the two reads
+    # would otherwise be lost (shown disarmed, its signal not read).
+    shared_pending = signals.dump_pending(pid, shared=True,
+                                          drop_sigcont_from=os.getpid() if fr.stopped else None)
+    for t in threads:
+        t.pending.extend(signals.dump_pending(t.tid, shared=False))
     core.seccomp.extend(seccomp_state)
     brk = ctl.call(sysno.brk, 0)
     for t in threads:                   # per thread: its own altstack and tid address
