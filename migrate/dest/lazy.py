@@ -146,11 +146,9 @@ def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str,
     pid = ctl.pid
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     r = ctl.call(sysno.userfaultfd, flags, what="userfaultfd")
-    pidfd = syscalls.pidfd_open(pid)
     try:
-        uffd = syscalls.pidfd_getfd(pidfd, r, pid)
+        uffd = syscalls.take_fd(pid, r)
     finally:
-        os.close(pidfd)
         ctl.call(sysno.close, r)
     try:
         got = userfaultfd.api(uffd, UFFD_FEATURES)

@@ -96,11 +96,9 @@ class UffdTracker:
             r = ctl.call(sysno.userfaultfd, flags | userfaultfd.UFFD_USER_MODE_ONLY)
         elif r < 0:
             raise errors.from_errno("remote userfaultfd", -r, pid)
-        pidfd = syscalls.pidfd_open(pid)
         try:
-            uffd = syscalls.pidfd_getfd(pidfd, r, pid)
+            uffd = syscalls.take_fd(pid, r)
         finally:
-            os.close(pidfd)
             ctl.call(sysno.close, r)
         try:
             userfaultfd.api(uffd, UFFD_FEATURES)
