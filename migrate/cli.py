@@ -92,7 +92,8 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-server", action="store_true",
                    help="send the whole image to a `migrate page-server` (-D then holds "
-                        "only logs)")
+                        "the log and a copy of the image without its pages, for the "
+                        "next --prev-images-dir)")
     p.add_argument("--address", metavar="HOST", help="the page-server's address")
     p.add_argument("--port", type=int, default=DEFAULT_PS_PORT, metavar="N",
                    help=f"the page-server's port (default {DEFAULT_PS_PORT})")
@@ -306,7 +307,8 @@ def _sink(args):
         os.path.abspath(args.images_dir)))
     return PageServerSink(args.address, args.port, session,
                           ssl_context=_tls_context(args, server=False),
-                          streams=args.ps_streams, compress=args.compress)
+                          streams=args.ps_streams, compress=args.compress,
+                          mirror=args.images_dir)
 
 
 def _with_sink(sink, fn, opts):
