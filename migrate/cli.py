@@ -230,6 +230,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the backend the dump used (default: both are cleaned)")
     _add_common(nu)
 
+    ag = sub.add_parser("agent", help="run this host's migration agent (HTTPS API, "
+                                      "page-server, dumps and restores)")
+    ag.add_argument("--config", required=True, metavar="FILE",
+                    help="the agent's TOML config (see docs/orchestrator.md)")
+    _add_common(ag)
+
+    rn = sub.add_parser("run", help="live-migrate a process from one host to another")
+    rn.add_argument("--src", required=True, metavar="HOST", help="the host it runs on")
+    rn.add_argument("--dst", required=True, metavar="HOST", help="the host it moves to")
+    rn.add_argument("--pid", "-t", type=int, required=True, metavar="PID",
+                    help="the process (with its subtree), as the source host sees it")
+    rn.add_argument("--downtime-limit", type=float, default=300, metavar="MS",
+                    help="stop pre-copy once the predicted downtime is under this "
+                         "(default 300 ms, like QEMU)")
+    rn.add_argument("--max-bandwidth", type=_rate_arg, default=None, metavar="RATE",
+                    help="cap on the pages' bandwidth, bytes/s with K/M/G (e.g. 100M)")
+    rn.add_argument("--max-rounds", type=int, default=30, metavar="N",
+                    help="at most N pre-copy rounds (default 30)")
+    rn.add_argument("--auto-converge", action="store_true",
+                    help="throttle the process's CPU while it dirties memory faster than "
+                         "the link (20%%, then +10%% a round, up to 99%%)")
+    rn.add_argument("--post-copy", choices=("off", "on", "auto"), default="off",
+                    help="post-copy (lazy pages) after pre-copy: not implemented yet")
+    rn.add_argument("--no-pre-copy", action="store_true",
+                    help="no pre-copy rounds: one stop-and-copy")
+    rn.add_argument("--tcp-established", action="store_true",
+                    help="move established TCP connections (behind the network lock)")
+    rn.add_argument("--move-address", metavar="IP",
+                    help="move this service address from --src to --dst during the stop")
+    rn.add_argument("--keep-images", action="store_true",
+                    help="keep the images on both hosts after a successful migration")
+    rn.add_argument("--detach", action="store_true",
+                    help="start it and print its id; the source agent carries it on")
+    rn.add_argument("--json", action="store_true", help="print the final record as JSON")
+    rn.add_argument("--inventory", metavar="FILE",
+                    help="hosts.toml (default $MIGRATE_INVENTORY or /etc/migrate/hosts.toml)")
+    _add_common(rn)
+
+    sa = sub.add_parser("status", help="migrations the agents know, or one of them")
+    sa.add_argument("id", nargs="?", help="a migration id")
+    sa.add_argument("--host", metavar="HOST", help="ask only this host's agent")
+    sa.add_argument("--json", action="store_true")
+    sa.add_argument("--inventory", metavar="FILE")
+    _add_common(sa)
+
+    ca = sub.add_parser("cancel", help="cancel a migration (the process stays on its "
+                                       "source host)")
+    ca.add_argument("id", help="the migration id")
+    ca.add_argument("--host", metavar="HOST", help="the source host (default: ask all)")
+    ca.add_argument("--inventory", metavar="FILE")
+    _add_common(ca)
+
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
     s.add_argument("path", metavar="FILE|DIR")
     s.add_argument("--verify", action="store_true",
@@ -496,6 +548,39 @@ def cmd_page_server(args) -> int:
                       daemon=args.daemon)
 
 
+def _rate_arg(text: str) -> int:
+    """A rate in bytes/s: a number with an optional K, M or G (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B/S").removesuffix("/S").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 100M)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the rate must be positive")
+    return int(v)
+
+
+def cmd_agent(args) -> int:
+    from migrate.orchestrator import agent
+    return agent.run(args.config)
+
+
+def cmd_run(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.run, args)
+
+
+def cmd_status(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.status, args)
+
+
+def cmd_cancel(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.cancel, args)
+
+
 def cmd_certs(args) -> int:
     from migrate.pageserver import certs
     if args.certs_command == "init":
@@ -512,7 +597,8 @@ def cmd_certs(args) -> int:
 COMMANDS = {"lazy-pages": cmd_lazy_pages, "network-lock": cmd_network_lock,
             "network-unlock": cmd_network_unlock, "page-server": cmd_page_server,
             "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump,
-            "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+            "restore": cmd_restore, "show": cmd_show, "check": cmd_check,
+            "agent": cmd_agent, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ class DumpOptions:
     # if it raises, the tree is put back running exactly as before and the
     # lock lifted: the destination failed, the source keeps the process.
     before_release: object = None
+    on_freeze: object = None             # called right before the freeze (downtime starts)
 
     def inet_opts(self) -> dict:
         return {"tcp_established": self.tcp_established, "tcp_close": self.tcp_close,
@@ -390,6 +391,8 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         images.discard()
         raise
     t0 = time.perf_counter()
+    if opts.on_freeze is not None:
+        opts.on_freeze()
     try:
         tr = ptree.freeze_tree(pid)
     except BaseException:

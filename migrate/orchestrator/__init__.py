@@ -1,0 +1,1 @@
+"""Live migration: per-host agents, `migrate run`, convergence policy, rollback."""
