@@ -259,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="move established TCP connections (behind the network lock)")
     rn.add_argument("--move-address", metavar="IP",
                     help="move this service address from --src to --dst during the stop")
+    rn.add_argument("--restore-fill", choices=("auto", "lazy", "eager"), default="auto",
+                    help="how the destination fills the memory it received: lazy (the "
+                         "process resumes at once, a local lazy-pages daemon fills it in "
+                         "the background), eager (before it resumes), auto (lazy from "
+                         "32 MiB; the default)")
     rn.add_argument("--keep-images", action="store_true",
                     help="keep the images on both hosts after a successful migration")
     rn.add_argument("--detach", action="store_true",

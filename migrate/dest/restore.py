@@ -381,6 +381,13 @@ def lock_network(images_dir: str, backend: str | None) -> int:
     return len(conns)
 
 
+def unlock_network(images_dir: str, backend: str | None) -> None:
+    """Lift a lock ``lock_network`` set (a migration rolled back before
+    its restore)."""
+    d = ImageDir.open(images_dir)
+    netlock.unlock_tree(d.inventory.root_pid, backend)
+
+
 def _own_tty() -> str | None:
     for fd in (0, 1, 2):
         try:

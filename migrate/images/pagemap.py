@@ -107,31 +107,75 @@ def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tupl
     """For an image and its parents (``chain[0]`` is the image restored), the
     stored pages each level must provide: ``[(file page index, vaddr,
     nr_pages), ...]`` per level, sorted by file index.  A page marked
-    IN_PARENT that no parent stores is an ImageError."""
+    IN_PARENT that no parent stores is an ImageError.
+
+    One sweep over the entries of every level (not level by level: after
+    many pre-copy rounds of scattered dirty pages, what is still to find
+    is split into thousands of pieces, and going over them once per level
+    took seconds).  At each stretch of addresses, the level that provides
+    it is the first one, from the top, that does not say "in parent"; it
+    must store it."""
     names = names or [f"image {i}" for i in range(len(chain))]
     out: list[list[tuple[int, int, int]]] = [[] for _ in chain]
-    todo = ranges_of(chain[0], PE_PRESENT | PE_IN_PARENT) if chain else []
+    if not chain:
+        return out
+    # (address, order, level, kind, idx): ends (order 0) before starts (1)
+    events = []
     for level, entries in enumerate(chain):
-        if not todo:
+        idx = 0
+        for e in entries:
+            s, end = e.vaddr, e.vaddr + e.nr_pages * PAGE
+            if e.flags & PE_PRESENT:
+                events.append((s, 1, level, 1, idx))
+                events.append((end, 0, level, 1, idx))
+                idx += e.nr_pages
+            elif e.flags & PE_IN_PARENT and e.nr_pages:
+                events.append((s, 1, level, 2, 0))
+                events.append((end, 0, level, 2, 0))
+    events.sort()
+    present = 0                       # bit per level: stores the stretch
+    inparent = 0                      # bit per level: leaves it to its parent
+    start_of: dict[int, tuple[int, int]] = {}      # level -> (vaddr, file index)
+    deepest = len(chain)
+    i, n = 0, len(events)
+    while i < n:
+        pos = events[i][0]
+        while i < n and events[i][0] == pos:
+            _, order, level, kind, idx = events[i]
+            bit = 1 << level
+            if kind == 1:
+                if order:
+                    present |= bit
+                    start_of[level] = (pos, idx)
+                else:
+                    present &= ~bit
+            elif order:
+                inparent |= bit
+            else:
+                inparent &= ~bit
+            i += 1
+        if i >= n:
             break
-        present = _present_index(entries)
-        pres_ranges = normalize((s, e) for s, e, _ in present)
-        here = intersect(todo, pres_ranges)
-        out[level].extend(_file_pieces(here, present))
-        rest = subtract(todo, here)
-        inparent = ranges_of(entries, PE_IN_PARENT)
-        missing = subtract(rest, inparent)
-        if missing:
-            s, _ = missing[0]
-            raise ImageError(f"pagemap of {names[level]}", None,
-                             f"page {s:#x} is needed but neither stored nor in a parent "
-                             f"({pages(missing)} pages missing)")
-        todo = rest
-    if todo:
-        s, _ = todo[0]
-        raise ImageError(f"pagemap of {names[-1]}", None,
-                         f"page {s:#x} is marked in parent but the chain ends here "
-                         f"({pages(todo)} pages)")
+        if not (present | inparent) & 1:
+            continue                  # not in the image restored
+        nxt = events[i][0]
+        # first level that does not pass the stretch on to its parent
+        stop = ((present | ~inparent) & -(present | ~inparent)).bit_length() - 1
+        if stop >= deepest:
+            raise ImageError(f"pagemap of {names[-1]}", None,
+                             f"page {pos:#x} is marked in parent but the chain ends here "
+                             f"({(nxt - pos) // PAGE} pages)")
+        if not present >> stop & 1:
+            raise ImageError(f"pagemap of {names[stop]}", None,
+                             f"page {pos:#x} is needed but neither stored nor in a parent "
+                             f"({(nxt - pos) // PAGE} pages missing)")
+        ps, pidx = start_of[stop]
+        fidx = pidx + (pos - ps) // PAGE
+        lst = out[stop]
+        if lst and lst[-1][1] + lst[-1][2] * PAGE == pos and lst[-1][0] + lst[-1][2] == fidx:
+            lst[-1] = (lst[-1][0], lst[-1][1], lst[-1][2] + (nxt - pos) // PAGE)
+        else:
+            lst.append((fidx, pos, (nxt - pos) // PAGE))
     for lst in out:
         lst.sort()
     return out

@@ -120,8 +120,12 @@ class Proc:
 
 
 class LazyPages:
-    def __init__(self, source, sock_path: str, *, prefetch: bool = True) -> None:
+    def __init__(self, source, sock_path: str, *, prefetch: bool = True,
+                 prepare=None) -> None:
         self.source = source
+        # ``prepare``: run (in a thread) once listening, before the first
+        # connection is taken: a restore may then load its image meanwhile.
+        self.prepare = prepare
         self.sock_path = sock_path
         self.prefetch_on = prefetch
         self.procs: list[Proc] = []
@@ -147,6 +151,8 @@ class LazyPages:
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         if ready is not None:
             ready()
+        if self.prepare is not None:
+            await self.loop.run_in_executor(None, self.prepare)
         accept = asyncio.create_task(self._accept_loop())
         watch = asyncio.create_task(self._watch_children())
         pre = asyncio.create_task(self._prefetch_loop()) if self.prefetch_on else None
@@ -605,16 +611,26 @@ _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork
 
 def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         prefetch: bool = True, status_fd: int | None = None,
-        stats_out=None) -> int:
+        stats_out=None, verify: bool = True, early: bool = False) -> int:
     """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
-    = (address, port, session, ssl context), from the source's page-server."""
+    = (address, port, session, ssl context), from the source's page-server.
+    ``verify``: check the local image's checksums whole before serving
+    (False for images our page-server wrote: it checked every range's
+    checksum as it wrote it).  ``early``: ready once listening, the image
+    read meanwhile (the restore loads its own image in parallel)."""
     from migrate.lazypages import source as S
+    prepare = None
     if remote is None:
         src = S.LocalSource(images_dir)
-        t0 = time.perf_counter()
-        src.verify()
-        log.info("lazy-pages: image %s checked in %.0f ms", images_dir,
-                 (time.perf_counter() - t0) * 1e3)
+
+        def prepare() -> None:
+            t0 = time.perf_counter()
+            src.verify(whole=verify)
+            log.info("lazy-pages: image %s %s in %.0f ms", images_dir,
+                     "checked" if verify else "indexed", (time.perf_counter() - t0) * 1e3)
+        if not early:
+            prepare()
+            prepare = None
     else:
         local = None
         if os.path.exists(os.path.join(images_dir, "inventory.img")):
@@ -627,7 +643,7 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
             os.write(status_fd, b"\0")       # criu(8) --status-fd
             os.close(status_fd)
 
-    lp = LazyPages(src, sock_path, prefetch=prefetch)
+    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare)
     rc = asyncio.run(lp.run(ready))
     if stats_out is not None:
         stats_out(lp.stats.as_dict())

@@ -46,11 +46,12 @@ class LocalSource:
         self._index: dict[int, tuple[list[int], list[tuple[int, int, int, int]]]] = {}
         self._maps: list[dict[int, mmap.mmap]] = [{} for _ in self.chain]
 
-    def verify(self) -> None:
-        """Check every file, and index the root's pages (before the restore
-        comes: its hand-over waits for us)."""
-        for level in self.chain:
-            level.verify_all()
+    def verify(self, whole: bool = True) -> None:
+        """Check every file (``whole``), and index the root's pages (before
+        the restore comes: its hand-over waits for us)."""
+        if whole:
+            for level in self.chain:
+                level.verify_all()
         root = self.chain[0].inventory.root_pid
         if root:
             self._open(root)

@@ -44,6 +44,16 @@ SHUTDOWN_TIMEOUT_S = 30.0
 STOP_COST_DEFAULT = 0.25          # s: the stop phase's fixed cost before one is measured
 
 
+def _alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -100,6 +110,7 @@ class Agent:
         self.runner: web.AppRunner | None = None
         self.stopping = asyncio.Event()
         self._inventory: inv.Inventory | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     # -- peers -------------------------------------------------------------
     def inventory(self) -> inv.Inventory:
@@ -117,6 +128,11 @@ class Agent:
         ctx = self.tls.client_context() if self.tls else None
         assert self.client is not None
         return PeerClient(self.client, host, ctx)
+
+    def _background(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     def observe_stop_cost(self, seconds: float) -> None:
         """The stop phase's fixed cost, learnt from each migration."""
@@ -257,30 +273,39 @@ class Agent:
         return self.migrations[mid], self.incoming[mid]
 
     async def restore_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
-        session = body.get("session")
-        if not isinstance(session, str) or not session.startswith(m.id + "/") or \
-                ".." in session:
-            raise web.HTTPBadRequest(reason="session must name an image of this migration")
+        images = self._session_dir(m, body.get("session"))
         if st["state"] != "prepared":
             raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
         m.set_phase("restore")
         st["state"] = "restoring"
-        images = os.path.join(self.work_dir, "images", session)
+        logs = os.path.join(self.work_dir, "logs", m.id)
+        fill = m.options.restore_fill
+        lazy = fill == "lazy" or (fill == "auto" and m.bytes_total >= mig.LAZY_FILL_MIN)
+        job = {"op": "restore", "images_dir": images, "network_lock": m.options.network_lock,
+               "log": os.path.join(logs, "restore.log"), "lazy_pages": lazy,
+               "level": logging.DEBUG}
+        if lazy:
+            job["lazy"] = {"socket": os.path.join(logs, "lazy-pages.socket"),
+                           "stats": os.path.join(logs, "fill.json"),
+                           "log": os.path.join(logs, "lazy-pages.log")}
         w = await self.pool.take()
         t0 = time.monotonic()
         try:
-            res = await w.call({"op": "restore", "images_dir": images,
-                                "network_lock": m.options.network_lock,
-                                "log": os.path.join(self.work_dir, "logs", m.id,
-                                                    "restore.log")})
+            res = await w.call(job)
         finally:
-            await w.close()
+            # It exits by itself after a restore; no need to wait for that.
+            self._background(w.close())
         res["seconds"] = time.monotonic() - t0
         if res.get("ok"):
             st["state"] = "running"
             st["restored"] = res.get("pid")
             m.restored_pid = res.get("pid")
             m.set_phase("resume")
+            if lazy:
+                m.fill = {"mode": "lazy", "daemon": res.get("lazy_daemon"), "done": False}
+                asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
+            else:
+                m.fill = {"mode": "eager", "done": True}
         else:
             st["state"] = "prepared"        # the source rolls back (abort)
         return res
@@ -296,6 +321,14 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             if action == "add":
+                lock = body.get("lock_session")
+                if lock is not None:
+                    # The connections' packets are dropped here before the
+                    # address arrives: until the restore, this host would
+                    # answer them with resets.
+                    images = self._session_dir(m, lock)
+                    await loop.run_in_executor(None, self._lock, images, m.options)
+                    st["locked"] = images
                 await loop.run_in_executor(None, address.add, ip, self.interface)
                 st["address"] = ip
             else:
@@ -304,6 +337,47 @@ class Agent:
         except (ValueError, errors.MigrateError) as e:
             raise web.HTTPBadRequest(reason=str(e)) from None
         return {"ok": True}
+
+    async def _watch_fill(self, m: mig.Migration, path: str, limit: float = 3600) -> None:
+        """The background fill's figures once the daemon is done."""
+        end = time.monotonic() + limit
+        try:
+            while time.monotonic() < end and not self.stopping.is_set():
+                try:
+                    with open(path) as f:
+                        m.fill.update(json.load(f), done=True)
+                except (FileNotFoundError, ValueError):
+                    if not _alive(m.fill.get("daemon")):
+                        m.fill.update(done=True, error="the lazy-pages daemon ended without "
+                                      "its figures: see lazy-pages.log")
+                        log.error("migration %s: %s", m.id, m.fill["error"])
+                        return
+                    await asyncio.sleep(0.2)
+                    continue
+                m.event("filled", **m.fill)
+                log.info("migration %s: memory filled: %s", m.id, m.fill)
+                return
+        finally:
+            st = self.incoming.get(m.id, {})
+            if st.get("delete_after_fill"):
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
+
+    def _session_dir(self, m: mig.Migration, session) -> str:
+        if not isinstance(session, str) or not session.startswith(m.id + "/") or \
+                ".." in session:
+            raise web.HTTPBadRequest(reason="session must name an image of this migration")
+        return os.path.join(self.work_dir, "images", session)
+
+    @staticmethod
+    def _lock(images: str, options: mig.Options) -> None:
+        from migrate.dest import restore
+        restore.lock_network(images, options.network_lock)
+
+    @staticmethod
+    def _unlock(images: str, options: mig.Options) -> None:
+        from migrate.dest import restore
+        restore.unlock_network(images, options.network_lock)
 
     async def abort_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         """Nothing of this migration left here: a restored tree killed (it
@@ -321,6 +395,11 @@ class Agent:
                 await loop.run_in_executor(None, address.remove, st["address"])
             except errors.MigrateError as e:
                 log.error("migration %s: %s", m.id, e)
+        if st.get("locked") and st["state"] != "running":
+            try:
+                await loop.run_in_executor(None, self._unlock, st["locked"], m.options)
+            except errors.MigrateError as e:
+                log.error("migration %s: network unlock: %s", m.id, e)
         await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
         st["state"] = "aborted"
         if not m.done:
@@ -329,7 +408,10 @@ class Agent:
         return {"ok": True}
 
     async def finish_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
-        if not body.get("keep_images"):
+        if m.fill is not None and not m.fill.get("done"):
+            # The lazy-pages daemon still reads them: they go once it is done.
+            st["delete_after_fill"] = not body.get("keep_images")
+        elif not body.get("keep_images"):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
         st["state"] = "completed"

@@ -145,7 +145,7 @@ async def run(args) -> int:
             "max_bandwidth": args.max_bandwidth, "auto_converge": args.auto_converge,
             "post_copy": args.post_copy, "pre_copy": not args.no_pre_copy,
             "tcp_established": args.tcp_established, "move_address": args.move_address,
-            "keep_images": args.keep_images}
+            "keep_images": args.keep_images, "restore_fill": args.restore_fill}
     async with Client(inventory) as c:
         m = await c.call(args.src, "POST", "/api/v1/migrations",
                          {"pid": args.pid, "dst": args.dst, "options": opts})

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -139,14 +140,69 @@ def dump(job: dict) -> dict:
     return {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
 
 
+def _start_lazy_daemon(images: str, sock: str, stats_path: str, log_path: str) -> int:
+    """Fork the lazy-pages daemon (everything is imported: it serves at
+    once) with pages from the local image; return its pid once it listens.
+    It outlives this worker (the host's init reaps it) and exits when every
+    page is in, writing its figures to ``stats_path``."""
+    from migrate.lazypages import daemon
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1):
+                os.dup2(devnull, fd)
+            _OUT.close()
+            os.setsid()
+            _log_to(log_path, logging.INFO)
+
+            def save(d: dict) -> None:
+                with open(stats_path + ".tmp", "w") as f:
+                    json.dump(d, f)
+                os.rename(stats_path + ".tmp", stats_path)
+            # The page-server checked every range's checksum as it wrote it.
+            rc = daemon.run(images, sock, status_fd=w, stats_out=save, verify=False,
+                            early=True)
+        except BaseException:        # noqa: BLE001 - the child must never return
+            log.exception("lazy-pages daemon")
+            rc = 1
+        os._exit(rc)
+    os.close(w)
+    try:
+        ok = os.read(r, 1) == b"\0"
+    finally:
+        os.close(r)
+    if not ok:
+        os.waitpid(pid, 0)
+        raise errors.RestoreError(f"the lazy-pages daemon (pid {pid}) did not start: see "
+                                  f"{log_path}")
+    return pid
+
+
 def restore(job: dict) -> dict:
     from migrate.dest.restore import RestoreOptions, restore as run
-    pid, st = run(RestoreOptions(images_dir=job["images_dir"], detach=True,
-                                 tcp_close=job.get("tcp_close", False),
-                                 network_lock=job.get("network_lock"),
-                                 lazy_pages=job.get("lazy_pages", False),
-                                 lazy_socket=job.get("lazy_socket")))
-    return {"ok": True, "pid": pid, "stats": dataclasses.asdict(st), "exit": True}
+    lazy = job.get("lazy_pages", False)
+    daemon_pid = None
+    if lazy:
+        d = job["lazy"]
+        daemon_pid = _start_lazy_daemon(job["images_dir"], d["socket"], d["stats"], d["log"])
+    try:
+        pid, st = run(RestoreOptions(images_dir=job["images_dir"], detach=True,
+                                     tcp_close=job.get("tcp_close", False),
+                                     network_lock=job.get("network_lock"),
+                                     lazy_pages=lazy,
+                                     lazy_socket=job["lazy"]["socket"] if lazy else None))
+    except BaseException:
+        if daemon_pid is not None:
+            try:
+                os.kill(daemon_pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        raise
+    return {"ok": True, "pid": pid, "stats": dataclasses.asdict(st), "exit": True,
+            "lazy_daemon": daemon_pid}
 
 
 def unlock(job: dict) -> dict:
@@ -179,6 +235,8 @@ def _warm() -> None:
     """Import what the jobs need before the first one comes (start-up off the
     migration's critical path)."""
     import migrate.dest.restore  # noqa: F401
+    import migrate.lazypages.daemon  # noqa: F401
+    import migrate.lazypages.source  # noqa: F401
     import migrate.pageserver.client  # noqa: F401
     import migrate.resources.netlock  # noqa: F401
     import migrate.source.dump  # noqa: F401
