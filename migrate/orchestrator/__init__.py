@@ -1,0 +1,1 @@
+"""Live migration: `migrate run`, its phases, convergence policy and rollback."""
