@@ -105,7 +105,18 @@ def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true",
                    help="zstd-compress pages to the page-server (slow links; off by "
                         "default)")
+    p.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
+                   help="send at most RATE bytes/s to the page-server, all streams "
+                        "together: e.g. 50M, 1G (K, M, G, T: powers of 1024)")
     _add_tls(p)
+
+
+def _rate(text: str) -> int:
+    from migrate.orchestrator.policy import parse_rate
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +308,8 @@ def _tls_context(args, server: bool):
 def _sink(args):
     """The page-server client sink for dump/pre-dump --page-server, or None."""
     if not args.page_server:
+        if args.max_bandwidth:
+            raise SystemExit("migrate: --max-bandwidth needs --page-server")
         return None
     if not args.address:
         raise SystemExit("migrate: --page-server needs --address")
@@ -306,7 +319,8 @@ def _sink(args):
         os.path.abspath(args.images_dir)))
     return PageServerSink(args.address, args.port, session,
                           ssl_context=_tls_context(args, server=False),
-                          streams=args.ps_streams, compress=args.compress)
+                          streams=args.ps_streams, compress=args.compress,
+                          max_bandwidth=args.max_bandwidth)
 
 
 def _with_sink(sink, fn, opts):
