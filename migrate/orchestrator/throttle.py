@@ -29,7 +29,8 @@ Each task's cgroup is recorded from /proc/PID/task/TID/cgroup before it is
 moved; ``release()`` moves each back (tasks that appeared meanwhile, children
 forked inside our cgroup, go to the root's original cgroup), then removes our
 cgroup.  Tasks that exit meanwhile are skipped.  ``release()`` is safe to
-call twice and runs when ``apply()`` fails half-way.
+call twice and runs when ``apply()`` fails half-way.  ``remove_stale()``
+cleans up after an orchestrator that died while throttling.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 PERIOD_US = 100_000          # the kernel's default cfs period
 MIN_QUOTA_US = 1_000         # the kernel refuses less (sched-bwc.rst)
 RMDIR_WAIT_S = 2.0           # exiting tasks leave the cgroup asynchronously
+NAME_PREFIX = "migrate-throttle-"
 
 
 class _Hierarchy:
@@ -139,7 +141,7 @@ class Throttle:
         if not self.pids:
             raise ValueError("Throttle needs at least one pid")
         self.hier = find_hierarchy(mountinfo)
-        self.name = f"migrate-throttle-{self.pids[0]}-{secrets.token_hex(4)}"
+        self.name = f"{NAME_PREFIX}{self.pids[0]}-{secrets.token_hex(4)}"
         self.path: str | None = None          # our cgroup's directory, once made
         self.percent: int | None = None
         self.original: dict[int, str] = {}    # task (tid in v1, pid in v2) -> its cgroup
@@ -307,6 +309,36 @@ class Throttle:
             except errors.ThrottleError as e:
                 err = e
         log.warning("throttle: task %d stays in our cgroup: %s", task, err)
+
+
+def remove_stale(pid: int | None = None,
+                 mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Remove the throttle cgroups a dead orchestrator left (of root ``pid``,
+    or all: only when no migration runs here, e.g. when an agent starts).
+    Their tasks go to the parent cgroup, which in v1 is where the root came
+    from (the other tasks' own cgroups were only in the dead one's memory).
+    Returns the directories removed."""
+    hier = find_hierarchy(mountinfo)
+    prefix = NAME_PREFIX + (f"{pid}-" if pid is not None else "")
+    procs = "cgroup.procs" if hier.version == 2 else "tasks"
+    removed = []
+    for dirpath, dirnames, _ in os.walk(hier.mountpoint):
+        for name in [d for d in dirnames if d.startswith(prefix)]:
+            path = os.path.join(dirpath, name)
+            try:
+                with open(os.path.join(path, procs)) as f:
+                    tasks = [int(x) for x in f.read().split()]
+                for task in tasks:
+                    _move(os.path.join(dirpath, procs), task)
+                os.rmdir(path)
+            except OSError as e:
+                raise errors.ThrottleError(path, f"removing a stale throttle: "
+                                                 f"{e.strerror or e}") from None
+            log.warning("throttle: removed the stale %s (%d task%s back in %s)", path,
+                        len(tasks), "s" if len(tasks) != 1 else "", dirpath)
+            removed.append(path)
+        dirnames[:] = [d for d in dirnames if not d.startswith(NAME_PREFIX)]
+    return removed
 
 
 def _threads(pid: int) -> int:

@@ -246,3 +246,21 @@ def test_a_failed_quota_write_releases(procs, hier, monkeypatch):
     assert made and not os.path.exists(made[0])
     assert t.path is None
     assert cgroup(p.pid, hier.version) == before
+
+
+def test_remove_stale_after_a_dead_orchestrator(procs, hier):
+    p, other = procs(BUSY), procs(BUSY)
+    before = cgroup(p.pid, hier.version)
+    dead = T.Throttle([p.pid])
+    dead.apply(50)                  # and never released: the orchestrator died
+    alive = T.Throttle([other.pid])
+    alive.apply(50)
+    try:
+        assert T.remove_stale(p.pid) == [dead.path]
+        assert not os.path.exists(dead.path)
+        assert cgroup(p.pid, hier.version) == before
+        assert os.path.exists(alive.path)          # another root's: left alone
+        assert T.remove_stale(p.pid) == []
+    finally:
+        alive.release()
+    dead.path = None                # nothing left to release
