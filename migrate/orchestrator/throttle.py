@@ -248,7 +248,9 @@ class Throttle:
             for pid, task in tasks:
                 if task not in self.original:
                     cg = cgroup_of(self._cgroup_file(pid, task), self.hier.version)
-                    if cg is not None:
+                    # born in ours (a thread since the last call): release()
+                    # sends it where the root came from
+                    if cg is not None and os.path.basename(cg) != self.name:
                         self.original[task] = cg
             nthreads = len(tasks) if self.hier.version == 1 else sum(
                 _threads(pid) for pid in self.pids)
@@ -293,6 +295,7 @@ class Throttle:
                 break
             except OSError as e:
                 if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    self.path = path            # a later release() tries again
                     raise errors.ThrottleError(path, f"rmdir: {e.strerror or e}") from None
                 time.sleep(0.02)
         log.info("throttle %s: released %d task%s (cgroup v%d)", path, len(self.original),

@@ -20,8 +20,9 @@ from migrate.orchestrator import throttle as T
 from tests.integration.harness import reap_pids
 
 BUSY = "while True: pass"
-# Three threads that sleep, and a fork of a sleeper on each SIGUSR1 (its pid
-# printed): tasks that appear after the throttle.
+# Three threads that sleep, a fork of a sleeper on each SIGUSR1 and a new
+# thread on each SIGUSR2 (their ids printed): tasks that appear after the
+# throttle.
 THREADS = """
 import os, signal, sys, threading, time
 def fork(*_):
@@ -30,7 +31,13 @@ def fork(*_):
         time.sleep(600)
         os._exit(0)
     print(pid, flush=True)
+def thread(*_):
+    def run():
+        print(threading.get_native_id(), flush=True)
+        time.sleep(600)
+    threading.Thread(target=run, daemon=True).start()
 signal.signal(signal.SIGUSR1, fork)
+signal.signal(signal.SIGUSR2, thread)
 for _ in range(3):
     threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
 print("READY", flush=True)
@@ -148,6 +155,11 @@ def test_every_thread_and_later_children_move_and_come_back(procs, hier):
         os.kill(p.pid, signal.SIGUSR1)
         child = int(p.stdout.readline())
         assert cgroup(child, hier.version).endswith("/" + t.name)
+        # so is a thread born since, and the next apply() keeps it there
+        os.kill(p.pid, signal.SIGUSR2)
+        tid = int(p.stdout.readline())
+        t.apply(40)
+        assert cgroup(p.pid, hier.version, tid).endswith("/" + t.name)
         path = t.path
     finally:
         t.release()
@@ -155,6 +167,7 @@ def test_every_thread_and_later_children_move_and_come_back(procs, hier):
         for tid in tids:
             assert cgroup(p.pid, hier.version, tid) == orig[tid]
         assert cgroup(child, hier.version) == orig[p.pid]
+        assert cgroup(p.pid, hier.version, tid) == orig[p.pid]
         assert not os.path.exists(path)
     finally:
         os.kill(child, signal.SIGKILL)
