@@ -108,3 +108,10 @@ def test_max_bandwidth_flag(cmd, capsys):
     with pytest.raises(SystemExit):
         p.parse_args([cmd, "-t", "1", "-D", "d", "--max-bandwidth", "lots"])
     assert "bad rate 'lots'" in capsys.readouterr().err
+
+
+def test_max_bandwidth_needs_a_page_server():
+    args = cli.build_parser().parse_args(["pre-dump", "-t", "1", "-D", "d",
+                                          "--max-bandwidth", "1G"])
+    with pytest.raises(SystemExit, match="--max-bandwidth needs --page-server"):
+        cli._sink(args)
