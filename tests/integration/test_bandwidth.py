@@ -9,17 +9,20 @@ import os
 import re
 
 from tests.integration.harness import migrate
-from tests.integration.test_pageserver import Server, servers, start  # noqa: F401 (fixture)
+from tests.integration.test_pageserver import (Server, pki, servers,  # noqa: F401 (fixtures)
+                                               start, tls_args)
 
 COMMITTED = re.compile(r"committed, \d+ files, ([\d.]+) MiB in ([\d.]+) s")
 
 
 def pre_dump(w, workdir: str, srv: Server, session: str, *extra: str) -> tuple[float, float]:
-    """(MiB, seconds) of one pre-dump through ``srv``."""
+    """(MiB, seconds) of one pre-dump through ``srv`` (plaintext unless
+    ``extra`` has TLS flags)."""
     logs = os.path.join(workdir, f"logs-{session}")
+    tls = () if "--tls-cert" in extra else ("--no-tls",)
     p = migrate("pre-dump", "-t", str(w.pid), "-D", logs, "-v4", "-o", "pre-dump.log",
                 "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
-                "--session", session, "--no-tls", *extra)
+                "--session", session, *tls, *extra)
     with open(os.path.join(logs, "pre-dump.log")) as f:
         log = f.read()
     assert p.returncode == 0, f"{p.stderr}\n{log[-3000:]}"
@@ -45,4 +48,17 @@ def test_max_bandwidth_is_honoured(tmp_path, workdir, workloads, servers):  # no
         # 64 MiB/s with a 3.2 MiB burst: >= ~0.95 s for 64 MiB
         assert secs >= 0.9, f"{session}: {mib} MiB in {secs} s: the limit is not honoured"
         assert mib / secs <= 64 * 1.1
+    w.assert_pass()
+
+
+def test_max_bandwidth_over_tls(tmp_path, workdir, workloads, servers, pki):  # noqa: F811
+    srv = Server(str(tmp_path / "srv"), str(tmp_path / "ps.log"), "--serve",
+                 *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("memhog", workdir, workloads, "32")
+    mib, secs = pre_dump(w, workdir, srv, "tls", "--max-bandwidth", "32M", "--ps-streams",
+                         "2", *tls_args(pki["good"]))
+    print(f"\nTLS, 2 streams, --max-bandwidth 32M: {mib:.1f} MiB in {secs:.2f} s = "
+          f"{mib / secs:.1f} MiB/s")
+    assert mib >= 32 and secs >= 0.9
     w.assert_pass()
