@@ -61,7 +61,7 @@ class RoundStats:
     round: int                # the orchestrator's number (for logs; the policy counts its own)
     bytes_sent: int           # on the wire, headers included
     pages_sent: int
-    dirty_pages: int          # dirty at the start of the round: what it had to copy
+    pages_dirty: int          # dirty at the start of the round: what it had to copy
     seconds: float            # wall time of the round
     dirty_bytes_left: int | None = None   # dirty after the round, if the tracker told
 
@@ -145,7 +145,7 @@ class Policy:
         if s.dirty_bytes_left is not None and s.seconds > 0:
             return max(0, s.dirty_bytes_left) / s.seconds
         if self._prev_seconds:
-            return max(0, s.dirty_pages) * PAGE_SIZE / self._prev_seconds
+            return max(0, s.pages_dirty) * PAGE_SIZE / self._prev_seconds
         return None
 
     def _left(self, s: RoundStats, dirty_rate: float | None) -> float:
@@ -153,7 +153,7 @@ class Policy:
             return max(0, s.dirty_bytes_left)
         if dirty_rate is not None:
             return dirty_rate * max(0.0, s.seconds)
-        return max(0, s.dirty_pages) * PAGE_SIZE
+        return max(0, s.pages_dirty) * PAGE_SIZE
 
     def _stalled(self, dirty: int) -> bool:
         """Count the rounds since the dirty set last shrank by min_shrink."""
@@ -192,7 +192,7 @@ class Policy:
         else:
             predicted = math.inf
         self._prev_seconds = stats.seconds if stats.seconds > 0 else None
-        stalled = self._stalled(max(0, stats.dirty_pages) * PAGE_SIZE)
+        stalled = self._stalled(max(0, stats.pages_dirty) * PAGE_SIZE)
         hot = rate is not None and rate > c.throttle_trigger * bw
         self._hot = self._hot + 1 if hot else 0
 

@@ -206,7 +206,7 @@ def test_bad_config(kw):
 
 rounds_st = st.lists(st.builds(
     RoundStats, round=st.integers(0, 100), bytes_sent=st.integers(0, 1 << 36),
-    pages_sent=st.integers(0, 1 << 24), dirty_pages=st.integers(0, 1 << 24),
+    pages_sent=st.integers(0, 1 << 24), pages_dirty=st.integers(0, 1 << 24),
     seconds=st.floats(0, 100, allow_nan=False),
     dirty_bytes_left=st.one_of(st.none(), st.integers(0, 1 << 36))), min_size=60, max_size=60)
 
