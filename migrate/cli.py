@@ -92,7 +92,8 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
 def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-server", action="store_true",
                    help="send the whole image to a `migrate page-server` (-D then holds "
-                        "only logs)")
+                        "the log and a copy of the image without its pages, for the "
+                        "next --prev-images-dir)")
     p.add_argument("--address", metavar="HOST", help="the page-server's address")
     p.add_argument("--port", type=int, default=DEFAULT_PS_PORT, metavar="N",
                    help=f"the page-server's port (default {DEFAULT_PS_PORT})")
@@ -105,18 +106,10 @@ def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true",
                    help="zstd-compress pages to the page-server (slow links; off by "
                         "default)")
-    p.add_argument("--max-bandwidth", type=_rate, metavar="RATE",
+    p.add_argument("--max-bandwidth", type=_rate_arg, metavar="RATE",
                    help="send at most RATE bytes/s to the page-server, all streams "
                         "together: e.g. 50M, 1G (K, M, G, T: powers of 1024)")
     _add_tls(p)
-
-
-def _rate(text: str) -> int:
-    from migrate.orchestrator.policy import parse_rate
-    try:
-        return parse_rate(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +233,58 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the backend the dump used (default: both are cleaned)")
     _add_common(nu)
 
+    ag = sub.add_parser("agent", help="run this host's migration agent (HTTPS API, "
+                                      "page-server, dumps and restores)")
+    ag.add_argument("--config", required=True, metavar="FILE",
+                    help="the agent's TOML config (see docs/orchestrator.md)")
+    _add_common(ag)
+
+    rn = sub.add_parser("run", help="live-migrate a process from one host to another")
+    rn.add_argument("--src", required=True, metavar="HOST", help="the host it runs on")
+    rn.add_argument("--dst", required=True, metavar="HOST", help="the host it moves to")
+    rn.add_argument("--pid", "-t", type=int, required=True, metavar="PID",
+                    help="the process (with its subtree), as the source host sees it")
+    rn.add_argument("--downtime-limit", type=float, default=300, metavar="MS",
+                    help="stop pre-copy once the predicted downtime is under this "
+                         "(default 300 ms, like QEMU)")
+    rn.add_argument("--max-bandwidth", type=_rate_arg, default=None, metavar="RATE",
+                    help="cap on the pages' bandwidth, bytes/s with K/M/G (e.g. 100M)")
+    rn.add_argument("--max-rounds", type=int, default=30, metavar="N",
+                    help="at most N pre-copy rounds (default 30)")
+    rn.add_argument("--auto-converge", action="store_true",
+                    help="throttle the process's CPU while it dirties memory faster than "
+                         "the link (20%%, then +10%% a round, up to 99%%)")
+    rn.add_argument("--post-copy", choices=("off", "on", "auto"), default="off",
+                    help="post-copy (lazy pages) after pre-copy: not implemented yet")
+    rn.add_argument("--no-pre-copy", action="store_true",
+                    help="no pre-copy rounds: one stop-and-copy")
+    rn.add_argument("--tcp-established", action="store_true",
+                    help="move established TCP connections (behind the network lock)")
+    rn.add_argument("--move-address", metavar="IP",
+                    help="move this service address from --src to --dst during the stop")
+    rn.add_argument("--keep-images", action="store_true",
+                    help="keep the images on both hosts after a successful migration")
+    rn.add_argument("--detach", action="store_true",
+                    help="start it and print its id; the source agent carries it on")
+    rn.add_argument("--json", action="store_true", help="print the final record as JSON")
+    rn.add_argument("--inventory", metavar="FILE",
+                    help="hosts.toml (default $MIGRATE_INVENTORY or /etc/migrate/hosts.toml)")
+    _add_common(rn)
+
+    sa = sub.add_parser("status", help="migrations the agents know, or one of them")
+    sa.add_argument("id", nargs="?", help="a migration id")
+    sa.add_argument("--host", metavar="HOST", help="ask only this host's agent")
+    sa.add_argument("--json", action="store_true")
+    sa.add_argument("--inventory", metavar="FILE")
+    _add_common(sa)
+
+    ca = sub.add_parser("cancel", help="cancel a migration (the process stays on its "
+                                       "source host)")
+    ca.add_argument("id", help="the migration id")
+    ca.add_argument("--host", metavar="HOST", help="the source host (default: ask all)")
+    ca.add_argument("--inventory", metavar="FILE")
+    _add_common(ca)
+
     s = sub.add_parser("show", help="decode image files to JSON (like crit)")
     s.add_argument("path", metavar="FILE|DIR")
     s.add_argument("--verify", action="store_true",
@@ -320,7 +365,7 @@ def _sink(args):
     return PageServerSink(args.address, args.port, session,
                           ssl_context=_tls_context(args, server=False),
                           streams=args.ps_streams, compress=args.compress,
-                          max_bandwidth=args.max_bandwidth)
+                          mirror=args.images_dir, max_bandwidth=args.max_bandwidth)
 
 
 def _with_sink(sink, fn, opts):
@@ -508,6 +553,36 @@ def cmd_page_server(args) -> int:
                       daemon=args.daemon)
 
 
+def _rate_arg(text: str) -> int:
+    """A rate in bytes/s: a number with an optional K, M, G or T (powers of
+    1024), e.g. 100M, 1.5G, 64MiB/s (orchestrator.policy.parse_rate)."""
+    from migrate.orchestrator.policy import parse_rate
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_agent(args) -> int:
+    from migrate.orchestrator import agent
+    return agent.run(args.config)
+
+
+def cmd_run(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.run, args)
+
+
+def cmd_status(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.status, args)
+
+
+def cmd_cancel(args) -> int:
+    from migrate.orchestrator import run
+    return run.main(run.cancel, args)
+
+
 def cmd_certs(args) -> int:
     from migrate.pageserver import certs
     if args.certs_command == "init":
@@ -524,7 +599,8 @@ def cmd_certs(args) -> int:
 COMMANDS = {"lazy-pages": cmd_lazy_pages, "network-lock": cmd_network_lock,
             "network-unlock": cmd_network_unlock, "page-server": cmd_page_server,
             "certs": cmd_certs, "dump": cmd_dump, "pre-dump": cmd_pre_dump,
-            "restore": cmd_restore, "show": cmd_show, "check": cmd_check}
+            "restore": cmd_restore, "show": cmd_show, "check": cmd_check,
+            "agent": cmd_agent, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,3 +164,15 @@ def suspend_seccomp() -> tuple[bool, str]:
     if not int(st.get("CapEff", "0"), 16) >> CAP_SYS_ADMIN & 1:
         return False, "no CAP_SYS_ADMIN"
     return True, "CAP_SYS_ADMIN, not under seccomp"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU feature flags of this host (/proc/cpuinfo, first CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []

@@ -1,1 +1,1 @@
-"""Live migration: `migrate run`, its phases, convergence policy and rollback."""
+"""Live migration: per-host agents, `migrate run`, convergence policy, rollback."""

@@ -270,7 +270,8 @@ class PageServerSink:
     def __init__(self, address: str, port: int, session: str, *,
                  ssl_context: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, streams: int = 1,
-                 compress: bool = False, max_bandwidth: float | None = None) -> None:
+                 compress: bool = False, mirror: str | None = None,
+                 max_bandwidth: float | None = None) -> None:
         try:
             P.check_session_name(session)
         except ValueError as e:
@@ -281,6 +282,11 @@ class PageServerSink:
         if compress and zstandard is None:
             raise errors.PageServerError(f"{address}:{port}", "ZSTD",
                                          "--compress needs the zstandard package")
+        # ``mirror``: a local directory that also gets every records image,
+        # the parent link and the inventory (no pages), so that the next
+        # incremental dump finds its parent's pagemaps here (--prev-images-dir
+        # means the same chain on both sides).
+        self.mirror = imgfile.ImageDir.create(mirror) if mirror else None
         self.address, self.port = address, port
         self.peer = f"{address}:{port}"
         self.session = session
@@ -360,6 +366,9 @@ class PageServerSink:
             raise ValueError(f"{name}: not a records image name")
         data = imgfile.encode_records(kind, msgs)
         self.checksums[name] = (len(data), xxhash.xxh3_128_hexdigest(data))
+        if self.mirror is not None:
+            self.mirror.checksums[name] = self.checksums[name]
+            self.mirror._write_file(name, data)
         view = memoryview(data)
         for off in range(0, len(data), FILE_PART):
             part = view[off:off + FILE_PART]
@@ -374,6 +383,8 @@ class PageServerSink:
 
     def set_parent(self, rel: str) -> None:
         self._send(P.SetParent(rel))
+        if self.mirror is not None:
+            self.mirror.set_parent(rel)
 
     def commit(self, inv) -> None:
         """Send the inventory; return once the server has everything synced."""
@@ -399,6 +410,10 @@ class PageServerSink:
             self.main.failed = _error_from(self, ev, "COMMIT")
             raise self.main.failed
         self.inventory = inv
+        if self.mirror is not None:
+            local = type(inv)()
+            local.CopyFrom(inv)
+            self.mirror.commit(local)
         dt = time.monotonic() - self.t0
         log.info("page-server %s: session %r committed, %d files, %.1f MiB in %.2f s%s",
                  self.peer, self.session, ev.nr_files, ev.nbytes / 2**20, dt,
@@ -407,6 +422,8 @@ class PageServerSink:
 
     def discard(self) -> None:
         """Abort the session: the server removes what it wrote."""
+        if self.mirror is not None and self.inventory is None:
+            self.mirror.discard()
         if self._closed:
             return
         if self.main.failed is None and self.conn.state is P.State.WRITE:

@@ -179,12 +179,12 @@ def _check_file_name(b: bytes) -> str:
     if not _FILE_NAME.fullmatch(b) or _NOT_FILE_PART.fullmatch(b):
         raise ValueError(f"file name {b[:MAX_FILE_NAME]!r} is not an image file this "
                          "message may carry")
-    return b.decode()
+    return bytes(b).decode()
 
 
 def _text(b: bytes, what: str) -> str:
     try:
-        return b.decode()
+        return bytes(b).decode()      # a memoryview in a large frame
     except UnicodeDecodeError as e:
         raise _Bad(f"{what} is not UTF-8", e.start) from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from migrate import errors
 from migrate.kernel import features
 
 
@@ -74,3 +75,50 @@ def run(only: str | None = None) -> list[Result]:
             ok, detail = False, str(e)
         out.append(Result(n, ok, detail, disables))
     return out
+
+
+# -- live migration: what the destination must have -------------------------
+
+def _tree(pid: int) -> list[int]:
+    from migrate.kernel import proc
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo.extend(proc.list_children(p))
+        except errors.NoSuchProcess:
+            pass
+    return sorted(out)
+
+
+def requirements(pid: int) -> dict:
+    """What a destination needs to take ``pid``'s tree: its pids (free
+    there), the files it has open or mapped (present there, as on shared
+    storage), this host's CPU flags (a superset there), its memory size."""
+    from migrate.kernel import proc
+    pids = _tree(pid)
+    files: set[str] = set()
+    rss = 0
+    threads = 0
+    for p in pids:
+        try:
+            for fd in proc.list_fds(p):
+                try:
+                    target = proc.readlink(p, f"fd/{fd}")
+                except errors.MigrateError:
+                    continue
+                if target.startswith("/") and not target.endswith(" (deleted)") and \
+                        not target.startswith(("/proc/", "/dev/pts/")):
+                    files.add(target)
+            for v in proc.read_maps(p):
+                if v.path.startswith("/") and not v.path.endswith(" (deleted)") and \
+                        not v.path.startswith(("/dev/", "/memfd:", "/SYSV")):
+                    files.add(v.path)
+            st = proc.read_status(p)
+            rss += int(st.get("VmRSS", "0 kB").split()[0]) * 1024
+            threads += int(st.get("Threads", "1"))
+        except errors.NoSuchProcess:
+            continue
+    return {"pid": pid, "pids": pids, "threads": threads, "files": sorted(files),
+            "rss": rss, "cpu_flags": features.cpu_flags()}

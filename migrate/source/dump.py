@@ -63,6 +63,12 @@ class DumpOptions:
     tcp_close: bool = False              # ... or keep them as closed sockets, no lock
     skip_in_flight: bool = False         # drop connections not accepted yet
     network_lock: str | None = None      # "nftables" (default), "iptables", "skip"
+    # Live migration: called once the image is committed, the tree still
+    # frozen (and locked).  If it returns, the dump goes on (kill, or -R/-s);
+    # if it raises, the tree is put back running exactly as before and the
+    # lock lifted: the destination failed, the source keeps the process.
+    before_release: object = None
+    on_freeze: object = None             # called right before the freeze (downtime starts)
 
     def inet_opts(self) -> dict:
         return {"tcp_established": self.tcp_established, "tcp_close": self.tcp_close,
@@ -385,6 +391,8 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         images.discard()
         raise
     t0 = time.perf_counter()
+    if opts.on_freeze is not None:
+        opts.on_freeze()
     try:
         tr = ptree.freeze_tree(pid)
     except BaseException:
@@ -740,6 +748,8 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
         phase("image files")
+        if opts.before_release is not None:
+            opts.before_release(stats)      # raises: the tree goes on here
         if keeps_running:
             table.inet.rollback()       # repair off: the programs go on
         else:

@@ -102,11 +102,16 @@ def stop(pid: int, start_time: int) -> bool:
 def spawn(pid: int, start_time: int, uffd: int) -> int:
     """Start a holder for ``uffd``; return its pid once it serves."""
     import subprocess
+    # The holder imports this very package, wherever it was imported from
+    # (an install, a checkout on PYTHONPATH), whatever the cwd.
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (top, env.get("PYTHONPATH")) if x)
     p = subprocess.Popen([sys.executable, "-m", "migrate.source.holder", str(pid),
                           str(start_time), str(uffd)], pass_fds=(uffd,),
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True,
-                         cwd="/")
+                         cwd="/", env=env)
     end = time.monotonic() + 5
     while time.monotonic() < end:
         if p.poll() is not None:

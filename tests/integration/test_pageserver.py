@@ -272,9 +272,10 @@ def test_read_session_follows_the_parent_chain(tmp_path, workdir, workloads, ser
     servers.append(srv)
     w = start("memhog", workdir, workloads, "32")
     chain = os.path.join(root, "chain")
-    # The client's -D (its log) is the session's directory itself, so that
-    # --prev-images-dir ../pre0 means the same image on both sides.
-    p = migrate("pre-dump", "-t", str(w.pid), "-D", os.path.join(chain, "pre0"),
+    # The client's -D keeps the log and a copy of the metadata (no pages):
+    # --prev-images-dir ../pre0 finds the parent's pagemaps there.
+    local = str(tmp_path / "src")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", os.path.join(local, "pre0"),
                 "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
                 "--session", "chain/pre0", "--no-tls")
     assert p.returncode == 0, p.stderr
@@ -284,7 +285,8 @@ def test_read_session_follows_the_parent_chain(tmp_path, workdir, workloads, ser
     while w.log().count("DIRTIED") == before:
         assert time.monotonic() < deadline, w.log()
         time.sleep(0.05)
-    w.dump(os.path.join(chain, "d1"), "-R", "--prev-images-dir", "../pre0",
+    assert not any(n.startswith("pages-") for n in os.listdir(os.path.join(local, "pre0")))
+    w.dump(os.path.join(local, "d1"), "-R", "--prev-images-dir", "../pre0",
            "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
            "--session", "chain/d1", "--no-tls")
     runs = _runs(os.path.join(chain, "d1"), w.pid)

@@ -78,6 +78,22 @@ def test_write_session_round_trip():
     assert c2.state is s2.state is P.State.DONE
 
 
+def test_large_file_parts_round_trip():
+    """A file part over BIG_PAYLOAD (files.img with TCP queues) is received
+    in place, into a memoryview: its name still decodes."""
+    c, s = opened()
+    big = bytes(range(256)) * ((P.BIG_PAYLOAD * 3) // 256)
+    evs = [P.FilePart("files.img", 0, big), P.FilePart("files.img", len(big), b"z", last=True)]
+    data = b"".join(c.send(e) for e in evs)
+    got = []
+    for i in range(0, len(data), 7919):          # any split of the stream
+        s.receive_data(data[i:i + 7919])
+        while (ev := s.next_event()) is not P.NEED_DATA:
+            got.append(ev)
+    assert [(e.name, e.offset, bytes(e.data), e.last) for e in got] == \
+        [(e.name, e.offset, bytes(e.data), e.last) for e in evs]
+
+
 def test_read_session_gets_answered_in_order():
     c, s = opened(P.MODE_READ)
     gets = [P.Get(i, 7, 0x1000 * i, 1) for i in range(3)]

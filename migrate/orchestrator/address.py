@@ -1,0 +1,102 @@
+"""--move-address: the service address goes from the source host to the
+destination during the stop phase, so that TCP clients keep their
+connections (the restored sockets are bound to it).
+
+The address is added as a /32 on the agent's interface (Linux answers ARP
+for any local address), and the destination announces it with gratuitous
+ARP (RFC 5227 §3 "ARP Announcement": a request with sender = target = the
+address) so that neighbours update their caches at once instead of sending
+to the old host until their entry goes stale.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import subprocess
+
+from migrate import errors
+
+log = logging.getLogger(__name__)
+
+ETH_P_ARP = 0x0806
+ANNOUNCEMENTS = 3
+
+
+class AddressError(errors.MigrateError):
+    """The service address could not be moved."""
+
+
+def _ip(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise AddressError(f"ip {' '.join(argv)}: {e}") from None
+    if p.returncode != 0:
+        raise AddressError(f"ip {' '.join(argv)}: {p.stderr.strip()}")
+    return p.stdout
+
+
+def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        raise AddressError(f"{ip!r} is not an IP address") from None
+
+
+def has(ip: str) -> bool:
+    a = _parse(ip)
+    out = json.loads(_ip(["-j", "addr", "show"]) or "[]")
+    return any(ipaddress.ip_address(ai["local"]) == a
+               for link in out for ai in link.get("addr_info", []) if "local" in ai)
+
+
+def add(ip: str, iface: str) -> None:
+    a = _parse(ip)
+    if has(ip):
+        return
+    _ip(["addr", "add", f"{a}/{a.max_prefixlen}", "dev", iface])
+    log.info("address %s added on %s", a, iface)
+    if a.version == 4:
+        try:
+            announce(str(a), iface)
+        except OSError as e:
+            log.warning("gratuitous ARP for %s on %s: %s", a, iface, e)
+
+
+def remove(ip: str, iface: str | None = None) -> bool:
+    a = _parse(ip)
+    out = json.loads(_ip(["-j", "addr", "show"]) or "[]")
+    for link in out:
+        for ai in link.get("addr_info", []):
+            if "local" in ai and ipaddress.ip_address(ai["local"]) == a:
+                _ip(["addr", "del", f"{a}/{ai['prefixlen']}", "dev", link["ifname"]])
+                log.info("address %s removed from %s", a, link["ifname"])
+                return True
+    return False
+
+
+def _mac(iface: str) -> bytes:
+    out = json.loads(_ip(["-j", "link", "show", "dev", iface]) or "[]")
+    if not out or "address" not in out[0]:
+        raise AddressError(f"{iface}: no hardware address")
+    return bytes.fromhex(out[0]["address"].replace(":", ""))
+
+
+def arp_announcement(ip: str, mac: bytes) -> bytes:
+    """An Ethernet frame with an ARP announcement of ``ip`` at ``mac``."""
+    addr = socket.inet_aton(ip)
+    eth = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + b"\x00" * 6 + addr
+    return eth + arp
+
+
+def announce(ip: str, iface: str, count: int = ANNOUNCEMENTS) -> None:
+    frame = arp_announcement(ip, _mac(iface))
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
+        s.bind((iface, ETH_P_ARP))
+        for _ in range(count):
+            s.send(frame)

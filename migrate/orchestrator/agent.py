@@ -1,0 +1,453 @@
+"""`migrate agent --config FILE`: the per-host agent (DESIGN.md §5).
+
+One asyncio loop (uvloop) holds: the HTTPS API (aiohttp, mutual TLS), this
+host's page-server (every session under WORK/images/<migration>/...), a
+warm job runner (worker.py) for dumps and restores, and the migrations this
+host takes part in, as source (it coordinates them: they go on if the CLI
+that started them goes away) or destination.
+
+API (JSON; errors are {"error": message} with a 4xx/5xx status):
+    GET  /api/v1/health
+    GET  /api/v1/migrations                 list
+    POST /api/v1/migrations                 start one (this host is the source)
+    GET  /api/v1/migrations/{id}
+    POST /api/v1/migrations/{id}/cancel
+    POST /api/v1/incoming                   (agent to agent) prepare as destination
+    POST /api/v1/incoming/{id}/restore      restore the committed image
+    POST /api/v1/incoming/{id}/address      add/del the moved service address
+    POST /api/v1/incoming/{id}/abort        roll back: nothing of it left here
+    POST /api/v1/incoming/{id}/finish       the migration is done: images go
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+
+import aiohttp
+from aiohttp import web
+
+from migrate import __version__, errors
+from migrate.orchestrator import inventory as inv
+from migrate.orchestrator import migration as mig
+from migrate.orchestrator.workers import Pool
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+SHUTDOWN_TIMEOUT_S = 30.0
+STOP_COST_DEFAULT = 0.25          # s: the stop phase's fixed cost before one is measured
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class PeerClient:
+    """Another agent's API, with our certificate."""
+
+    def __init__(self, session: aiohttp.ClientSession, host: inv.Host, ssl_ctx) -> None:
+        self.session = session
+        self.host = host
+        self.ssl = ssl_ctx if host.agent.startswith("https:") else None
+
+    async def post(self, path: str, body: dict, phase: str, timeout: float = 60) -> dict:
+        return await self.request("POST", path, body, phase, timeout)
+
+    async def get(self, path: str, phase: str, timeout: float = 30) -> dict:
+        return await self.request("GET", path, None, phase, timeout)
+
+    async def request(self, method: str, path: str, body, phase: str,
+                      timeout: float) -> dict:
+        url = self.host.agent + path
+        try:
+            async with self.session.request(
+                    method, url, json=body, ssl=self.ssl,
+                    timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                try:
+                    data = await r.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    data = {"error": (await r.text())[:200]}
+                if r.status >= 400:
+                    raise mig.MigrationFailed(phase, f"agent {self.host.name}: {method} "
+                                              f"{path}: {r.status}: {data.get('error')}")
+                return data
+        except asyncio.TimeoutError:
+            raise mig.MigrationFailed(phase, f"agent {self.host.name} ({url}): no answer "
+                                      f"in {timeout:.0f} s") from None
+        except aiohttp.ClientError as e:
+            raise mig.MigrationFailed(phase, f"agent {self.host.name} ({url}): {e}") from None
+
+
+class Agent:
+    def __init__(self, cfg: inv.AgentConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.work_dir = cfg.work_dir
+        self.tls = cfg.tls
+        self.interface = cfg.interface
+        self.pool = Pool()
+        self.migrations: dict[str, mig.Migration] = {}
+        self.incoming: dict[str, dict] = {}
+        self.stop_cost = STOP_COST_DEFAULT
+        self.pageserver = None
+        self.client: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+        self.stopping = asyncio.Event()
+        self._inventory: inv.Inventory | None = None
+
+    # -- peers -------------------------------------------------------------
+    def inventory(self) -> inv.Inventory:
+        if self._inventory is None:
+            if not self.cfg.inventory:
+                raise inv.ConfigError(f"{self.cfg.path}: no inventory: the agent cannot "
+                                      "find other hosts")
+            self._inventory = inv.load_inventory(self.cfg.inventory)
+        return self._inventory
+
+    def dst_host(self, name: str) -> inv.Host:
+        return self.inventory().host(name)
+
+    def peer(self, host: inv.Host) -> PeerClient:
+        ctx = self.tls.client_context() if self.tls else None
+        assert self.client is not None
+        return PeerClient(self.client, host, ctx)
+
+    def observe_stop_cost(self, seconds: float) -> None:
+        """The stop phase's fixed cost, learnt from each migration."""
+        if seconds > 0:
+            self.stop_cost = 0.5 * self.stop_cost + 0.5 * seconds
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        from migrate.pageserver.server import PageServer
+        os.makedirs(self.work_dir, exist_ok=True)
+        ssl_server = self.tls.server_context() if self.tls else None
+        if ssl_server is None:
+            log.warning("agent %s: no [tls] in %s: the API and page-server are plaintext "
+                        "and unauthenticated", self.name, self.cfg.path)
+        self.pageserver = PageServer(os.path.join(self.work_dir, "images"), self.cfg.address,
+                                     self.cfg.page_server_port,
+                                     ssl_context=self.tls.server_context() if self.tls
+                                     else None, serve=True)
+        await self.pageserver.start()
+        self.client = aiohttp.ClientSession()
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors_as_json])
+        app["agent"] = self
+        app.add_routes(ROUTES)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.cfg.address, self.cfg.port,
+                           ssl_context=ssl_server, reuse_address=True)
+        await site.start()
+        self.pool._spawn()
+        log.info("agent %s: API on %s://%s:%d, page-server on %d, work dir %s", self.name,
+                 "https" if ssl_server else "http", self.cfg.address, self.cfg.port,
+                 self.pageserver.port, self.work_dir)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let running migrations end (bounded), then close."""
+        log.info("agent %s: stopping", self.name)
+        if self.runner is not None:
+            await self.runner.shutdown()
+        active = [m.task for m in self.migrations.values() if m.task and not m.task.done()]
+        if active:
+            _, pending = await asyncio.wait(active, timeout=SHUTDOWN_TIMEOUT_S)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=30)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.pageserver is not None:
+            await self.pageserver.shutdown()
+        if self.client is not None:
+            await self.client.close()
+        await self.pool.close()
+
+    async def run(self, ready=None) -> int:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if ready is not None:
+            ready()
+        await self.stopping.wait()
+        await self.shutdown()
+        return 0
+
+    # -- source side ---------------------------------------------------------
+    def start_migration(self, body: dict) -> mig.Migration:
+        pid = body.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+            raise web.HTTPBadRequest(reason="pid must be an integer > 1")
+        dst = body.get("dst")
+        if not isinstance(dst, str) or not dst:
+            raise web.HTTPBadRequest(reason="dst must be a host name")
+        if dst == self.name:
+            raise web.HTTPBadRequest(reason=f"dst {dst} is this host")
+        try:
+            opts = mig.Options.from_json(body.get("options") or {})
+        except (TypeError, ValueError) as e:
+            raise web.HTTPBadRequest(reason=f"options: {e}") from None
+        try:
+            self.dst_host(dst)
+        except inv.ConfigError as e:
+            raise web.HTTPBadRequest(reason=str(e)) from None
+        for m in self.migrations.values():
+            if m.role == "source" and m.pid == pid and not m.done:
+                raise web.HTTPConflict(reason=f"pid {pid} is already being migrated "
+                                              f"({m.id})")
+        if not os.path.exists(f"/proc/{pid}"):
+            raise web.HTTPNotFound(reason=f"no process {pid} on {self.name}")
+        m = mig.Migration("source", pid, self.name, dst, opts)
+        self.migrations[m.id] = m
+        m.task = asyncio.ensure_future(mig.Coordinator(self, m).run())
+        return m
+
+    # -- destination side ----------------------------------------------------
+    def images_dir(self, mid: str) -> str:
+        return os.path.join(self.work_dir, "images", mid)
+
+    async def prepare_incoming(self, body: dict) -> dict:
+        from migrate.dest import check
+        mid = body.get("id")
+        if not isinstance(mid, str) or not mid.isalnum() or len(mid) > 64:
+            raise web.HTTPBadRequest(reason="id must be alphanumeric (at most 64)")
+        if mid in self.incoming:
+            raise web.HTTPConflict(reason=f"migration {mid} is already known here")
+        req = body.get("requirements")
+        if not isinstance(req, dict):
+            raise web.HTTPBadRequest(reason="requirements must be an object")
+        loop = asyncio.get_running_loop()
+        problems = await loop.run_in_executor(None, check.problems, req,
+                                              os.path.join(self.work_dir, "images"))
+        reserved = {p for i in self.incoming.values() if i["state"] == "prepared"
+                    for p in i["pids"]}
+        clash = sorted(set(req.get("pids", [])) & reserved)
+        if clash:
+            problems.append(f"pids {clash} are reserved by another incoming migration")
+        try:
+            opts = mig.Options.from_json(body.get("options") or {})
+        except (TypeError, ValueError) as e:
+            raise web.HTTPBadRequest(reason=f"options: {e}") from None
+        m = mig.Migration("destination", int(body.get("pid", 0)), str(body.get("src")),
+                          self.name, opts, mid=mid)
+        m.bytes_total = int(req.get("rss", 0))
+        m.set_phase("prepare")
+        self.migrations[mid] = m
+        self.incoming[mid] = {"state": "prepared" if not problems else "refused",
+                              "pids": list(req.get("pids", [])), "address": None,
+                              "restored": None}
+        if problems:
+            m.finish(mig.FAILED, mig.MigrationFailed("prepare", "; ".join(problems)))
+        else:
+            m.set_phase("pre-copy")
+        return {"problems": problems}
+
+    def _incoming(self, request) -> tuple[mig.Migration, dict]:
+        mid = request.match_info["id"]
+        if mid not in self.incoming:
+            raise web.HTTPNotFound(reason=f"no incoming migration {mid}")
+        return self.migrations[mid], self.incoming[mid]
+
+    async def restore_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        session = body.get("session")
+        if not isinstance(session, str) or not session.startswith(m.id + "/") or \
+                ".." in session:
+            raise web.HTTPBadRequest(reason="session must name an image of this migration")
+        if st["state"] != "prepared":
+            raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
+        m.set_phase("restore")
+        st["state"] = "restoring"
+        images = os.path.join(self.work_dir, "images", session)
+        w = await self.pool.take()
+        t0 = time.monotonic()
+        try:
+            res = await w.call({"op": "restore", "images_dir": images,
+                                "network_lock": m.options.network_lock,
+                                "log": os.path.join(self.work_dir, "logs", m.id,
+                                                    "restore.log")})
+        finally:
+            await w.close()
+        res["seconds"] = time.monotonic() - t0
+        if res.get("ok"):
+            st["state"] = "running"
+            st["restored"] = res.get("pid")
+            m.restored_pid = res.get("pid")
+            m.set_phase("resume")
+        else:
+            st["state"] = "prepared"        # the source rolls back (abort)
+        return res
+
+    async def address_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        from migrate.orchestrator import address
+        ip, action = body.get("ip"), body.get("action")
+        if action not in ("add", "del") or not isinstance(ip, str):
+            raise web.HTTPBadRequest(reason="action must be add or del, ip an address")
+        if action == "add" and not self.interface:
+            raise web.HTTPConflict(reason=f"{self.cfg.path}: no interface for moved "
+                                          "addresses")
+        loop = asyncio.get_running_loop()
+        try:
+            if action == "add":
+                await loop.run_in_executor(None, address.add, ip, self.interface)
+                st["address"] = ip
+            else:
+                await loop.run_in_executor(None, address.remove, ip)
+                st["address"] = None
+        except (ValueError, errors.MigrateError) as e:
+            raise web.HTTPBadRequest(reason=str(e)) from None
+        return {"ok": True}
+
+    async def abort_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        """Nothing of this migration left here: a restored tree killed (it
+        must not run twice), the moved address given back, the images gone."""
+        from migrate.orchestrator import address
+        loop = asyncio.get_running_loop()
+        if st["state"] in ("running", "restoring") and st["restored"]:
+            for pid in st["pids"]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if st["address"]:
+            try:
+                await loop.run_in_executor(None, address.remove, st["address"])
+            except errors.MigrateError as e:
+                log.error("migration %s: %s", m.id, e)
+        await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
+        st["state"] = "aborted"
+        if not m.done:
+            m.finish(mig.FAILED, mig.MigrationFailed(
+                m.phase, str(body.get("reason") or "aborted by the source")))
+        return {"ok": True}
+
+    async def finish_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        if not body.get("keep_images"):
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
+        st["state"] = "completed"
+        if not m.done:
+            m.finish(mig.COMPLETED)
+        return {"ok": True}
+
+
+# --------------------------------------------------------------------------
+# HTTP
+
+@web.middleware
+async def _errors_as_json(request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason)
+    except (errors.MigrateError, OSError) as e:
+        log.exception("agent: %s %s", request.method, request.path)
+        return _error(500, str(e))
+
+
+async def _body(request) -> dict:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(reason="the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(reason="the body must be a JSON object")
+    return data
+
+
+ROUTES = web.RouteTableDef()
+
+
+@ROUTES.get("/api/v1/health")
+async def health(request):
+    a: Agent = request.app["agent"]
+    return web.json_response({"host": a.name, "version": __version__, "pid": os.getpid(),
+                              "page_server_port": a.pageserver.port})
+
+
+@ROUTES.get("/api/v1/migrations")
+async def list_migrations(request):
+    a: Agent = request.app["agent"]
+    return web.json_response({"migrations": [m.as_dict() for m in a.migrations.values()]})
+
+
+@ROUTES.post("/api/v1/migrations")
+async def start_migration(request):
+    a: Agent = request.app["agent"]
+    m = a.start_migration(await _body(request))
+    return web.json_response(m.as_dict(), status=202)
+
+
+def _migration(request) -> mig.Migration:
+    a: Agent = request.app["agent"]
+    mid = request.match_info["id"]
+    m = a.migrations.get(mid)
+    if m is None:
+        raise web.HTTPNotFound(reason=f"no migration {mid} on {a.name}")
+    return m
+
+
+@ROUTES.get("/api/v1/migrations/{id}")
+async def get_migration(request):
+    return web.json_response(_migration(request).as_dict())
+
+
+@ROUTES.post("/api/v1/migrations/{id}/cancel")
+async def cancel_migration(request):
+    m = _migration(request)
+    if m.role != "source":
+        raise web.HTTPConflict(reason=f"migration {m.id} is coordinated by {m.src}: "
+                                      "cancel it there")
+    if m.done:
+        raise web.HTTPConflict(reason=f"migration {m.id} is already {m.status}")
+    if m.phase in ("resume", "cleanup"):
+        raise web.HTTPConflict(reason=f"migration {m.id}: the process already runs on "
+                                      f"{m.dst}")
+    m.cancel_requested = True
+    m.event("cancel-requested")
+    return web.json_response(m.as_dict(), status=202)
+
+
+@ROUTES.post("/api/v1/incoming")
+async def incoming(request):
+    a: Agent = request.app["agent"]
+    return web.json_response(await a.prepare_incoming(await _body(request)))
+
+
+@ROUTES.post("/api/v1/incoming/{id}/{action}")
+async def incoming_action(request):
+    a: Agent = request.app["agent"]
+    action = request.match_info["action"]
+    fn = {"restore": a.restore_incoming, "address": a.address_incoming,
+          "abort": a.abort_incoming, "finish": a.finish_incoming}.get(action)
+    if fn is None:
+        raise web.HTTPNotFound(reason=f"no action {action!r}")
+    m, st = a._incoming(request)
+    return web.json_response(await fn(m, st, await _body(request)))
+
+
+def run(config_path: str) -> int:
+    cfg = inv.load_agent_config(config_path)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    agent = Agent(cfg)
+    try:
+        return asyncio.run(agent.run())
+    except OSError as e:
+        raise errors.MigrateError(f"agent {cfg.name}: {e}") from None
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,220 @@
+"""A job runner process for an agent: dumps and restores, out of the agent's
+event loop.
+
+Dumps ptrace the target (every ptrace call must come from the thread that
+seized it) and restores fork the new processes: neither belongs in a
+multi-threaded aiohttp process.  An agent keeps one of these started and
+warm (everything imported), hands it jobs as JSON lines on stdin and reads
+JSON lines back on stdout:
+
+    -> {"op": "pre-dump", "pid": N, "images_dir": D, "prev": REL|null, "sink": {...}}
+    <- {"ok": true, "stats": {...}, "bytes": B}
+    -> {"op": "dump", ... same, "tcp_established": bool, "network_lock": ...}
+    <- {"event": "frozen", "stats": {...}, "bytes": B}     (image committed, tree frozen)
+    -> {"op": "release", "action": "kill" | "rollback", "reason": "..."}
+    <- {"ok": true, "stats": ...} | {"ok": false, "error": "...", "running": true}
+    -> {"op": "restore", "images_dir": D, ...}
+    <- {"ok": true, "pid": N, "stats": {...}}   (then the worker exits: the
+       restored tree is handed to the host's init, as `restore -d` does)
+    -> {"op": "unlock", "pid": N}                (the source's network lock)
+
+stdout carries only these lines; logging goes to the job's log file.
+
+    python -m migrate.orchestrator.worker
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+from migrate import errors
+
+log = logging.getLogger(__name__)
+
+
+class Released(errors.DumpError):
+    """The orchestrator asked for a rollback while the tree was frozen."""
+
+
+def _out(msg: dict) -> None:
+    _OUT.write(json.dumps(msg) + "\n")
+    _OUT.flush()
+
+
+def _in() -> dict | None:
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    return json.loads(line)
+
+
+def _log_to(path: str | None, level: int) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: "
+                                         "%(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def _sink(job: dict):
+    from migrate.pageserver.client import PageServerSink
+    from migrate.pageserver import tls
+    s = job["sink"]
+    ctx = None
+    if s.get("tls"):
+        t = s["tls"]
+        ctx = tls.client_context(t["cacert"], t["cert"], t["key"], t.get("cacrl"))
+    kw = {}
+    if s.get("max_bandwidth"):
+        kw["max_bandwidth"] = s["max_bandwidth"]
+    return PageServerSink(s["address"], s["port"], s["session"], ssl_context=ctx,
+                          streams=s.get("streams", 1), compress=s.get("compress", False),
+                          mirror=job["images_dir"], **kw)
+
+
+def _options(job: dict, **extra):
+    from migrate.source.dump import DumpOptions
+    return DumpOptions(pid=job["pid"], images_dir=job["images_dir"],
+                       prev_images_dir=job.get("prev"), track_mem=True, **extra)
+
+
+def _run_sink(fn, opts, sink):
+    try:
+        return fn(opts, sink=sink)
+    finally:
+        if sink.inventory is None:
+            sink.discard()
+
+
+def pre_dump(job: dict) -> dict:
+    from migrate.source.dump import pre_dump as run
+    sink = _sink(job)
+    t0 = time.monotonic()
+    st = _run_sink(run, _options(job), sink)
+    return {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent,
+            "seconds": time.monotonic() - t0}
+
+
+def dump(job: dict) -> dict:
+    """The last dump: the image committed with the tree frozen; then the
+    orchestrator says kill (the destination runs) or rollback."""
+    from migrate.source.dump import dump as run
+    sink = _sink(job)
+    t0 = time.monotonic()
+    answer: dict = {}
+    frozen = [t0]
+
+    def on_freeze() -> None:
+        frozen[0] = time.monotonic()
+
+    def before_release(stats) -> None:
+        now = time.monotonic()
+        _out({"event": "frozen", "stats": dataclasses.asdict(stats),
+              "bytes": sink.bytes_sent, "seconds": now - t0, "frozen_for": now - frozen[0]})
+        msg = _in()
+        answer.update(msg or {"action": "rollback", "reason": "the agent went away"})
+        if answer.get("action") != "kill":
+            raise Released(answer.get("reason") or "rollback asked")
+
+    opts = _options(job, tcp_established=job.get("tcp_established", False),
+                    network_lock=job.get("network_lock"), before_release=before_release,
+                    on_freeze=on_freeze)
+    try:
+        st = _run_sink(run, opts, sink)
+    except errors.MigrateError as e:
+        # The dump rolled back: the tree runs on here, lock lifted.
+        return {"ok": False, "error": str(e), "running": True,
+                "released": bool(answer)}
+    return {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
+
+
+def restore(job: dict) -> dict:
+    from migrate.dest.restore import RestoreOptions, restore as run
+    pid, st = run(RestoreOptions(images_dir=job["images_dir"], detach=True,
+                                 tcp_close=job.get("tcp_close", False),
+                                 network_lock=job.get("network_lock"),
+                                 lazy_pages=job.get("lazy_pages", False),
+                                 lazy_socket=job.get("lazy_socket")))
+    return {"ok": True, "pid": pid, "stats": dataclasses.asdict(st), "exit": True}
+
+
+def unlock(job: dict) -> dict:
+    from migrate.resources import netlock
+    netlock.unlock_tree(job["pid"], job.get("network_lock"))
+    return {"ok": True}
+
+
+def stop_tracking(job: dict) -> dict:
+    """A migration that ends without its last dump: the tracking holders go."""
+    from migrate.source import holder, tracker
+    for pid in job.get("pids", []):
+        try:
+            holder.stop(pid, tracker.start_time(pid))
+        except (errors.MigrateError, OSError):
+            pass          # gone: its holder went with it
+    return {"ok": True}
+
+
+def inspect(job: dict) -> dict:
+    from migrate.source import check
+    return {"ok": True, "requirements": check.requirements(job["pid"])}
+
+
+JOBS = {"inspect": inspect, "pre-dump": pre_dump, "dump": dump, "restore": restore, "unlock": unlock,
+        "stop-tracking": stop_tracking}
+
+
+def _warm() -> None:
+    """Import what the jobs need before the first one comes (start-up off the
+    migration's critical path)."""
+    import migrate.dest.restore  # noqa: F401
+    import migrate.pageserver.client  # noqa: F401
+    import migrate.resources.netlock  # noqa: F401
+    import migrate.source.dump  # noqa: F401
+
+
+def main() -> int:
+    global _OUT
+    # Only our JSON lines on the real stdout; anything else printed goes to stderr.
+    _OUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    _warm()
+    _out({"event": "ready", "pid": os.getpid()})
+    while True:
+        job = _in()
+        if job is None:
+            return 0
+        op = job.get("op")
+        fn = JOBS.get(op)
+        if fn is None:
+            _out({"ok": False, "error": f"unknown job {op!r}"})
+            continue
+        _log_to(job.get("log"), job.get("level", logging.INFO))
+        try:
+            res = fn(job)
+        except errors.MigrateError as e:
+            log.error("%s: %s", op, e)
+            res = {"ok": False, "error": str(e)}
+        except Exception as e:        # noqa: BLE001 - reported, never lost
+            log.exception("%s failed", op)
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        _out(res)
+        if res.get("exit") or op == "restore":
+            return 0
+
+
+_OUT = sys.stdout
+
+if __name__ == "__main__":
+    sys.exit(main())
