@@ -106,6 +106,9 @@ def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress", action="store_true",
                    help="zstd-compress pages to the page-server (slow links; off by "
                         "default)")
+    p.add_argument("--max-bandwidth", type=_rate_arg, metavar="RATE",
+                   help="send at most RATE bytes/s to the page-server, all streams "
+                        "together: e.g. 50M, 1G (K, M, G, T: powers of 1024)")
     _add_tls(p)
 
 
@@ -355,6 +358,8 @@ def _tls_context(args, server: bool):
 def _sink(args):
     """The page-server client sink for dump/pre-dump --page-server, or None."""
     if not args.page_server:
+        if args.max_bandwidth:
+            raise SystemExit("migrate: --max-bandwidth needs --page-server")
         return None
     if not args.address:
         raise SystemExit("migrate: --page-server needs --address")
@@ -365,7 +370,7 @@ def _sink(args):
     return PageServerSink(args.address, args.port, session,
                           ssl_context=_tls_context(args, server=False),
                           streams=args.ps_streams, compress=args.compress,
-                          mirror=args.images_dir)
+                          mirror=args.images_dir, max_bandwidth=args.max_bandwidth)
 
 
 def _with_sink(sink, fn, opts):
@@ -554,16 +559,13 @@ def cmd_page_server(args) -> int:
 
 
 def _rate_arg(text: str) -> int:
-    """A rate in bytes/s: a number with an optional K, M or G (powers of 1024)."""
-    t = text.strip().upper().removesuffix("B/S").removesuffix("/S").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    """A rate in bytes/s: a number with an optional K, M, G or T (powers of
+    1024), e.g. 100M, 1.5G, 64MiB/s (orchestrator.policy.parse_rate)."""
+    from migrate.orchestrator.policy import parse_rate
     try:
-        v = float(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 100M)") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the rate must be positive")
-    return int(v)
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_agent(args) -> int:

@@ -127,3 +127,13 @@ class NetworkLockError(MigrateError):
     def __init__(self, name: str, why: str) -> None:
         self.name = name
         super().__init__(f"network lock {name}: {why}")
+
+
+class ThrottleError(MigrateError):
+    """Auto-converge could not throttle the tree (no cgroup cpu controller, a
+    cgroup file refused a write) or could not remove its cgroup.  ``path`` is
+    the cgroup file or directory."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        super().__init__(f"cpu throttle {path}: {why}")

@@ -8,7 +8,9 @@ buffer (no copy): on a stream of its own when the server granted several,
 else under the one stream's lock.  So at most two chunks (the workers' own
 buffers) are in memory.  Before every frame it looks for an ERROR from the
 server on that stream (disk full, checksum...) and raises it as a
-PageServerError naming the server's reason.
+PageServerError naming the server's reason.  With ``max_bandwidth`` every
+byte sent on any of the session's streams first goes through one shared
+token bucket (pacing.RateLimit), a slice at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from migrate.images import imgfile
 from migrate.images.imgfile import (CHUNK_PAGES, PAGE_SIZE, PAGES_DATA_OFFSET, ImageKind,
                                     chunk_digest, pages_digest)
 from migrate.pageserver import protocol as P
+from migrate.pageserver.pacing import RateLimit
 
 try:
     import zstandard
@@ -101,6 +104,7 @@ class _Wire:
         self.failed: errors.PageServerError | None = None
         self.tls = sink.ssl_context is not None
         self.bytes_sent = 0
+        self.pacing: RateLimit | None = getattr(sink, "pacing", None)
         try:
             raw = socket.create_connection((sink.address, sink.port),
                                            timeout=CONNECT_TIMEOUT_S)
@@ -151,7 +155,14 @@ class _Wire:
 
     def sendall(self, parts) -> None:
         for p in parts:
-            self.sock.sendall(p)
+            if self.pacing is None:
+                self.sock.sendall(p)
+            else:
+                view, step = memoryview(p), self.pacing.slice
+                for off in range(0, len(view), step):
+                    piece = view[off:off + step]
+                    self.pacing.take(len(piece))
+                    self.sock.sendall(piece)
             self.bytes_sent += len(p)
 
     def recv_event(self, timeout: float):
@@ -251,13 +262,16 @@ class PageServerSink:
     """Streams an image to ``address:port`` as session ``session``.
 
     ``streams``: TCP streams to ask for (the server may grant fewer);
-    ``compress``: zstd-compress chunks if the server takes them.
+    ``compress``: zstd-compress chunks if the server takes them;
+    ``max_bandwidth``: bytes/s for the whole session, all streams together
+    (bytes handed to the sockets: after compression, framing included).
     """
 
     def __init__(self, address: str, port: int, session: str, *,
                  ssl_context: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, streams: int = 1,
-                 compress: bool = False, mirror: str | None = None) -> None:
+                 compress: bool = False, mirror: str | None = None,
+                 max_bandwidth: float | None = None) -> None:
         try:
             P.check_session_name(session)
         except ValueError as e:
@@ -281,6 +295,7 @@ class PageServerSink:
         self.checksums: dict[str, tuple[int, str]] = {}
         self.inventory = None
         self._closed = False
+        self.pacing = RateLimit(max_bandwidth) if max_bandwidth else None
         self.t0 = time.monotonic()
         self.tls = ssl_context is not None
         caps = (P.CAP_STREAMS if streams > 1 else 0) | (P.CAP_ZSTD if compress else 0)
@@ -303,10 +318,11 @@ class PageServerSink:
         self._free: queue.Queue = queue.Queue()
         for w in [self.main, *self.extra]:
             self._free.put(w)
-        log.info("page-server %s: session %r open (%s, version %d, %d stream%s%s)", self.peer,
-                 session, self.main.sock.version() if self.tls else "plaintext", ev.version,
-                 1 + len(self.extra), "s" if self.extra else "",
-                 ", zstd" if self.compress else "")
+        log.info("page-server %s: session %r open (%s, version %d, %d stream%s%s%s)",
+                 self.peer, session, self.main.sock.version() if self.tls else "plaintext",
+                 ev.version, 1 + len(self.extra), "s" if self.extra else "",
+                 ", zstd" if self.compress else "",
+                 f", at most {max_bandwidth / 2**20:.1f} MiB/s" if self.pacing else "")
 
     @property
     def conn(self) -> P.Connection:
@@ -399,8 +415,9 @@ class PageServerSink:
             local.CopyFrom(inv)
             self.mirror.commit(local)
         dt = time.monotonic() - self.t0
-        log.info("page-server %s: session %r committed, %d files, %.1f MiB in %.2f s",
-                 self.peer, self.session, ev.nr_files, ev.nbytes / 2**20, dt)
+        log.info("page-server %s: session %r committed, %d files, %.1f MiB in %.2f s%s",
+                 self.peer, self.session, ev.nr_files, ev.nbytes / 2**20, dt,
+                 f" ({self.pacing.waited:.2f} s paced)" if self.pacing else "")
         self.close()
 
     def discard(self) -> None:
