@@ -64,6 +64,10 @@ class RestoreOptions:
     lazy_socket: str | None = None      # the lazy-pages daemon's unix socket
     tcp_close: bool = False              # connections come back closed, no lock
     network_lock: str | None = None      # "nftables" (default), "iptables", "skip"
+    # Live migration: called once the connections' packets are dropped here
+    # (or at once without connections), before any socket is made: the
+    # service address can arrive now without this host resetting them.
+    after_lock: object = None
 
 
 @dataclasses.dataclass
@@ -270,6 +274,13 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
     # lock of the same name).
     lock = netlock.lock(img.pid, conns, opts.network_lock)
     stats.netlock_us = lock.set_us if lock else 0
+    if opts.after_lock is not None:
+        try:
+            opts.after_lock()
+        except BaseException:
+            if lock is not None:
+                lock.unlock()
+            raise
     inets = inet.Opener(tcp_close=opts.tcp_close)
     shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
                                   [f for f in img.files

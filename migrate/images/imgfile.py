@@ -353,6 +353,19 @@ def fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+# Decoded records images by (real path, size, checksum), once enabled: a
+# process that reads the same images again (a migration's destination
+# reads the pre-copy rounds' pagemaps as they arrive, and again at the
+# restore) decodes and checks each file once.
+_cache: dict | None = None
+
+
+def enable_cache() -> None:
+    global _cache
+    if _cache is None:
+        _cache = {}
+
+
 class ImageDir:
     """An image directory: write files, then commit the inventory last.
 
@@ -487,6 +500,16 @@ class ImageDir:
         if name not in self.checksums:
             raise ImageError(path, None, "not listed in inventory.img")
         size, digest = self.checksums[name]
+        if _cache is not None:
+            key = (os.path.realpath(path), size, digest)
+            hit = _cache.get(key)
+            if hit is None:
+                hit = _cache[key] = self._read_image(path, name, size, digest)
+            return hit
+        return self._read_image(path, name, size, digest)
+
+    @staticmethod
+    def _read_image(path: str, name: str, size: int, digest: str):
         try:
             with open(path, "rb") as f:
                 data = f.read(size + 1)

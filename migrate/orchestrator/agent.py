@@ -259,12 +259,60 @@ class Agent:
         self.migrations[mid] = m
         self.incoming[mid] = {"state": "prepared" if not problems else "refused",
                               "pids": list(req.get("pids", [])), "address": None,
-                              "restored": None}
+                              "restored": None, "worker": None, "lock": asyncio.Lock()}
         if problems:
             m.finish(mig.FAILED, mig.MigrationFailed("prepare", "; ".join(problems)))
         else:
             m.set_phase("pre-copy")
+            # This migration's restore runs in a worker that reads each
+            # pre-copy round as it arrives (only the last dump is new then).
+            self.incoming[mid]["worker"] = asyncio.ensure_future(self.pool.take())
         return {"problems": problems}
+
+    async def _worker_of(self, st: dict):
+        t = st.get("worker")
+        if t is None:
+            return None
+        try:
+            return await t
+        except (errors.MigrateError, OSError) as e:
+            log.warning("worker for an incoming migration: %s", e)
+            st["worker"] = None
+            return None
+
+    def _drop_worker(self, st: dict) -> None:
+        t, st["worker"] = st.get("worker"), None
+        if t is not None:
+            async def close():
+                try:
+                    w = await t
+                except (errors.MigrateError, OSError):
+                    return
+                await w.close()
+            self._background(close())
+
+    async def round_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        """A pre-copy round committed here: its worker reads it meanwhile."""
+        images = self._session_dir(m, body.get("session"))
+        if st["state"] != "prepared":
+            raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
+
+        async def preload() -> None:
+            async with st["lock"]:
+                w = await self._worker_of(st)
+                if w is None:
+                    return
+                try:
+                    r = await w.call({"op": "preload", "images_dir": images})
+                except errors.MigrateError as e:
+                    log.warning("migration %s: preload of %s: %s", m.id, images, e)
+                    self._drop_worker(st)
+                    return
+                if not r.get("ok"):
+                    log.warning("migration %s: preload of %s: %s", m.id, images,
+                                r.get("error"))
+        self._background(preload())
+        return {"ok": True}
 
     def _incoming(self, request) -> tuple[mig.Migration, dict]:
         mid = request.match_info["id"]
@@ -288,13 +336,25 @@ class Agent:
             job["lazy"] = {"socket": os.path.join(logs, "lazy-pages.socket"),
                            "stats": os.path.join(logs, "fill.json"),
                            "log": os.path.join(logs, "lazy-pages.log")}
-        w = await self.pool.take()
+        ip = body.get("address")
+        if ip is not None:
+            if not isinstance(ip, str) or not self.interface:
+                raise web.HTTPBadRequest(reason="address: an IP, and an interface in the "
+                                                "agent's config")
+            # Added by the restore once the connections are locked here.
+            job["address"] = {"ip": ip, "interface": self.interface}
+            st["address"] = ip
         t0 = time.monotonic()
-        try:
-            res = await w.call(job)
-        finally:
-            # It exits by itself after a restore; no need to wait for that.
-            self._background(w.close())
+        async with st["lock"]:
+            w = await self._worker_of(st)
+            st["worker"] = None
+            if w is None:
+                w = await self.pool.take()
+            try:
+                res = await w.call(job)
+            finally:
+                # It exits by itself after a restore; no need to wait for that.
+                self._background(w.close())
         res["seconds"] = time.monotonic() - t0
         if res.get("ok"):
             st["state"] = "running"
@@ -400,6 +460,7 @@ class Agent:
                 await loop.run_in_executor(None, self._unlock, st["locked"], m.options)
             except errors.MigrateError as e:
                 log.error("migration %s: network unlock: %s", m.id, e)
+        self._drop_worker(st)
         await loop.run_in_executor(None, shutil.rmtree, self.images_dir(m.id), True)
         st["state"] = "aborted"
         if not m.done:
@@ -408,6 +469,7 @@ class Agent:
         return {"ok": True}
 
     async def finish_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        self._drop_worker(st)
         if m.fill is not None and not m.fill.get("done"):
             # The lazy-pages daemon still reads them: they go once it is done.
             st["delete_after_fill"] = not body.get("keep_images")
@@ -510,6 +572,7 @@ async def incoming_action(request):
     a: Agent = request.app["agent"]
     action = request.match_info["action"]
     fn = {"restore": a.restore_incoming, "address": a.address_incoming,
+          "round": a.round_incoming,
           "abort": a.abort_incoming, "finish": a.finish_incoming}.get(action)
     if fn is None:
         raise web.HTTPNotFound(reason=f"no action {action!r}")

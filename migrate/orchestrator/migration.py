@@ -306,6 +306,8 @@ class Coordinator:
             if not res.get("ok"):
                 raise MigrationFailed("pre-copy", f"round {n}: {res.get('error')}")
             dt = time.monotonic() - t0
+            await self.peer.post(f"/api/v1/incoming/{m.id}/round",
+                                 {"session": f"{m.id}/{name}"}, phase="pre-copy")
             st = res["stats"]
             pages = st["pages_written"]
             rnd = Round(n, pages, res["bytes"], dt, pages)
@@ -365,7 +367,8 @@ class Coordinator:
             m.set_phase("restore")
             t_r = time.monotonic()
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
-                                     {"session": f"{m.id}/final"}, phase="restore",
+                                     {"session": f"{m.id}/final",
+                                      "address": o.move_address}, phase="restore",
                                      timeout=600)
             if not r.get("ok"):
                 raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
@@ -411,15 +414,13 @@ class Coordinator:
             return {"ok": False, "error": str(e)}
 
     async def _move_address(self) -> None:
+        """The address leaves this host; the destination's restore adds it
+        once it has locked the connections there."""
         from migrate.orchestrator import address
         ip = self.m.options.move_address
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, address.remove, ip)
         self.address_moved = True
-        await self.peer.post(f"/api/v1/incoming/{self.m.id}/address",
-                             {"action": "add", "ip": ip,
-                              "lock_session": f"{self.m.id}/final"
-                              if self.m.options.tcp_established else None}, phase="stop")
         self.m.event("address", ip=ip, host=self.m.dst)
 
     async def _release_throttle(self) -> None:

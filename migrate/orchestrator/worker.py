@@ -188,12 +188,19 @@ def restore(job: dict) -> dict:
     if lazy:
         d = job["lazy"]
         daemon_pid = _start_lazy_daemon(job["images_dir"], d["socket"], d["stats"], d["log"])
+    after_lock = None
+    if job.get("address"):
+        from migrate.orchestrator import address
+
+        def after_lock() -> None:
+            address.add(job["address"]["ip"], job["address"]["interface"])
     try:
         pid, st = run(RestoreOptions(images_dir=job["images_dir"], detach=True,
                                      tcp_close=job.get("tcp_close", False),
                                      network_lock=job.get("network_lock"),
                                      lazy_pages=lazy,
-                                     lazy_socket=job["lazy"]["socket"] if lazy else None))
+                                     lazy_socket=job["lazy"]["socket"] if lazy else None,
+                                     after_lock=after_lock))
     except BaseException:
         if daemon_pid is not None:
             try:
@@ -203,6 +210,19 @@ def restore(job: dict) -> dict:
         raise
     return {"ok": True, "pid": pid, "stats": dataclasses.asdict(st), "exit": True,
             "lazy_daemon": daemon_pid}
+
+
+def preload(job: dict) -> dict:
+    """Read (and keep, decoded) the pagemaps of a committed pre-copy round,
+    so that the restore at the stop only reads what is new."""
+    from migrate.images import ImageDir
+    d = ImageDir.open(job["images_dir"])
+    n = 0
+    for name in list(d.checksums):
+        if name.startswith(("pagemap-", "pstree")):
+            d.read_image(name)
+            n += 1
+    return {"ok": True, "files": n}
 
 
 def unlock(job: dict) -> dict:
@@ -227,7 +247,7 @@ def inspect(job: dict) -> dict:
     return {"ok": True, "requirements": check.requirements(job["pid"])}
 
 
-JOBS = {"inspect": inspect, "pre-dump": pre_dump, "dump": dump, "restore": restore, "unlock": unlock,
+JOBS = {"inspect": inspect, "preload": preload, "pre-dump": pre_dump, "dump": dump, "restore": restore, "unlock": unlock,
         "stop-tracking": stop_tracking}
 
 
@@ -247,6 +267,8 @@ def main() -> int:
     # Only our JSON lines on the real stdout; anything else printed goes to stderr.
     _OUT = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    from migrate.images import imgfile
+    imgfile.enable_cache()
     _warm()
     _out({"event": "ready", "pid": os.getpid()})
     while True:
