@@ -65,3 +65,10 @@ def test_lazypages_imports_only_kernel_images_pageserver():
                                            "errors")
                 assert ok, f"{path} imports {mod}"
                 assert mod != "migrate.pageserver.server", f"{path} imports the server"
+
+
+def test_orchestrator_never_imports_kernel():
+    for path in _modules("orchestrator"):
+        for mod in _imports(path):
+            if mod.startswith("migrate."):
+                assert mod.split(".")[1] != "kernel", f"{path} imports {mod}"
