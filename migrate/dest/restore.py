@@ -68,6 +68,10 @@ class RestoreOptions:
     # (or at once without connections), before any socket is made: the
     # service address can arrive now without this host resetting them.
     after_lock: object = None
+    # Live migration: called once every process is built, just before they
+    # are released; if it raises, they are killed (nothing runs) and the
+    # restore fails.  The orchestrator releases only once the source agrees.
+    before_release: object = None
 
 
 @dataclasses.dataclass
@@ -342,6 +346,8 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
             files.restore_fown(img.files, {fi.id: (p.pid, fi.fd) for p in reversed(img.procs)
                                            for fi in p.fdinfos})
             inets.finish()                   # TCP connections out of repair mode
+            if opts.before_release is not None:
+                opts.before_release(pid)
 
         _build_all(img, opts, plan.keep, shared, stats, created, all_built)
     except BaseException as exc:

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 SHUTDOWN_TIMEOUT_S = 30.0
 STOP_COST_DEFAULT = 0.25          # s: the stop phase's fixed cost before one is measured
+INCOMING_IDLE_S = 30.0            # an incoming migration's source silent this long: abort
+INCOMING_CHECK_S = 2.0
 
 
 def _alive(pid) -> bool:
@@ -111,6 +113,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self._inventory: inv.Inventory | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.undecided: dict = {}      # migration id -> worker holding the frozen tree
 
     # -- peers -------------------------------------------------------------
     def inventory(self) -> inv.Inventory:
@@ -151,8 +154,10 @@ class Agent:
                                      self.cfg.page_server_port,
                                      ssl_context=self.tls.server_context() if self.tls
                                      else None, serve=True)
+        self._clean_stale()
         await self.pageserver.start()
         self.client = aiohttp.ClientSession()
+        self._background(self._watchdog())
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors_as_json])
         app["agent"] = self
         app.add_routes(ROUTES)
@@ -165,6 +170,34 @@ class Agent:
         log.info("agent %s: API on %s://%s:%d, page-server on %d, work dir %s", self.name,
                  "https" if ssl_server else "http", self.cfg.address, self.cfg.port,
                  self.pageserver.port, self.work_dir)
+
+    def _clean_stale(self) -> None:
+        """Images of incoming migrations an earlier run of this agent left
+        (it was killed): no source will finish them.  A lazy-pages daemon
+        still filling from one has its files open already."""
+        root = os.path.join(self.work_dir, "images")
+        for name in os.listdir(root) if os.path.isdir(root) else []:
+            log.warning("agent %s: removing the images of migration %s, left by an earlier "
+                        "run", self.name, name)
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+    async def _watchdog(self) -> None:
+        """An incoming migration whose source went silent (its agent died,
+        the link broke) is aborted here: nothing of it stays."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(INCOMING_CHECK_S)
+            now = time.monotonic()
+            for mid, st in list(self.incoming.items()):
+                if st["state"] in ("prepared", "built") and \
+                        now - st["seen"] > INCOMING_IDLE_S:
+                    m = self.migrations[mid]
+                    log.warning("migration %s: nothing from %s for %.0f s: aborting it here",
+                                mid, m.src, now - st["seen"])
+                    try:
+                        await self.abort_incoming(m, st, {"reason": f"the source {m.src} "
+                                                          "went silent"})
+                    except (errors.MigrateError, OSError) as e:
+                        log.error("migration %s: abort: %s", mid, e)
 
     async def shutdown(self) -> None:
         """Stop accepting, let running migrations end (bounded), then close."""
@@ -259,7 +292,8 @@ class Agent:
         self.migrations[mid] = m
         self.incoming[mid] = {"state": "prepared" if not problems else "refused",
                               "pids": list(req.get("pids", [])), "address": None,
-                              "restored": None, "worker": None, "lock": asyncio.Lock()}
+                              "restored": None, "worker": None, "lock": asyncio.Lock(),
+                              "seen": time.monotonic()}
         if problems:
             m.finish(mig.FAILED, mig.MigrationFailed("prepare", "; ".join(problems)))
         else:
@@ -291,6 +325,10 @@ class Agent:
                 await w.close()
             self._background(close())
 
+    async def alive_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        """The source's heartbeat (``_incoming`` noted the time)."""
+        return {"ok": True, "state": st["state"]}
+
     async def round_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         """A pre-copy round committed here: its worker reads it meanwhile."""
         images = self._session_dir(m, body.get("session"))
@@ -318,6 +356,7 @@ class Agent:
         mid = request.match_info["id"]
         if mid not in self.incoming:
             raise web.HTTPNotFound(reason=f"no incoming migration {mid}")
+        self.incoming[mid]["seen"] = time.monotonic()
         return self.migrations[mid], self.incoming[mid]
 
     async def restore_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
@@ -344,6 +383,8 @@ class Agent:
             # Added by the restore once the connections are locked here.
             job["address"] = {"ip": ip, "interface": self.interface}
             st["address"] = ip
+        job["two_phase"] = True
+        job["resumed"] = os.path.join(logs, "resumed")
         t0 = time.monotonic()
         async with st["lock"]:
             w = await self._worker_of(st)
@@ -351,23 +392,49 @@ class Agent:
             if w is None:
                 w = await self.pool.take()
             try:
-                res = await w.call(job)
-            finally:
-                # It exits by itself after a restore; no need to wait for that.
+                first = await w.call(job)
+            except BaseException:
                 self._background(w.close())
-        res["seconds"] = time.monotonic() - t0
-        if res.get("ok"):
-            st["state"] = "running"
-            st["restored"] = res.get("pid")
-            m.restored_pid = res.get("pid")
-            m.set_phase("resume")
-            if lazy:
-                m.fill = {"mode": "lazy", "daemon": res.get("lazy_daemon"), "done": False}
-                asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
-            else:
-                m.fill = {"mode": "eager", "done": True}
-        else:
+                raise
+        if first.get("event") != "built":
+            # It failed: nothing of it runs (the worker exits by itself).
+            self._background(w.close())
             st["state"] = "prepared"        # the source rolls back (abort)
+            first["seconds"] = time.monotonic() - t0
+            return first
+        # Built, held before its release: the source says resume or abort.
+        st["state"] = "built"
+        st["held"] = w
+        st["job"] = job
+        st["restored"] = first.get("pid")
+        return {"ok": True, "built": True, "pid": first.get("pid"),
+                "seconds": time.monotonic() - t0}
+
+    async def resume_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        """The source agrees: the restored tree runs from here on."""
+        if st["state"] != "built" or st.get("held") is None:
+            raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}, not built")
+        w, st["held"] = st["held"], None
+        job = st["job"]
+        t0 = time.monotonic()
+        try:
+            await w.send({"op": "release"})
+            res = await w.recv(60)
+        finally:
+            self._background(w.close())   # it exits by itself after a restore
+        res["seconds"] = time.monotonic() - t0
+        if not res.get("ok"):
+            st["state"] = "prepared"
+            return res
+        st["state"] = "running"
+        st["restored"] = res.get("pid")
+        m.restored_pid = res.get("pid")
+        m.set_phase("resume")
+        if job.get("lazy_pages"):
+            m.fill = {"mode": "lazy", "daemon": res.get("lazy_daemon"), "done": False}
+            asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
+        else:
+            m.fill = {"mode": "eager", "done": True}
         return res
 
     async def address_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
@@ -444,7 +511,18 @@ class Agent:
         must not run twice), the moved address given back, the images gone."""
         from migrate.orchestrator import address
         loop = asyncio.get_running_loop()
-        if st["state"] in ("running", "restoring") and st["restored"]:
+        held, st["held"] = st.get("held"), None
+        if held is not None:
+            # Built and never released: the restore kills what it made.
+            try:
+                await held.send({"op": "abort", "reason": str(body.get("reason") or
+                                                              "aborted by the source")})
+                await held.recv(60)
+            except errors.MigrateError as e:
+                log.warning("migration %s: abort of the held restore: %s", m.id, e)
+            finally:
+                await held.close()
+        elif st["state"] in ("running", "restoring") and st["restored"]:
             for pid in st["pids"]:
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -542,15 +620,32 @@ def _migration(request) -> mig.Migration:
 
 @ROUTES.get("/api/v1/migrations/{id}")
 async def get_migration(request):
+    a: Agent = request.app["agent"]
+    mid = request.match_info["id"]
+    if mid not in a.migrations and mid.isalnum():
+        # Restarted since: a restore it released left its mark.
+        try:
+            with open(os.path.join(a.work_dir, "logs", mid, "resumed")) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None:
+            return web.json_response({"id": mid, "role": "destination", "status": "completed",
+                                      "phase": "resume", "restored_pid": pid,
+                                      "error": None, "note": "from before this agent "
+                                      "restarted"})
     return web.json_response(_migration(request).as_dict())
 
 
 @ROUTES.post("/api/v1/migrations/{id}/cancel")
 async def cancel_migration(request):
+    a: Agent = request.app["agent"]
     m = _migration(request)
     if m.role != "source":
         raise web.HTTPConflict(reason=f"migration {m.id} is coordinated by {m.src}: "
                                       "cancel it there")
+    if m.id in a.undecided:
+        return await _cancel_undecided(a, m)
     if m.done:
         raise web.HTTPConflict(reason=f"migration {m.id} is already {m.status}")
     if m.phase in ("resume", "cleanup"):
@@ -559,6 +654,20 @@ async def cancel_migration(request):
     m.cancel_requested = True
     m.event("cancel-requested")
     return web.json_response(m.as_dict(), status=202)
+
+
+async def _cancel_undecided(a: "Agent", m: mig.Migration) -> web.Response:
+    """A migration left undecided (the destination stopped answering during
+    the resume): the operator says the destination does not run it."""
+    w = a.undecided.pop(m.id)
+    try:
+        await w.send({"op": "release", "action": "rollback",
+                      "reason": "cancelled by the operator"})
+        res = await w.recv(60)
+    finally:
+        await w.close()
+    m.event("rolled-back", result=res)
+    return web.json_response({**m.as_dict(), "rolled_back": res}, status=200)
 
 
 @ROUTES.post("/api/v1/incoming")
@@ -572,7 +681,8 @@ async def incoming_action(request):
     a: Agent = request.app["agent"]
     action = request.match_info["action"]
     fn = {"restore": a.restore_incoming, "address": a.address_incoming,
-          "round": a.round_incoming,
+          "round": a.round_incoming, "resume": a.resume_incoming,
+          "alive": a.alive_incoming,
           "abort": a.abort_incoming, "finish": a.finish_incoming}.get(action)
     if fn is None:
         raise web.HTTPNotFound(reason=f"no action {action!r}")

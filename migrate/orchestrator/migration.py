@@ -29,7 +29,10 @@ from migrate import errors
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-LAZY_FILL_MIN = 32 << 20        # restore_fill auto: lazy for images at least this big
+LAZY_FILL_MIN = 32 << 20
+RESTORE_TIMEOUT_S = 120.0       # the destination's restore answers within this
+RESUME_CONFIRM_S = 60.0         # how long an unanswered resume is asked after
+HEARTBEAT_S = 5.0               # the destination aborts after 30 s without one        # restore_fill auto: lazy for images at least this big
 ACTIVE, COMPLETED, FAILED, CANCELLED = "active", "completed", "failed", "cancelled"
 PHASES = ("setup", "prepare", "pre-copy", "stop", "restore", "resume", "cleanup")
 
@@ -43,6 +46,10 @@ class MigrationFailed(errors.MigrateError):
 
 class Cancelled(MigrationFailed):
     pass
+
+
+class Undecided(MigrationFailed):
+    """The destination may run the process: ours stays frozen."""
 
 
 @dataclasses.dataclass
@@ -232,7 +239,26 @@ class Coordinator:
                 "tls": None if t is None else {"cacert": t.cacert, "cert": t.cert,
                                                "key": t.key, "cacrl": t.cacrl}}
 
+    async def _heartbeat(self) -> None:
+        """Tell the destination we are alive while it waits for us (a long
+        round sends pages to its page-server, not to its agent)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self.peer.post(f"/api/v1/incoming/{self.m.id}/alive", {},
+                                     phase=self.m.phase, timeout=HEARTBEAT_S)
+            except MigrationFailed as e:
+                log.debug("migration %s: heartbeat: %s", self.m.id, e.message)
+
     async def run(self) -> None:
+        m = self.m
+        beat = asyncio.ensure_future(self._heartbeat())
+        try:
+            await self._run()
+        finally:
+            beat.cancel()
+
+    async def _run(self) -> None:
         m = self.m
         try:
             await self._prepare()
@@ -241,6 +267,11 @@ class Coordinator:
             self._check_cancel()
             await self._stop_and_move(prev)
             m.finish(COMPLETED)
+        except Undecided as e:
+            # Neither thawed nor killed: `migrate cancel` rolls back.
+            self.agent.undecided[m.id] = self.worker
+            self.worker = None
+            m.finish(FAILED, e)
         except MigrationFailed as e:
             await self._rollback(e)
             m.finish(CANCELLED if isinstance(e, Cancelled) else FAILED, e)
@@ -369,17 +400,31 @@ class Coordinator:
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
                                      {"session": f"{m.id}/final",
                                       "address": o.move_address}, phase="restore",
-                                     timeout=600)
+                                     timeout=RESTORE_TIMEOUT_S)
             if not r.get("ok"):
                 raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
+            t_built = time.monotonic()
+            m.stop_stats["address_seconds"] = t_r - t_frozen - msg["frozen_for"]
+            m.stop_stats["build_seconds"] = t_built - t_r
+            self._check_cancel()
         except BaseException as e:
             await self._release("rollback", str(e))
             raise
+        # Built there, held before its release; ours frozen here.  From the
+        # resume on, the process must run on exactly one host.
+        try:
+            r = await self.peer.post(f"/api/v1/incoming/{m.id}/resume", {},
+                                     phase="restore", timeout=RESTORE_TIMEOUT_S)
+        except MigrationFailed as e:
+            r = await self._resume_outcome(e)
+        if not r.get("ok"):
+            await self._release("rollback", str(r.get("error")))
+            raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
         t_run = time.monotonic()
         m.restored_pid = r.get("pid")
         m.downtime = t_run - t_frozen
         m.stop_stats["restore_seconds"] = t_run - t_r
-        m.stop_stats["restore_in_tool"] = r.get("seconds")
+        m.stop_stats["resume_seconds"] = t_run - t_built
         self.agent.observe_stop_cost(t_run - t_frozen - msg["bytes"] / max(
             m.throughput or 1e9, 1.0))
         m.set_phase("resume")
@@ -405,6 +450,32 @@ class Coordinator:
         m.total_time = None
         log.info("migration %s: pid %d runs on %s; downtime %.1f ms (stop %.1f s after "
                  "the start)", m.id, m.pid, m.dst, m.downtime * 1e3, t_stop - m._t0)
+
+    async def _resume_outcome(self, err: MigrationFailed) -> dict:
+        """The resume went unanswered: did the destination release it?  Ask
+        until it answers; rolling back on a guess could run the process
+        twice, or lose it.  Meanwhile our copy stays frozen."""
+        m = self.m
+        log.warning("migration %s: resume unanswered (%s): asking %s what happened", m.id,
+                    err.message, m.dst)
+        end = time.monotonic() + RESUME_CONFIRM_S
+        while True:
+            try:
+                d = await self.peer.get(f"/api/v1/migrations/{m.id}", phase="restore",
+                                        timeout=10)
+            except MigrationFailed as e:
+                if time.monotonic() > end:
+                    raise Undecided(
+                        "restore", f"{m.dst} stopped answering during the resume ({e.message})"
+                        f"; the process may run there: ours stays frozen on {m.src} (pid "
+                        f"{m.pid}) until `migrate cancel {m.id}` rolls back or the "
+                        "destination answers") from None
+                await asyncio.sleep(1)
+                continue
+            if d.get("phase") in ("resume", "cleanup") or d.get("status") == COMPLETED:
+                return {"ok": True, "pid": d.get("restored_pid"), "seconds": None}
+            return {"ok": False, "error": f"not resumed there ({d.get('status')}, "
+                                          f"{(d.get('error') or {}).get('message')})"}
 
     async def _release(self, action: str, reason: str) -> dict:
         try:

@@ -91,9 +91,10 @@ def summary(m: dict) -> str:
                      f"{r['seconds']:.2f} s")
     if m.get("stop"):
         s = m["stop"]
-        lines.append(f"  stop: {s.get('pages', 0)} pages, {_mib(s.get('bytes'))}, dump "
-                     f"frozen {_ms(s.get('frozen_for_dump'))}, restore "
-                     f"{_ms(s.get('restore_seconds'))}")
+        lines.append(f"  stop: {s.get('pages', 0)} pages, {_mib(s.get('bytes'))}; dump "
+                     f"{_ms(s.get('frozen_for_dump'))}, address "
+                     f"{_ms(s.get('address_seconds'))}, restore "
+                     f"{_ms(s.get('build_seconds'))}, resume {_ms(s.get('resume_seconds'))}")
     if m.get("decision"):
         lines.append(f"  pre-copy ended: {m['decision']}")
     if m.get("restored_pid"):

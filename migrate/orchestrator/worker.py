@@ -68,9 +68,18 @@ def _log_to(path: str | None, level: int) -> None:
     root.setLevel(level)
 
 
+# A live migration notices a broken link in seconds, not minutes: a stream
+# that moves nothing for this long fails the round (and the migration
+# rolls back).
+IO_TIMEOUT_S = 15.0
+COMMIT_TIMEOUT_S = 120.0
+
+
 def _sink(job: dict):
+    from migrate.pageserver import client, tls
     from migrate.pageserver.client import PageServerSink
-    from migrate.pageserver import tls
+    client.IO_TIMEOUT_S = IO_TIMEOUT_S
+    client.COMMIT_TIMEOUT_S = COMMIT_TIMEOUT_S
     s = job["sink"]
     ctx = None
     if s.get("tls"):
@@ -194,13 +203,28 @@ def restore(job: dict) -> dict:
 
         def after_lock() -> None:
             address.add(job["address"]["ip"], job["address"]["interface"])
+    resumed = job.get("resumed")
+
+    def before_release(root: int) -> None:
+        # Built, not running: the source decides (its tree is still frozen).
+        _out({"event": "built", "pid": root})
+        msg = _in()
+        if not msg or msg.get("op") != "release":
+            raise errors.RestoreError((msg or {}).get("reason") or
+                                      "the agent went away before the release")
+        if resumed:
+            # Read by an agent that restarted and lost the migration.
+            with open(resumed, "w") as f:
+                f.write(f"{root}\n")
     try:
         pid, st = run(RestoreOptions(images_dir=job["images_dir"], detach=True,
                                      tcp_close=job.get("tcp_close", False),
                                      network_lock=job.get("network_lock"),
                                      lazy_pages=lazy,
                                      lazy_socket=job["lazy"]["socket"] if lazy else None,
-                                     after_lock=after_lock))
+                                     after_lock=after_lock,
+                                     before_release=before_release
+                                     if job.get("two_phase") else None))
     except BaseException:
         if daemon_pid is not None:
             try:
