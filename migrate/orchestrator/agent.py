@@ -42,8 +42,30 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 SHUTDOWN_TIMEOUT_S = 30.0
 STOP_COST_DEFAULT = 0.25          # s: the stop phase's fixed cost before one is measured
-INCOMING_IDLE_S = 30.0            # an incoming migration's source silent this long: abort
+# an incoming migration whose source is silent this long is aborted
+INCOMING_IDLE_S = float(os.environ.get("MIGRATE_INCOMING_IDLE_S", "30"))
 INCOMING_CHECK_S = 2.0
+
+
+FAULT_FILE = "fault"
+
+
+def fault(agent: "Agent", point: str) -> None:
+    """Fault injection for the failure tests (like CRIU_FAULT): a file
+    WORK/fault naming ``point`` makes this agent die there, at once, as if
+    killed (SIGKILL).  It is removed first, so the agent that restarts goes
+    on."""
+    path = os.path.join(agent.work_dir, FAULT_FILE)
+    try:
+        with open(path) as f:
+            want = f.read().strip()
+    except OSError:
+        return
+    if want == point:
+        os.unlink(path)
+        log.error("agent %s: fault injected at %s: dying", agent.name, point)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _alive(pid) -> bool:
@@ -113,7 +135,6 @@ class Agent:
         self.stopping = asyncio.Event()
         self._inventory: inv.Inventory | None = None
         self._tasks: set[asyncio.Task] = set()
-        self.undecided: dict = {}      # migration id -> worker holding the frozen tree
 
     # -- peers -------------------------------------------------------------
     def inventory(self) -> inv.Inventory:
@@ -131,6 +152,9 @@ class Agent:
         ctx = self.tls.client_context() if self.tls else None
         assert self.client is not None
         return PeerClient(self.client, host, ctx)
+
+    def fault(self, point: str) -> None:
+        fault(self, point)
 
     def _background(self, coro) -> None:
         t = asyncio.ensure_future(coro)
@@ -331,6 +355,7 @@ class Agent:
 
     async def round_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         """A pre-copy round committed here: its worker reads it meanwhile."""
+        fault(self, "dst-round")
         images = self._session_dir(m, body.get("session"))
         if st["state"] != "prepared":
             raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
@@ -383,6 +408,7 @@ class Agent:
             # Added by the restore once the connections are locked here.
             job["address"] = {"ip": ip, "interface": self.interface}
             st["address"] = ip
+        fault(self, "dst-restore")
         job["two_phase"] = True
         job["resumed"] = os.path.join(logs, "resumed")
         t0 = time.monotonic()
@@ -407,6 +433,7 @@ class Agent:
         st["held"] = w
         st["job"] = job
         st["restored"] = first.get("pid")
+        fault(self, "dst-built")
         return {"ok": True, "built": True, "pid": first.get("pid"),
                 "seconds": time.monotonic() - t0}
 
@@ -426,6 +453,7 @@ class Agent:
         if not res.get("ok"):
             st["state"] = "prepared"
             return res
+        fault(self, "dst-resumed")
         st["state"] = "running"
         st["restored"] = res.get("pid")
         m.restored_pid = res.get("pid")
@@ -644,8 +672,6 @@ async def cancel_migration(request):
     if m.role != "source":
         raise web.HTTPConflict(reason=f"migration {m.id} is coordinated by {m.src}: "
                                       "cancel it there")
-    if m.id in a.undecided:
-        return await _cancel_undecided(a, m)
     if m.done:
         raise web.HTTPConflict(reason=f"migration {m.id} is already {m.status}")
     if m.phase in ("resume", "cleanup"):
@@ -655,19 +681,6 @@ async def cancel_migration(request):
     m.event("cancel-requested")
     return web.json_response(m.as_dict(), status=202)
 
-
-async def _cancel_undecided(a: "Agent", m: mig.Migration) -> web.Response:
-    """A migration left undecided (the destination stopped answering during
-    the resume): the operator says the destination does not run it."""
-    w = a.undecided.pop(m.id)
-    try:
-        await w.send({"op": "release", "action": "rollback",
-                      "reason": "cancelled by the operator"})
-        res = await w.recv(60)
-    finally:
-        await w.close()
-    m.event("rolled-back", result=res)
-    return web.json_response({**m.as_dict(), "rolled_back": res}, status=200)
 
 
 @ROUTES.post("/api/v1/incoming")

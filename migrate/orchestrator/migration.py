@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 LAZY_FILL_MIN = 32 << 20
 RESTORE_TIMEOUT_S = 120.0       # the destination's restore answers within this
-RESUME_CONFIRM_S = 60.0         # how long an unanswered resume is asked after
 HEARTBEAT_S = 5.0               # the destination aborts after 30 s without one        # restore_fill auto: lazy for images at least this big
 ACTIVE, COMPLETED, FAILED, CANCELLED = "active", "completed", "failed", "cancelled"
 PHASES = ("setup", "prepare", "pre-copy", "stop", "restore", "resume", "cleanup")
@@ -48,8 +47,6 @@ class Cancelled(MigrationFailed):
     pass
 
 
-class Undecided(MigrationFailed):
-    """The destination may run the process: ours stays frozen."""
 
 
 @dataclasses.dataclass
@@ -267,11 +264,6 @@ class Coordinator:
             self._check_cancel()
             await self._stop_and_move(prev)
             m.finish(COMPLETED)
-        except Undecided as e:
-            # Neither thawed nor killed: `migrate cancel` rolls back.
-            self.agent.undecided[m.id] = self.worker
-            self.worker = None
-            m.finish(FAILED, e)
         except MigrationFailed as e:
             await self._rollback(e)
             m.finish(CANCELLED if isinstance(e, Cancelled) else FAILED, e)
@@ -339,6 +331,7 @@ class Coordinator:
             dt = time.monotonic() - t0
             await self.peer.post(f"/api/v1/incoming/{m.id}/round",
                                  {"session": f"{m.id}/{name}"}, phase="pre-copy")
+            self.agent.fault("src-round")
             st = res["stats"]
             pages = st["pages_written"]
             rnd = Round(n, pages, res["bytes"], dt, pages)
@@ -381,11 +374,12 @@ class Coordinator:
             "op": "dump", "pid": m.pid, "images_dir": os.path.join(self.dir, "final"),
             "prev": f"../{prev}" if prev else None, "sink": self._sink(f"{m.id}/final"),
             "log": self._log("final.log"), "tcp_established": o.tcp_established,
-            "network_lock": o.network_lock})
+            "network_lock": o.network_lock, "unlock_after": o.tcp_established})
         msg = await self.worker.recv()
         if msg.get("event") != "frozen":
             # The dump failed before it could commit: the tree runs on here.
             raise MigrationFailed("stop", msg.get("error") or f"unexpected {msg!r}")
+        self.agent.fault("src-frozen")
         t_frozen = time.monotonic() - msg["frozen_for"]
         m.bytes_transferred += msg["bytes"]
         m.stop_stats = {"dump_seconds": msg["seconds"], "frozen_for_dump": msg["frozen_for"],
@@ -411,15 +405,30 @@ class Coordinator:
             await self._release("rollback", str(e))
             raise
         # Built there, held before its release; ours frozen here.  From the
-        # resume on, the process must run on exactly one host.
-        try:
-            r = await self.peer.post(f"/api/v1/incoming/{m.id}/resume", {},
-                                     phase="restore", timeout=RESTORE_TIMEOUT_S)
-        except MigrationFailed as e:
-            r = await self._resume_outcome(e)
-        if not r.get("ok"):
-            await self._release("rollback", str(r.get("error")))
-            raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
+        # resume on the process must run on exactly one host: our worker
+        # asks the destination to release it and kills ours only once it
+        # runs there; it goes on deciding even if this agent dies.
+        t = self.agent.tls
+        await self.worker.send({"op": "release", "action": "resume", "resume": {
+            "resume_url": f"{self.dst.agent}/api/v1/incoming/{m.id}/resume",
+            "status_url": f"{self.dst.agent}/api/v1/migrations/{m.id}",
+            "tls": None if t is None else {"cacert": t.cacert, "cert": t.cert,
+                                           "key": t.key, "cacrl": t.cacrl}}})
+        while True:
+            ev = await self._next_from_worker()
+            if ev.get("event") == "undecided":
+                m.event("undecided", error=ev.get("error"))
+                log.warning("migration %s: %s did not answer the resume (%s): ours stays "
+                            "frozen until it answers (or `migrate cancel`)", m.id, m.dst,
+                            ev.get("error"))
+                continue
+            break
+        if ev.get("event") != "resumed":
+            res = await self.worker.recv(120)        # the dump's end: rolled back
+            raise MigrationFailed("restore", f"{m.dst} did not resume it: "
+                                  f"{(ev.get('result') or {}).get('error')}; "
+                                  f"{'it runs on ' + m.src if res.get('running') else res}")
+        r = ev.get("result") or {}
         t_run = time.monotonic()
         m.restored_pid = r.get("pid")
         m.downtime = t_run - t_frozen
@@ -429,18 +438,16 @@ class Coordinator:
             m.throughput or 1e9, 1.0))
         m.set_phase("resume")
         m.event("running", host=m.dst, pid=m.restored_pid, downtime=m.downtime)
-        res = await self._release("kill", "")
+        self.agent.fault("src-resumed")
+        try:
+            res = await self.worker.recv(120)
+        except errors.MigrateError as e:
+            res = {"ok": False, "error": str(e)}
         if not res.get("ok"):
             # The destination runs it; our copy could not be killed cleanly.
             log.error("migration %s: the source tree after the move: %s", m.id,
                       res.get("error"))
         m.set_phase("cleanup")
-        if o.tcp_established:
-            res = await self.worker.call({"op": "unlock", "pid": m.pid,
-                                          "network_lock": o.network_lock,
-                                          "log": self._log("unlock.log")})
-            if not res.get("ok"):
-                log.warning("migration %s: network unlock here: %s", m.id, res.get("error"))
         await self._release_throttle()
         try:
             await self.peer.post(f"/api/v1/incoming/{m.id}/finish",
@@ -451,31 +458,19 @@ class Coordinator:
         log.info("migration %s: pid %d runs on %s; downtime %.1f ms (stop %.1f s after "
                  "the start)", m.id, m.pid, m.dst, m.downtime * 1e3, t_stop - m._t0)
 
-    async def _resume_outcome(self, err: MigrationFailed) -> dict:
-        """The resume went unanswered: did the destination release it?  Ask
-        until it answers; rolling back on a guess could run the process
-        twice, or lose it.  Meanwhile our copy stays frozen."""
-        m = self.m
-        log.warning("migration %s: resume unanswered (%s): asking %s what happened", m.id,
-                    err.message, m.dst)
-        end = time.monotonic() + RESUME_CONFIRM_S
+    async def _next_from_worker(self) -> dict:
+        """The worker's next line; a cancel meanwhile is passed on to it
+        (it rolls back only while undecided)."""
+        read = asyncio.ensure_future(self.worker.recv())
+        told = False
         while True:
-            try:
-                d = await self.peer.get(f"/api/v1/migrations/{m.id}", phase="restore",
-                                        timeout=10)
-            except MigrationFailed as e:
-                if time.monotonic() > end:
-                    raise Undecided(
-                        "restore", f"{m.dst} stopped answering during the resume ({e.message})"
-                        f"; the process may run there: ours stays frozen on {m.src} (pid "
-                        f"{m.pid}) until `migrate cancel {m.id}` rolls back or the "
-                        "destination answers") from None
-                await asyncio.sleep(1)
-                continue
-            if d.get("phase") in ("resume", "cleanup") or d.get("status") == COMPLETED:
-                return {"ok": True, "pid": d.get("restored_pid"), "seconds": None}
-            return {"ok": False, "error": f"not resumed there ({d.get('status')}, "
-                                          f"{(d.get('error') or {}).get('message')})"}
+            done, _ = await asyncio.wait({read}, timeout=0.5)
+            if done:
+                return read.result()
+            if self.m.cancel_requested and not told:
+                await self.worker.send({"op": "release", "action": "rollback",
+                                        "reason": "cancelled by the operator"})
+                told = True
 
     async def _release(self, action: str, reason: str) -> dict:
         try:

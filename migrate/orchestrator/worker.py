@@ -134,6 +134,12 @@ def dump(job: dict) -> dict:
               "bytes": sink.bytes_sent, "seconds": now - t0, "frozen_for": now - frozen[0]})
         msg = _in()
         answer.update(msg or {"action": "rollback", "reason": "the agent went away"})
+        if answer.get("action") == "resume":
+            # From here on this worker decides, even if its agent dies: the
+            # tree is killed here only once the destination runs it.
+            if not _resume_there(answer["resume"]):
+                raise Released(answer.get("reason") or "the destination did not resume")
+            return
         if answer.get("action") != "kill":
             raise Released(answer.get("reason") or "rollback asked")
 
@@ -146,7 +152,81 @@ def dump(job: dict) -> dict:
         # The dump rolled back: the tree runs on here, lock lifted.
         return {"ok": False, "error": str(e), "running": True,
                 "released": bool(answer)}
-    return {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
+    res = {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
+    if job.get("unlock_after"):
+        # Killed here, running there: our lock goes (the destination lifted
+        # its own), whether or not our agent is still there to ask.
+        try:
+            unlock(job)
+        except errors.MigrateError as e:
+            log.error("network unlock: %s", e)
+            res["unlock_error"] = str(e)
+    return res
+
+
+RESUME_TIMEOUT_S = 120.0
+ASK_EVERY_S = 2.0
+
+
+def _http(url: str, tls: dict | None, body: dict | None, timeout: float) -> dict:
+    """One JSON request to an agent (urllib: this process has no loop)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    ctx = None
+    if tls:
+        from migrate.pageserver import tls as T
+        ctx = T.client_context(tls["cacert"], tls["cert"], tls["key"], tls.get("cacrl"))
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+            return json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            return {"ok": False, "http": e.code, **json.loads(e.read() or b"{}")}
+        except ValueError:
+            return {"ok": False, "http": e.code, "error": str(e)}
+    except (urllib.error.URLError, OSError, ssl.SSLError, ValueError) as e:
+        raise ConnectionError(str(e)) from None
+
+
+def _resume_there(r: dict) -> bool:
+    """Ask the destination to release the tree it built.  True once it runs
+    there; False when it says it does not.  Unanswered: ask again until it
+    answers (our tree stays frozen: running it here on a guess could run
+    the process twice, killing it could lose it); a line on stdin from the
+    agent (``migrate cancel``) rolls back instead."""
+    import select
+    try:
+        res = _http(r["resume_url"], r.get("tls"), {}, RESUME_TIMEOUT_S)
+        _out({"event": "resumed" if res.get("ok") else "not-resumed", "result": res})
+        return bool(res.get("ok"))
+    except ConnectionError as e:
+        log.warning("resume unanswered (%s): asking %s until it answers", e,
+                    r["status_url"])
+        _out({"event": "undecided", "error": str(e)})
+    stdin_open = True
+    while True:
+        try:
+            d = _http(r["status_url"], r.get("tls"), None, 10)
+        except ConnectionError:
+            d = None
+        if d is not None:
+            running = d.get("phase") in ("resume", "cleanup") or d.get("status") == "completed"
+            _out({"event": "resumed" if running else "not-resumed", "result": d})
+            return running
+        if stdin_open:
+            ready, _, _ = select.select([sys.stdin], [], [], ASK_EVERY_S)
+            if ready:
+                msg = _in()
+                if msg is None:
+                    stdin_open = False          # the agent died: go on asking
+                elif msg.get("action") == "rollback":
+                    return False
+        else:
+            time.sleep(ASK_EVERY_S)
 
 
 def _start_lazy_daemon(images: str, sock: str, stats_path: str, log_path: str) -> int:
