@@ -1,0 +1,238 @@
+"""The two-host rig (deploy/rig): hosts A, B, C come up in their own
+namespaces, reach each other over the bridge, run an agent each (the real
+`migrate agent` when this tree has it, else the stand-in), and `down` leaves
+nothing behind, also after kill -9 and lost state.
+
+The rig here uses the prefix ``migrt`` and a state directory under tmp_path,
+so it never touches a rig (``migrig``, /run/migrate-rig) a human brought up.
+"""
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+from cryptography import x509
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RIG_DIR = os.path.join(REPO, "deploy", "rig")
+RIG = os.path.join(RIG_DIR, "rig.py")
+sys.path.insert(0, RIG_DIR)
+import rig  # noqa: E402
+
+PREFIX = "migrt"
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, veth)"),
+    pytest.mark.skipif(not all(shutil.which(c) for c in ("ip", "nsenter", "unshare")),
+                       reason="needs ip, nsenter and unshare"),
+]
+
+
+@pytest.fixture
+def rigenv(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIGRATE_RIG_PREFIX", PREFIX)
+    monkeypatch.setenv("MIGRATE_RIG_DIR", str(tmp_path / "rig"))
+    monkeypatch.delenv("MIGRATE_RIG_AGENT", raising=False)
+    # the hosts' inits and agents import this tree's migrate
+    monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rig.down(quiet=True)
+    yield str(tmp_path / "rig")
+    rig.down(quiet=True)
+
+
+def run_in(host, *cmd, check=True):
+    r = subprocess.run(rig.exec_argv(host) + list(cmd), capture_output=True, text=True,
+                       timeout=30)
+    if check:
+        assert r.returncode == 0, (cmd, r.stderr)
+    return r
+
+
+def ours_left(pids=()):
+    """What of a `migrt` rig still exists: netns, root links, live processes."""
+    rig.reap_recorded(pids)      # pytest's zombies, whose record down() lost
+    left = [n for n in rig.netns_names() if n.startswith(PREFIX + "-")]
+    left += rig.root_links()
+    left += [f"pid {p}" for p, start in pids if rig.same_process(p, start)]
+    return left
+
+
+def recorded(st):
+    return [(h[f"{k}_pid"], h[f"{k}_start"]) for h in st["hosts"].values()
+            for k in ("init", "unshare")]
+
+
+def reachable(src, dst_addr):
+    """ping if there is one, else a TCP connect to the agent's port."""
+    if shutil.which("ping"):
+        return run_in(src, "ping", "-c1", "-W1", dst_addr, check=False).returncode == 0
+    code = ("import socket,sys; socket.create_connection((sys.argv[1], %d), timeout=2)"
+            % rig.AGENT_PORT)
+    return run_in(src, sys.executable, "-c", code, dst_addr, check=False).returncode == 0
+
+
+def test_up_hosts_network_agents_down(rigenv):
+    st = rig.up()
+    assert st["up"] and set(st["hosts"]) == {"A", "B", "C"}
+    addrs = {"A": "10.232.0.1", "B": "10.232.0.2", "C": "10.232.0.3"}
+    raw = rig.read_state()
+    pidns = set()
+    for name, h in st["hosts"].items():
+        assert h["address"] == addrs[name]
+        assert rig.pid(name) == h["pid"]
+        # its own hostname
+        assert run_in(name, "hostname").stdout.strip() == f"{PREFIX}-{name}"
+        # its own pid 1 (the host init) and /proc: a command run there sees
+        # itself at a small pid and only the host's processes
+        out = run_in(name, "sh", "-c", 'echo $$; cat /proc/1/cmdline | tr "\\0" " "; echo; '
+                                       'readlink /proc/self/ns/pid; ls /proc').stdout.split("\n")
+        assert int(out[0]) < 100
+        assert "hostinit.py" in out[1] and f"--name {name}" in out[1]
+        pidns.add(out[2])
+        procs = [int(p) for p in out[3:] if p.isdigit()]
+        assert 1 in procs and len(procs) < 20
+        # its own address, on eth0, and nothing else but lo
+        links = json.loads(run_in(name, "ip", "-j", "addr", "show").stdout)
+        assert sorted(ln["ifname"] for ln in links) == ["eth0", "lo"]
+        eth0 = next(ln for ln in links if ln["ifname"] == "eth0")
+        assert [a["local"] for a in eth0["addr_info"] if a["family"] == "inet"] == \
+            [addrs[name]]
+    assert len(pidns) == 3 and os.readlink("/proc/self/ns/pid") not in pidns
+    # nothing of the rig in the root network namespace
+    assert rig.root_links() == []
+    assert not any(a.get("local", "").startswith("10.232.") for ln in
+                   json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True,
+                                             text=True).stdout)
+                   for a in ln.get("addr_info", []))
+    # over the bridge, both ways
+    for src in addrs:
+        for dst, a in addrs.items():
+            if src != dst:
+                assert reachable(src, a), f"{src} -> {dst} ({a})"
+    # every agent answers its health endpoint, over mutual TLS to its address
+    for name, r in rig.health().items():
+        assert r.get("host") == name, r
+    # the CLI: exec passes the exit status through, status is JSON
+    env = dict(os.environ)
+    assert subprocess.run([sys.executable, RIG, "exec", "B", "--", "sh", "-c", "exit 7"],
+                          env=env).returncode == 7
+    s = json.loads(subprocess.run([sys.executable, RIG, "status"], env=env,
+                                  capture_output=True, text=True, check=True).stdout)
+    assert s["up"] and s["hosts"]["C"]["pid"] == st["hosts"]["C"]["pid"]
+    # a second up is refused
+    with pytest.raises(rig.RigError, match="already up"):
+        rig.up()
+
+    pids = recorded(raw)
+    rig.down()
+    assert ours_left(pids) == []
+    assert not os.path.exists(rigenv)
+    rig.down()                           # idempotent
+
+
+def test_files(rigenv):
+    st = rig.up(hosts=["A", "B"], agent="none")
+    assert set(st["hosts"]) == {"A", "B"}
+    with open(os.path.join(rigenv, "hosts.toml"), "rb") as f:
+        inv = tomllib.load(f)
+    pki = os.path.join(rigenv, "pki")
+    assert inv["tls"] == {"cacert": f"{pki}/cacert.pem",
+                          "cert": f"{pki}/operator/cert.pem",
+                          "key": f"{pki}/operator/private/key.pem"}
+    assert inv["hosts"]["B"] == {"agent": "https://10.232.0.2:7443",
+                                 "address": "10.232.0.2", "page_server_port": 27027}
+    with open(os.path.join(rigenv, "A", "agent.toml"), "rb") as f:
+        cfg = tomllib.load(f)
+    assert cfg == {"name": "A", "address": "10.232.0.1", "port": 7443,
+                   "page_server_port": 27027, "work_dir": f"{rigenv}/A/work",
+                   "inventory": f"{rigenv}/hosts.toml", "interface": "eth0",
+                   "tls": {"cacert": f"{pki}/cacert.pem", "cert": f"{pki}/A/cert.pem",
+                           "key": f"{pki}/A/private/key.pem"}}
+    assert os.path.isdir(cfg["work_dir"])
+    for name, addr in (("A", "10.232.0.1"), ("B", "10.232.0.2")):
+        with open(os.path.join(pki, name, "cert.pem"), "rb") as f:
+            san = x509.load_pem_x509_certificate(f.read()).extensions \
+                .get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.DNSName) == [name]
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(addr)]
+    assert os.path.isfile(os.path.join(pki, "operator", "private", "key.pem"))
+    # a host of its own: a file written there is on the shared file system
+    run_in("A", "sh", "-c", f"hostname > {rigenv}/A/work/from-A")
+    with open(f"{rigenv}/A/work/from-A") as f:
+        assert f.read().strip() == f"{PREFIX}-A"
+
+
+def test_crash_then_down(rigenv):
+    """kill -9 of a host init, state partly lost, a veth left half-made in the
+    root namespace: down still removes everything."""
+    st = rig.up()
+    pids = recorded(rig.read_state())
+    os.kill(st["hosts"]["A"]["pid"], signal.SIGKILL)
+    os.unlink(os.path.join(rigenv, "state.json"))
+    shutil.rmtree(os.path.join(rigenv, "pki"))
+    # as if up() had died between making a veth pair and moving it
+    subprocess.run(["ip", "link", "add", f"{PREFIX}-X", "type", "veth", "peer", "name",
+                    f"{PREFIX}-Xp"], check=True)
+    assert rig.is_up()                    # B and C live on, found by their netns
+    with pytest.raises(rig.RigError, match="already up"):
+        rig.up()
+    rig.down()
+    assert ours_left(pids) == []
+    assert not os.path.exists(rigenv)
+
+
+def test_stale_state_then_up(rigenv):
+    """Every host killed (say, a reboot of the namespaces): the next up
+    cleans the stale state by itself; --force replaces a running rig."""
+    st = rig.up(hosts=["A", "B"], agent="none")
+    for h in st["hosts"].values():
+        os.kill(h["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while rig.is_up() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not rig.status()["up"]
+    st2 = rig.up(hosts=["A", "B"], agent="none")
+    assert st2["up"] and st2["hosts"]["A"]["pid"] != st["hosts"]["A"]["pid"]
+    old = recorded(rig.read_state())
+    st3 = rig.up(hosts=["A"], agent="none", force=True)
+    assert set(st3["hosts"]) == {"A"}
+    assert not any(rig.same_process(p, s) for p, s in old)
+    pids = recorded(rig.read_state())
+    rig.down()
+    assert ours_left(pids) == []
+
+
+def test_failed_up_leaves_nothing(rigenv):
+    """An agent that never answers: up fails, saying so, and cleans up."""
+    with pytest.raises(rig.RigError, match=r"not healthy.*no agent here"):
+        rig.up(hosts=["A", "B"], agent="sh -c 'echo no agent here; exit 3'",
+               health_timeout=1)
+    assert ours_left() == []
+    assert not os.path.exists(rigenv)
+
+
+def test_down_with_nothing(rigenv):
+    rig.down()
+    rig.down()
+    assert ours_left() == []
+    with pytest.raises(rig.RigError, match="is the rig up"):
+        rig.exec_argv("A")
+
+
+def test_names_checked(rigenv, monkeypatch):
+    with pytest.raises(rig.RigError, match="over 15 characters"):
+        rig.up(hosts=["A", "ABCDEFGHIJ"])
+    with pytest.raises(rig.RigError, match="letters and digits"):
+        rig.up(hosts=["A-1"])
+    monkeypatch.setenv("MIGRATE_RIG_PREFIX", "Bad-Prefix")
+    with pytest.raises(rig.RigError, match="MIGRATE_RIG_PREFIX"):
+        rig.down()
+    monkeypatch.setenv("MIGRATE_RIG_PREFIX", PREFIX)
+    assert rig.host_numbers(["B", "D", "C", "E"]) == {"B": 2, "C": 3, "D": 4, "E": 5}
