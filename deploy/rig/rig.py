@@ -9,7 +9,8 @@ with shared storage between real hosts.  docs/rig.md tells how to use it.
 
     rig.py up [--hosts A,B,C] [--agent-cmd CMD] [--force]
     rig.py status                       # JSON
-    rig.py exec HOST -- CMD...          # CMD inside HOST; its exit status
+    rig.py exec HOST -- CMD...          # CMD inside HOST (this tree's migrate
+                                        # first on PYTHONPATH); its exit status
     rig.py pid HOST                     # HOST's init, as seen from here
     rig.py health [HOST...]             # each agent's GET /api/v1/health
     rig.py down                         # idempotent; also after a crash
@@ -695,9 +696,10 @@ def status() -> dict:
                                              "config", "agent_log", "init_log")}
         hosts[name].update(pid=h.get("init_pid"), alive=alive)
     ns = our_netns()
-    return {"prefix": prefix(), "dir": state_dir(),
-            "up": bool(st.get("up")) and bool(hosts) and
-            all(h["alive"] for h in hosts.values()),
+    ok = bool(st.get("up")) and bool(hosts) and all(h["alive"] for h in hosts.values())
+    return {"prefix": prefix(), "dir": state_dir(), "up": ok,
+            # something of a rig, not all working: `rig.py down` clears it
+            "stale": not ok and bool(ns or st or os.path.exists(state_dir())),
             "agent": st.get("agent"),
             "netns": ns, "switch": sw_netns() if sw_netns() in ns else None,
             "bridge": st.get("bridge"),
@@ -832,7 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RigError("exec HOST -- CMD...: no command")
             argv = exec_argv(args.host) + cmd
             sys.stdout.flush()
-            os.execvp(argv[0], argv)
+            # this tree's migrate, as the agents run it
+            os.execvpe(argv[0], argv, child_env())
         elif args.command == "health":
             res = health(args.hosts or None, timeout=args.timeout)
             json.dump(res, sys.stdout, indent=2)

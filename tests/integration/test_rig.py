@@ -125,7 +125,12 @@ def test_up_hosts_network_agents_down(rigenv):
                           env=env).returncode == 7
     s = json.loads(subprocess.run([sys.executable, RIG, "status"], env=env,
                                   capture_output=True, text=True, check=True).stdout)
-    assert s["up"] and s["hosts"]["C"]["pid"] == st["hosts"]["C"]["pid"]
+    assert s["up"] and not s["stale"] and s["hosts"]["C"]["pid"] == st["hosts"]["C"]["pid"]
+    # exec runs this tree's migrate
+    r = subprocess.run([sys.executable, RIG, "exec", "A", "--", sys.executable, "-c",
+                        "import migrate, socket; print(migrate.__file__, socket.gethostname())"],
+                       env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == [os.path.join(REPO, "migrate", "__init__.py"), f"{PREFIX}-A"]
     # a second up is refused
     with pytest.raises(rig.RigError, match="already up"):
         rig.up()
@@ -197,7 +202,7 @@ def test_stale_state_then_up(rigenv):
     deadline = time.monotonic() + 5
     while rig.is_up() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not rig.status()["up"]
+    assert not rig.status()["up"] and rig.status()["stale"]
     st2 = rig.up(hosts=["A", "B"], agent="none")
     assert st2["up"] and st2["hosts"]["A"]["pid"] != st["hosts"]["A"]["pid"]
     old = recorded(rig.read_state())
