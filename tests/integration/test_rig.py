@@ -241,3 +241,35 @@ def test_names_checked(rigenv, monkeypatch):
         rig.down()
     monkeypatch.setenv("MIGRATE_RIG_PREFIX", PREFIX)
     assert rig.host_numbers(["B", "D", "C", "E"]) == {"B": 2, "C": 3, "D": 4, "E": 5}
+
+
+def test_provision_files(tmp_path):
+    """deploy/provision.sh (the Vagrant path) writes the same agent.toml and
+    certificates as the rig; packages, pip and systemd skipped here."""
+    root, ca = tmp_path / "root", tmp_path / "ca"
+    env = dict(os.environ, ROOT=str(root), NO_APT="1", NO_PIP="1", NO_SYSTEMD="1",
+               INTERFACE="eth1", HOSTS="A=192.168.56.11,B=192.168.56.12",
+               MIGRATE=f"env PYTHONPATH={REPO} {sys.executable} -m migrate")
+    subprocess.run(["sh", os.path.join(REPO, "deploy", "provision.sh"), "B",
+                    "192.168.56.12", str(ca)], env=env, check=True, capture_output=True)
+    etc = root / "etc" / "migrate"
+    with open(etc / "agent.toml", "rb") as f:
+        cfg = tomllib.load(f)
+    assert cfg == {"name": "B", "address": "192.168.56.12", "port": 7443,
+                   "page_server_port": 27027, "work_dir": "/var/lib/migrate/work",
+                   "inventory": "/etc/migrate/hosts.toml", "interface": "eth1",
+                   "tls": {"cacert": "/etc/migrate/pki/cacert.pem",
+                           "cert": "/etc/migrate/pki/B/cert.pem",
+                           "key": "/etc/migrate/pki/B/private/key.pem"}}
+    with open(etc / "hosts.toml", "rb") as f:
+        inv = tomllib.load(f)
+    assert inv["hosts"]["A"] == {"agent": "https://192.168.56.11:7443",
+                                 "address": "192.168.56.11", "page_server_port": 27027}
+    assert inv["tls"]["cert"] == "/etc/migrate/pki/operator/cert.pem"
+    with open(etc / "pki" / "B" / "cert.pem", "rb") as f:
+        san = x509.load_pem_x509_certificate(f.read()).extensions \
+            .get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("192.168.56.12")]
+    assert oct(os.stat(etc / "pki" / "B" / "private" / "key.pem").st_mode & 0o777) == "0o600"
+    assert (etc / "pki" / "operator" / "private" / "key.pem").is_file()
+    assert (root / "var" / "lib" / "migrate" / "work").is_dir()
