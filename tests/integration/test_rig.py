@@ -273,3 +273,48 @@ def test_provision_files(tmp_path):
     assert oct(os.stat(etc / "pki" / "B" / "private" / "key.pem").st_mode & 0o777) == "0o600"
     assert (etc / "pki" / "operator" / "private" / "key.pem").is_file()
     assert (root / "var" / "lib" / "migrate" / "work").is_dir()
+
+
+# An ARP announcement (RFC 5227 section 2.3): a broadcast request whose sender
+# and target are both the moved address. Run inside the host that took it.
+ANNOUNCE = """
+import socket, struct, sys
+ifname, ip = sys.argv[1], socket.inet_aton(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind((ifname, 0))
+mac = s.getsockname()[4]
+arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ip, bytes(6), ip)
+s.send(b"\\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp)
+"""
+
+
+def _neigh(host, addr):
+    out = json.loads(run_in(host, "ip", "-j", "neigh", "show", addr).stdout or "[]")
+    return out[0].get("lladdr") if out else None
+
+
+def _mac(host):
+    return json.loads(run_in(host, "ip", "-j", "link", "show", "eth0").stdout)[0]["address"]
+
+
+def test_moved_service_address(rigenv):
+    """A service address moved from A to B (what --move-address does) is
+    reached from C only once B announces it: `ip addr add` sends no
+    gratuitous ARP, and C keeps A's MAC for as long as its entry is
+    REACHABLE (base_reachable_time, ~30 s): connects time out meanwhile."""
+    rig.up(agent="none")
+    svc = "10.232.0.100"
+    run_in("A", "ip", "addr", "add", f"{svc}/24", "dev", "eth0")
+    probe = ("import socket, sys\ntry: socket.create_connection((sys.argv[1], 9), timeout=2)\n"
+             "except ConnectionRefusedError: pass\n")
+    run_in("C", sys.executable, "-c", probe, svc)          # refused by A: C learns A's MAC
+    assert _neigh("C", svc) == _mac("A")
+    run_in("A", "ip", "addr", "del", f"{svc}/24", "dev", "eth0")
+    run_in("B", "ip", "addr", "add", f"{svc}/24", "dev", "eth0")
+    assert _neigh("C", svc) == _mac("A")                   # stale: packets go to A
+    run_in("B", sys.executable, "-c", ANNOUNCE, "eth0", svc)
+    deadline = time.monotonic() + 2
+    while _neigh("C", svc) != _mac("B") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _neigh("C", svc) == _mac("B")
+    run_in("C", sys.executable, "-c", probe, svc)          # refused by B, at once
