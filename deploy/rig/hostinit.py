@@ -74,7 +74,7 @@ def start_agent(argv: list[str], log_path: str) -> int | None:
     # posix_spawn, not Popen: our loop reaps every child, the agent included
     out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
-        pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=[
+        pid = os.posix_spawnp(argv[0], argv, os.environ, setsigmask=(), file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)])
     finally:
@@ -109,19 +109,24 @@ def stop(agent: int | None, timeout: float) -> None:
 
 
 def reap_forever(agent: int | None) -> None:
+    """SIGCHLD stays blocked, so one arriving between a reap and the wait
+    stays pending: an orphan is collected as soon as it exits."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            # no child now; an orphan may be reparented to us any time
-            time.sleep(1)
-            continue
-        if pid == agent:
-            log.error("agent %d exited (%s); the host stays up without it", pid,
-                      _describe(status))
-            agent = None
-        else:
-            log.debug("reaped %d (%s)", pid, _describe(status))
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid == agent:
+                log.error("agent %d exited (%s); the host stays up without it", pid,
+                          _describe(status))
+                agent = None
+            else:
+                log.debug("reaped %d (%s)", pid, _describe(status))
+        signal.sigtimedwait({signal.SIGCHLD}, 60)
 
 
 def _describe(status: int) -> str:

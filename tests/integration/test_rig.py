@@ -318,3 +318,37 @@ def test_moved_service_address(rigenv):
         time.sleep(0.02)
     assert _neigh("C", svc) == _mac("B")
     run_in("C", sys.executable, "-c", probe, svc)          # refused by B, at once
+
+
+COUNTER = os.path.join(REPO, "tests", "programs", "bin", "counter")
+
+
+@pytest.mark.skipif(not os.path.exists(COUNTER), reason="make programs first")
+def test_dump_on_A_restore_on_B(rigenv, tmp_path):
+    """The hosts are hosts for migrate: a process dumped on A comes back on B
+    at its pid (A's numbering, free in B's fresh pid namespace), counts on,
+    and B's init reaps it when it exits."""
+    rig.up(hosts=["A", "B"], agent="none")
+    img, out = str(tmp_path / "img"), str(tmp_path / "counter.out")
+    start = ("import subprocess, sys\n"
+             "p = subprocess.Popen([sys.argv[1]], stdin=subprocess.DEVNULL,"
+             " stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT,"
+             " start_new_session=True)\nprint(p.pid)\n")
+    n = int(run_in("A", sys.executable, "-c", start, COUNTER, out).stdout)
+    time.sleep(0.5)
+    migrate = [sys.executable, "-m", "migrate"]
+    run_in("A", *migrate, "dump", "-t", str(n), "-D", img)
+    assert str(n) not in run_in("A", "ps", "-o", "pid=", "ax").stdout.split()
+    run_in("B", *migrate, "restore", "-D", img, "-d")
+    with open(out) as f:
+        before = f.read().count("count")
+    time.sleep(0.5)
+    with open(out) as f:
+        assert f.read().count("count") > before
+    run_in("B", "kill", "-TERM", str(n))
+    deadline = time.monotonic() + 5
+    while str(n) in run_in("B", "ps", "-o", "pid=", "ax").stdout.split():
+        assert time.monotonic() < deadline, "not reaped by B's init"
+        time.sleep(0.05)
+    with open(out) as f:
+        assert f.read().split()[-1] == "PASS"
