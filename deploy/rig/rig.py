@@ -257,9 +257,10 @@ def _stop(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run(["ip", *args], stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True)
+                       text=True, check=False)
     if check and r.returncode != 0:
-        raise RigError(f"ip {' '.join(args)}: {r.stderr.strip() or 'exit %d' % r.returncode}")
+        why = r.stderr.strip() or f"exit {r.returncode}"
+        raise RigError(f"ip {' '.join(args)}: {why}")
     return r
 
 
@@ -387,7 +388,8 @@ def child_env() -> dict[str, str]:
 
 def _migrate(*args: str) -> None:
     r = subprocess.run([sys.executable, "-m", "migrate", *args], env=child_env(),
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       check=False)
     if r.returncode != 0:
         raise RigError(f"migrate {' '.join(args)}: {r.stderr.strip()}")
 
@@ -406,7 +408,7 @@ def _make_pki(hosts: dict[str, dict]) -> None:
 def real_agent_available() -> bool:
     r = subprocess.run([sys.executable, "-m", "migrate", "agent", "--help"],
                        env=child_env(), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return r.returncode == 0
 
 
@@ -520,9 +522,9 @@ def _up(hosts: list[str], agent: str | None, health_timeout: float) -> dict:
         res = health(timeout=health_timeout)
         bad = {n: r for n, r in res.items() if "error" in r}
         if bad:
-            raise RigError("agents not healthy after %.0f s: %s" % (health_timeout, "; ".join(
-                f"{n}: {r['error']} (agent log: {_tail(st['hosts'][n]['agent_log'])})"
-                for n, r in bad.items())))
+            why = "; ".join(f"{n}: {r['error']} (agent log: "
+                            f"{_tail(st['hosts'][n]['agent_log'])})" for n, r in bad.items())
+            raise RigError(f"agents not healthy after {health_timeout:.0f} s: {why}")
         log.info("agents (%s) answer on %s", kind, HEALTH_PATH)
     st["up"] = True
     _write_state(st)
@@ -533,8 +535,10 @@ def _start_host(st: dict, name: str, h: dict, kind: str, agent_argv: list[str]) 
     """Start NAME's init in new namespaces and wire its eth0; returns the read
     end of its ready pipe."""
     r, w = os.pipe()
-    argv = ["unshare", "--fork", "--pid", "--mount", "--uts", "--net", "--mount-proc",
-            "--propagation", "private",
+    # --kill-child: the init gets SIGTERM if its unshare parent dies, so a host
+    # whose init was never recorded cannot outlive a killed rig.
+    argv = ["unshare", "--fork", "--kill-child=SIGTERM", "--pid", "--mount", "--uts",
+            "--net", "--mount-proc", "--propagation", "private",
             sys.executable, os.path.join(HERE, "hostinit.py"),
             "--name", name, "--hostname", h["hostname"], "--address", h["cidr"],
             "--interface", INTERFACE, "--ready-fd", str(w),

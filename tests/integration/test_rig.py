@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 RIG_DIR = os.path.join(REPO, "deploy", "rig")
 RIG = os.path.join(RIG_DIR, "rig.py")
 sys.path.insert(0, RIG_DIR)
-import rig  # noqa: E402
+import rig
 
 PREFIX = "migrt"
 
@@ -49,7 +49,7 @@ def rigenv(tmp_path, monkeypatch):
 
 def run_in(host, *cmd, check=True):
     r = subprocess.run(rig.exec_argv(host) + list(cmd), capture_output=True, text=True,
-                       timeout=30)
+                       timeout=30, check=False)
     if check:
         assert r.returncode == 0, (cmd, r.stderr)
     return r
@@ -73,8 +73,8 @@ def reachable(src, dst_addr):
     """ping if there is one, else a TCP connect to the agent's port."""
     if shutil.which("ping"):
         return run_in(src, "ping", "-c1", "-W1", dst_addr, check=False).returncode == 0
-    code = ("import socket,sys; socket.create_connection((sys.argv[1], %d), timeout=2)"
-            % rig.AGENT_PORT)
+    code = ("import socket, sys; "
+            f"socket.create_connection((sys.argv[1], {rig.AGENT_PORT}), timeout=2)")
     return run_in(src, sys.executable, "-c", code, dst_addr, check=False).returncode == 0
 
 
@@ -109,7 +109,7 @@ def test_up_hosts_network_agents_down(rigenv):
     assert rig.root_links() == []
     assert not any(a.get("local", "").startswith("10.232.") for ln in
                    json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True,
-                                             text=True).stdout)
+                                             text=True, check=True).stdout)
                    for a in ln.get("addr_info", []))
     # over the bridge, both ways
     for src in addrs:
@@ -122,7 +122,7 @@ def test_up_hosts_network_agents_down(rigenv):
     # the CLI: exec passes the exit status through, status is JSON
     env = dict(os.environ)
     assert subprocess.run([sys.executable, RIG, "exec", "B", "--", "sh", "-c", "exit 7"],
-                          env=env).returncode == 7
+                          env=env, check=False).returncode == 7
     s = json.loads(subprocess.run([sys.executable, RIG, "status"], env=env,
                                   capture_output=True, text=True, check=True).stdout)
     assert s["up"] and not s["stale"] and s["hosts"]["C"]["pid"] == st["hosts"]["C"]["pid"]
