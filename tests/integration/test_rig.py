@@ -352,3 +352,45 @@ def test_dump_on_A_restore_on_B(rigenv, tmp_path):
         time.sleep(0.05)
     with open(out) as f:
         assert f.read().split()[-1] == "PASS"
+
+
+@pytest.mark.skipif(not os.path.exists(COUNTER), reason="make programs first")
+def test_dump_to_B_page_server_over_tls(rigenv):
+    """A dumps into B's page-server at 10.232.0.2 over mutual TLS with the
+    rig's certificates (B's names its address, so hostname checking holds),
+    and B restores from what arrived: the path the agents take."""
+    st = rig.up(hosts=["A", "B"], agent="none")
+    pki = os.path.join(rigenv, "pki")
+    work = {h: os.path.join(rigenv, h, "work") for h in "AB"}
+
+    def tls(host):
+        return ["--tls-cacert", f"{pki}/cacert.pem", "--tls-cert", f"{pki}/{host}/cert.pem",
+                "--tls-key", f"{pki}/{host}/private/key.pem"]
+    out = os.path.join(work["A"], "counter.out")
+    start = ("import subprocess, sys\n"
+             "p = subprocess.Popen([sys.argv[1]], stdin=subprocess.DEVNULL,"
+             " stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT,"
+             " start_new_session=True)\nprint(p.pid)\n")
+    n = int(run_in("A", sys.executable, "-c", start, COUNTER, out).stdout)
+    migrate = [sys.executable, "-m", "migrate"]
+    b = st["hosts"]["B"]["address"]
+    ps = os.path.join(work["B"], "ps")
+    # -d: it returns once listening; its daemon keeps stdout, so not a pipe
+    with open(os.path.join(work["B"], "ps.log"), "w") as log:
+        subprocess.run(rig.exec_argv("B") + migrate + [
+            "page-server", "-D", ps, "--address", b, "--port", str(rig.PAGE_SERVER_PORT),
+            "-d", "--pidfile", os.path.join(work["B"], "ps.pid"), *tls("B")],
+            stdout=log, stderr=log, check=True, timeout=30)
+    run_in("A", *migrate, "dump", "-t", str(n), "-D", os.path.join(work["A"], "dump"),
+           "--page-server", "--address", b, "--port", str(rig.PAGE_SERVER_PORT), *tls("A"))
+    assert os.path.exists(os.path.join(ps, "inventory.img"))
+    run_in("B", *migrate, "restore", "-D", ps, "-d")
+    time.sleep(0.3)
+    run_in("B", "kill", "-TERM", str(n))
+    deadline = time.monotonic() + 5
+    while True:
+        with open(out) as f:
+            if f.read().split()[-1:] == ["PASS"]:
+                break
+        assert time.monotonic() < deadline, "no PASS from the counter on B"
+        time.sleep(0.05)
