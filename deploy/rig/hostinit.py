@@ -8,7 +8,8 @@ namespace with its own /proc.  It
 2. waits for ``eth0``: the rig makes the veth pair with this end created
    straight in our network namespace (``ip link add ... peer name eth0
    netns PID``);
-3. gives ``eth0`` its address, brings it up and writes ``ready`` to
+3. gives ``eth0`` its address, brings it up, bind-mounts ``--etc-hosts``
+   on /etc/hosts (so ``A``, ``migrig-B`` resolve) and writes ``ready`` to
    ``--ready-fd`` (the rig reads EOF instead if we die first);
 4. starts the agent (the command after ``--``) with stdout and stderr to
    ``--agent-log``;
@@ -65,6 +66,13 @@ def configure(args) -> None:
     ip("link", "set", args.interface, "up")
     log.info("%s: hostname %s, %s on %s", args.name, args.hostname, args.address,
              args.interface)
+    if args.etc_hosts:
+        # our mount namespace is private: the root's /etc/hosts is untouched
+        r = subprocess.run(["mount", "--bind", args.etc_hosts, "/etc/hosts"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           check=False)
+        if r.returncode != 0:
+            log.warning("%s: /etc/hosts not replaced: %s", args.name, r.stderr.strip())
 
 
 def start_agent(argv: list[str], log_path: str) -> int | None:
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait", type=float, default=30.0, help="seconds to wait for it")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--agent-log", default="/dev/null")
+    ap.add_argument("--etc-hosts", help="bind-mounted on /etc/hosts: the hosts by name")
     ap.add_argument("--stop-timeout", type=float, default=5.0)
     ap.add_argument("agent", nargs=argparse.REMAINDER, help="-- AGENT COMMAND...")
     args = ap.parse_args(argv)

@@ -27,6 +27,7 @@ default /run/migrate-rig):
     DIR/state.json          each host: init pid and start time, address, links
     DIR/pki/                CA, A B C and operator certificates (migrate certs)
     DIR/hosts.toml          the inventory `migrate run --inventory` reads
+    DIR/etc-hosts           the hosts' /etc/hosts (A, migrig-A ... resolve there)
     DIR/A/agent.toml        A's agent config; DIR/A/work, A/agent.log, A/init.log
 
 ``down`` only signals processes it can prove are the rig's: the pids in
@@ -353,6 +354,15 @@ def _inventory(hosts: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _etc_hosts(hosts: dict[str, dict]) -> str:
+    """Each host's /etc/hosts: the hosts by short name too (their
+    certificates name them so: https://A:7443 verifies as well)."""
+    out = ["# rig.py up: bind-mounted on /etc/hosts inside each rig host",
+           "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    out += [f"{h['address']}\t{h['hostname']} {name}" for name, h in hosts.items()]
+    return "\n".join(out) + "\n"
+
+
 def _agent_config(name: str, h: dict) -> str:
     pki = _path("pki")
     return "\n".join([
@@ -498,6 +508,7 @@ def _up(hosts: list[str], agent: str | None, health_timeout: float) -> dict:
 
     _make_pki(st["hosts"])
     _write(os.path.join(d, "hosts.toml"), _inventory(st["hosts"]))
+    _write(os.path.join(d, "etc-hosts"), _etc_hosts(st["hosts"]))
     for name, h in st["hosts"].items():
         os.makedirs(os.path.join(d, name, "work"), exist_ok=True)
         _write(h["config"], _agent_config(name, h))
@@ -542,7 +553,7 @@ def _start_host(st: dict, name: str, h: dict, kind: str, agent_argv: list[str]) 
             sys.executable, os.path.join(HERE, "hostinit.py"),
             "--name", name, "--hostname", h["hostname"], "--address", h["cidr"],
             "--interface", INTERFACE, "--ready-fd", str(w),
-            "--agent-log", h["agent_log"], "--"]
+            "--agent-log", h["agent_log"], "--etc-hosts", _path("etc-hosts"), "--"]
     if kind != "none":
         argv += agent_argv + ["--config", h["config"]]
     # posix_spawn rather than Popen: unshare outlives us when run from the
@@ -660,7 +671,7 @@ def _remove_dir() -> None:
         return
     for e in os.listdir(d):
         p = os.path.join(d, e)
-        if e in (MARKER, "state.json", "state.json.tmp", "hosts.toml"):
+        if e in (MARKER, "state.json", "state.json.tmp", "hosts.toml", "etc-hosts"):
             os.unlink(p)
         elif e == "pki" or (os.path.isdir(p) and not os.path.islink(p) and
                             re.fullmatch(r"[A-Za-z0-9]+", e) and
@@ -815,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a killed `up` still takes down what it made
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         stream=sys.stderr, format="rig: %(message)s")
     try:

@@ -105,6 +105,12 @@ def test_up_hosts_network_agents_down(rigenv):
         assert [a["local"] for a in eth0["addr_info"] if a["family"] == "inet"] == \
             [addrs[name]]
     assert len(pidns) == 3 and os.readlink("/proc/self/ns/pid") not in pidns
+    # the hosts know each other by name; the root's /etc/hosts is untouched
+    resolve = "import socket, sys; print(*(socket.gethostbyname(h) for h in sys.argv[1:]))"
+    assert run_in("C", sys.executable, "-c", resolve, "A", f"{PREFIX}-B").stdout.split() == \
+        [addrs["A"], addrs["B"]]
+    with open("/etc/hosts") as f:
+        assert f"{PREFIX}-B" not in f.read()
     # nothing of the rig in the root network namespace
     assert rig.root_links() == []
     assert not any(a.get("local", "").startswith("10.232.") for ln in
