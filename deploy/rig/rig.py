@@ -219,15 +219,33 @@ def _ns_inits(net_inode: int) -> list[int]:
     return found
 
 
+def _deaf_init(pid: int) -> bool:
+    """A pid namespace's init with no SIGTERM handler (yet): a host init
+    still starting Python. SIGTERM from here would be dropped (man 7
+    pid_namespaces: only signals it handles reach an init from an ancestor
+    namespace), so it gets SIGKILL at once rather than after the timeout."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(ln.rstrip("\n").split(":\t", 1) for ln in f if ":\t" in ln)
+    except OSError:
+        return False
+    nspid = st.get("NSpid", "").split()
+    caught = int(st.get("SigCgt", "0"), 16) & (1 << (signal.SIGTERM - 1))
+    return len(nspid) > 1 and nspid[-1] == "1" and not caught
+
+
 def _stop(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM, then SIGKILL what is left after timeout; pids come with their
-    start time checked by the caller, and are checked again before SIGKILL."""
+    """SIGTERM (SIGKILL to a deaf init), then SIGKILL what is left after
+    timeout; pids come with their start time checked by the caller, and are
+    checked again before SIGKILL. unshare blocks SIGTERM: it leaves when its
+    child, the host init, does."""
     starts = {p: start_time(p) for p in pids}
     live = [p for p in pids if starts[p] is not None]
     for p in live:
-        log.info("SIGTERM %d", p)
+        sig = signal.SIGKILL if _deaf_init(p) else signal.SIGTERM
+        log.info("%s %d", sig.name, p)
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
@@ -573,12 +591,20 @@ def _start_host(st: dict, name: str, h: dict, kind: str, agent_argv: list[str]) 
         os.close(w)
     h["unshare_pid"], h["unshare_start"] = upid, start_time(upid)
     _write_state(st)
+    try:
+        _wire_host(st, name, h, upid)
+    except BaseException:
+        os.close(r)
+        raise
+    return r
+
+
+def _wire_host(st: dict, name: str, h: dict, upid: int) -> None:
     # unshare --fork: its only child is the init, pid 1 of the new namespace
     deadline = time.monotonic() + 5
     while not (kids := _children(upid)):
         if start_time(upid) is None or time.monotonic() > deadline:
             _reap(upid)
-            os.close(r)
             raise RigError(f"host {name}: unshare did not start its init "
                            f"(see {h['init_log']}: {_tail(h['init_log'])})")
         time.sleep(0.005)
@@ -592,7 +618,6 @@ def _start_host(st: dict, name: str, h: dict, kind: str, agent_argv: list[str]) 
     ip("-n", sw_netns(), "link", "set", h["veth"], "master", bridge(), "up")
     log.info("host %s: init pid %s, %s on %s <-> %s", name, pid, h["cidr"], INTERFACE,
              h["veth"])
-    return r
 
 
 def _wait_ready(st: dict, ready: dict[str, int]) -> None:

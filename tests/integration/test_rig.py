@@ -400,3 +400,21 @@ def test_dump_to_B_page_server_over_tls(rigenv):
                 break
         assert time.monotonic() < deadline, "no PASS from the counter on B"
         time.sleep(0.05)
+
+
+def test_failure_half_way(rigenv, monkeypatch):
+    """ip failing while host B is wired (A is up, B's init running): up
+    raises, and down has taken A, B and the switch away; no fd is left open."""
+    real_ip = rig.ip
+
+    def failing_ip(*args, **kw):
+        if args[:2] == ("netns", "attach") and args[2] == f"{PREFIX}-B":
+            raise rig.RigError("ip netns attach: injected failure")
+        return real_ip(*args, **kw)
+    monkeypatch.setattr(rig, "ip", failing_ip)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(rig.RigError, match="injected failure"):
+        rig.up(agent="none")
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    assert ours_left() == []
+    assert not os.path.exists(rigenv)
