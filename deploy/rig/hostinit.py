@@ -116,9 +116,11 @@ def stop(agent: int | None, timeout: float) -> None:
         pass
 
 
-def reap_forever(agent: int | None) -> None:
+def reap_forever(state: dict) -> None:
     """SIGCHLD stays blocked, so one arriving between a reap and the wait
-    stays pending: an orphan is collected as soon as it exits."""
+    stays pending: an orphan is collected as soon as it exits.  state["agent"]
+    is cleared when the agent goes, so a SIGTERM later never signals a
+    process that reused its pid."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
         while True:
@@ -128,10 +130,10 @@ def reap_forever(agent: int | None) -> None:
                 break
             if pid == 0:
                 break
-            if pid == agent:
+            if pid == state["agent"]:
+                state["agent"] = None
                 log.error("agent %d exited (%s); the host stays up without it", pid,
                           _describe(status))
-                agent = None
             else:
                 log.debug("reaped %d (%s)", pid, _describe(status))
         signal.sigtimedwait({signal.SIGCHLD}, 60)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         state["agent"] = start_agent(agent_argv, args.agent_log)
     except OSError as e:
         log.error("%s: cannot start the agent %s: %s", args.name, agent_argv[0], e)
-    reap_forever(state["agent"])
+    reap_forever(state)
     return 0
 
 
