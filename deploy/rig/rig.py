@@ -554,6 +554,9 @@ def _up(hosts: list[str], agent: str | None, health_timeout: float) -> dict:
             why = "; ".join(f"{n}: {r['error']} (agent log: "
                             f"{_tail(st['hosts'][n]['agent_log'])})" for n, r in bad.items())
             raise RigError(f"agents not healthy after {health_timeout:.0f} s: {why}")
+        for n, r in res.items():
+            if r.get("host") not in (n, st["hosts"][n]["hostname"]):
+                log.warning("host %s: its agent says it is %r", n, r.get("host"))
         log.info("agents (%s) answer on %s", kind, HEALTH_PATH)
     st["up"] = True
     _write_state(st)
@@ -822,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="env: MIGRATE_RIG_DIR (default /run/migrate-rig), "
                                         "MIGRATE_RIG_PREFIX (default migrig), "
                                         "MIGRATE_RIG_AGENT (as --agent-cmd)")
-    ap.add_argument("-q", "--quiet", action="store_true")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     u = sub.add_parser("up", help="make the hosts, their network and their agents")
     u.add_argument("--hosts", type=_hosts_arg, default=list(DEFAULT_HOSTS),
@@ -831,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default), migrate, standin, none, or a command to which "
                         "--config FILE is appended")
     u.add_argument("--force", action="store_true", help="take a running rig down first")
-    u.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT,
+    u.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT, metavar="S",
                    help="seconds to wait for each agent's health endpoint (0: do not)")
     sub.add_parser("down", help="remove everything the rig made (idempotent)")
     sub.add_parser("status", help="JSON")
