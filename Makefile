@@ -5,7 +5,8 @@ PYTEST_ARGS ?=
 # Bytecode caches (git-ignored) spare every `migrate` command ~0.4 s of compiling.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: all setup build protos programs test unit integration demo bench soak clean
+.PHONY: all setup build protos programs test unit integration demo bench soak clean \
+	rig-up rig-down
 
 all: build
 
@@ -44,6 +45,13 @@ bench: build
 	$(PYTHON) bench/dump_restore.py
 	$(PYTHON) bench/predump.py
 	$(PYTHON) bench/pageserver.py
+
+# The two-host rig (docs/rig.md): hosts A, B, C in namespaces, an agent each.
+rig-up: build
+	$(PYTHON) deploy/rig/rig.py up
+
+rig-down:
+	$(PYTHON) deploy/rig/rig.py down
 
 clean:
 	$(MAKE) -C tests/programs clean

@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("dir", metavar="DIR")
     cs.add_argument("host", metavar="HOSTNAME", help="DNS name or IP address")
     cs.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    cs.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                    help="also name this IP address in the subjectAltName (repeatable)")
     cr = csub.add_parser("revoke", help="add HOST's certificate to DIR/cacrl.pem")
     cr.add_argument("dir", metavar="DIR")
     cr.add_argument("host", metavar="HOSTNAME")
@@ -593,7 +595,7 @@ def cmd_certs(args) -> int:
     if args.certs_command == "init":
         print(certs.init(args.dir, force=args.force))
     elif args.certs_command == "issue":
-        p = certs.issue(args.dir, args.host, days=args.days)
+        p = certs.issue(args.dir, args.host, days=args.days, ips=args.ip)
         print(f"--tls-cacert {certs.paths(args.dir)['cacert']} --tls-cert {p['cert']} "
               f"--tls-key {p['key']}")
     else:

@@ -12,7 +12,9 @@ take each file in brackets)::
 
 A host certificate is good as a server and as a client certificate (both
 extended key usages), names HOST in its CN and subjectAltName, and
-``localhost`` also gets 127.0.0.1 and ::1.  Keys are ECDSA P-256.
+``localhost`` also gets 127.0.0.1 and ::1; ``ips`` (``certs issue --ip``)
+adds addresses, for a host dialled by address under a name (the rig's
+``https://10.232.0.1:7443`` for host ``A``).  Keys are ECDSA P-256.
 """
 
 from __future__ import annotations
@@ -103,10 +105,18 @@ def _load_ca(d: str):
 
 def issue(d: str, host: str, days: int = 825,
           not_before: datetime.datetime | None = None,
-          not_after: datetime.datetime | None = None) -> dict[str, str]:
-    """A certificate for ``host`` (server and client use) signed by the CA in ``d``."""
+          not_after: datetime.datetime | None = None,
+          ips: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """A certificate for ``host`` (server and client use) signed by the CA in ``d``;
+    ``ips`` are more addresses for its subjectAltName."""
     if not host or "/" in host or host in (".", "..") or "\0" in host:
         raise CertError(f"bad host name {host!r}")
+    extra = []
+    for ip in ips:
+        try:
+            extra.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise CertError(f"{host}: bad IP address {ip!r}") from None
     ca, ca_key = _load_ca(d)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list = []
@@ -117,6 +127,7 @@ def issue(d: str, host: str, days: int = 825,
         if host == "localhost":
             sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                      x509.IPAddress(ipaddress.ip_address("::1"))]
+    sans += [a for a in extra if a not in sans]
     now = _now()
     nb = not_before or now - datetime.timedelta(minutes=5)
     na = not_after or now + datetime.timedelta(days=days)

@@ -1,0 +1,130 @@
+#!/bin/sh
+# Provision one migrate host (Debian 12): the packages, the migrate package in
+# a venv, /etc/migrate/agent.toml, its certificates, the systemd unit.
+# A Vagrantfile runs it on each VM; the one-machine rig (deploy/rig/) does
+# the same inside namespaces and does not call it.
+#
+#   provision.sh NAME ADDRESS [CA_DIR]
+#
+#   NAME     the host's name in the inventory and its certificate (A, B ...)
+#   ADDRESS  where its agent listens: API on 7443, page-server on 27027
+#   CA_DIR   a CA directory shared by the hosts (e.g. /vagrant/pki): made with
+#            `migrate certs init` if it has none, then NAME's certificate
+#            (naming ADDRESS too) and an `operator` one are issued into it and
+#            copied to /etc/migrate/pki. Without it, put those files there
+#            yourself.
+#
+# Environment:
+#   HOSTS="A=192.168.56.11,B=192.168.56.12"   write /etc/migrate/hosts.toml,
+#                                              the inventory `migrate run` reads
+#   INTERFACE=eth1     where --move-address puts service addresses (default:
+#                      the interface holding ADDRESS, else eth0)
+#   MIGRATE_SRC=DIR    the source tree to install (default: this checkout)
+#   ROOT=DIR           write the files under DIR instead of / (for tests)
+#   NO_APT=1 NO_PIP=1 NO_SYSTEMD=1   skip that step
+#   MIGRATE="cmd"      how to run migrate for `certs` (default: the venv's)
+set -eu
+
+usage() { echo "usage: $0 NAME ADDRESS [CA_DIR]" >&2; exit 2; }
+[ $# -ge 2 ] && [ $# -le 3 ] || usage
+NAME=$1
+ADDRESS=$2
+CA_DIR=${3:-}
+case $NAME in *[!A-Za-z0-9]*|'') echo "$0: NAME: letters and digits only" >&2; exit 2;; esac
+
+SRC=${MIGRATE_SRC:-$(cd "$(dirname "$0")/.." && pwd)}
+ROOT=${ROOT:-}
+VENV=/opt/migrate
+ETC=$ROOT/etc/migrate
+PKI=/etc/migrate/pki                 # as written in agent.toml
+WORK=/var/lib/migrate/work
+PORT=7443
+PAGE_SERVER_PORT=27027
+
+if [ -z "${INTERFACE:-}" ]; then
+    INTERFACE=$(ip -o -4 addr show 2>/dev/null | awk -v a="$ADDRESS" \
+        '{ split($4, p, "/"); if (p[1] == a) { print $2; exit } }')
+    INTERFACE=${INTERFACE:-eth0}
+fi
+
+# 1. Debian packages: Python, a compiler for cffi and the test programs, the
+#    network lock (nftables, iptables), ip and nsenter.
+if [ -z "${NO_APT:-}" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q python3 python3-venv python3-pip gcc libc6-dev make \
+        nftables iptables iproute2 util-linux ca-certificates
+fi
+
+# 2. The package, in a venv (Debian's Python refuses system-wide pip, PEP 668).
+#    The protobuf modules are generated first, as `make protos` does; cffi's
+#    module on the first import.
+if [ -z "${NO_PIP:-}" ]; then
+    python3 -m venv $VENV
+    $VENV/bin/pip install -q --disable-pip-version-check grpcio-tools
+    $VENV/bin/python -m grpc_tools.protoc -I"$SRC/migrate/images/proto" \
+        --python_out="$SRC/migrate/images" "$SRC"/migrate/images/proto/*.proto
+    $VENV/bin/pip install -q --disable-pip-version-check "$SRC"
+    $VENV/bin/python -c 'import migrate.kernel._ffi'
+    ln -sf $VENV/bin/migrate /usr/local/bin/migrate
+fi
+MIGRATE=${MIGRATE:-$VENV/bin/migrate}
+
+# 3. Certificates: NAME's (named by ADDRESS too: agents are dialled at
+#    https://ADDRESS:7443) and the operator's, from the shared CA.
+if [ -n "$CA_DIR" ]; then
+    [ -f "$CA_DIR/cacert.pem" ] || $MIGRATE certs init "$CA_DIR"
+    [ -f "$CA_DIR/$NAME/cert.pem" ] || $MIGRATE certs issue "$CA_DIR" "$NAME" --ip "$ADDRESS"
+    [ -f "$CA_DIR/operator/cert.pem" ] || $MIGRATE certs issue "$CA_DIR" operator
+    for h in "$NAME" operator; do
+        install -d -m 755 "$ROOT$PKI/$h"
+        install -d -m 700 "$ROOT$PKI/$h/private"
+        install -m 644 "$CA_DIR/$h/cert.pem" "$ROOT$PKI/$h/cert.pem"
+        install -m 600 "$CA_DIR/$h/private/key.pem" "$ROOT$PKI/$h/private/key.pem"
+    done
+    install -m 644 "$CA_DIR/cacert.pem" "$ROOT$PKI/cacert.pem"
+    [ ! -f "$CA_DIR/cacrl.pem" ] || install -m 644 "$CA_DIR/cacrl.pem" "$ROOT$PKI/cacrl.pem"
+fi
+
+# 4. The agent's config (the rig writes the same format: deploy/rig/rig.py).
+install -d -m 755 "$ETC" "$ROOT$WORK"
+cat > "$ETC/agent.toml" <<EOF
+# Agent of host $NAME (deploy/provision.sh)
+name = "$NAME"
+address = "$ADDRESS"
+port = $PORT
+page_server_port = $PAGE_SERVER_PORT
+work_dir = "$WORK"
+inventory = "/etc/migrate/hosts.toml"
+interface = "$INTERFACE"
+[tls]
+cacert = "$PKI/cacert.pem"
+cert = "$PKI/$NAME/cert.pem"
+key = "$PKI/$NAME/private/key.pem"
+EOF
+
+if [ -n "${HOSTS:-}" ]; then
+    {
+        echo "# Inventory (deploy/provision.sh); \`migrate run --inventory\` reads it."
+        echo "[tls]"
+        echo "cacert = \"$PKI/cacert.pem\""
+        echo "cert = \"$PKI/operator/cert.pem\""
+        echo "key = \"$PKI/operator/private/key.pem\""
+        echo "$HOSTS" | tr ',' '\n' | while IFS='=' read -r h a; do
+            [ -n "$h" ] || continue
+            echo
+            echo "[hosts.$h]"
+            echo "agent = \"https://$a:$PORT\""
+            echo "address = \"$a\""
+            echo "page_server_port = $PAGE_SERVER_PORT"
+        done
+    } > "$ETC/hosts.toml"
+fi
+
+# 5. The unit, where systemd runs.
+if [ -z "${NO_SYSTEMD:-}" ] && [ -d /run/systemd/system ]; then
+    install -m 644 "$SRC/deploy/migrate-agent.service" /etc/systemd/system/migrate-agent.service
+    systemctl daemon-reload
+    systemctl enable --now migrate-agent.service
+fi
+echo "$0: $NAME ($ADDRESS on $INTERFACE): $ETC/agent.toml"
