@@ -705,11 +705,12 @@ async def incoming_action(request):
 
 def run(config_path: str) -> int:
     cfg = inv.load_agent_config(config_path)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    if cfg.tls is None:
+        # uvloop's start_tls stalls a handshake whose ClientHello came while
+        # the transport was paused (the page-server's own TLS accept): with
+        # TLS, the asyncio loop (see pageserver/server.py run()).
+        from migrate.pageserver.server import install_uvloop
+        install_uvloop()
     agent = Agent(cfg)
     try:
         return asyncio.run(agent.run())

@@ -215,13 +215,14 @@ class Coordinator:
         self.dst = agent.dst_host(m.dst)
         self.peer = agent.peer(self.dst)
         self.dir = os.path.join(agent.work_dir, "source", m.id)
+        self.logs = os.path.join(agent.work_dir, "logs", m.id)    # kept after it ends
         self.req: dict = {}
         self.throttle = None
         self.dst_prepared = False
         self.address_moved = False
 
     def _log(self, name: str) -> str:
-        return os.path.join(self.dir, name)
+        return os.path.join(self.logs, name)
 
     def _check_cancel(self) -> None:
         if self.m.cancel_requested:
