@@ -9,8 +9,11 @@ namespace with its own /proc.  It
    straight in our network namespace (``ip link add ... peer name eth0
    netns PID``);
 3. gives ``eth0`` its address, brings it up, bind-mounts ``--etc-hosts``
-   on /etc/hosts (so ``A``, ``migrig-B`` resolve) and writes ``ready`` to
-   ``--ready-fd`` (the rig reads EOF instead if we die first);
+   on /etc/hosts (so ``A``, ``migrig-B`` resolve), moves the namespace's
+   next pid to ``--first-pid`` (A 10000, B 20000, C 30000: a process from A
+   finds its pid free on B and back, since restore needs the same pid) and
+   writes ``ready`` to ``--ready-fd`` (the rig reads EOF instead if we die
+   first);
 4. starts the agent (the command after ``--``) with stdout and stderr to
    ``--agent-log``;
 5. reaps every child forever: as pid 1 of the namespace it inherits every
@@ -73,6 +76,21 @@ def configure(args) -> None:
                            check=False)
         if r.returncode != 0:
             log.warning("%s: /etc/hosts not replaced: %s", args.name, r.stderr.strip())
+
+
+PID_MARGIN = 1000     # room left below pid_max for the last host's processes
+
+
+def set_first_pid(first: int) -> int:
+    """The next pid of our pid namespace becomes ``first`` (clamped below
+    pid_max); /proc is this namespace's own (unshare --mount-proc).  man 7
+    pid_namespaces, /proc/sys/kernel/ns_last_pid: the last pid allocated."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    first = max(2, min(first, pid_max - PID_MARGIN))
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(first - 1))
+    return first
 
 
 def start_agent(argv: list[str], log_path: str) -> int | None:
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agent-log", default="/dev/null")
     ap.add_argument("--etc-hosts", help="bind-mounted on /etc/hosts: the hosts by name")
     ap.add_argument("--stop-timeout", type=float, default=5.0)
+    ap.add_argument("--first-pid", type=int, help="where this host's pids start")
     ap.add_argument("agent", nargs=argparse.REMAINDER, help="-- AGENT COMMAND...")
     args = ap.parse_args(argv)
     agent_argv = args.agent[1:] if args.agent[:1] == ["--"] else args.agent
@@ -177,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.CalledProcessError, TimeoutError) as e:
         log.error("%s: cannot set up the host: %s", args.name, e)
         return 1
+    if args.first_pid:
+        try:
+            log.info("%s: pids from %d on", args.name, set_first_pid(args.first_pid))
+        except OSError as e:
+            log.error("%s: cannot set the first pid: %s", args.name, e)
+            return 1
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"ready\n")
         os.close(args.ready_fd)

@@ -64,6 +64,7 @@ DEFAULT_HOSTS = ("A", "B", "C")
 SUBNET = "10.232.0"          # 10.231.x belongs to other tests
 PREFIXLEN = 24
 FIXED_HOSTS = {"A": 1, "B": 2, "C": 3}
+PIDS_PER_HOST = 10000        # host n's pids start at n * 10000 (hostinit --first-pid)
 MAX_HOST_NUMBER = 99         # .100-.199 are service addresses (--move-address)
 AGENT_PORT = 7443
 PAGE_SERVER_PORT = 27027
@@ -520,6 +521,7 @@ def _up(hosts: list[str], agent: str | None, health_timeout: float) -> dict:
             "config": os.path.join(d, name, "agent.toml"),
             "agent_log": os.path.join(d, name, "agent.log"),
             "init_log": os.path.join(d, name, "init.log"),
+            "first_pid": numbers[name] * PIDS_PER_HOST,
             "init_pid": None, "init_start": None,
             "unshare_pid": None, "unshare_start": None}
     _write_state(st)
@@ -574,7 +576,8 @@ def _start_host(st: dict, name: str, h: dict, kind: str, agent_argv: list[str]) 
             sys.executable, os.path.join(HERE, "hostinit.py"),
             "--name", name, "--hostname", h["hostname"], "--address", h["cidr"],
             "--interface", INTERFACE, "--ready-fd", str(w),
-            "--agent-log", h["agent_log"], "--etc-hosts", _path("etc-hosts"), "--"]
+            "--agent-log", h["agent_log"], "--etc-hosts", _path("etc-hosts"),
+            "--first-pid", str(h["first_pid"]), "--"]
     if kind != "none":
         argv += agent_argv + ["--config", h["config"]]
     # posix_spawn rather than Popen: unshare outlives us when run from the
@@ -735,7 +738,7 @@ def status() -> dict:
             continue
         alive = same_process(h.get("init_pid"), h.get("init_start"))
         hosts[name] = {k: h.get(k) for k in ("hostname", "address", "interface", "veth",
-                                             "netns", "agent", "page_server_port",
+                                             "netns", "agent", "page_server_port", "first_pid",
                                              "config", "agent_log", "init_log")}
         hosts[name].update(pid=h.get("init_pid"), alive=alive)
     ns = our_netns()

@@ -90,10 +90,13 @@ def test_up_hosts_network_agents_down(rigenv):
         # its own hostname
         assert run_in(name, "hostname").stdout.strip() == f"{PREFIX}-{name}"
         # its own pid 1 (the host init) and /proc: a command run there sees
-        # itself at a small pid and only the host's processes
+        # itself in the host's pid range (A 10000, B 20000 ...) and only the
+        # host's processes
         out = run_in(name, "sh", "-c", 'echo $$; cat /proc/1/cmdline | tr "\\0" " "; echo; '
                                        'readlink /proc/self/ns/pid; ls /proc').stdout.split("\n")
-        assert int(out[0]) < 100
+        first = rig.FIXED_HOSTS[name] * rig.PIDS_PER_HOST
+        assert h["first_pid"] == first
+        assert first <= int(out[0]) < first + 100
         assert "hostinit.py" in out[1] and f"--name {name}" in out[1]
         pidns.add(out[2])
         procs = [int(p) for p in out[3:] if p.isdigit()]
@@ -332,15 +335,17 @@ COUNTER = os.path.join(REPO, "tests", "programs", "bin", "counter")
 @pytest.mark.skipif(not os.path.exists(COUNTER), reason="make programs first")
 def test_dump_on_A_restore_on_B(rigenv, tmp_path):
     """The hosts are hosts for migrate: a process dumped on A comes back on B
-    at its pid (A's numbering, free in B's fresh pid namespace), counts on,
-    and B's init reaps it when it exits."""
-    rig.up(hosts=["A", "B"], agent="none")
+    at its pid (A's range, 10000 on, is free on B, whose own processes, its
+    agent first, start at 20000), counts on, and B's init reaps it when it
+    exits."""
+    rig.up(hosts=["A", "B"])
     img, out = str(tmp_path / "img"), str(tmp_path / "counter.out")
     start = ("import subprocess, sys\n"
              "p = subprocess.Popen([sys.argv[1]], stdin=subprocess.DEVNULL,"
              " stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT,"
              " start_new_session=True)\nprint(p.pid)\n")
     n = int(run_in("A", sys.executable, "-c", start, COUNTER, out).stdout)
+    assert 10000 < n < 20000
     time.sleep(0.5)
     migrate = [sys.executable, "-m", "migrate"]
     run_in("A", *migrate, "dump", "-t", str(n), "-D", img)
