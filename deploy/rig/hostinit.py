@@ -134,6 +134,10 @@ def stop(agent: int | None, timeout: float) -> None:
         pass
 
 
+RESTART_DELAY = 1.0      # an agent that died is started again, like systemd's
+                         # Restart=on-failure (deploy/migrate-agent.service)
+
+
 def reap_forever(state: dict) -> None:
     """SIGCHLD stays blocked, so one arriving between a reap and the wait
     stays pending: an orphan is collected as soon as it exits.  state["agent"]
@@ -150,11 +154,24 @@ def reap_forever(state: dict) -> None:
                 break
             if pid == state["agent"]:
                 state["agent"] = None
-                log.error("agent %d exited (%s); the host stays up without it", pid,
-                          _describe(status))
+                if state.get("argv") and not (os.WIFEXITED(status) and
+                                              os.WEXITSTATUS(status) == 0):
+                    log.error("agent %d exited (%s): starting it again in %.0f s", pid,
+                              _describe(status), RESTART_DELAY)
+                    state["restart_at"] = time.monotonic() + RESTART_DELAY
+                else:
+                    log.error("agent %d exited (%s); the host stays up without it", pid,
+                              _describe(status))
             else:
                 log.debug("reaped %d (%s)", pid, _describe(status))
-        signal.sigtimedwait({signal.SIGCHLD}, 60)
+        at = state.get("restart_at")
+        if at is not None and time.monotonic() >= at:
+            state["restart_at"] = None
+            try:
+                state["agent"] = start_agent(state["argv"], state["log"])
+            except OSError as e:
+                log.error("cannot start the agent again: %s", e)
+        signal.sigtimedwait({signal.SIGCHLD}, 0.2 if state.get("restart_at") else 60)
 
 
 def _describe(status: int) -> str:
@@ -205,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"ready\n")
         os.close(args.ready_fd)
+    state["argv"], state["log"] = agent_argv, args.agent_log
     try:
         state["agent"] = start_agent(agent_argv, args.agent_log)
     except OSError as e:
