@@ -458,11 +458,18 @@ class Agent:
         st["restored"] = res.get("pid")
         m.restored_pid = res.get("pid")
         m.set_phase("resume")
+        # The images go once nothing reads them, whether or not the source
+        # says finish (its agent may be gone by now).
+        st["delete_after_fill"] = not m.options.keep_images
         if job.get("lazy_pages"):
             m.fill = {"mode": "lazy", "daemon": res.get("lazy_daemon"), "done": False}
             asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
         else:
             m.fill = {"mode": "eager", "done": True}
+            if st["delete_after_fill"]:
+                self._background(asyncio.get_running_loop().run_in_executor(
+                    None, shutil.rmtree, self.images_dir(m.id), True))
+        m.finish(mig.COMPLETED)
         return res
 
     async def address_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
