@@ -102,7 +102,9 @@ def summary(m: dict) -> str:
     return "\n".join(lines)
 
 
-async def _follow(c: Client, host: str, mid: str, live: bool) -> dict:
+async def _follow(c: Client, host: str, mid: str, live: bool, plain: bool = False) -> dict:
+    """Poll the record until it ends: a live table on a terminal (``live``),
+    else a line per phase and round (``plain``), else quietly."""
     progress = None
     if live:
         from rich.console import Console
@@ -125,11 +127,25 @@ async def _follow(c: Client, host: str, mid: str, live: bool) -> dict:
             return t
         progress = Live(console=console, refresh_per_second=10, transient=False)
         progress.start()
+    seen = (None, 0)
     try:
         while True:
             m = await c.call(host, "GET", f"/api/v1/migrations/{mid}")
             if progress is not None:
                 progress.update(render(m))
+            elif plain:
+                now = (m["phase"], len(m.get("rounds") or []))
+                if now != seen:
+                    seen = now
+                    rounds = m.get("rounds") or []
+                    extra = ""
+                    if m["phase"] == "pre-copy" and rounds:
+                        r = rounds[-1]
+                        extra = (f": round {r['round']}, {_mib(r['bytes'])} in "
+                                 f"{r['seconds']:.2f} s, dirty rate "
+                                 f"{_rate(m.get('dirty_rate'))}, predicted downtime "
+                                 f"{_ms(m.get('expected_downtime'))}")
+                    print(f"  {m['phase']}{extra}", file=sys.stderr, flush=True)
             if m["status"] != "active":
                 return m
             await asyncio.sleep(POLL_S)
@@ -155,7 +171,7 @@ async def run(args) -> int:
             return 0
         live = sys.stderr.isatty() and not args.json
         try:
-            m = await _follow(c, args.src, m["id"], live)
+            m = await _follow(c, args.src, m["id"], live, plain=not args.json)
         except KeyboardInterrupt:
             print(f"migration {m['id']} goes on (agent {args.src}); `migrate status "
                   f"{m['id']}` follows it, `migrate cancel {m['id']}` stops it",

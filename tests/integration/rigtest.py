@@ -53,6 +53,9 @@ class Rig:
                 else:
                     os.environ[k] = v
 
+    def run_argv(self, host: str, *cmd: str) -> list[str]:
+        return rig.exec_argv(host) + list(cmd)
+
     def run(self, host: str, *cmd: str, timeout: float = 60,
             check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(rig.exec_argv(host) + list(cmd), capture_output=True, text=True,
