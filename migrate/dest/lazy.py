@@ -86,8 +86,7 @@ class LazyPlan:
 
 def plan(p) -> LazyPlan:
     """The plan for a ProcImage (dest.restore)."""
-    stored = [(addr, addr + n * PAGE) for parts in p.parts for _, addr, n in parts]
-    return LazyPlan(p.mm.vmas, list(p.core.threads), stored, flagged(p.pagemap))
+    return LazyPlan(p.mm.vmas, list(p.core.threads), p.stored, flagged(p.pagemap))
 
 
 def flagged(entries) -> list[pagemap.Range]:

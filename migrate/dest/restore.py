@@ -20,6 +20,7 @@ A failure at any step kills every process made: no stray process is left.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import errno
 import logging
 import os
@@ -108,7 +109,21 @@ class ProcImage:
     fdinfos: list
     fs: object
     chain: list[ImageDir]                       # this image, then its parents
-    parts: list[list[tuple[int, int, int]]]     # pages each level writes (overlay)
+    levels: list                                # their pagemaps (pagemap.Level)
+
+    @functools.cached_property
+    def parts(self) -> list[list[tuple[int, int, int]]]:
+        """The pages each level writes (pagemap.overlay)."""
+        return pagemap.overlay(self.levels, [c.path for c in self.chain])
+
+    def parts_within(self, ranges) -> list[list[tuple[int, int, int]]]:
+        """``parts`` inside ``ranges`` only (a lazy restore's eager pages)."""
+        return pagemap.overlay_within(self.levels, ranges, [c.path for c in self.chain])
+
+    @property
+    def stored(self) -> list[tuple[int, int]]:
+        """The pages the chain holds for this process (checked at load)."""
+        return self.levels[0].cover
 
 
 @dataclasses.dataclass
@@ -131,9 +146,9 @@ def load_chain(d: ImageDir, pid: int, start: int = 0) -> tuple[list[ImageDir], l
     """The image and the parents (``parent`` symlinks) that hold pages of
     ``pid`` (started at ``start``, when known), with their pagemaps.  A level
     whose pagemap leaves nothing to its parent ends the chain."""
-    chain, maps = [d], [d.read_image(f"pagemap-{pid}.img")[1:]]
+    chain, maps = [d], [pagemap.level_of(d.read_image(f"pagemap-{pid}.img"))]
     while chain[-1].inventory.parent and any(e.flags & pagemap.PE_IN_PARENT
-                                             for e in maps[-1]):
+                                             for e in maps[-1].entries):
         cur = chain[-1]
         if len(chain) >= MAX_CHAIN:
             raise errors.ImageError(cur.path, None, f"parent chain longer than {MAX_CHAIN}")
@@ -153,7 +168,7 @@ def load_chain(d: ImageDir, pid: int, start: int = 0) -> tuple[list[ImageDir], l
                                                 f"{pid} (started at {start}), which "
                                                 f"{cur.path} leaves to it")
         chain.append(p)
-        maps.append(p.read_image(f"pagemap-{pid}.img")[1:])
+        maps.append(pagemap.level_of(p.read_image(f"pagemap-{pid}.img")))
     return chain, maps
 
 
@@ -194,11 +209,11 @@ def load(images_dir: str) -> Image:
         pmap = d.read_image(f"pagemap-{pid}.img")
         chain, maps = load_chain(d, pid, e.start_time or
                                  (inv.root_start_time if pid == inv.root_pid else 0))
-        parts = pagemap.overlay(maps, [c.path for c in chain])
+        pagemap.check_chain(maps, [c.path for c in chain])
         procs.append(ProcImage(pid, e, d.read_one(f"core-{pid}.img"),
                                d.read_one(f"mm-{pid}.img"), pmap[0], pmap[1:],
                                d.read_image(f"fdinfo-{pid}.img"),
-                               d.read_one(f"fs-{pid}.img"), chain, parts))
+                               d.read_one(f"fs-{pid}.img"), chain, maps))
     files_ = d.read_image("files.img")
     ids = {f.id for f in files_}
     for p in procs:
@@ -253,8 +268,12 @@ def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     (or are stopped with --leave-stopped); the root is our child."""
     t0 = time.perf_counter()
     img = load(opts.images_dir)
+    phase = Phases(img.pid)
+    phase.t = t0
+    phase("load image", f"{len(img.procs)} processes")
     preflight(img)
     lazy.check_image(img.procs, opts.lazy_pages)
+    phase("preflight")
     # Orphans of a failed restore come to us to be reaped.
     was_subreaper = syscalls.get_child_subreaper()
     if not was_subreaper:
@@ -278,6 +297,7 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
     # lock of the same name).
     lock = netlock.lock(img.pid, conns, opts.network_lock)
     stats.netlock_us = lock.set_us if lock else 0
+    phase("network lock", f"{len(conns)} connections")
     if opts.after_lock is not None:
         try:
             opts.after_lock()
@@ -285,6 +305,7 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
             if lock is not None:
                 lock.unlock()
             raise
+        phase("after lock")
     inets = inet.Opener(tcp_close=opts.tcp_close)
     shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
                                   [f for f in img.files
@@ -841,7 +862,8 @@ def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
     (dest/lazy.py)."""
     phase = Phases(p.pid)
     lp = lazy.plan(p)
-    for reader, parts in reversed(list(zip(pages, p.parts))):
+    eager = pagemap.subtract(p.stored, lp.lazy)
+    for reader, parts in reversed(list(zip(pages, p.parts_within(eager)))):
         stats.pages_restored += lazy.fill_eager(p.pid, p.mm.vmas, lp.eager_parts(parts),
                                                 reader)
     phase("eager pages")

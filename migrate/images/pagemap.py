@@ -181,6 +181,95 @@ def resolve(chain: list[list], names: list[str] | None = None) -> list[list[tupl
     return out
 
 
+class Level:
+    """One image's pagemap entries, with what the chain arithmetic derives
+    from them computed once (a migration's destination checks the same
+    pre-copy levels again at every stop)."""
+
+    __slots__ = ("entries", "_present", "_present_ranges", "_inparent", "_cover")
+
+    def __init__(self, entries) -> None:
+        self.entries = entries
+        self._present = self._present_ranges = self._inparent = self._cover = None
+
+    @property
+    def present(self) -> list[tuple[int, int, int]]:
+        if self._present is None:
+            self._present = _present_index(self.entries)
+        return self._present
+
+    @property
+    def present_ranges(self) -> list[Range]:
+        if self._present_ranges is None:
+            self._present_ranges = normalize((s, e) for s, e, _ in self.present)
+        return self._present_ranges
+
+    @property
+    def inparent(self) -> list[Range]:
+        if self._inparent is None:
+            self._inparent = ranges_of(self.entries, PE_IN_PARENT)
+        return self._inparent
+
+    @property
+    def cover(self) -> list[Range]:
+        if self._cover is None:
+            self._cover = ranges_of(self.entries, PE_PRESENT | PE_IN_PARENT)
+        return self._cover
+
+
+_levels: dict | None = None     # id(decoded records) -> (records, Level), once enabled
+
+
+def enable_cache() -> None:
+    global _levels
+    if _levels is None:
+        _levels = {}
+
+
+def level_of(records) -> Level:
+    """The Level of a pagemap image's decoded records (head first); kept
+    for the same records object once ``enable_cache`` was called."""
+    if _levels is None:
+        return Level(records[1:])
+    hit = _levels.get(id(records))
+    if hit is None or hit[0] is not records:
+        hit = _levels[id(records)] = (records, Level(records[1:]))
+    return hit[1]
+
+
+def _level(x) -> Level:
+    return x if isinstance(x, Level) else Level(x)
+
+
+def check_chain(chain: list[list], names: list[str] | None = None) -> None:
+    """Every page the image (``chain[0]``) needs is stored somewhere down
+    the chain, or ImageError: each level's "in parent" pages (those the image
+    needs) lie within what the next level covers, and the last level leaves
+    nothing to a parent.  Linear in the entries, unlike ``resolve``."""
+    names = names or [f"image {i}" for i in range(len(chain))]
+    if not chain:
+        return
+    chain = [_level(x) for x in chain]
+    needed = chain[0].cover
+    for level, lv in enumerate(chain):
+        if not lv.inparent:
+            continue
+        ip = intersect(lv.inparent, needed)
+        if not ip:
+            continue
+        if level + 1 == len(chain):
+            s, _ = ip[0]
+            raise ImageError(f"pagemap of {names[level]}", None,
+                             f"page {s:#x} is marked in parent but the chain ends here "
+                             f"({pages(ip)} pages)")
+        missing = subtract(ip, chain[level + 1].cover)
+        if missing:
+            s, _ = missing[0]
+            raise ImageError(f"pagemap of {names[level + 1]}", None,
+                             f"page {s:#x} is needed but neither stored nor in a parent "
+                             f"({pages(missing)} pages missing)")
+
+
 def overlay(chain: list[list], names: list[str] | None = None
             ) -> list[list[tuple[int, int, int]]]:
     """Like ``resolve`` (and checked by it), but each level provides every
@@ -188,14 +277,40 @@ def overlay(chain: list[list], names: list[str] | None = None
     the deepest level up, later levels overwrite earlier ones, and each
     level's pages stay in long contiguous runs.  Costs the superseded pages
     once more; saves a fragmented copy of the whole base image."""
-    resolve(chain, names)                      # every page is somewhere: or ImageError
-    covered = ranges_of(chain[0], PE_PRESENT | PE_IN_PARENT) if chain else []
+    chain = [_level(x) for x in chain]
+    check_chain(chain, names)                  # every page is somewhere: or ImageError
+    covered = chain[0].cover if chain else []
     out: list[list[tuple[int, int, int]]] = []
-    for entries in chain:
-        present = _present_index(entries)
-        wanted = intersect(normalize((s, e) for s, e, _ in present), covered)
-        parts = sorted(_file_pieces(wanted, present))
+    for lv in chain:
+        wanted = intersect(lv.present_ranges, covered)
+        parts = sorted(_file_pieces(wanted, lv.present))
         out.append(parts)
+    return out
+
+
+def overlay_within(chain: list, within: list[Range], names: list[str] | None = None
+                   ) -> list[list[tuple[int, int, int]]]:
+    """``overlay`` of only the pages inside ``within`` (normalized, a few
+    ranges: the pages a lazy restore writes itself), found by bisection in
+    each level's stored pages instead of a pass over all of them."""
+    import bisect
+    chain = [_level(x) for x in chain]
+    check_chain(chain, names)
+    wanted = intersect(chain[0].cover, within) if chain else []
+    out: list[list[tuple[int, int, int]]] = []
+    for lv in chain:
+        present = lv.present
+        starts = [p[0] for p in present] if len(wanted) else []
+        parts = []
+        for s, e in wanted:
+            i = max(bisect.bisect_right(starts, s) - 1, 0)
+            while i < len(present) and present[i][0] < e:
+                ps, pe, idx = present[i]
+                a, b = max(s, ps), min(e, pe)
+                if a < b:
+                    parts.append((idx + (a - ps) // PAGE, a, (b - a) // PAGE))
+                i += 1
+        out.append(sorted(parts))
     return out
 
 

@@ -57,6 +57,9 @@ class LocalSource:
             self._open(root)
 
     def _open(self, pid: int):
+        """Per level, its stored pages (sorted), the page files mapped.  No
+        resolution of the whole chain up front: a lookup takes the first
+        level, from the top, that stores the address (``pieces``)."""
         ix = self._index.get(pid)
         if ix is not None:
             return ix
@@ -66,47 +69,53 @@ class LocalSource:
             if not level.has(name):
                 raise errors.ImageError(os.path.join(level.path, name), None,
                                         f"no pagemap of pid {pid}")
-            maps.append(level.read_image(name)[1:])
+            maps.append(pagemap.level_of(level.read_image(name)))
             names.append(level.path)
-        parts = pagemap.resolve(maps, names)
-        pieces = []
-        for lvl, lst in enumerate(parts):
-            if not lst:
-                continue
-            r = self.chain[lvl].pages_reader(pid)
-            try:
-                if r.nr_pages:
-                    self._maps[lvl][pid] = mmap.mmap(r.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
-            finally:
-                r.close()
-            for idx, vaddr, n in lst:
-                pieces.append((vaddr, vaddr + n * PAGE, lvl, idx))
-        pieces.sort()
-        ix = self._index[pid] = ([p[0] for p in pieces], pieces)
+        pagemap.check_chain(maps, names)
+        levels = []
+        for lvl, lv in enumerate(maps):
+            present = lv.present
+            if present:
+                r = self.chain[lvl].pages_reader(pid)
+                try:
+                    if r.nr_pages:
+                        self._maps[lvl][pid] = mmap.mmap(r.fd, 0, mmap.MAP_SHARED,
+                                                         mmap.PROT_READ)
+                finally:
+                    r.close()
+            levels.append(([p[0] for p in present], present))
+        needed = maps[0].cover
+        ix = self._index[pid] = (levels, needed)
         return ix
 
     def stored(self, pid: int) -> list[tuple[int, int]]:
         """The pages of ``pid`` the chain holds (normalized)."""
-        return pagemap.normalize((s, e) for s, e, _, _ in self._open(pid)[1])
+        return self._open(pid)[1]
 
     def pieces(self, pid: int, src: int, end: int) -> list[tuple[int, object, int, int]]:
         """(src address, buffer, offset in buffer, length) covering [src, end)."""
-        starts, pieces = self._open(pid)
+        levels, _ = self._open(pid)
         out = []
         a = src
-        i = bisect.bisect_right(starts, a) - 1
         while a < end:
-            if i < 0 or i >= len(pieces) or not pieces[i][0] <= a < pieces[i][1]:
+            bound = end
+            found = None
+            for lvl, (starts, present) in enumerate(levels):
                 i = bisect.bisect_right(starts, a) - 1
-                if i < 0 or a >= pieces[i][1]:
-                    raise errors.ImageError(self.name, None, f"pid {pid}: page {a:#x} is "
-                                                             "not stored in the image")
-            s, e, lvl, idx = pieces[i]
-            b = min(end, e)
+                if i >= 0 and a < present[i][1]:
+                    found = (lvl, present[i])
+                    bound = min(bound, present[i][1])
+                    break
+                # a level above the one that has it takes over where it stores
+                if i + 1 < len(starts):
+                    bound = min(bound, starts[i + 1])
+            if found is None:
+                raise errors.ImageError(self.name, None, f"pid {pid}: page {a:#x} is not "
+                                                         "stored in the image")
+            lvl, (s, _, idx) = found
             off = PAGES_DATA_OFFSET + (idx + (a - s) // PAGE) * PAGE
-            out.append((a, self._maps[lvl][pid], off, b - a))
-            a = b
-            i += 1
+            out.append((a, self._maps[lvl][pid], off, bound - a))
+            a = bound
         return out
 
     def close(self) -> None:

@@ -375,7 +375,8 @@ class Coordinator:
             "op": "dump", "pid": m.pid, "images_dir": os.path.join(self.dir, "final"),
             "prev": f"../{prev}" if prev else None, "sink": self._sink(f"{m.id}/final"),
             "log": self._log("final.log"), "tcp_established": o.tcp_established,
-            "network_lock": o.network_lock, "unlock_after": o.tcp_established})
+            "network_lock": o.network_lock, "unlock_after": o.tcp_established,
+            "level": logging.DEBUG})
         msg = await self.worker.recv()
         if msg.get("event") != "frozen":
             # The dump failed before it could commit: the tree runs on here.

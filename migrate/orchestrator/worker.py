@@ -319,14 +319,17 @@ def restore(job: dict) -> dict:
 def preload(job: dict) -> dict:
     """Read (and keep, decoded) the pagemaps of a committed pre-copy round,
     so that the restore at the stop only reads what is new."""
-    from migrate.images import ImageDir
+    from migrate.images import ImageDir, pagemap
     d = ImageDir.open(job["images_dir"])
     n = 0
     for name in list(d.checksums):
-        if name.startswith(("pagemap-", "pstree")):
+        if name.startswith("pstree"):
             d.read_image(name)
+        elif name.startswith("pagemap-"):
+            lv = pagemap.level_of(d.read_image(name))
+            lv.present_ranges, lv.inparent, lv.cover      # computed once, kept
             n += 1
-    return {"ok": True, "files": n}
+    return {"ok": True, "pagemaps": n}
 
 
 def unlock(job: dict) -> dict:
@@ -371,8 +374,9 @@ def main() -> int:
     # Only our JSON lines on the real stdout; anything else printed goes to stderr.
     _OUT = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    from migrate.images import imgfile
+    from migrate.images import imgfile, pagemap
     imgfile.enable_cache()
+    pagemap.enable_cache()
     _warm()
     _out({"event": "ready", "pid": os.getpid()})
     while True:
