@@ -118,7 +118,8 @@ class ProcImage:
 
     def parts_within(self, ranges) -> list[list[tuple[int, int, int]]]:
         """``parts`` inside ``ranges`` only (a lazy restore's eager pages)."""
-        return pagemap.overlay_within(self.levels, ranges, [c.path for c in self.chain])
+        return pagemap.overlay_within(self.levels, ranges, [c.path for c in self.chain],
+                                      check=False)      # load() checked it
 
     @property
     def stored(self) -> list[tuple[int, int]]:

@@ -186,11 +186,12 @@ class Level:
     from them computed once (a migration's destination checks the same
     pre-copy levels again at every stop)."""
 
-    __slots__ = ("entries", "_present", "_present_ranges", "_inparent", "_cover")
+    __slots__ = ("entries", "_present", "_present_ranges", "_inparent", "_cover", "parent_ok")
 
     def __init__(self, entries) -> None:
         self.entries = entries
         self._present = self._present_ranges = self._inparent = self._cover = None
+        self.parent_ok = None      # the Level found to cover all our "in parent" pages
 
     @property
     def present(self) -> list[tuple[int, int, int]]:
@@ -254,6 +255,11 @@ def check_chain(chain: list[list], names: list[str] | None = None) -> None:
     for level, lv in enumerate(chain):
         if not lv.inparent:
             continue
+        if level + 1 < len(chain) and lv.parent_ok is chain[level + 1]:
+            continue                   # checked before (a migration's earlier stop)
+        if level + 1 < len(chain) and not subtract(lv.inparent, chain[level + 1].cover):
+            lv.parent_ok = chain[level + 1]
+            continue
         ip = intersect(lv.inparent, needed)
         if not ip:
             continue
@@ -288,14 +294,16 @@ def overlay(chain: list[list], names: list[str] | None = None
     return out
 
 
-def overlay_within(chain: list, within: list[Range], names: list[str] | None = None
-                   ) -> list[list[tuple[int, int, int]]]:
+def overlay_within(chain: list, within: list[Range], names: list[str] | None = None,
+                   check: bool = True) -> list[list[tuple[int, int, int]]]:
     """``overlay`` of only the pages inside ``within`` (normalized, a few
     ranges: the pages a lazy restore writes itself), found by bisection in
-    each level's stored pages instead of a pass over all of them."""
+    each level's stored pages instead of a pass over all of them.
+    ``check``: False when the chain was checked already."""
     import bisect
     chain = [_level(x) for x in chain]
-    check_chain(chain, names)
+    if check:
+        check_chain(chain, names)
     wanted = intersect(chain[0].cover, within) if chain else []
     out: list[list[tuple[int, int, int]]] = []
     for lv in chain:

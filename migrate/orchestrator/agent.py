@@ -179,6 +179,11 @@ class Agent:
                                      ssl_context=self.tls.server_context() if self.tls
                                      else None, serve=True)
         self._clean_stale()
+        from migrate.orchestrator import address  # noqa: F401
+        try:
+            import pyroute2  # noqa: F401  (imported now, not in a migration's stop)
+        except ImportError:
+            pass
         await self.pageserver.start()
         self.client = aiohttp.ClientSession()
         self._background(self._watchdog())

@@ -61,7 +61,7 @@ class Options:
     move_address: str | None = None
     keep_images: bool = False
     network_lock: str | None = None
-    streams: int = 1
+    streams: int = 2                  # TCP streams to the page-server: TLS on two cores
     compress: bool = False
     # How the destination fills the memory it received: "lazy": the process
     # resumes at once and a local lazy-pages daemon (userfaultfd) fills it
@@ -487,7 +487,7 @@ class Coordinator:
         from migrate.orchestrator import address
         ip = self.m.options.move_address
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, address.remove, ip)
+        await loop.run_in_executor(None, address.remove, ip, self.agent.interface)
         self.address_moved = True
         self.m.event("address", ip=ip, host=self.m.dst)
 

@@ -126,8 +126,10 @@ def _open_parent(opts: DumpOptions, pid: int, start_time: int, root: int) -> Par
         if not mine or (mine[0].start_time and mine[0].start_time != start_time) or \
                 not d.has(f"pagemap-{pid}.img"):
             return None          # not in the parent image, or another process then
-    entries = d.read_image(f"pagemap-{pid}.img")[1:]
-    return Parent(opts.prev_images_dir, pm.ranges_of(entries, pm.PE_PRESENT | pm.PE_IN_PARENT))
+    # (pm.Level: computed once per image where the caches are on, as in a
+    # migration's worker, whose next round or last dump reads it again)
+    level = pm.level_of(d.read_image(f"pagemap-{pid}.img"))
+    return Parent(opts.prev_images_dir, level.cover)
 
 
 def _get_tracker(opts: DumpOptions, pid: int, start_time: int, frozen_ctl: TaskCtl | None,
@@ -410,7 +412,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             raise errors.DumpError("--lazy-pages: not with -R, -s or --page-server")
         lock = _lock_network(opts, tr, stats)
         used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened,
-                                  lazy_out, lock)
+                                  lazy_out, lock, (st.start_time, parent))
     except BaseException as exc:
         try:
             _rollback(tr, opened, images)
@@ -669,7 +671,8 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 
 def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
                        start_time: int, early: list | None, opened: _Open,
-                       lazy_out: list | None = None, lock=None) -> list:
+                       lazy_out: list | None = None, lock=None,
+                       root_parent: tuple | None = None) -> list:
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
@@ -681,7 +684,10 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         for p in tr.live:
             is_root = p is tr.root
             pst = proc.read_stat(p.pid)
-            parents[p.pid] = _open_parent(opts, p.pid, pst.start_time, tr.root.pid)
+            if is_root and root_parent is not None and root_parent[0] == pst.start_time:
+                parents[p.pid] = root_parent[1]       # read before the freeze
+            else:
+                parents[p.pid] = _open_parent(opts, p.pid, pst.start_time, tr.root.pid)
             want = parents[p.pid] is not None or (opts.track_mem and keeps_running)
             d, t = _collect(opts, p.frozen, table, opened, early if is_root else None,
                             want, pst.start_time)
