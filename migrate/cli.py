@@ -257,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="throttle the process's CPU while it dirties memory faster than "
                          "the link (20%%, then +10%% a round, up to 99%%)")
     rn.add_argument("--post-copy", choices=("off", "on", "auto"), default="off",
-                    help="post-copy (lazy pages) after pre-copy: not implemented yet")
+                    help="post-copy: resume on --dst at once, the pages dirtied since "
+                         "the last pre-copy round fetched from the frozen source as the "
+                         "process touches them (on), or only when pre-copy does not "
+                         "converge (auto); default off")
     rn.add_argument("--no-pre-copy", action="store_true",
                     help="no pre-copy rounds: one stop-and-copy")
     rn.add_argument("--tcp-established", action="store_true",

@@ -635,7 +635,7 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         local = None
         if os.path.exists(os.path.join(images_dir, "inventory.img")):
             local = S.LocalSource(images_dir)      # pre-copy pages, the eager ones
-            local.verify()
+            local.verify(whole=verify)
         src = S.RemoteSource(*remote, local=local)
 
     def ready() -> None:

@@ -397,7 +397,14 @@ class Agent:
         st["state"] = "restoring"
         logs = os.path.join(self.work_dir, "logs", m.id)
         fill = m.options.restore_fill
-        lazy = fill == "lazy" or (fill == "auto" and m.bytes_total >= mig.LAZY_FILL_MIN)
+        post = body.get("post_copy")
+        if post is not None and not (isinstance(post, dict) and
+                                     isinstance(post.get("address"), str) and
+                                     isinstance(post.get("port"), int) and
+                                     isinstance(post.get("session"), str)):
+            raise web.HTTPBadRequest(reason="post_copy: address, port and session")
+        lazy = post is not None or fill == "lazy" or (
+            fill == "auto" and m.bytes_total >= mig.LAZY_FILL_MIN)
         job = {"op": "restore", "images_dir": images, "network_lock": m.options.network_lock,
                "log": os.path.join(logs, "restore.log"), "lazy_pages": lazy,
                "level": logging.DEBUG}
@@ -405,6 +412,11 @@ class Agent:
             job["lazy"] = {"socket": os.path.join(logs, "lazy-pages.socket"),
                            "stats": os.path.join(logs, "fill.json"),
                            "log": os.path.join(logs, "lazy-pages.log")}
+            if post is not None:
+                # post-copy: what the image left lazy comes from the source
+                t = self.tls
+                job["lazy"]["remote"] = {**post, "tls": None if t is None else {
+                    "cacert": t.cacert, "cert": t.cert, "key": t.key, "cacrl": t.cacrl}}
         ip = body.get("address")
         if ip is not None:
             if not isinstance(ip, str) or not self.interface:
@@ -467,7 +479,8 @@ class Agent:
         # says finish (its agent may be gone by now).
         st["delete_after_fill"] = not m.options.keep_images
         if job.get("lazy_pages"):
-            m.fill = {"mode": "lazy", "daemon": res.get("lazy_daemon"), "done": False}
+            m.fill = {"mode": "post-copy" if job["lazy"].get("remote") else "lazy",
+                      "daemon": res.get("lazy_daemon"), "done": False}
             asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
         else:
             m.fill = {"mode": "eager", "done": True}
@@ -686,7 +699,7 @@ async def cancel_migration(request):
                                       "cancel it there")
     if m.done:
         raise web.HTTPConflict(reason=f"migration {m.id} is already {m.status}")
-    if m.phase in ("resume", "cleanup"):
+    if m.phase in ("resume", "post-copy", "cleanup"):
         raise web.HTTPConflict(reason=f"migration {m.id}: the process already runs on "
                                       f"{m.dst}")
     m.cancel_requested = True

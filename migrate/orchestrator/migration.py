@@ -33,7 +33,8 @@ LAZY_FILL_MIN = 32 << 20
 RESTORE_TIMEOUT_S = 120.0       # the destination's restore answers within this
 HEARTBEAT_S = 5.0               # the destination aborts after 30 s without one        # restore_fill auto: lazy for images at least this big
 ACTIVE, COMPLETED, FAILED, CANCELLED = "active", "completed", "failed", "cancelled"
-PHASES = ("setup", "prepare", "pre-copy", "stop", "restore", "resume", "cleanup")
+PHASES = ("setup", "prepare", "pre-copy", "stop", "restore", "resume", "post-copy",
+          "cleanup")
 
 
 class MigrationFailed(errors.MigrateError):
@@ -86,8 +87,6 @@ class Options:
             raise ValueError("max_bandwidth must be a positive number of bytes/s")
         if o.post_copy not in ("off", "on", "auto"):
             raise ValueError("post_copy must be off, on or auto")
-        if o.post_copy != "off":
-            raise ValueError("post-copy migration is not implemented yet (post_copy off)")
         if o.restore_fill not in ("auto", "lazy", "eager"):
             raise ValueError("restore_fill must be auto, lazy or eager")
         if not (isinstance(o.streams, int) and 1 <= o.streams <= 8):
@@ -220,6 +219,7 @@ class Coordinator:
         self.throttle = None
         self.dst_prepared = False
         self.address_moved = False
+        self.post_copy = m.options.post_copy == "on"
 
     def _log(self, name: str) -> str:
         return os.path.join(self.logs, name)
@@ -313,8 +313,11 @@ class Coordinator:
             return None
         m.set_phase("pre-copy")
         from migrate.orchestrator import policy as pol
+        # --post-copy on: one pass over memory (the bulk), then post-copy, as
+        # QEMU's post-copy is usually started after the first pass
+        rounds = min(o.max_rounds, 1) if o.post_copy == "on" else o.max_rounds
         policy = pol.Policy(pol.PolicyConfig(
-            downtime_limit=o.downtime_limit, max_rounds=o.max_rounds,
+            downtime_limit=o.downtime_limit, max_rounds=rounds,
             auto_converge=o.auto_converge, post_copy=o.post_copy,
             max_bandwidth=o.max_bandwidth, stop_cost=self.agent.stop_cost))
         prev = None
@@ -356,6 +359,8 @@ class Coordinator:
                 await self._throttle(d.throttle)
             self._check_cancel()
             if d.action != "continue":
+                if d.action == "post-copy":
+                    self.post_copy = True
                 return prev
 
     async def _throttle(self, percent: int) -> None:
@@ -376,7 +381,7 @@ class Coordinator:
             "prev": f"../{prev}" if prev else None, "sink": self._sink(f"{m.id}/final"),
             "log": self._log("final.log"), "tcp_established": o.tcp_established,
             "network_lock": o.network_lock, "unlock_after": o.tcp_established,
-            "level": logging.DEBUG})
+            "level": logging.DEBUG, "post_copy": self._post_copy_job()})
         msg = await self.worker.recv()
         if msg.get("event") != "frozen":
             # The dump failed before it could commit: the tree runs on here.
@@ -386,6 +391,9 @@ class Coordinator:
         m.bytes_transferred += msg["bytes"]
         m.stop_stats = {"dump_seconds": msg["seconds"], "frozen_for_dump": msg["frozen_for"],
                         "pages": msg["stats"]["pages_written"], "bytes": msg["bytes"]}
+        lazy = msg.get("lazy")
+        if lazy:
+            m.stop_stats["lazy_pages"] = lazy["pages"]
         m.event("frozen", **m.stop_stats)
         try:
             self._check_cancel()
@@ -395,7 +403,11 @@ class Coordinator:
             t_r = time.monotonic()
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
                                      {"session": f"{m.id}/final",
-                                      "address": o.move_address}, phase="restore",
+                                      "address": o.move_address,
+                                      "post_copy": None if not lazy else {
+                                          "address": self.agent.cfg.address,
+                                          "port": lazy["port"],
+                                          "session": f"{m.id}/final"}}, phase="restore",
                                      timeout=RESTORE_TIMEOUT_S)
             if not r.get("ok"):
                 raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
@@ -441,6 +453,16 @@ class Coordinator:
         m.set_phase("resume")
         m.event("running", host=m.dst, pid=m.restored_pid, downtime=m.downtime)
         self.agent.fault("src-resumed")
+        if lazy:
+            # Post-copy: our frozen tree serves what is left until the
+            # destination has it all; then it is killed.
+            m.set_phase("post-copy")
+            ev = await self.worker.recv()
+            m.stop_stats["post_copy_seconds"] = ev.get("seconds")
+            m.event("served", **{k: ev.get(k) for k in ("seconds", "rc", "error")})
+            if ev.get("rc") != 0:
+                log.error("migration %s: post-copy: the destination left before it had "
+                          "every page (%s)", m.id, ev.get("error") or f"rc {ev.get('rc')}")
         try:
             res = await self.worker.recv(120)
         except errors.MigrateError as e:
@@ -459,6 +481,14 @@ class Coordinator:
         m.total_time = None
         log.info("migration %s: pid %d runs on %s; downtime %.1f ms (stop %.1f s after "
                  "the start)", m.id, m.pid, m.dst, m.downtime * 1e3, t_stop - m._t0)
+
+    def _post_copy_job(self) -> dict | None:
+        if not self.post_copy:
+            return None
+        t = self.agent.tls
+        return {"address": self.agent.cfg.address, "session": f"{self.m.id}/final",
+                "tls": None if t is None else {"cacert": t.cacert, "cert": t.cert,
+                                               "key": t.key, "cacrl": t.cacrl}}
 
     async def _next_from_worker(self) -> dict:
         """The worker's next line; a cancel meanwhile is passed on to it

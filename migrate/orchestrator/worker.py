@@ -124,28 +124,47 @@ def dump(job: dict) -> dict:
     t0 = time.monotonic()
     answer: dict = {}
     frozen = [t0]
+    post = job.get("post_copy")
+    lazy: list = []
 
     def on_freeze() -> None:
         frozen[0] = time.monotonic()
 
     def before_release(stats) -> None:
+        server = None
+        if post:
+            server = _serve_lazy(job["pid"], lazy, post)
         now = time.monotonic()
         _out({"event": "frozen", "stats": dataclasses.asdict(stats),
-              "bytes": sink.bytes_sent, "seconds": now - t0, "frozen_for": now - frozen[0]})
+              "bytes": sink.bytes_sent, "seconds": now - t0, "frozen_for": now - frozen[0],
+              "lazy": None if server is None else {
+                  "port": server.bound_port, "pages": sum(e - s for s, e in lazy) // 4096}})
         msg = _in()
         answer.update(msg or {"action": "rollback", "reason": "the agent went away"})
         if answer.get("action") == "resume":
             # From here on this worker decides, even if its agent dies: the
             # tree is killed here only once the destination runs it.
             if not _resume_there(answer["resume"]):
+                if server is not None:
+                    server.stop("the destination did not resume")
                 raise Released(answer.get("reason") or "the destination did not resume")
+            if server is not None:
+                # Post-copy: the frozen tree is the page source until the
+                # destination has every page it left here.
+                t = time.monotonic()
+                server.thread.join()
+                _out({"event": "served", "seconds": time.monotonic() - t,
+                      "rc": server.rc, "error": server.error})
             return
+        if server is not None:
+            server.stop(answer.get("reason") or "rollback")
+            server.thread.join(10)
         if answer.get("action") != "kill":
             raise Released(answer.get("reason") or "rollback asked")
 
     opts = _options(job, tcp_established=job.get("tcp_established", False),
                     network_lock=job.get("network_lock"), before_release=before_release,
-                    on_freeze=on_freeze)
+                    on_freeze=on_freeze, leave_lazy=bool(post), lazy_out=lazy)
     try:
         st = _run_sink(run, opts, sink)
     except errors.MigrateError as e:
@@ -162,6 +181,40 @@ def dump(job: dict) -> dict:
             log.error("network unlock: %s", e)
             res["unlock_error"] = str(e)
     return res
+
+
+def _serve_lazy(pid: int, lazy: list, post: dict):
+    """Serve the root's lazy pages from the frozen tree (GETs of the
+    destination's lazy-pages daemon), in a thread of its own: returns the
+    server once it listens."""
+    import threading
+    from migrate.pageserver import lazyserve, tls
+    from migrate.source import lazy as srclazy
+    reader = srclazy.Keeper(pid, pid, lazy)        # the frozen root is its own keeper
+    ctx = None
+    if post.get("tls"):
+        t = post["tls"]
+        ctx = tls.server_context(t["cacert"], t["cert"], t["key"], t.get("cacrl"))
+    server = lazyserve.LazyServer(reader.read, post["session"], post["address"], 0, ctx)
+    server.rc, server.error = None, None
+    listening = threading.Event()
+
+    def run() -> None:
+        import asyncio
+        try:
+            server.rc = asyncio.run(server.run(on_listen=lambda port: listening.set(),
+                                               signals=False))
+        except Exception as e:     # noqa: BLE001 - reported in the "served" event
+            server.error = str(e)
+            log.exception("lazy pages server")
+        finally:
+            listening.set()
+    server.thread = threading.Thread(target=run, name="lazy-serve", daemon=True)
+    server.thread.start()
+    listening.wait(30)
+    if server.bound_port is None:
+        raise errors.DumpError(f"post-copy: cannot serve the lazy pages: {server.error}")
+    return server
 
 
 RESUME_TIMEOUT_S = 120.0
@@ -229,7 +282,8 @@ def _resume_there(r: dict) -> bool:
             time.sleep(ASK_EVERY_S)
 
 
-def _start_lazy_daemon(images: str, sock: str, stats_path: str, log_path: str) -> int:
+def _start_lazy_daemon(images: str, sock: str, stats_path: str, log_path: str,
+                       remote: dict | None = None) -> int:
     """Fork the lazy-pages daemon (everything is imported: it serves at
     once) with pages from the local image; return its pid once it listens.
     It outlives this worker (the host's init reaps it) and exits when every
@@ -251,9 +305,18 @@ def _start_lazy_daemon(images: str, sock: str, stats_path: str, log_path: str) -
                 with open(stats_path + ".tmp", "w") as f:
                     json.dump(d, f)
                 os.rename(stats_path + ".tmp", stats_path)
+            src = None
+            if remote:
+                from migrate.pageserver import tls
+                ctx = None
+                if remote.get("tls"):
+                    t = remote["tls"]
+                    ctx = tls.client_context(t["cacert"], t["cert"], t["key"],
+                                             t.get("cacrl"))
+                src = (remote["address"], remote["port"], remote["session"], ctx)
             # The page-server checked every range's checksum as it wrote it.
             rc = daemon.run(images, sock, status_fd=w, stats_out=save, verify=False,
-                            early=True)
+                            early=True, remote=src)
         except BaseException:        # noqa: BLE001 - the child must never return
             log.exception("lazy-pages daemon")
             rc = 1
@@ -276,7 +339,8 @@ def restore(job: dict) -> dict:
     daemon_pid = None
     if lazy:
         d = job["lazy"]
-        daemon_pid = _start_lazy_daemon(job["images_dir"], d["socket"], d["stats"], d["log"])
+        daemon_pid = _start_lazy_daemon(job["images_dir"], d["socket"], d["stats"], d["log"],
+                                        d.get("remote"))
     after_lock = None
     if job.get("address"):
         from migrate.orchestrator import address

@@ -93,6 +93,15 @@ class LazyServer:
         self.lanes = lanes
         self.opened = self.closed = 0
         self.done = asyncio.Event()
+        self.loop = None
+        self.bound_port = None
+        self.cancelled = None
+
+    def stop(self, why: str) -> None:
+        """From another thread: stop serving (a migration rolled back)."""
+        self.cancelled = why
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.done.set)
 
     async def _accept(self, reader, writer) -> None:
         self.opened += 1
@@ -103,7 +112,9 @@ class LazyServer:
             if self.closed >= self.lanes:
                 self.done.set()
 
-    async def run(self) -> int:
+    async def run(self, on_listen=None, signals: bool = True) -> int:
+        """Serve until the daemon's lanes are done.  ``on_listen(port)`` once
+        listening; ``signals``: SIGTERM/SIGINT stop it (main thread only)."""
         try:
             srv = await asyncio.start_server(self._accept, self.address, self.port,
                                              ssl=self.ssl, reuse_address=True,
@@ -112,14 +123,23 @@ class LazyServer:
             raise errors.MigrateError(f"lazy-pages: cannot listen on {self.address}:"
                                       f"{self.port}: {e.strerror or e}") from None
         loop = asyncio.get_running_loop()
+        self.loop = loop
         stopped = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: (stopped.append(s), self.done.set()))
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, lambda s=sig: (stopped.append(s),
+                                                            self.done.set()))
+        self.bound_port = srv.sockets[0].getsockname()[1]
+        if on_listen is not None:
+            on_listen(self.bound_port)
         log.info("lazy-pages: serving session %r on %s:%d (%s)", self.session, self.address,
                  srv.sockets[0].getsockname()[1], "TLS" if self.ssl else "plaintext")
         await self.done.wait()
         srv.close()
         await srv.wait_closed()
+        if self.cancelled:
+            log.info("lazy-pages: stopped (%s)", self.cancelled)
+            return 1
         if stopped:
             log.warning("lazy-pages: stopped by %s with the destination connected %d times",
                         signal.Signals(stopped[0]).name, self.opened)

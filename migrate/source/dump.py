@@ -69,6 +69,11 @@ class DumpOptions:
     # lock lifted: the destination failed, the source keeps the process.
     before_release: object = None
     on_freeze: object = None             # called right before the freeze (downtime starts)
+    # Post-copy migration: the root's lazy pages are left out of the image
+    # (PE_LAZY) like dump --lazy-pages, listed in ``lazy_out``; the caller
+    # serves them from the frozen tree (in ``before_release``).
+    leave_lazy: bool = False
+    lazy_out: list | None = None
 
     def inet_opts(self) -> dict:
         return {"tcp_established": self.tcp_established, "tcp_close": self.tcp_close,
@@ -404,7 +409,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     stats.freezing_us = _us(t0, t_frozen)
     opened = _Open()
     used: list = []
-    lazy_out: list = []
+    lazy_out: list = opts.lazy_out if opts.lazy_out is not None else []
     lock = None
     try:
         if opts.serve_lazy is not None and (opts.leave_running or opts.leave_stopped
@@ -727,7 +732,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
                 t.clear()       # the next round starts now
             lazy = []
-            if opts.serve_lazy is not None and d.pid == tr.root.pid:
+            if (opts.serve_lazy is not None or opts.leave_lazy) and d.pid == tr.root.pid:
                 runs, lazy = _leave_lazy(d, runs)
                 if lazy_out is not None:
                     lazy_out.extend(lazy)

@@ -103,6 +103,20 @@ def test_pre_copy_off_and_eager_fill(rig, logdir, workloads):
     nothing_left(rig)
 
 
+def test_post_copy(rig, logdir, workloads):
+    """--post-copy on: one pre-copy pass, then the process resumes on B and
+    the pages it dirtied since come from A's frozen copy as it touches them
+    (or by prefetch); and back with pure post-copy (no pre-copy)."""
+    w = start(rig, "A", logdir, workloads, "dirtier", "13")
+    rec = move(rig, w, "A", "B", "--post-copy", "on")
+    assert len(rec["rounds"]) == 1 and rec["stop"]["lazy_pages"] > 0, rec
+    assert rec["stop"]["post_copy_seconds"] is not None
+    rec = move(rig, w, "B", "A", "--post-copy", "on", "--no-pre-copy")
+    assert rec["rounds"] == [] and rec["stop"]["lazy_pages"] > 0, rec
+    w.assert_pass()
+    nothing_left(rig)
+
+
 def test_tcp_pair_moves_with_its_address(rig, logdir, workloads):
     """An echo server on A at a service address, a client on C streaming
     both ways: the server goes to B and back with its connections and its
