@@ -137,14 +137,14 @@ class RigWorkload:
         logf = open(self.log_path, "ab")
         if daemon:
             before = set(self._init_children())
-            subprocess.run(rig.exec_argv(host) + ["setsid", "-f"] + argv,
+            subprocess.run(rig.exec_argv(host, logdir) + ["setsid", "-f"] + argv,
                            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd=logdir,
                            check=True)
             logf.close()
             self.proc = None
             self.pid = self._find_daemon(before, argv[0])
             return
-        self.proc = subprocess.Popen(rig.exec_argv(host) + ["setsid"] + argv,
+        self.proc = subprocess.Popen(rig.exec_argv(host, logdir) + ["setsid"] + argv,
                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                      cwd=logdir)
         logf.close()
