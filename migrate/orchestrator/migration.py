@@ -138,7 +138,8 @@ class Migration:
         self.dirty_rate: float | None = None
         self.throughput: float | None = None
         self.rounds: list[Round] = []
-        self.throttle: int | None = None
+        self.throttle: int | None = None      # the CPU share taken now (auto-converge)
+        self.throttle_max: int | None = None  # the most it took
         self.error: dict | None = None
         self.events: list[dict] = []
         self.restored_pid: int | None = None
@@ -191,6 +192,7 @@ class Migration:
             "bytes_total": self.bytes_total, "bytes_transferred": self.bytes_transferred,
             "bytes_remaining": self.bytes_remaining, "dirty_rate": self.dirty_rate,
             "throughput": self.throughput, "throttle": self.throttle,
+            "throttle_max": self.throttle_max,
             "rounds": [r.as_dict() for r in self.rounds], "decision": self.decision,
             "error": self.error, "restored_pid": self.restored_pid,
             "stop": self.stop_stats, "fill": self.fill,
@@ -370,6 +372,7 @@ class Coordinator:
             self.throttle = throttle.Throttle(self.req["pids"])
         await loop.run_in_executor(None, self.throttle.apply, percent)
         self.m.throttle = percent
+        self.m.throttle_max = max(self.m.throttle_max or 0, percent)
         self.m.event("throttle", percent=percent)
 
     async def _stop_and_move(self, prev: str | None) -> None:

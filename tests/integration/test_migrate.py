@@ -138,6 +138,19 @@ def test_tcp_pair_moves_with_its_address(rig, logdir, workloads):
             rig.run(h, "ip", "addr", "del", f"{SERVICE_IP}/32", "dev", "eth0", check=False)
 
 
+def test_auto_converge(rig, logdir, workloads):
+    """A service dirtying faster than the (capped) link: pre-copy cannot
+    converge until --auto-converge throttles its CPU; it still ends with
+    every page right, and the throttle is gone afterwards."""
+    w = start(rig, "A", logdir, workloads, "memservice", "7400", "64", "200", daemon=True)
+    rec = move(rig, w, "A", "B", "--auto-converge", "--max-bandwidth", "24M",
+               "--max-rounds", "12")
+    assert (rec["throttle_max"] or 0) >= 20, rec
+    assert rec["throttle"] is None
+    w.assert_pass()
+    nothing_left(rig)
+
+
 def test_back_and_forth(rig, logdir, workloads):
     """CYCLES migrations in a row (20 in `make test`), nothing lost."""
     w = start(rig, "A", logdir, workloads, "dirtier", "5")
@@ -295,6 +308,38 @@ def test_link_cut_during_pre_copy(rig, logdir, workloads):
     finally:
         t.join()
     _failed(rig, w, rc, rec)
+    w.assert_pass()
+    rig.wait_agent("B")
+    end = time.monotonic() + 30
+    while rig.incoming_left("B") and time.monotonic() < end:
+        time.sleep(0.5)
+    nothing_left(rig)
+
+
+def test_link_cut_during_the_stop(rig, logdir, workloads):
+    """The cable pulled while the last dump streams (no pre-copy: the stop
+    copies everything): the dump times out, the tree is thawed on A as it
+    was; B drops what it had."""
+    w = start(rig, "A", logdir, workloads, "memhog", "256")
+    sw = f"{rig.env['MIGRATE_RIG_PREFIX']}-sw"
+    link = f"{rig.env['MIGRATE_RIG_PREFIX']}-B"
+    import subprocess
+    import threading
+
+    def cut():
+        time.sleep(0.8)
+        subprocess.run(["ip", "-n", sw, "link", "set", link, "down"], check=True)
+        time.sleep(20)
+        subprocess.run(["ip", "-n", sw, "link", "set", link, "up"], check=True)
+    t = threading.Thread(target=cut)
+    t.start()
+    try:
+        rc, rec = rig.migrate("A", "B", w.pid, "--no-pre-copy", "--max-bandwidth", "64M",
+                              timeout=150)
+    finally:
+        t.join()
+    _failed(rig, w, rc, rec)
+    assert rec["error"]["phase"] in ("stop", "restore"), rec["error"]
     w.assert_pass()
     rig.wait_agent("B")
     end = time.monotonic() + 30
