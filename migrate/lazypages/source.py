@@ -260,6 +260,7 @@ class RemoteSource:
         # it, never fetched again: only the dump's PE_LAZY pages come by GET.
         self.local = local
         self._stored: dict[int, list[tuple[int, int]]] = {}
+        self._starts: dict[int, list[int]] = {}
 
     def split(self, pid: int, src: int, end: int
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -273,7 +274,12 @@ class RemoteSource:
             except errors.ImageError:
                 st = []
             self._stored[pid] = st
-        here = pagemap.intersect([(src, end)], st)
+            self._starts[pid] = [a for a, _ in st]
+        # bisect to the stored ranges around [src, end): the list is long
+        # (it has a hole at every page the dump left lazy)
+        i = max(bisect.bisect_right(self._starts[pid], src) - 1, 0)
+        j = bisect.bisect_left(self._starts[pid], end)
+        here = pagemap.intersect([(src, end)], st[i:j + 1])
         return here, pagemap.subtract([(src, end)], here)
 
     async def open(self) -> None:
