@@ -231,8 +231,8 @@ def _op(summary: str, listeners, responses: dict, body: dict | None = None,
 
 
 _BOTH = (CONTROL, STATUS)
-_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string",
-                                                                 "maxLength": 64}}
+_ID = {"name": "id", "in": "path", "required": True,
+       "schema": {"type": "string", "pattern": ID_PATTERN}}
 _RO_ERRORS = ("401",)
 
 OPENAPI: dict = {
@@ -409,6 +409,15 @@ def _operation(request) -> dict | None:
 @web.middleware
 async def _validate(request, handler):
     op = _operation(request)
+    # Parameters first: they end up in messages (an HTTP reason cannot hold
+    # CR or LF: aiohttp raises ValueError, a 500).
+    for p in (op or {}).get("parameters", ()):
+        src = request.match_info if p["in"] == "path" else request.query
+        if p["name"] in src:
+            try:
+                check(src[p["name"]], p["schema"], p["name"])
+            except Invalid as e:
+                raise web.HTTPBadRequest(reason=str(e)) from None
     body = (op or {}).get("requestBody")
     if body is not None:
         from migrate.orchestrator.agent import _body
@@ -417,12 +426,6 @@ async def _validate(request, handler):
             check(data, body["content"]["application/json"]["schema"])
         except Invalid as e:
             raise web.HTTPBadRequest(reason=str(e)) from None
-    for p in (op or {}).get("parameters", ()):
-        if p["in"] == "query" and p["name"] in request.query:
-            try:
-                check(request.query[p["name"]], p["schema"], p["name"])
-            except Invalid as e:
-                raise web.HTTPBadRequest(reason=str(e)) from None
     return await handler(request)
 
 
