@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -202,7 +203,20 @@ def test_dashboard_shows_a_migration_live(rig, tmp_path, workloads):
     try:
         line = p.stdout.readline().strip()
         assert line == "LOADED", (line, p.stderr.read() if p.poll() is not None else "")
-        rc, rec = rig.migrate("A", "B", w.pid)
+        # memhog rewrites 1% of its pages on each SIGUSR1: dirty pages per round
+        stop = threading.Event()
+
+        def dirty():
+            while not stop.is_set():
+                rig.run("A", "kill", "-USR1", str(w.pid), check=False)
+                time.sleep(0.1)
+        t = threading.Thread(target=dirty)
+        t.start()
+        try:
+            rc, rec = rig.migrate("A", "B", w.pid)
+        finally:
+            stop.set()
+            t.join()
         assert rc == 0, rec
         w.moved("B")
         out, err = p.communicate(timeout=120)

@@ -68,35 +68,47 @@ function renderTimeline(m) {
   }
 }
 
-function renderRounds(m) {
-  const svg = document.getElementById("rounds");
+// A bar chart in an <svg viewBox="0 0 400 150">: bars [{label, value, color, tip}].
+function bars(svg, items, empty) {
   const NS = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
-  const rounds = m.rounds.slice();
-  if (m.stop && m.stop.pages != null)
-    rounds.push({round: "stop", pages: m.stop.pages});
-  if (!rounds.length) {
+  if (!items.length) {
     const t = document.createElementNS(NS, "text");
-    t.setAttribute("x", 10); t.setAttribute("y", 20); t.textContent = "no pre-copy round";
+    t.setAttribute("x", 10); t.setAttribute("y", 20); t.textContent = empty;
     svg.appendChild(t); return;
   }
-  const max = Math.max(...rounds.map(r => r.pages), 1);
-  const w = 380 / rounds.length;
-  rounds.forEach((r, i) => {
-    const h = 120 * r.pages / max;
+  const max = Math.max(...items.map(b => b.value), 1e-9);
+  const w = 380 / items.length;
+  items.forEach((b, i) => {
+    const h = 115 * b.value / max;
     const rect = document.createElementNS(NS, "rect");
     rect.setAttribute("x", 10 + i * w + 2); rect.setAttribute("width", Math.max(w - 4, 1));
-    rect.setAttribute("y", 130 - h); rect.setAttribute("height", h);
-    rect.setAttribute("fill", r.round === "stop" ? COLORS.stop : COLORS["pre-copy"]);
+    rect.setAttribute("y", 130 - h); rect.setAttribute("height", Math.max(h, 0.5));
+    rect.setAttribute("fill", b.color);
     const title = document.createElementNS(NS, "title");
-    title.textContent = `round ${r.round}: ${r.pages} pages`;
+    title.textContent = b.tip;
     rect.appendChild(title);
     svg.appendChild(rect);
     const t = document.createElementNS(NS, "text");
     t.setAttribute("x", 10 + i * w + 2); t.setAttribute("y", 145);
-    t.textContent = String(r.round) + ": " + r.pages;
+    t.textContent = b.label;
     svg.appendChild(t);
   });
+}
+
+function renderRounds(m) {
+  const items = m.rounds.map(r => ({label: r.round + ": " + r.pages, value: r.pages,
+    color: COLORS["pre-copy"], tip: `round ${r.round}: ${r.pages} pages in ${sec(r.seconds)}`}));
+  if (m.stop && m.stop.pages != null)
+    items.push({label: "stop: " + m.stop.pages, value: m.stop.pages, color: COLORS.stop,
+                tip: `stop: ${m.stop.pages} pages while frozen`});
+  bars(document.getElementById("rounds"), items, "no pre-copy round");
+  const tp = m.rounds.filter(r => r.seconds > 0).map(r => {
+    const v = r.bytes / r.seconds / 1048576;
+    return {label: r.round + ": " + v.toFixed(0), value: v, color: "#6a8",
+            tip: `round ${r.round}: ${mib(r.bytes)} in ${sec(r.seconds)}`};
+  });
+  bars(document.getElementById("throughput"), tp, "no pre-copy round");
 }
 
 function renderDetail() {
