@@ -17,6 +17,9 @@ API (JSON; errors are {"error": message} with a 4xx/5xx status):
     POST /api/v1/incoming/{id}/address      add/del the moved service address
     POST /api/v1/incoming/{id}/abort        roll back: nothing of it left here
     POST /api/v1/incoming/{id}/finish       the migration is done: images go
+    GET  /api/v1/events, /api/v1/openapi.json, /metrics, /   (api.py)
+
+api.py also serves the GET ones on a read-only listener (status_port).
 """
 
 from __future__ import annotations

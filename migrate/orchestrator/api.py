@@ -50,6 +50,7 @@ DOWNTIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 CONTROL, STATUS = "control", "status"
+CLOSING = web.AppKey("closing", asyncio.Event)   # set when the app shuts down
 
 # --------------------------------------------------------------------------
 # the OpenAPI document
@@ -570,7 +571,7 @@ def _sse(kind: str, data: dict, seq: int) -> bytes:
 async def events(request):
     agent = request.app["agent"]
     want = request.query.get("migration")
-    closing: asyncio.Event = request.app["closing"]
+    closing: asyncio.Event = request.app[CLOSING]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
@@ -631,14 +632,14 @@ async def events(request):
 
 
 async def _closing(app) -> None:
-    app["closing"].set()
+    app[CLOSING].set()
 
 
 def add_routes(app: web.Application) -> None:
     """The control listener's app: the document's checks on request bodies,
     and the read-only routes (status ones are agent.py's)."""
     app.middlewares.append(_validate)
-    app["closing"] = asyncio.Event()
+    app[CLOSING] = asyncio.Event()
     app.on_shutdown.append(_closing)
     app.add_routes(ROUTES)
 
@@ -675,7 +676,7 @@ def status_app(agent) -> web.Application:
     mws.append(_validate)
     app = web.Application(client_max_size=agent_mod.MAX_BODY, middlewares=mws)
     app["agent"] = agent
-    app["closing"] = asyncio.Event()
+    app[CLOSING] = asyncio.Event()
     app.on_shutdown.append(_closing)
     handlers = {r.path: r.handler for r in list(agent_mod.ROUTES) + list(ROUTES)
                 if isinstance(r, web.RouteDef) and r.method == "GET"}

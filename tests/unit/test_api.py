@@ -267,3 +267,64 @@ def test_status_listener_needs_the_token_and_refuses_post():
         finally:
             await client.close()
     asyncio.run(go())
+
+
+def test_control_inputs_are_4xx_with_a_message(tmp_path):
+    from migrate.orchestrator import inventory as inv
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[hosts.B]\nagent = "http://127.0.0.1:1"\naddress = "127.0.0.1"\n')
+    cfg = inv.AgentConfig(path=str(tmp_path / "agent.toml"), name="A", address="127.0.0.1",
+                          port=1, page_server_port=2, work_dir=str(tmp_path / "work"),
+                          tls=None, inventory=str(hosts))
+
+    async def go():
+        a = agent_mod.Agent(cfg)
+        client = TestClient(TestServer(control_app(a)))
+        await client.start_server()
+        try:
+            async def post(path, **kw):
+                r = await client.post(path, **kw)
+                body = await r.json()
+                assert set(body) == {"error"} and body["error"], body
+                return r.status, body["error"]
+            st, msg = await post("/api/v1/migrations", json={"pid": 5, "dst": "Z"})
+            assert st == 400 and "unknown host 'Z'" in msg
+            st, msg = await post("/api/v1/migrations", json={"pid": 2**22 + 5, "dst": "B"})
+            assert st == 404 and "no process" in msg
+            st, msg = await post("/api/v1/migrations", json={"pid": 5, "dst": "A"})
+            assert st == 400 and "this host" in msg
+            st, msg = await post("/api/v1/migrations", data=b"{not json")
+            assert st == 400 and "not JSON" in msg
+            st, msg = await post("/api/v1/migrations", data=b"[1, 2]")
+            assert st == 400 and "object" in msg
+            st, msg = await post("/api/v1/migrations", data=b"x" * (agent_mod.MAX_BODY + 10))
+            assert st == 413
+            st, msg = await post("/api/v1/migrations/abc%0d%0a/cancel")
+            assert st == 400 and "id must match" in msg
+            st, msg = await post("/api/v1/migrations/abc/cancel")
+            assert st == 404 and "no migration abc" in msg
+            st, msg = await post("/api/v1/incoming/abc/explode", json={})
+            assert st == 400 and "action must be one of" in msg
+            st, msg = await post("/api/v1/incoming", json={"id": "a/b", "requirements": {}})
+            assert st == 400 and "id must match" in msg
+        finally:
+            await client.close()
+            await a.pool.close()
+    asyncio.run(go())
+
+
+def test_event_stream_keeps_alive(monkeypatch):
+    monkeypatch.setattr(api, "KEEPALIVE_S", 0.2)
+
+    async def go():
+        client = TestClient(TestServer(control_app(FakeAgent())))
+        await client.start_server()
+        try:
+            r = await client.get("/api/v1/events")
+            seen = b""
+            while b": keep-alive" not in seen:
+                seen += await asyncio.wait_for(r.content.readany(), 2)
+            r.close()
+        finally:
+            await client.close()
+    asyncio.run(go())
