@@ -67,7 +67,6 @@ _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _NNUM = _null(_NUM)
 _NINT = _null(_INT)
-_NSTR = _null(_STR)
 
 
 def _obj(props: dict, required=(), extra=False) -> dict:
@@ -304,15 +303,16 @@ OPENAPI: dict = {
             errors=_RO_ERRORS)},
         "/": {"get": _op(
             "the dashboard", _BOTH,
-            {"200": {"description": "HTML", "content": {"text/html": {
-                "schema": {"type": "string"}}}}}, errors=_RO_ERRORS)},
+            {"200": {"description": "HTML; open it with ?access_token=TOKEN when the "
+                                    "listener wants one", "content": {"text/html": {
+                "schema": {"type": "string"}}}}}, errors=())},
         "/dashboard/{file}": {"get": _op(
             "the dashboard's files", _BOTH,
             {"200": {"description": "a static file", "content": {"*/*": {
                 "schema": {"type": "string"}}}}},
             params=[{"name": "file", "in": "path", "required": True,
                      "schema": {"type": "string", "enum": list(DASHBOARD_FILES)}}],
-            errors=("401", "404"))},
+            errors=("404",))},
     },
     "components": {
         "schemas": {"Migration": MIGRATION, "RestartedMigration": RESTARTED,
@@ -651,11 +651,18 @@ READ_ONLY_PATHS = sorted(p for p, ops in OPENAPI["paths"].items()
                          for o in ops.values() if STATUS in o["x-listeners"])
 
 
+# The dashboard's files hold no data (its page passes ?access_token= on to
+# the API and the event stream): a browser loads them without the token.
+PUBLIC_PATHS = ("/",)
+
+
 def _token_middleware(token: str):
     want = f"Bearer {token}".encode()
 
     @web.middleware
     async def need_token(request, handler):
+        if request.path in PUBLIC_PATHS or request.path.startswith("/dashboard/"):
+            return await handler(request)
         got = request.headers.get("Authorization", "")
         if not got and "access_token" in request.query:
             got = "Bearer " + request.query["access_token"]

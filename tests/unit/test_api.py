@@ -257,8 +257,13 @@ def test_status_listener_needs_the_token_and_refuses_post():
             assert r.status == 200 and await r.json() == {"migrations": []}
             r = await client.get("/metrics?access_token=s3cret")
             assert r.status == 200
-            r = await client.get("/", headers=ok)
+            # the dashboard's files hold no data: no token needed
+            r = await client.get("/")
             assert r.status == 200 and "<html" in (await r.text()).lower()
+            r = await client.get("/dashboard/app.js")
+            assert r.status == 200 and "EventSource" in await r.text()
+            r = await client.get("/api/v1/openapi.json")
+            assert r.status == 401
             for path in ("/api/v1/migrations", "/api/v1/migrations/abc/cancel",
                          "/api/v1/incoming"):
                 r = await client.post(path, json={"pid": 5, "dst": "B"}, headers=ok)
