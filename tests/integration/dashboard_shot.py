@@ -5,6 +5,8 @@ screenshot.  Run inside a rig host (the status listener is on its
 what it saw as JSON to RESULT.
 
     dashboard_shot.py URL SCREENSHOT RESULT [TIMEOUT]
+
+TIMEOUT 0: only load it, see its stream open and its host named, and stop.
 """
 
 import json
@@ -36,6 +38,11 @@ try:
         page.wait_for_selector("#conn.live", timeout=20000)
         before = page.text_content("#d-id") or ""
         print("LOADED", flush=True)
+        page.wait_for_function("document.getElementById('host').textContent != ''",
+                               timeout=10000)
+        seen["host"] = page.text_content("#host")
+        if timeout <= 0:
+            seen["final_status"] = "live"
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             mid = page.text_content("#d-id") or ""
@@ -49,7 +56,7 @@ try:
                     seen["final_status"] = status
                     break
             time.sleep(0.05)
-        page.wait_for_timeout(300)        # the last render
+        page.wait_for_timeout(300 if timeout > 0 else 0)     # the last render
         seen["timeline"] = page.eval_on_selector_all(
             "#timeline-legend span", "els => els.map(e => e.textContent.split(' ')[0])")
         seen["rows"] = page.eval_on_selector_all("#migrations tbody tr", "els => els.length")

@@ -253,3 +253,12 @@ def test_status_token(rig):
     r = http(rig, "B", "GET", "/api/v1/migrations", token="t0ken")
     assert r["status"] == 200 and "migrations" in json.loads(r["text"])
     assert http(rig, "B", "GET", "/metrics?access_token=t0ken")["status"] == 200
+    if _chromium_ok():
+        # the dashboard with the token: its files load, its stream opens
+        result = os.path.join(rig.dir, "dash-token.json")
+        r = rig.run("B", sys.executable, DASHBOARD, STATUS + "/?access_token=t0ken",
+                    os.path.join(rig.dir, "dash-token.png"), result, "0", timeout=90,
+                    check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        with open(result) as f:
+            assert json.load(f)["host"] == "agent B"
