@@ -20,9 +20,18 @@
 #   INTERFACE=eth1     where --move-address puts service addresses (default:
 #                      the interface holding ADDRESS, else eth0)
 #   MIGRATE_SRC=DIR    the source tree to install (default: this checkout)
-#   ROOT=DIR           write the files under DIR instead of / (for tests)
-#   NO_APT=1 NO_PIP=1 NO_SYSTEMD=1   skip that step
-#   MIGRATE="cmd"      how to run migrate for `certs` (default: the venv's)
+#   ROOT=DIR           write the files under DIR instead of / (for tests; the
+#                      config then names them under DIR too)
+#   NO_APT=1 NO_PIP=1 NO_SYSTEMD=1   skip that step (NO_APT and NO_PIP are
+#                      implied when the packages, or the venv, are there)
+#   FORCE_APT=1 FORCE_PIP=1          do that step anyway
+#   MIGRATE="cmd"      how to run migrate (default: the venv's)
+#   STATUS_ADDRESS=127.0.0.1 STATUS_PORT=7444   the agent's read-only listener
+#                      (status, events, metrics, dashboard); STATUS_PORT=0: none
+#   STATUS_TOKEN=...   a bearer token that listener then requires
+#   START_AGENT=1      without systemd: start the agent in the background
+#                      (log $ROOT/var/log/migrate-agent.log, pid in
+#                      $ROOT/run/migrate-agent.pid) and wait for its health
 set -eu
 
 usage() { echo "usage: $0 NAME ADDRESS [CA_DIR]" >&2; exit 2; }
@@ -36,10 +45,13 @@ SRC=${MIGRATE_SRC:-$(cd "$(dirname "$0")/.." && pwd)}
 ROOT=${ROOT:-}
 VENV=/opt/migrate
 ETC=$ROOT/etc/migrate
-PKI=/etc/migrate/pki                 # as written in agent.toml
-WORK=/var/lib/migrate/work
+PKI=$ROOT/etc/migrate/pki            # as written in agent.toml
+WORK=$ROOT/var/lib/migrate/work
 PORT=7443
 PAGE_SERVER_PORT=27027
+STATUS_ADDRESS=${STATUS_ADDRESS:-127.0.0.1}
+STATUS_PORT=${STATUS_PORT:-7444}
+case $STATUS_PORT in *[!0-9]*|'') echo "$0: STATUS_PORT: a port number" >&2; exit 2;; esac
 
 if [ -z "${INTERFACE:-}" ]; then
     INTERFACE=$(ip -o -4 addr show 2>/dev/null | awk -v a="$ADDRESS" \
@@ -49,7 +61,13 @@ fi
 
 # 1. Debian packages: Python, a compiler for cffi and the test programs, the
 #    network lock (nftables, iptables), ip and nsenter.
-if [ -z "${NO_APT:-}" ]; then
+have_packages() {
+    for c in python3 gcc make nft iptables ip nsenter; do
+        command -v $c >/dev/null 2>&1 || return 1
+    done
+    python3 -c 'import venv, ensurepip' 2>/dev/null
+}
+if [ -z "${NO_APT:-}" ] && { [ -n "${FORCE_APT:-}" ] || ! have_packages; }; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q python3 python3-venv python3-pip gcc libc6-dev make \
@@ -59,7 +77,7 @@ fi
 # 2. The package, in a venv (Debian's Python refuses system-wide pip, PEP 668).
 #    The protobuf modules are generated first, as `make protos` does; cffi's
 #    module on the first import.
-if [ -z "${NO_PIP:-}" ]; then
+if [ -z "${NO_PIP:-}" ] && { [ -n "${FORCE_PIP:-}" ] || [ ! -x $VENV/bin/migrate ]; }; then
     python3 -m venv $VENV
     $VENV/bin/pip install -q --disable-pip-version-check grpcio-tools
     $VENV/bin/python -m grpc_tools.protoc -I"$SRC/migrate/images/proto" \
@@ -77,17 +95,26 @@ if [ -n "$CA_DIR" ]; then
     [ -f "$CA_DIR/$NAME/cert.pem" ] || $MIGRATE certs issue "$CA_DIR" "$NAME" --ip "$ADDRESS"
     [ -f "$CA_DIR/operator/cert.pem" ] || $MIGRATE certs issue "$CA_DIR" operator
     for h in "$NAME" operator; do
-        install -d -m 755 "$ROOT$PKI/$h"
-        install -d -m 700 "$ROOT$PKI/$h/private"
-        install -m 644 "$CA_DIR/$h/cert.pem" "$ROOT$PKI/$h/cert.pem"
-        install -m 600 "$CA_DIR/$h/private/key.pem" "$ROOT$PKI/$h/private/key.pem"
+        install -d -m 755 "$PKI/$h"
+        install -d -m 700 "$PKI/$h/private"
+        install -m 644 "$CA_DIR/$h/cert.pem" "$PKI/$h/cert.pem"
+        install -m 600 "$CA_DIR/$h/private/key.pem" "$PKI/$h/private/key.pem"
     done
-    install -m 644 "$CA_DIR/cacert.pem" "$ROOT$PKI/cacert.pem"
-    [ ! -f "$CA_DIR/cacrl.pem" ] || install -m 644 "$CA_DIR/cacrl.pem" "$ROOT$PKI/cacrl.pem"
+    install -m 644 "$CA_DIR/cacert.pem" "$PKI/cacert.pem"
+    [ ! -f "$CA_DIR/cacrl.pem" ] || install -m 644 "$CA_DIR/cacrl.pem" "$PKI/cacrl.pem"
 fi
 
 # 4. The agent's config (the rig writes the same format: deploy/rig/rig.py).
-install -d -m 755 "$ETC" "$ROOT$WORK"
+TOKEN_LINE=""
+if [ -n "${STATUS_TOKEN:-}" ]; then
+    case $STATUS_TOKEN in
+        *[!A-Za-z0-9._~+/=-]*) echo "$0: STATUS_TOKEN: letters, digits and ._~+/=- only" >&2
+                               exit 2;;
+    esac
+    TOKEN_LINE="status_token = \"$STATUS_TOKEN\""
+fi
+install -d -m 755 "$ETC" "$WORK"
+umask 077                            # agent.toml may hold the status token
 cat > "$ETC/agent.toml" <<EOF
 # Agent of host $NAME (deploy/provision.sh)
 name = "$NAME"
@@ -95,8 +122,11 @@ address = "$ADDRESS"
 port = $PORT
 page_server_port = $PAGE_SERVER_PORT
 work_dir = "$WORK"
-inventory = "/etc/migrate/hosts.toml"
+inventory = "$ETC/hosts.toml"
 interface = "$INTERFACE"
+status_address = "$STATUS_ADDRESS"
+status_port = $STATUS_PORT
+$TOKEN_LINE
 [tls]
 cacert = "$PKI/cacert.pem"
 cert = "$PKI/$NAME/cert.pem"
@@ -119,12 +149,35 @@ if [ -n "${HOSTS:-}" ]; then
             echo "page_server_port = $PAGE_SERVER_PORT"
         done
     } > "$ETC/hosts.toml"
+    chmod 644 "$ETC/hosts.toml"
 fi
+umask 022
 
 # 5. The unit, where systemd runs.
 if [ -z "${NO_SYSTEMD:-}" ] && [ -d /run/systemd/system ]; then
     install -m 644 "$SRC/deploy/migrate-agent.service" /etc/systemd/system/migrate-agent.service
     systemctl daemon-reload
     systemctl enable --now migrate-agent.service
+elif [ -n "${START_AGENT:-}" ]; then
+    install -d -m 755 "$ROOT/var/log" "$ROOT/run"
+    LOG=$ROOT/var/log/migrate-agent.log
+    nohup $MIGRATE agent --config "$ETC/agent.toml" >> "$LOG" 2>&1 < /dev/null &
+    echo $! > "$ROOT/run/migrate-agent.pid"
+    # up when its read-only listener (or, without one, its API port) answers
+    port=$PORT; addr=$ADDRESS
+    [ "$STATUS_PORT" = 0 ] || { port=$STATUS_PORT; addr=$STATUS_ADDRESS; }
+    i=0
+    until python3 -c "import socket,sys; socket.create_connection(('$addr', $port), 1)" \
+            2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -ge 100 ] || ! kill -0 "$(cat "$ROOT/run/migrate-agent.pid")" 2>/dev/null
+        then
+            echo "$0: the agent did not come up: $LOG:" >&2
+            tail -n 20 "$LOG" >&2
+            exit 1
+        fi
+        sleep 0.2
+    done
+    echo "$0: agent started (pid $(cat "$ROOT/run/migrate-agent.pid"), log $LOG)"
 fi
 echo "$0: $NAME ($ADDRESS on $INTERFACE): $ETC/agent.toml"

@@ -14,9 +14,15 @@ command -v nft >/dev/null 2>&1 || missing="$missing nftables"
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"
+# the dashboard test drives Debian's Chromium with Playwright (never
+# `playwright install`: tests/integration/test_api_rig.py)
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q $missing
 fi
+# The dependencies (prometheus-client among them) and the test ones: pytest,
+# hypothesis, schemathesis (the OpenAPI run), playwright (its Python driver
+# only), jsonschema: pyproject.toml.
 $PYTHON -m pip install -q --disable-pip-version-check -e '.[dev]'

@@ -17,6 +17,9 @@ API (JSON; errors are {"error": message} with a 4xx/5xx status):
     POST /api/v1/incoming/{id}/address      add/del the moved service address
     POST /api/v1/incoming/{id}/abort        roll back: nothing of it left here
     POST /api/v1/incoming/{id}/finish       the migration is done: images go
+    GET  /api/v1/events, /api/v1/openapi.json, /metrics, /   (api.py)
+
+api.py also serves the GET ones on a read-only listener (status_port).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from migrate import __version__, errors
+from migrate.orchestrator import api
 from migrate.orchestrator import inventory as inv
 from migrate.orchestrator import migration as mig
 from migrate.orchestrator.workers import Pool
@@ -135,6 +139,9 @@ class Agent:
         self.stopping = asyncio.Event()
         self._inventory: inv.Inventory | None = None
         self._tasks: set[asyncio.Task] = set()
+        # every migration's events, for the event streams (api.py)
+        self.listeners: set[asyncio.Queue] = set()
+        self.status_runner: web.AppRunner | None = None
 
     # -- peers -------------------------------------------------------------
     def inventory(self) -> inv.Inventory:
@@ -155,6 +162,13 @@ class Agent:
 
     def fault(self, point: str) -> None:
         fault(self, point)
+
+    def register(self, m: mig.Migration) -> None:
+        """A migration this agent takes part in: its events go to every
+        event stream (api.py)."""
+        m.listeners = self.listeners
+        self.migrations[m.id] = m
+        m.event("created", role=m.role, pid=m.pid, src=m.src, dst=m.dst)
 
     def _background(self, coro) -> None:
         t = asyncio.ensure_future(coro)
@@ -190,12 +204,14 @@ class Agent:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors_as_json])
         app["agent"] = self
         app.add_routes(ROUTES)
+        api.add_routes(app)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.cfg.address, self.cfg.port,
                            ssl_context=ssl_server, reuse_address=True)
         await site.start()
         self.pool._spawn()
+        await api.start_status(self)
         log.info("agent %s: API on %s://%s:%d, page-server on %d, work dir %s", self.name,
                  "https" if ssl_server else "http", self.cfg.address, self.cfg.port,
                  self.pageserver.port, self.work_dir)
@@ -233,6 +249,7 @@ class Agent:
         log.info("agent %s: stopping", self.name)
         if self.runner is not None:
             await self.runner.shutdown()
+        await api.stop_status(self)
         active = [m.task for m in self.migrations.values() if m.task and not m.task.done()]
         if active:
             _, pending = await asyncio.wait(active, timeout=SHUTDOWN_TIMEOUT_S)
@@ -284,7 +301,7 @@ class Agent:
         if not os.path.exists(f"/proc/{pid}"):
             raise web.HTTPNotFound(reason=f"no process {pid} on {self.name}")
         m = mig.Migration("source", pid, self.name, dst, opts)
-        self.migrations[m.id] = m
+        self.register(m)
         m.task = asyncio.ensure_future(mig.Coordinator(self, m).run())
         return m
 
@@ -317,8 +334,8 @@ class Agent:
         m = mig.Migration("destination", int(body.get("pid", 0)), str(body.get("src")),
                           self.name, opts, mid=mid)
         m.bytes_total = int(req.get("rss", 0))
+        self.register(m)
         m.set_phase("prepare")
-        self.migrations[mid] = m
         self.incoming[mid] = {"state": "prepared" if not problems else "refused",
                               "pids": list(req.get("pids", [])), "address": None,
                               "restored": None, "worker": None, "lock": asyncio.Lock(),

@@ -22,6 +22,9 @@ An agent's config (`migrate agent --config FILE`)::
     work_dir = "/var/lib/migrate"
     inventory = "/etc/migrate/hosts.toml"   # to find the other agents
     interface = "eth0"        # where --move-address puts a service address
+    status_address = "127.0.0.1"   # the read-only listener (api.py); port 0: none
+    status_port = 7444
+    status_token = "..."      # optional: then required there as a bearer token
     [tls]
     cacert = ...; cert = ...; key = ...; cacrl = ... (optional)
 """
@@ -39,6 +42,7 @@ from migrate import errors
 DEFAULT_INVENTORY = "/etc/migrate/hosts.toml"
 DEFAULT_PORT = 7443
 DEFAULT_PS_PORT = 27027
+DEFAULT_STATUS_PORT = 7444
 
 
 class ConfigError(errors.MigrateError):
@@ -97,6 +101,12 @@ class AgentConfig:
     tls: TLS | None
     inventory: str | None = None
     interface: str | None = None
+    # the read-only listener (status, events, metrics, dashboard): plaintext,
+    # on localhost by default; port 0 turns it off; a token, when set, is
+    # required there as "Authorization: Bearer TOKEN"
+    status_address: str = "127.0.0.1"
+    status_port: int = DEFAULT_STATUS_PORT
+    status_token: str | None = None
 
 
 def _load(path: str) -> dict:
@@ -172,4 +182,14 @@ def load_agent_config(path: str) -> AgentConfig:
         page_server_port=_port(path, doc, "page_server_port", "top level", DEFAULT_PS_PORT),
         work_dir=_str(path, doc, "work_dir", "top level", "/var/lib/migrate"),
         tls=_tls(path, doc), inventory=doc.get("inventory"),
-        interface=doc.get("interface"))
+        interface=doc.get("interface"),
+        status_address=_str(path, doc, "status_address", "top level", "127.0.0.1"),
+        status_port=_status_port(path, doc),
+        status_token=_str(path, doc, "status_token", "top level") if "status_token" in doc
+        else None)
+
+
+def _status_port(path: str, doc: dict) -> int:
+    if doc.get("status_port") == 0:
+        return 0
+    return _port(path, doc, "status_port", "top level", DEFAULT_STATUS_PORT)

@@ -149,13 +149,22 @@ class Migration:
         self.decision: str | None = None
         self.stop_stats: dict = {}
         self.fill: dict | None = None    # destination: the background fill's figures
+        # the timeline: each phase entered, when (epoch s) and for how long
+        self.phases: list[dict] = []
 
     def set_phase(self, phase: str) -> None:
         if phase == "pre-copy" and self.setup_time is None:
             self.setup_time = time.monotonic() - self._t0
         self.phase = phase
+        self._close_phase()
+        self.phases.append({"phase": phase, "start": time.time(), "duration": None,
+                            "_t": time.monotonic()})
         self.event("phase", phase=phase)
         log.info("migration %s: %s", self.id, phase)
+
+    def _close_phase(self) -> None:
+        if self.phases and self.phases[-1]["duration"] is None:
+            self.phases[-1]["duration"] = time.monotonic() - self.phases[-1]["_t"]
 
     def event(self, kind: str, **data) -> None:
         ev = {"type": kind, "id": self.id, "time": time.time(), **data}
@@ -170,6 +179,7 @@ class Migration:
         self.status = status
         self.ended = time.time()
         self.total_time = time.monotonic() - self._t0
+        self._close_phase()
         if error is not None:
             self.error = {"phase": error.phase, "message": error.message}
         self.event("status", status=status, error=self.error)
@@ -197,6 +207,15 @@ class Migration:
             "error": self.error, "restored_pid": self.restored_pid,
             "stop": self.stop_stats, "fill": self.fill,
             "options": dataclasses.asdict(self.options),
+            "phases": [{k: v for k, v in p.items() if k != "_t"} for p in self.phases],
+            # QEMU query-migrate's names for what the fields above hold
+            "dirty_pages_rate": None if self.dirty_rate is None else self.dirty_rate / PAGE,
+            "precopy_bytes": sum(r.bytes for r in self.rounds),
+            "downtime_bytes": self.stop_stats.get("bytes"),
+            "postcopy_faults": (self.fill or {}).get("pages_fault"),
+            "postcopy_prefetched": (self.fill or {}).get("pages_prefetch"),
+            "postcopy_blocktime": None if not (self.fill or {}).get("blocktime_total_us")
+            else self.fill["blocktime_total_us"] / 1e6,
         }
 
 

@@ -17,7 +17,9 @@ BIN = os.path.join(REPO, "tests", "programs", "bin")
 sys.path.insert(0, RIG_DIR)
 import rig  # noqa: E402
 
-PREFIX = "migmt"            # never the rig a human brought up (migrig)
+# never the rig a human brought up (migrig); set it to run these tests next to
+# another checkout's (two runs with one prefix take each other's rig down)
+PREFIX = os.environ.get("MIGRATE_TEST_RIG_PREFIX", "migmt")
 
 
 def available() -> bool:
