@@ -133,6 +133,8 @@ MIGRATION_PROPS = {
     "dirty_pages_rate": {"type": ["number", "null"], "description": "pages/s"},
     "throughput": {"type": ["number", "null"], "description": "bytes/s"},
     "throttle": {"type": ["integer", "null"], "description": "percent of CPU taken"},
+    "throttle_max": {"type": ["integer", "null"],
+                     "description": "the most auto-converge took (percent of CPU)"},
     "rounds": {"type": "array", "items": ROUND},
     "decision": {"type": ["string", "null"], "description": "why pre-copy ended"},
     "error": ERROR_FIELD,
