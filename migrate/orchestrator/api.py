@@ -201,6 +201,10 @@ INCOMING_ACTION = _obj({
     "lock_session": _null(_SESSION),
     "reason": {"type": ["string", "null"], "maxLength": 4096},
     "keep_images": _BOOL,
+    "post_copy": _null(_obj({
+        "address": {"type": "string", "maxLength": 64},
+        "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "session": _SESSION}, required=("address", "port", "session"))),
 })
 
 

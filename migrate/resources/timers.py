@@ -93,14 +93,34 @@ def check(pid: int, tids: list[int]) -> list[proc.PosixTimer]:
     return found
 
 
-def dump(ctl: TaskCtl, core, tids: list[int]) -> None:
+def remaining(ctl: TaskCtl, ids) -> dict[int, int]:
+    """Each timer's time left (ns, 0: disarmed), as timer_gettime says."""
+    out = {}
+    for i in ids:
+        ctl.call(sysno.timer_gettime, i, ctl.scratch, what=f"timer_gettime({i})")
+        _, _, vsec, vnsec = ITIMERSPEC.unpack(ctl.get(ITIMERSPEC.size))
+        out[i] = vsec * NSEC + vnsec
+    return out
+
+
+def expired_between(before: dict[int, int], after: dict[int, int]) -> list[int]:
+    """Timers that expired between two ``remaining`` reads: a periodic one
+    was reloaded (more time left than before), a one-shot one disarmed."""
+    return [i for i, v in before.items()
+            if v and (after.get(i, 0) > v or after.get(i, 0) == 0)]
+
+
+def dump(ctl: TaskCtl, core, tids: list[int]) -> dict[int, int]:
     """Fill ``core.posix_timers`` and ``core.dump_realtime_ns``; remote
-    timer_gettime/timer_getoverrun in the frozen task (they change nothing)."""
+    timer_gettime/timer_getoverrun in the frozen task (they change nothing).
+    Returns each timer's time left as read (``remaining``'s form)."""
     core.dump_realtime_ns = now_realtime_ns()
+    raw = {}
     for t in check(ctl.pid, tids):
         ctl.call(sysno.timer_gettime, t.id, ctl.scratch, what=f"timer_gettime({t.id})")
         isec, insec, vsec, vnsec = ITIMERSPEC.unpack(ctl.get(ITIMERSPEC.size))
         value = vsec * NSEC + vnsec
+        raw[t.id] = value
         if value and t.clockid in RUNNING_CLOCKS:
             # Read after dump_realtime_ns: count the time since, or the
             # restored timer would fire early by it (never fire early).
@@ -114,6 +134,7 @@ def dump(ctl: TaskCtl, core, tids: list[int]) -> None:
                               overrun=overrun)
     if core.posix_timers:
         log.debug("pid %d: %d posix timers", ctl.pid, len(core.posix_timers))
+    return raw
 
 
 def rearm(clockid: int, value_ns: int, elapsed: int) -> tuple[int, int]:

@@ -42,6 +42,7 @@ from migrate.source import tracker as trackers
 log = logging.getLogger(__name__)
 
 ALL_SIGNALS = (1 << 64) - 1
+TIMER_READS = 5          # timers and pending signals read again while a timer fires
 
 
 @dataclasses.dataclass
@@ -629,14 +630,26 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     core = task.dump_task(ctl, pid, status)
     core.sigactions.extend(signals.dump_sigactions(ctl, status))
     core.itimers.extend(signals.dump_itimers(ctl))
-    timers.dump(ctl, core, fr.tids)
     # Pending signals right after the timers: the timers run while the task
-    # is frozen, and a one-shot timer that expires between the two reads
-    # would otherwise be lost (shown disarmed, its signal not read).
-    shared_pending = signals.dump_pending(pid, shared=True,
-                                          drop_sigcont_from=os.getpid() if fr.stopped else None)
-    for t in threads:
-        t.pending.extend(signals.dump_pending(t.tid, shared=False))
+    # is frozen.  A timer that expires between the two reads would be lost
+    # (read first as disarmed, its signal not yet queued) or counted twice
+    # (its signal read, and the time left before it fired dumped too): the
+    # timers are read again after the signals, and the pair is read again
+    # until no timer expired in between.
+    for attempt in range(TIMER_READS):
+        del core.posix_timers[:]
+        before = timers.dump(ctl, core, fr.tids)
+        shared_pending = signals.dump_pending(
+            pid, shared=True, drop_sigcont_from=os.getpid() if fr.stopped else None)
+        for t in threads:
+            del t.pending[:]
+            t.pending.extend(signals.dump_pending(t.tid, shared=False))
+        if not before:
+            break
+        fired = timers.expired_between(before, timers.remaining(ctl, before))
+        if not fired:
+            break
+        log.debug("pid %d: posix timer(s) %s expired while being read: again", pid, fired)
     core.seccomp.extend(seccomp_state)
     brk = ctl.call(sysno.brk, 0)
     for t in threads:                   # per thread: its own altstack and tid address

@@ -264,17 +264,21 @@ def test_provision_files(tmp_path):
     etc = root / "etc" / "migrate"
     with open(etc / "agent.toml", "rb") as f:
         cfg = tomllib.load(f)
-    assert cfg == {"name": "B", "address": "192.168.56.12", "port": 7443,
-                   "page_server_port": 27027, "work_dir": "/var/lib/migrate/work",
-                   "inventory": "/etc/migrate/hosts.toml", "interface": "eth1",
-                   "tls": {"cacert": "/etc/migrate/pki/cacert.pem",
-                           "cert": "/etc/migrate/pki/B/cert.pem",
-                           "key": "/etc/migrate/pki/B/private/key.pem"}}
+    # (the paths in the files are under ROOT, where they are: ROOT is / on a host)
+    r = str(root)
+    assert {k: cfg[k] for k in ("name", "address", "port", "page_server_port", "work_dir",
+                                "inventory", "interface", "tls")} == {
+        "name": "B", "address": "192.168.56.12", "port": 7443,
+        "page_server_port": 27027, "work_dir": f"{r}/var/lib/migrate/work",
+        "inventory": f"{r}/etc/migrate/hosts.toml", "interface": "eth1",
+        "tls": {"cacert": f"{r}/etc/migrate/pki/cacert.pem",
+                "cert": f"{r}/etc/migrate/pki/B/cert.pem",
+                "key": f"{r}/etc/migrate/pki/B/private/key.pem"}}
     with open(etc / "hosts.toml", "rb") as f:
         inv = tomllib.load(f)
     assert inv["hosts"]["A"] == {"agent": "https://192.168.56.11:7443",
                                  "address": "192.168.56.11", "page_server_port": 27027}
-    assert inv["tls"]["cert"] == "/etc/migrate/pki/operator/cert.pem"
+    assert inv["tls"]["cert"] == f"{r}/etc/migrate/pki/operator/cert.pem"
     with open(etc / "pki" / "B" / "cert.pem", "rb") as f:
         san = x509.load_pem_x509_certificate(f.read()).extensions \
             .get_extension_for_class(x509.SubjectAlternativeName).value
