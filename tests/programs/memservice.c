@@ -56,11 +56,31 @@ static double now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+#define OUTMAX (1 << 20)
+
 struct client {
 	int fd;
 	unsigned char in[16];
 	size_t have;
+	unsigned char *out;     /* answers the client has not taken yet */
+	size_t outlen;
 };
+
+/* Send what is waiting; a full socket buffer (a client that reads late)
+ * keeps the rest for later, up to OUTMAX. */
+static void flush_out(struct client *c)
+{
+	while (c->outlen) {
+		ssize_t w = send(c->fd, c->out, c->outlen, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				return;
+			fail("client fd %d: send: %s", c->fd, strerror(errno));
+		}
+		memmove(c->out, c->out + w, c->outlen - (size_t)w);
+		c->outlen -= (size_t)w;
+	}
+}
 
 int main(int argc, char **argv)
 {
@@ -97,7 +117,8 @@ int main(int argc, char **argv)
 		int n = 0;
 		pfd[n++] = (struct pollfd){ .fd = lfd, .events = POLLIN };
 		for (int i = 0; i < ncl; i++)
-			pfd[n++] = (struct pollfd){ .fd = cl[i].fd, .events = POLLIN };
+			pfd[n++] = (struct pollfd){ .fd = cl[i].fd,
+						    .events = POLLIN | (cl[i].outlen ? POLLOUT : 0) };
 		if (poll(pfd, (nfds_t)n, 1) < 0 && errno != EINTR)
 			fail("poll: %s", strerror(errno));
 		/* Rewrite pages at the rate, whatever the clients do. */
@@ -117,7 +138,9 @@ int main(int argc, char **argv)
 			int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
 			if (fd >= 0 && ncl < MAXC) {
 				setsockopt(fd, IPPROTO_TCP, 1 /* TCP_NODELAY */, &one, sizeof(one));
-				cl[ncl++] = (struct client){ .fd = fd };
+				cl[ncl++] = (struct client){ .fd = fd, .out = malloc(OUTMAX) };
+				if (!cl[ncl - 1].out)
+					fail("malloc");
 				served++;
 			} else if (fd >= 0) {
 				close(fd);
@@ -125,6 +148,7 @@ int main(int argc, char **argv)
 		}
 		for (int i = 0; i < ncl; i++) {
 			struct client *c = &cl[i];
+			flush_out(c);
 			for (;;) {
 				ssize_t r = recv(c->fd, c->in + c->have, sizeof(c->in) - c->have, 0);
 				if (r < 0 && (errno == EAGAIN || errno == EINTR))
@@ -133,6 +157,7 @@ int main(int argc, char **argv)
 					fail("client fd %d: recv: %s", c->fd, strerror(errno));
 				if (r == 0) {
 					close(c->fd);
+					free(c->out);
 					cl[i--] = cl[--ncl];
 					break;
 				}
@@ -143,8 +168,12 @@ int main(int argc, char **argv)
 					memcpy(&page, c->in + 8, 8);
 					out[0] = seq;
 					out[1] = ledger[page % npages];
-					if (send(c->fd, out, sizeof(out), MSG_NOSIGNAL) != sizeof(out))
-						fail("client fd %d: send: %s", c->fd, strerror(errno));
+					if (c->outlen + sizeof(out) > OUTMAX)
+						fail("client fd %d: %zu bytes of answers not taken",
+						     c->fd, c->outlen);
+					memcpy(c->out + c->outlen, out, sizeof(out));
+					c->outlen += sizeof(out);
+					flush_out(c);
 					c->have = 0;
 					answered++;
 				}

@@ -66,10 +66,16 @@ int main(int argc, char **argv)
 			if (t_next < t)
 				t_next = t + interval;
 		}
-		int wait_ms = (int)((t_next - now()) * 1000);
+		/* ppoll: the wait is under a millisecond (poll's unit) */
+		double wait = t_next - now();
+		struct timespec to = { 0, 0 };
+		if (wait > 0) {
+			to.tv_sec = (time_t)wait;
+			to.tv_nsec = (long)((wait - (double)to.tv_sec) * 1e9);
+		}
 		struct pollfd p = { .fd = fd, .events = POLLIN };
-		if (poll(&p, 1, wait_ms > 0 ? wait_ms : 0) < 0 && errno != EINTR)
-			fail("poll: %s", strerror(errno));
+		if (ppoll(&p, 1, &to, NULL) < 0 && errno != EINTR)
+			fail("ppoll: %s", strerror(errno));
 		for (;;) {
 			ssize_t r = recv(fd, in + have, sizeof(in) - have, MSG_DONTWAIT);
 			if (r < 0 && (errno == EAGAIN || errno == EINTR))
