@@ -18,7 +18,6 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 
 from migrate import errors
 
@@ -76,13 +75,13 @@ def _netlink(op: str, a, iface: str) -> bool:
     return True
 
 
-_announcers: list[threading.Thread] = []
+_open: list[socket.socket] = []
 
 
 def add(ip: str, iface: str) -> None:
-    """Add ``ip`` on ``iface`` (already there: fine) and announce it (in a
-    thread: closing a packet socket waits for an RCU grace period, tens of
-    milliseconds of downtime otherwise; ``wait_announced`` before exit)."""
+    """Add ``ip`` on ``iface`` (already there: fine) and announce it
+    (``wait_announced`` closes the announcement's socket, after the
+    downtime)."""
     a = _parse(ip)
     if not _netlink("add", a, iface):
         try:
@@ -92,19 +91,20 @@ def add(ip: str, iface: str) -> None:
                 raise
     log.info("address %s added on %s", a, iface)
     if a.version == 4:
-        def send() -> None:
-            try:
-                announce(str(a), iface)
-            except OSError as e:
-                log.warning("gratuitous ARP for %s on %s: %s", a, iface, e)
-        t = threading.Thread(target=send, name="arp-announce", daemon=True)
-        t.start()
-        _announcers.append(t)
+        try:
+            # the socket stays open until wait_announced(): closing a packet
+            # socket waits an RCU grace period (tens of ms of downtime), and
+            # no thread may do it meanwhile (a restore clones processes that
+            # run on in Python: a lock another thread held stays held)
+            _open.append(announce(str(a), iface, keep_open=True))
+        except OSError as e:
+            log.warning("gratuitous ARP for %s on %s: %s", a, iface, e)
 
 
-def wait_announced(timeout: float = 5.0) -> None:
-    while _announcers:
-        _announcers.pop().join(timeout)
+def wait_announced() -> None:
+    """Close the announcements' sockets (off the downtime)."""
+    while _open:
+        _open.pop().close()
 
 
 def remove(ip: str, iface: str | None = None) -> bool:
@@ -137,8 +137,11 @@ def arp_announcement(ip: str, mac: bytes) -> bytes:
     return eth + arp
 
 
-def announce(ip: str, iface: str, count: int = ANNOUNCEMENTS) -> None:
-    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
+def announce(ip: str, iface: str, count: int = ANNOUNCEMENTS, keep_open: bool = False):
+    """Send ``count`` announcements of ``ip`` on ``iface``; with
+    ``keep_open``, return the socket for the caller to close later."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    try:
         s.bind((iface, ETH_P_ARP))
         # a bound packet socket's name carries the interface's hardware
         # address (man 7 packet: sockaddr_ll.sll_addr)
@@ -148,3 +151,16 @@ def announce(ip: str, iface: str, count: int = ANNOUNCEMENTS) -> None:
         frame = arp_announcement(ip, mac)
         for _ in range(count):
             s.send(frame)
+    except BaseException:
+        s.close()
+        raise
+    if keep_open:
+        return s
+    s.close()
+    return None
+
+
+def add_now(ip: str, iface: str) -> None:
+    """``add``, the announcement's socket closed at once (not in a downtime)."""
+    add(ip, iface)
+    wait_announced()

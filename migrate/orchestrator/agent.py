@@ -526,7 +526,7 @@ class Agent:
                     images = self._session_dir(m, lock)
                     await loop.run_in_executor(None, self._lock, images, m.options)
                     st["locked"] = images
-                await loop.run_in_executor(None, address.add, ip, self.interface)
+                await loop.run_in_executor(None, address.add_now, ip, self.interface)
                 st["address"] = ip
             else:
                 await loop.run_in_executor(None, address.remove, ip)

@@ -569,7 +569,7 @@ class Coordinator:
                 log.error("migration %s: address back from %s: %s", m.id, m.dst, e.message)
             try:
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, address.add, m.options.move_address,
+                await loop.run_in_executor(None, address.add_now, m.options.move_address,
                                            self.agent.interface)
             except (OSError, errors.MigrateError) as e:
                 log.error("migration %s: address back here: %s", m.id, e)
