@@ -97,6 +97,12 @@ int main(int argc, char **argv)
 				     (unsigned long long)seq);
 			got++;
 			t = now();
+			if (t_last && t - t_last > 0.05) {
+				/* every long wait, for a bench to pick its own */
+				snprintf(msg, sizeof(msg), "WAIT ms=%.1f at=%.3f\n",
+					 (t - t_last) * 1e3, t - t0);
+				test_msg(msg);
+			}
 			if (t_last && t - t_last > max_gap) {
 				max_gap = t - t_last;
 				t_max = t - t0;
