@@ -31,6 +31,7 @@ is SIGKILLed, that cannot be done.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import errno
 import json
@@ -57,6 +58,9 @@ REMOTE_BATCH = 512           # pages per prefetch GET (2 MiB)
 REMOTE_DEPTH = 4             # prefetch GETs in flight
 RETRY_S = 0.0005
 WATCH_S = 0.5
+
+
+LATENCY_BUCKETS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
 
 
 @dataclasses.dataclass
@@ -93,6 +97,9 @@ class Stats:
                 "blocktime_total_us": round(self.blocktime_total_us, 1),
                 "blocktime_max_us": round(self.blocktime_max_us, 1),
                 "fault_latency_p50_us": pct(0.50), "fault_latency_p99_us": pct(0.99),
+                # cumulative counts per bound (us), for a Prometheus histogram
+                "fault_latency_buckets_us": [[b, bisect.bisect_right(lat, b)]
+                                             for b in LATENCY_BUCKETS_US],
                 "all_in_s": round(self.all_in_s, 4),
                 "done_monotonic": self.done_monotonic}
 

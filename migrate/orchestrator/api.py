@@ -459,7 +459,7 @@ class RecordCollector:
 
     def collect(self):
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                            HistogramMetricFamily, SummaryMetricFamily)
+                                            HistogramMetricFamily)
         ms = list(self.agent.migrations.values())
         roles = ("source", "destination")
         info = GaugeMetricFamily("migrate_agent_info", "This agent", labels=["host",
@@ -507,10 +507,15 @@ class RecordCollector:
         yield h
         fills = [m.fill for m in ms if m.role == "destination" and m.fill
                  and m.fill.get("done") and "faults" in m.fill]
-        lat = SummaryMetricFamily("migrate_fault_latency_seconds", "Time restored "
-                                  "processes waited on a userfaultfd fault for a page "
-                                  "the background fill had not written yet", labels=[])
-        lat.add_metric([], sum(f.get("faults", 0) for f in fills),
+        lat = HistogramMetricFamily("migrate_fault_latency_seconds", "Time restored "
+                                    "processes waited on a userfaultfd fault for a page "
+                                    "the background fill had not written yet", labels=[])
+        counts: dict[float, int] = {}
+        for f in fills:
+            for b, n in f.get("fault_latency_buckets_us") or []:
+                counts[b] = counts.get(b, 0) + n
+        lat.add_metric([], [(str(b / 1e6), counts[b]) for b in sorted(counts)] +
+                       [("+Inf", sum(f.get("faults", 0) for f in fills))],
                        sum(f.get("blocktime_total_us", 0.0) for f in fills) / 1e6)
         yield lat
         last = GaugeMetricFamily("migrate_fault_latency_last_seconds", "The last fill's "

@@ -104,7 +104,8 @@ def a_migration(role="source"):
     if role == "destination":
         m.fill = {"mode": "lazy", "done": True, "pages_fault": 7, "pages_prefetch": 9000,
                   "faults": 7, "blocktime_total_us": 3500.0, "fault_latency_p50_us": 400.0,
-                  "fault_latency_p99_us": 900.0}
+                  "fault_latency_p99_us": 900.0,
+                  "fault_latency_buckets_us": [[250, 2], [500, 5], [1000, 7]]}
     m.set_phase("cleanup")
     m.finish(mig.COMPLETED)
     return m
@@ -190,6 +191,9 @@ def test_metrics_parse_and_count():
                  le="0.1") == 0
     assert value("migrate_downtime_seconds", "migrate_downtime_seconds_bucket",
                  le="0.25") == 1
+    assert fams["migrate_fault_latency_seconds"].type == "histogram"
+    assert value("migrate_fault_latency_seconds", "migrate_fault_latency_seconds_bucket",
+                 le="0.0005") == 5
     assert value("migrate_fault_latency_seconds", "migrate_fault_latency_seconds_count") == 7
     assert value("migrate_fault_latency_seconds", "migrate_fault_latency_seconds_sum") == \
         pytest.approx(0.0035)
