@@ -79,25 +79,13 @@ def run(only: str | None = None) -> list[Result]:
 
 # -- live migration: what the destination must have -------------------------
 
-def _tree(pid: int) -> list[int]:
-    from migrate.kernel import proc
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            todo.extend(proc.list_children(p))
-        except errors.NoSuchProcess:
-            pass
-    return sorted(out)
-
-
 def requirements(pid: int) -> dict:
     """What a destination needs to take ``pid``'s tree: its pids (free
     there), the files it has open or mapped (present there, as on shared
     storage), this host's CPU flags (a superset there), its memory size."""
     from migrate.kernel import proc
-    pids = _tree(pid)
+    from migrate.source import tree
+    pids = tree.pids(pid)
     files: set[str] = set()
     rss = 0
     threads = 0

@@ -394,7 +394,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     # and only check the layout once frozen.
     early = proc.read_smaps(pid) if parent is not None else None
     try:
-        _refuse_connections(opts, _tree_pids(pid))
+        _refuse_connections(opts, ptree.pids(pid))
     except BaseException:
         images.discard()
         raise
@@ -467,18 +467,6 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         finally:
             keeper.release()
     return stats
-
-
-def _tree_pids(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            todo.extend(proc.list_children(p))
-        except errors.NoSuchProcess:
-            pass
-    return out
 
 
 def _refuse_connections(opts: DumpOptions, pids: list[int]) -> None:

@@ -67,6 +67,20 @@ class Tree:
         return [p.entry() for p in self.procs]
 
 
+def pids(root: int) -> list[int]:
+    """``root`` and its descendants as they are now (zombies too; the tasks
+    run: one that comes or goes meanwhile is seen or not), sorted."""
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo.extend(proc.list_children(p))
+        except errors.NoSuchProcess:
+            pass
+    return sorted(out)
+
+
 def freeze_tree(root: int, whole: bool = True) -> Tree:
     """Freeze ``root`` and (``whole``) all its descendants."""
     procs: list[Proc] = []
