@@ -4,7 +4,6 @@ by a client."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 
@@ -75,8 +74,6 @@ def _value(i: int) -> bytes:
     return b"value-%d-%x" % (i, i * 2654435761 % (1 << 32))
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not "
-                    "installed (scripts/setup.sh installs it)")
 def test_redis_100k_keys(workdir, workloads):
     sock = os.path.join(workdir, "redis.sock")
     w = Workload(["redis-server", "--port", "0", "--unixsocket", sock, "--save", "",

@@ -10,7 +10,6 @@ a process in another mount namespace than its own).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -391,8 +390,6 @@ print("PASS", flush=True)
 '''
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not "
-                    "installed (scripts/setup.sh installs it)")
 def test_redis_keeps_its_tcp_client(net, workdir, workloads):
     """redis-server with a client connected over TCP (from another
     namespace) and a pipeline of requests in flight: dumped and restored
