@@ -255,3 +255,13 @@ class RigWorkload:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start(r: Rig, host: str, logdir, workloads: list, name: str, *args: str,
+          tag: str = "", daemon: bool = False) -> RigWorkload:
+    """A test program on ``host``, READY, listed in ``workloads`` (killed at
+    the end of the test)."""
+    w = RigWorkload.program(r, host, str(logdir), name, *args, tag=tag, daemon=daemon)
+    workloads.append(w)
+    w.wait_ready()
+    return w

@@ -17,7 +17,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.rigtest import REPO, Rig, RigWorkload, available
+from tests.integration.rigtest import REPO, Rig, RigWorkload, available, start
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs root, ip, nsenter, unshare")
 
@@ -36,21 +36,6 @@ def rig(tmp_path_factory):
     r.up()
     yield r
     r.down()
-
-
-@pytest.fixture
-def workloads():
-    ws = []
-    yield ws
-    for w in ws:
-        w.kill()
-
-
-def start(rig, host, logdir, workloads, name, *args):
-    w = RigWorkload.program(rig, host, str(logdir), name, *args)
-    workloads.append(w)
-    w.wait_ready()
-    return w
 
 
 _HTTP = r"""

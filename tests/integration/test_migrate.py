@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.integration.rigtest import Rig, RigWorkload, available
+from tests.integration.rigtest import Rig, RigWorkload, available, start
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs root, ip, nsenter, unshare")
 
@@ -30,21 +30,6 @@ def rig(tmp_path_factory):
 @pytest.fixture
 def logdir(tmp_path):
     return str(tmp_path)
-
-
-@pytest.fixture
-def workloads():
-    ws = []
-    yield ws
-    for w in ws:
-        w.kill()
-
-
-def start(rig, host, logdir, workloads, name, *args, tag="", daemon=False):
-    w = RigWorkload.program(rig, host, logdir, name, *args, tag=tag, daemon=daemon)
-    workloads.append(w)
-    w.wait_ready()
-    return w
 
 
 def move(rig, w, src, dst, *extra):
