@@ -17,7 +17,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.rigtest import REPO, Rig, RigWorkload, available, start
+from tests.integration.rigtest import REPO, Rig, available, start
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs root, ip, nsenter, unshare")
 
