@@ -123,10 +123,18 @@ def remove(ip: str, iface: str | None = None) -> bool:
 
 
 def _mac(iface: str) -> bytes:
-    out = json.loads(_ip(["-j", "link", "show", "dev", iface]) or "[]")
-    if not out or "address" not in out[0]:
-        raise AddressError(f"{iface}: no hardware address")
-    return bytes.fromhex(out[0]["address"].replace(":", ""))
+    try:
+        with open(f"/sys/class/net/{iface}/address") as f:
+            text = f.read().strip()
+    except OSError:
+        out = json.loads(_ip(["-j", "link", "show", "dev", iface]) or "[]")
+        if not out or "address" not in out[0]:
+            raise AddressError(f"{iface}: no hardware address") from None
+        text = out[0]["address"]
+    mac = bytes.fromhex(text.replace(":", ""))
+    if len(mac) != 6:
+        raise AddressError(f"{iface}: hardware address {text!r} is not Ethernet")
+    return mac
 
 
 def arp_announcement(ip: str, mac: bytes) -> bytes:
@@ -140,17 +148,15 @@ def arp_announcement(ip: str, mac: bytes) -> bytes:
 def announce(ip: str, iface: str, count: int = ANNOUNCEMENTS, keep_open: bool = False):
     """Send ``count`` announcements of ``ip`` on ``iface``; with
     ``keep_open``, return the socket for the caller to close later."""
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    # Protocol 0 and sendto(), no bind: a packet socket bound to a protocol
+    # hooks into every received frame, and re-binding or closing it waits an
+    # RCU grace period (~15 ms here, in the downtime); one that never
+    # receives has no hook (man 7 packet).
+    frame = arp_announcement(ip, _mac(iface))
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     try:
-        s.bind((iface, ETH_P_ARP))
-        # a bound packet socket's name carries the interface's hardware
-        # address (man 7 packet: sockaddr_ll.sll_addr)
-        mac = s.getsockname()[4][:6]
-        if len(mac) != 6:
-            mac = _mac(iface)
-        frame = arp_announcement(ip, mac)
         for _ in range(count):
-            s.send(frame)
+            s.sendto(frame, (iface, ETH_P_ARP))
     except BaseException:
         s.close()
         raise
