@@ -150,16 +150,27 @@ class LazyPages:
     # -- lifecycle -----------------------------------------------------------
     async def run(self, ready=None) -> int:
         self.loop = asyncio.get_running_loop()
-        if self.source.remote:
-            self.source.on_lost = self.fail
-            await self.source.open()
+        # Listening is all the restore needs to start: the connections to
+        # the source and the local index are made while it builds (its
+        # hand-over waits in our backlog), not before (post-copy downtime).
         self._listen()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._on_signal, sig)
         if ready is not None:
             ready()
+        work = []
+        if self.source.remote:
+            self.source.on_lost = self.fail
+            work.append(self.source.open())
         if self.prepare is not None:
-            await self.loop.run_in_executor(None, self.prepare)
+            work.append(self.loop.run_in_executor(None, self.prepare))
+        failed = [r for r in await asyncio.gather(*work, return_exceptions=True)
+                  if isinstance(r, BaseException)]
+        if failed:
+            self._close()
+            if self.source.remote:
+                await self.source.close()
+            raise failed[0]
         accept = asyncio.create_task(self._accept_loop())
         watch = asyncio.create_task(self._watch_children())
         pre = asyncio.create_task(self._prefetch_loop()) if self.prefetch_on else None
@@ -642,7 +653,12 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         local = None
         if os.path.exists(os.path.join(images_dir, "inventory.img")):
             local = S.LocalSource(images_dir)      # pre-copy pages, the eager ones
-            local.verify(whole=verify)
+
+            def prepare() -> None:
+                local.verify(whole=verify)
+            if not early:
+                prepare()
+                prepare = None
         src = S.RemoteSource(*remote, local=local)
 
     def ready() -> None:

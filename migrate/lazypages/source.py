@@ -283,8 +283,7 @@ class RemoteSource:
         return here, pagemap.subtract([(src, end)], here)
 
     async def open(self) -> None:
-        await self.fault.open()
-        await self.prefetch.open()
+        await asyncio.gather(self.fault.open(), self.prefetch.open())
         log.info("lazy-pages: page source %s (%s)", self.name,
                  "TLS" if self.ssl else "plaintext")
 
