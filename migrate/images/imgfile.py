@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 
 from migrate.errors import ImageError
 from migrate.images import _pb
+from migrate.images.pagemap import Entry
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ _SCHEMA = {
     ImageKind.PSTREE: (_pb.pstree_pb2.pstree_entry, _pb.pstree_pb2.pstree_entry),
     ImageKind.CORE: (_pb.core_pb2.task_core_entry, None),
     ImageKind.MM: (_pb.mm_pb2.mm_entry, None),
-    ImageKind.PAGEMAP: (_pb.pagemap_pb2.pagemap_head, _pb.pagemap_pb2.pagemap_entry),
+    ImageKind.PAGEMAP: (_pb.pagemap_pb2.pagemap_head, _pb.pagemap_pb2.pagemap_entries),
     ImageKind.FILES: (_pb.files_pb2.file_entry, _pb.files_pb2.file_entry),
     ImageKind.FDINFO: (_pb.files_pb2.fdinfo_entry, _pb.files_pb2.fdinfo_entry),
     ImageKind.FS: (_pb.files_pb2.fs_entry, None),
@@ -121,8 +122,46 @@ def parse_header(data: bytes, path: str, expect: ImageKind | None = None) -> Ima
     return k
 
 
+PAGEMAP_BATCH = 16384     # entries per pagemap record (<= ~350 KB)
+
+
+def _pack_pagemap(msgs) -> list:
+    """[head, entry, ...] -> [head, pagemap_entries, ...]: the entries (pb
+    messages or pagemap.Entry) packed by PAGEMAP_BATCH."""
+    msgs = list(msgs)
+    out = msgs[:1]
+    rest = msgs[1:]
+    for i in range(0, len(rest), PAGEMAP_BATCH):
+        part = rest[i:i + PAGEMAP_BATCH]
+        m = _pb.pagemap_pb2.pagemap_entries()
+        m.vaddr.extend([e.vaddr for e in part])
+        m.nr_pages.extend([e.nr_pages for e in part])
+        m.flags.extend([e.flags for e in part])
+        out.append(m)
+    return out
+
+
+def _unpack_pagemap(path: str, records: list) -> list:
+    """[head, pagemap_entries, ...] -> [head, pagemap.Entry, ...]."""
+    out = records[:1]
+    for i, m in enumerate(records[1:], 1):
+        v, n, f = list(m.vaddr), list(m.nr_pages), list(m.flags)
+        if not len(v) == len(n) == len(f):
+            if max(len(v), len(n), len(f)) > 1:
+                raise ImageError(path, None, f"pagemap record {i}: {len(v)} addresses, "
+                                             f"{len(n)} sizes and {len(f)} flags")
+            # one pagemap_entry: proto3 left its zero fields out
+            v, n, f = v or [0], n or [0], f or [0]
+        out.extend(map(Entry._make, zip(v, n, f)))
+        if len(out) > MAX_RECORDS:
+            raise ImageError(path, None, f"more than {MAX_RECORDS} pagemap entries")
+    return out
+
+
 def encode_records(kind: ImageKind, msgs) -> bytes:
     parts = [header(kind)]
+    if kind == ImageKind.PAGEMAP:
+        msgs = _pack_pagemap(msgs)
     for m in msgs:
         b = m.SerializeToString()
         if len(b) > MAX_RECORD:
@@ -164,6 +203,8 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
         off += RECLEN.size + n
     if not out and kind not in (ImageKind.FILES, ImageKind.FDINFO, ImageKind.PIPES):
         raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
+    if kind == ImageKind.PAGEMAP:
+        out = _unpack_pagemap(path, out)
     return kind, out
 
 
@@ -567,7 +608,9 @@ def decode_file(path: str, max_pages: int = 0) -> dict:
     except IsADirectoryError:
         raise ImageError(path, None, "is a directory") from None
     kind, msgs = decode_records(data, path)
-    entries = [json_format.MessageToDict(m, preserving_proto_field_name=True,
+    # pagemap entries (read packed): the fields of pagemap_entry
+    entries = [m._asdict() if isinstance(m, Entry) else
+               json_format.MessageToDict(m, preserving_proto_field_name=True,
                                          always_print_fields_with_no_presence=False)
                for m in msgs]
     return {"magic": kind.name, "file": os.path.basename(path), "entries": entries}

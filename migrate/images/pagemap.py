@@ -9,12 +9,22 @@ and says, for every image, which of its stored pages a restore needs.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from migrate.errors import ImageError
 
 PAGE = 4096
 PE_PRESENT, PE_IN_PARENT, PE_LAZY, PE_ZERO = 1, 2, 4, 8
 
 Range = tuple[int, int]   # [start, end) in bytes
+
+
+class Entry(NamedTuple):
+    """One pagemap entry as read from an image (the fields of pagemap_entry;
+    records hold them packed: see pagemap.proto)."""
+    vaddr: int
+    nr_pages: int
+    flags: int
 
 
 def normalize(ranges) -> list[Range]:
@@ -322,12 +332,21 @@ def overlay_within(chain: list, within: list[Range], names: list[str] | None = N
     return out
 
 
-def to_entries(ranges_flags: list[tuple[int, int, int]], entry_cls) -> list:
+def to_entries(ranges_flags: list[tuple[int, int, int]], entry_cls=Entry) -> list:
     """pagemap entries from (start, end, flags), merging neighbours with equal flags."""
-    out = []
+    starts: list[int] = []
+    ends: list[int] = []
+    flags: list[int] = []
+    last_end, last_fl = -1, None
     for s, e, fl in sorted(ranges_flags):
-        if out and out[-1].flags == fl and out[-1].vaddr + out[-1].nr_pages * PAGE == s:
-            out[-1].nr_pages += (e - s) // PAGE
+        if s == last_end and fl == last_fl:
+            ends[-1] = e
         else:
-            out.append(entry_cls(vaddr=s, nr_pages=(e - s) // PAGE, flags=fl))
-    return out
+            starts.append(s)
+            ends.append(e)
+            flags.append(fl)
+            last_fl = fl
+        last_end = e
+    return [entry_cls(s, (e - s) // PAGE, fl) if entry_cls is Entry
+            else entry_cls(vaddr=s, nr_pages=(e - s) // PAGE, flags=fl)
+            for s, e, fl in zip(starts, ends, flags)]

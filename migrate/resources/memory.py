@@ -27,7 +27,8 @@ import stat as stat_mod
 from migrate import errors
 from migrate.images import PE_PRESENT
 from migrate.images.imgfile import CHUNK_PAGES, chunk_digest, chunk_hasher
-from migrate.images._pb import mm_pb2, pagemap_pb2
+from migrate.images._pb import mm_pb2
+from migrate.images.pagemap import Entry
 from migrate.kernel import memory as kmem
 from migrate.kernel import syscalls, sysno
 from migrate.kernel.proc import Vma
@@ -344,8 +345,7 @@ def write_pages(pid: int, runs: list[PageRun], writer, tolerant: bool = False) -
     us is read through /proc/PID/mem, and a page that is gone is stored as
     zeros; it belongs to no VMA any more, so no later image refers to it.
     """
-    entries = [pagemap_pb2.pagemap_entry(vaddr=r.addr, nr_pages=r.nr_pages, flags=PE_PRESENT)
-               for r in runs]
+    entries = [Entry(r.addr, r.nr_pages, PE_PRESENT) for r in runs]
     bufs = _Buffers()
     streaming = hasattr(writer, "write_at")
 

@@ -212,7 +212,7 @@ def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
     flags += [(s, e, pm.PE_IN_PARENT) for s, e in in_parent]
     flags += [(s, e, pm.PE_LAZY) for s, e in lazy]
     # PRESENT entries must stay in page-file order (address order here).
-    entries = pm.to_entries(flags, pagemap_pb2.pagemap_entry)
+    entries = pm.to_entries(flags)
     images.write_image(f"pagemap-{pid}.img",
                        [pagemap_pb2.pagemap_head(pid=pid, nr_pages=pw.nr_pages),
                         *entries])
