@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import threading
+from typing import NamedTuple
 
 from migrate import errors
 from migrate.kernel._ffi import ffi, libc
@@ -26,9 +26,9 @@ PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PageRegion:
-    """struct page_region: [start, end) with the categories all its pages share."""
+class PageRegion(NamedTuple):
+    """struct page_region: [start, end) with the categories all its pages share.
+    (A tuple: a scan of scattered dirty pages returns tens of thousands.)"""
     start: int
     end: int
     categories: int
@@ -36,6 +36,10 @@ class PageRegion:
     @property
     def nr_pages(self) -> int:
         return (self.end - self.start) // PAGE_SIZE
+
+
+_REGION = ffi.sizeof("struct page_region")
+assert _REGION == 24
 
 
 class PagemapScanner:
@@ -89,9 +93,11 @@ class PagemapScanner:
             if n < 0:
                 raise errors.from_errno("ioctl(PAGEMAP_SCAN)", ffi.errno, self.pid,
                                         f"range {pos:#x}-{end:#x}")
-            v = self._vec
-            for i in range(n):
-                out.append(PageRegion(int(v[i].start), int(v[i].end), int(v[i].categories)))
+            if n > 0:
+                # struct page_region is three u64: read the array at once
+                words = memoryview(ffi.buffer(self._vec, n * _REGION)).cast("Q")
+                out.extend(map(PageRegion._make, zip(words[0::3], words[1::3],
+                                                     words[2::3])))
             walk_end = int(a.walk_end)
             if n:
                 # Seen on 6.18: walk_end short of regions this call returned.

@@ -403,7 +403,8 @@ class Coordinator:
             "prev": f"../{prev}" if prev else None, "sink": self._sink(f"{m.id}/final"),
             "log": self._log("final.log"), "tcp_established": o.tcp_established,
             "network_lock": o.network_lock, "unlock_after": o.tcp_established,
-            "level": logging.DEBUG, "post_copy": self._post_copy_job()})
+            "level": logging.DEBUG, "post_copy": self._post_copy_job(),
+            "resume": self._resume_job()})
         msg = await self.worker.recv()
         if msg.get("event") != "frozen":
             # The dump failed before it could commit: the tree runs on here.
@@ -444,12 +445,8 @@ class Coordinator:
         # resume on the process must run on exactly one host: our worker
         # asks the destination to release it and kills ours only once it
         # runs there; it goes on deciding even if this agent dies.
-        t = self.agent.tls
-        await self.worker.send({"op": "release", "action": "resume", "resume": {
-            "resume_url": f"{self.dst.agent}/api/v1/incoming/{m.id}/resume",
-            "status_url": f"{self.dst.agent}/api/v1/migrations/{m.id}",
-            "tls": None if t is None else {"cacert": t.cacert, "cert": t.cert,
-                                           "key": t.key, "cacrl": t.cacrl}}})
+        await self.worker.send({"op": "release", "action": "resume",
+                                "resume": self._resume_job()})
         while True:
             ev = await self._next_from_worker()
             if ev.get("event") == "undecided":
@@ -503,6 +500,16 @@ class Coordinator:
         m.total_time = None
         log.info("migration %s: pid %d runs on %s; downtime %.1f ms (stop %.1f s after "
                  "the start)", m.id, m.pid, m.dst, m.downtime * 1e3, t_stop - m._t0)
+
+    def _resume_job(self) -> dict:
+        """Where the worker asks the destination to release the tree (it
+        connects before the freeze, and asks at the resume)."""
+        t = self.agent.tls
+        m = self.m
+        return {"resume_url": f"{self.dst.agent}/api/v1/incoming/{m.id}/resume",
+                "status_url": f"{self.dst.agent}/api/v1/migrations/{m.id}",
+                "tls": None if t is None else {"cacert": t.cacert, "cert": t.cert,
+                                               "key": t.key, "cacrl": t.cacrl}}
 
     def _post_copy_job(self) -> dict | None:
         if not self.post_copy:

@@ -126,6 +126,7 @@ def dump(job: dict) -> dict:
     frozen = [t0]
     post = job.get("post_copy")
     lazy: list = []
+    peer = _open_peer(job.get("resume"))
 
     def on_freeze() -> None:
         frozen[0] = time.monotonic()
@@ -144,7 +145,7 @@ def dump(job: dict) -> dict:
         if answer.get("action") == "resume":
             # From here on this worker decides, even if its agent dies: the
             # tree is killed here only once the destination runs it.
-            if not _resume_there(answer["resume"]):
+            if not _resume_there(answer["resume"], peer):
                 if server is not None:
                     server.stop("the destination did not resume")
                 raise Released(answer.get("reason") or "the destination did not resume")
@@ -171,6 +172,9 @@ def dump(job: dict) -> dict:
         # The dump rolled back: the tree runs on here, lock lifted.
         return {"ok": False, "error": str(e), "running": True,
                 "released": bool(answer)}
+    finally:
+        if peer is not None:
+            peer.close()
     res = {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
     if job.get("unlock_after"):
         # Killed here, running there: our lock goes (the destination lifted
@@ -221,15 +225,83 @@ RESUME_TIMEOUT_S = 120.0
 ASK_EVERY_S = 2.0
 
 
+_contexts: dict = {}
+
+
+def _context(tls: dict | None):
+    """The client TLS context for these certificate paths (made once: loading
+    the certificates costs milliseconds, and the resume is in the downtime)."""
+    if not tls:
+        return None
+    key = (tls["cacert"], tls["cert"], tls["key"], tls.get("cacrl"))
+    ctx = _contexts.get(key)
+    if ctx is None:
+        from migrate.pageserver import tls as T
+        ctx = _contexts[key] = T.client_context(*key)
+    return ctx
+
+
+class _Peer:
+    """A connection to the destination's agent opened before the freeze, so
+    that the resume request, in the downtime, costs one round trip and no
+    TLS handshake.  Any trouble with it: the caller makes a new one."""
+
+    def __init__(self, url: str, tls: dict | None) -> None:
+        import http.client
+        import urllib.parse
+        u = urllib.parse.urlsplit(url)
+        self.netloc = u.netloc
+        if u.scheme == "https":
+            self.conn = http.client.HTTPSConnection(u.hostname, u.port or 443,
+                                                    context=_context(tls),
+                                                    timeout=RESUME_TIMEOUT_S)
+        else:
+            self.conn = http.client.HTTPConnection(u.hostname, u.port or 80,
+                                                   timeout=RESUME_TIMEOUT_S)
+        self.conn.connect()
+
+    def post(self, url: str, body: dict) -> dict:
+        import http.client
+        import urllib.parse
+        u = urllib.parse.urlsplit(url)
+        if u.netloc != self.netloc:
+            raise ConnectionError(f"{url}: not {self.netloc}")
+        try:
+            self.conn.request("POST", u.path, json.dumps(body).encode(),
+                              {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+            data = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ConnectionError(str(e) or type(e).__name__) from None
+        try:
+            out = json.loads(data or b"{}")
+        except ValueError as e:
+            raise ConnectionError(f"{url}: {e}") from None
+        if r.status >= 400:
+            return {"ok": False, "http": r.status, **out}
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _open_peer(resume: dict | None) -> _Peer | None:
+    if not resume:
+        return None
+    try:
+        return _Peer(resume["resume_url"], resume.get("tls"))
+    except (OSError, ValueError) as e:
+        log.info("no early connection to %s (%s): the resume makes its own",
+                 resume["resume_url"], e)
+        return None
+
+
 def _http(url: str, tls: dict | None, body: dict | None, timeout: float) -> dict:
     """One JSON request to an agent (urllib: this process has no loop)."""
     import ssl
     import urllib.error
     import urllib.request
-    ctx = None
-    if tls:
-        from migrate.pageserver import tls as T
-        ctx = T.client_context(tls["cacert"], tls["cert"], tls["key"], tls.get("cacrl"))
+    ctx = _context(tls)
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                  headers={"Content-Type": "application/json"})
@@ -245,7 +317,7 @@ def _http(url: str, tls: dict | None, body: dict | None, timeout: float) -> dict
         raise ConnectionError(str(e)) from None
 
 
-def _resume_there(r: dict) -> bool:
+def _resume_there(r: dict, peer: _Peer | None = None) -> bool:
     """Ask the destination to release the tree it built.  True once it runs
     there; False when it says it does not.  Unanswered: ask again until it
     answers (our tree stays frozen: running it here on a guess could run
@@ -253,7 +325,16 @@ def _resume_there(r: dict) -> bool:
     agent (``migrate cancel``) rolls back instead."""
     import select
     try:
-        res = _http(r["resume_url"], r.get("tls"), {}, RESUME_TIMEOUT_S)
+        res = None
+        if peer is not None:
+            try:
+                res = peer.post(r["resume_url"], {})
+            except ConnectionError as e:
+                # Closed while we dumped, or never answered: asking again is
+                # safe (a tree already released answers ok).
+                log.info("early connection to the destination: %s; a new one", e)
+        if res is None:
+            res = _http(r["resume_url"], r.get("tls"), {}, RESUME_TIMEOUT_S)
         _out({"event": "resumed" if res.get("ok") else "not-resumed", "result": res})
         return bool(res.get("ok"))
     except ConnectionError as e:
