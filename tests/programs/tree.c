@@ -168,7 +168,6 @@ int main(int argc, char **argv)
 	siginfo_t si;
 
 	test_init(argc, argv);
-	record(&ids);
 
 	shm = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	mfd_fd = memfd_create("tree-shared", 0);
@@ -269,6 +268,10 @@ int main(int argc, char **argv)
 	if (waitpid(T, &st, WUNTRACED) != T || !WIFSTOPPED(st))
 		fail("T did not stop");
 
+	/* R's own ids as the dump will see them: recorded last, not first
+	 * (started by `setsid -f`, R could see the short-lived setsid as its
+	 * parent before that one exited and left R to init) */
+	record(&ids);
 	test_ready();
 	test_waitsig();
 
