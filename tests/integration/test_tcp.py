@@ -475,3 +475,40 @@ time.sleep(120)
     assert f"{NET4.format(11, 1)}:" in p.stderr, p.stderr
     assert net.tables(c) == []
     assert alive(w.pid)
+
+
+def test_lock_by_nft_without_libnftables(net):
+    """Where libnftables.so.1 cannot be loaded the lock is set and lifted by
+    running `nft` (the same table); in-process otherwise (every other test)."""
+    c = net.ns("c")
+    prog = """
+import socket, sys
+from migrate.kernel import nftables
+nftables.LIBRARY = "libnftables-missing.so.1"
+from migrate.resources import netlock
+assert not nftables.available()
+conns = [netlock.Conn(socket.AF_INET, "10.231.12.1", 4000 + i, "10.231.12.2", 7000)
+         for i in range(3)] + [netlock.Conn(socket.AF_INET6, "fd00::1", 1, "fd00::2", 2)]
+lk = netlock.lock(4242, conns, None)
+assert lk.backend == "nftables"
+print("SET", netlock.exists(4242), flush=True)
+sys.stdin.readline()
+lk.unlock()
+print("LIFTED", netlock.exists(4242), flush=True)
+"""
+    p = subprocess.Popen(net.enter(c, [sys.executable, "-c", prog]), cwd=ROOT, env=ENV,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "SET ['nft table inet migrate-4242']"
+        listed = subprocess.run(net.enter(c, ["nft", "list", "table", "inet", "migrate-4242"]),
+                                capture_output=True, text=True, check=True).stdout
+        assert "10.231.12.2 . 7000 . 10.231.12.1 . 4001" in listed, listed
+        out, err = p.communicate("\n", timeout=30)
+        assert p.returncode == 0, err
+        assert out.strip() == "LIFTED []"
+        assert net.tables(c) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
