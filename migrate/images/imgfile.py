@@ -121,15 +121,25 @@ def parse_header(data: bytes, path: str, expect: ImageKind | None = None) -> Ima
     return k
 
 
-def encode_records(kind: ImageKind, msgs) -> bytes:
+def encode_parts(kind: ImageKind, msgs) -> tuple[list[bytes], int]:
+    """The file as a list of pieces (header, then length and record for
+    each message) and its size: written with writev, never joined (a
+    files.img of TCP queues is megabytes: a join is a copy into fresh
+    memory, a page fault every 4 KiB)."""
     parts = [header(kind)]
+    size = HEADER.size
     for m in msgs:
         b = m.SerializeToString()
         if len(b) > MAX_RECORD:
             raise ValueError(f"{kind.name} record of {len(b)} bytes exceeds {MAX_RECORD}")
         parts.append(RECLEN.pack(len(b)))
         parts.append(b)
-    return b"".join(parts)
+        size += RECLEN.size + len(b)
+    return parts, size
+
+
+def encode_records(kind: ImageKind, msgs) -> bytes:
+    return b"".join(encode_parts(kind, msgs)[0])
 
 
 def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
@@ -138,6 +148,11 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
     if kind == ImageKind.PAGES:
         raise ImageError(path, 0, "a pages file holds raw pages, not records")
     first_cls, rest_cls = _SCHEMA[kind]
+    with memoryview(data) as view:    # records parsed from slices of it, not copies
+        return kind, _decode(view, path, kind, first_cls, rest_cls)
+
+
+def _decode(data: memoryview, path: str, kind: ImageKind, first_cls, rest_cls) -> list:
     out = []
     off = HEADER.size
     while off < len(data):
@@ -164,7 +179,7 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
         off += RECLEN.size + n
     if not out and kind not in (ImageKind.FILES, ImageKind.FDINFO, ImageKind.PIPES):
         raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
-    return kind, out
+    return out
 
 
 def _hexdigest(data: bytes) -> str:
@@ -195,6 +210,7 @@ def chunk_hasher():
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+MAP_OVER = 1 << 20      # records images from this size on are mapped to be read
 
 
 class PagesWriter:
@@ -353,6 +369,26 @@ def fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+IOV_MAX = 1024      # man 2 writev
+
+
+def _writev_all(fd: int, parts) -> None:
+    """Write every piece, in order, IOV_MAX pieces per writev, short
+    writes resumed."""
+    views = [memoryview(p) for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:             # skip what was written
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = v[n:]
+                break
+
+
 # Decoded records images by (real path, size, checksum), once enabled: a
 # process that reads the same images again (a migration's destination
 # reads the pre-copy rounds' pagemaps as they arrive, and again at the
@@ -406,19 +442,21 @@ class ImageDir:
         kind = kind_of(name)
         if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
             raise ValueError(f"{name}: not a records image name")
-        data = encode_records(kind, msgs)
-        self.checksums[name] = (len(data), _hexdigest(data))
-        self._write_file(name, data)
+        parts, size = encode_parts(kind, msgs)
+        h = xxhash.xxh3_128()
+        for p in parts:
+            h.update(p)
+        self.checksums[name] = (size, h.hexdigest())
+        self._write_file(name, parts)
 
-    def _write_file(self, name: str, data: bytes) -> None:
+    def _write_file(self, name: str, data) -> None:
+        """Write ``data`` (bytes, or a list of pieces written in order)."""
         path = self._file(name)
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                _writev_all(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -511,21 +549,36 @@ class ImageDir:
     @staticmethod
     def _read_image(path: str, name: str, size: int, digest: str):
         try:
-            with open(path, "rb") as f:
-                data = f.read(size + 1)
+            f = open(path, "rb")
         except FileNotFoundError:
             raise ImageError(path, None, "missing (listed in inventory.img)") from None
-        if len(data) != size:
-            raise ImageError(path, min(len(data), size),
-                             f"size {len(data) if len(data) <= size else 'over ' + str(size)}, "
-                             f"the inventory says {size} (truncated or grown)")
-        got = _hexdigest(data)
-        if got != digest:
-            # Find the first bad record for a useful offset, else report the file.
-            decode_records(data, path, kind_of(name))
-            raise ImageError(path, None, f"checksum mismatch: xxh3-128 {got}, "
-                                         f"the inventory says {digest}")
-        return decode_records(data, path, kind_of(name))[1]
+        with f:
+            real = os.fstat(f.fileno()).st_size
+            if real != size:
+                raise ImageError(path, min(real, size),
+                                 f"size {real if real <= size else 'over ' + str(size)}, "
+                                 f"the inventory says {size} (truncated or grown)")
+            if size < MAP_OVER:
+                data = f.read(size)
+            else:
+                # Mapped, not read: no copy into fresh memory (the records
+                # are parsed straight from the page cache).
+                data = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED | _POPULATE,
+                                 mmap.PROT_READ)
+        try:
+            if len(data) != size:
+                raise ImageError(path, len(data), f"size {len(data)} while read, the "
+                                                  f"inventory says {size} (truncated)")
+            got = _hexdigest(data)
+            if got != digest:
+                # Find the first bad record for a useful offset, else report the file.
+                decode_records(data, path, kind_of(name))
+                raise ImageError(path, None, f"checksum mismatch: xxh3-128 {got}, "
+                                             f"the inventory says {digest}")
+            return decode_records(data, path, kind_of(name))[1]
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
 
     def read_one(self, name: str):
         return self.read_image(name)[0]

@@ -126,3 +126,60 @@ def test_pagemap_round_trip(entries):
     data = imgfile.encode_records(ImageKind.PAGEMAP, msgs)
     kind, out = imgfile.decode_records(data, "pagemap-1.img")
     assert kind == ImageKind.PAGEMAP and out == msgs
+
+
+def _big_files(tmp_path):
+    """A files.img over MAP_OVER (mapped to be read): TCP queues."""
+    from migrate.images._pb import files_pb2
+    d = ImageDir.create(str(tmp_path))
+    queues = [bytes([i]) * 65536 for i in range(24)]
+    fs = []
+    for i, q in enumerate(queues):
+        f = files_pb2.file_entry(id=i + 1, type=files_pb2.INET_SOCKET)
+        f.inet.tcp.inq = q
+        fs.append(f)
+    d.write_image("files.img", fs)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    assert os.path.getsize(os.path.join(str(tmp_path), "files.img")) > imgfile.MAP_OVER
+    return str(tmp_path), queues
+
+
+def test_big_records_image_round_trip(tmp_path):
+    path, queues = _big_files(tmp_path)
+    d = ImageDir.open(path)
+    assert [f.inet.tcp.inq for f in d.read_image("files.img")] == queues
+    with open(os.path.join(path, "files.img"), "rb") as f:
+        data = f.read()
+    assert d.checksums["files.img"] == (len(data), imgfile._hexdigest(data))
+
+
+def test_big_records_image_corrupt_byte(tmp_path):
+    path, _ = _big_files(tmp_path)
+    name = os.path.join(path, "files.img")
+    with open(name, "r+b") as f:
+        f.seek(imgfile.MAP_OVER)
+        b = f.read(1)
+        f.seek(imgfile.MAP_OVER)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        ImageDir.open(path).read_image("files.img")
+
+
+def test_writev_all_resumes_short_writes(monkeypatch):
+    """Every piece written once, in order, whatever writev takes each time."""
+    got = bytearray()
+
+    def short(fd, views):
+        take = min(sum(len(v) for v in views), 7)   # 7 bytes a call at most
+        out = 0
+        for v in views:
+            n = min(len(v), take - out)
+            got.extend(bytes(v[:n]))
+            out += n
+            if out == take:
+                break
+        return out
+    monkeypatch.setattr(imgfile.os, "writev", short)
+    parts = [b"head", b"", b"0123456789", b"x" * 30, b"tail"]
+    imgfile._writev_all(3, parts)
+    assert bytes(got) == b"".join(parts)
