@@ -391,6 +391,11 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
         except errors.NetworkLockError as e:
             log.error("%s: remove it by hand", e)
         stats.netunlock_us = lock.unset_us
+    if inets.steps["open"]:
+        phase = Phases(img.pid)
+        for name, sec in inets.steps.items():
+            phase.step(f"tcp {name}", sec, f"{len(conns)} connections")
+        phase.step("network unlock", stats.netunlock_us / 1e6)
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
     stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:

@@ -177,6 +177,7 @@ class FileTable:
             self.close()
 
     def close(self) -> None:
+        self.inet.close_pidfd()
         for fd in self._held:
             os.close(fd)
         self._held = []

@@ -706,6 +706,9 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         phase("pipe data and socket pairs")
         conns = table.inet.connections()
         stats.tcp_connections = len(conns)
+        if conns:
+            for name, sec in table.inet.steps.items():
+                phase.step(f"tcp {name}", sec, f"{len(conns)} connections")
         if conns and lock is None and opts.network_lock != "skip":
             raise errors.DumpError(f"{len(conns)} TCP connection(s) would be dumped "
                                    "without the network lock")
