@@ -77,21 +77,32 @@ def _free_kept() -> None:
         _kept = None
 
 
-def run(commands: str) -> Result:
-    """Run ``commands`` (nft(8) syntax, one per line) as `nft -f` would: in
-    one transaction, all or nothing.  The caller checks ``available()``."""
+def open_context() -> bool:
+    """Load the library and make the process's context now (a few ms the
+    first time), not in the first run(); False if that cannot be done."""
     global _ctx
     lib = _load()
     if lib is None:
-        raise RuntimeError(f"{LIBRARY} is not loaded")
+        return False
     if _ctx is None:
         ctx = lib.nft_ctx_new(NFT_CTX_DEFAULT)
         if ctx == ffi.NULL:
-            return Result(-1, "", "nft_ctx_new failed")
+            return False
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)
         _ctx = ctx
         atexit.register(_free)
+    return True
+
+
+def run(commands: str) -> Result:
+    """Run ``commands`` (nft(8) syntax, one per line) as `nft -f` would: in
+    one transaction, all or nothing.  The caller checks ``available()``."""
+    if _load() is None:
+        raise RuntimeError(f"{LIBRARY} is not loaded")
+    if not open_context():
+        return Result(-1, "", "nft_ctx_new failed")
+    lib = _lib
     rc = lib.nft_run_cmd_from_buffer(_ctx, commands.encode())
     # Each get returns what was written since the last one (libnftables(3)).
     return Result(rc, _text(lib.nft_ctx_get_output_buffer(_ctx)),

@@ -80,6 +80,16 @@ def choose(backend: str | None) -> str:
     return backend
 
 
+def prepare(backend: str | None) -> str:
+    """Before the freeze: the backend a lock would use (a clear error now if
+    there is none), and libnftables loaded with its context made, so that
+    setting the lock, once frozen, is only the command."""
+    kind = choose(backend)
+    if kind == "nftables":
+        nftables.open_context()
+    return kind
+
+
 def _run(argv: list[str], name: str, stdin: str | None = None,
          ok_missing: bool = False) -> bool:
     p = subprocess.run(argv, input=stdin, capture_output=True, text=True)

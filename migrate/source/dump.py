@@ -471,7 +471,10 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
 
 def _refuse_connections(opts: DumpOptions, pids: list[int]) -> None:
     """Before anything is touched: established TCP connections need
-    --tcp-established (or --tcp-close)."""
+    --tcp-established (or --tcp-close); with it, the lock's backend is
+    made ready (netlock.prepare) outside the frozen time."""
+    if opts.tcp_established and not opts.tcp_close:
+        netlock.prepare(opts.network_lock)
     if opts.tcp_established or opts.tcp_close:
         return
     conns = inet.tree_connections(pids)
