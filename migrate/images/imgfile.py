@@ -10,6 +10,8 @@ Layout of every file (DESIGN.md §2)::
 
 A pages file has the same 16-byte header padded with zeros to 4096 bytes, then
 raw 4 KiB pages in pagemap order, page aligned (mmap or O_DIRECT friendly).
+tcp-queues.img has the 16-byte header, then raw bytes (TCP queues, placed
+by offsets in files.img).
 Every file's size and xxh3-128 are listed in inventory.img, which is written
 last: a directory without a valid inventory is not an image.
 """
@@ -60,7 +62,10 @@ class ImageKind(enum.IntEnum):
     FS = 9
     STATS = 10
     PIPES = 11
+    QUEUES = 12
 
+
+RAW_KINDS = (ImageKind.PAGES, ImageKind.QUEUES)     # bytes, not records
 
 # kind -> (message class of the first record, of the following records)
 _SCHEMA = {
@@ -88,6 +93,7 @@ _NAMES = [
     (re.compile(r"fs-\d+\.img"), ImageKind.FS),
     (re.compile(r"stats-(dump|restore)\.img"), ImageKind.STATS),
     (re.compile(r"pipes\.img"), ImageKind.PIPES),
+    (re.compile(r"tcp-queues\.img"), ImageKind.QUEUES),
 ]
 
 
@@ -147,6 +153,8 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
     kind = parse_header(data, path, expect)
     if kind == ImageKind.PAGES:
         raise ImageError(path, 0, "a pages file holds raw pages, not records")
+    if kind == ImageKind.QUEUES:
+        raise ImageError(path, 0, "tcp-queues.img holds raw bytes, not records")
     first_cls, rest_cls = _SCHEMA[kind]
     with memoryview(data) as view:    # records parsed from slices of it, not copies
         return kind, _decode(view, path, kind, first_cls, rest_cls)
@@ -273,6 +281,51 @@ class PagesWriter:
             os.close(self.fd)
         except OSError:
             pass
+
+
+class RawWriter:
+    """Writes a raw image file (tcp-queues.img): its header, then bytes
+    appended in order, hashed as they go."""
+
+    def __init__(self, path: str, kind: ImageKind) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0           # bytes after the header
+        self._write(header(kind))
+        self.size = 0
+
+    def _write(self, view) -> None:
+        try:
+            _writev_all(self.fd, [view])
+        except OSError as e:
+            raise ImageError(self.path, HEADER.size + self.size,
+                             f"write failed: {os.strerror(e.errno)}") from e
+        self.hasher.update(view)
+        self.size += len(view)
+
+    def append(self, view) -> int:
+        """Write ``view`` (any buffer: written before this returns) at the
+        end; return its offset past the header."""
+        off = self.size
+        if len(view):
+            self._write(view)
+        return off
+
+    def close(self) -> tuple[int, str]:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        return HEADER.size + self.size, self.hasher.hexdigest()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class PagesReader:
@@ -440,7 +493,7 @@ class ImageDir:
 
     def write_image(self, name: str, msgs) -> None:
         kind = kind_of(name)
-        if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
+        if kind is None or kind in RAW_KINDS or kind == ImageKind.INVENTORY:
             raise ValueError(f"{name}: not a records image name")
         parts, size = encode_parts(kind, msgs)
         h = xxhash.xxh3_128()
@@ -473,6 +526,22 @@ class ImageDir:
 
     def add_pages(self, pid: int, writer: PagesWriter) -> None:
         self.checksums[f"pages-{pid}.img"] = writer.close()
+
+    def raw_writer(self, name: str) -> RawWriter:
+        """A raw image (tcp-queues.img) written as it goes; ``add_raw`` it
+        once complete (``abort`` it otherwise)."""
+        kind = kind_of(name)
+        if kind != ImageKind.QUEUES:
+            raise ValueError(f"{name}: not a raw image name")
+        path = self._file(name)
+        self._open_pages.append(name)
+        try:
+            return RawWriter(path, kind)
+        except OSError as e:
+            raise ImageError(path, None, f"cannot create: {os.strerror(e.errno)}") from e
+
+    def add_raw(self, name: str, writer: RawWriter) -> None:
+        self.checksums[name] = writer.close()
 
     def set_parent(self, rel: str) -> None:
         """Point ``parent`` at the previous image of a pre-dump chain."""
@@ -548,27 +617,10 @@ class ImageDir:
 
     @staticmethod
     def _read_image(path: str, name: str, size: int, digest: str):
+        # Mapped from MAP_OVER bytes on: the records are parsed straight
+        # from the page cache.
+        data = ImageDir._load(path, size)
         try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise ImageError(path, None, "missing (listed in inventory.img)") from None
-        with f:
-            real = os.fstat(f.fileno()).st_size
-            if real != size:
-                raise ImageError(path, min(real, size),
-                                 f"size {real if real <= size else 'over ' + str(size)}, "
-                                 f"the inventory says {size} (truncated or grown)")
-            if size < MAP_OVER:
-                data = f.read(size)
-            else:
-                # Mapped, not read: no copy into fresh memory (the records
-                # are parsed straight from the page cache).
-                data = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED | _POPULATE,
-                                 mmap.PROT_READ)
-        try:
-            if len(data) != size:
-                raise ImageError(path, len(data), f"size {len(data)} while read, the "
-                                                  f"inventory says {size} (truncated)")
             got = _hexdigest(data)
             if got != digest:
                 # Find the first bad record for a useful offset, else report the file.
@@ -582,6 +634,45 @@ class ImageDir:
 
     def read_one(self, name: str):
         return self.read_image(name)[0]
+
+    def read_raw(self, name: str) -> memoryview:
+        """The bytes of a raw image past its header, size and checksum
+        checked; a view of the file mapped (1 MiB or more) or read.  The
+        mapping goes when the last view of it does."""
+        path = self._file(name)
+        if name not in self.checksums:
+            raise ImageError(path, None, "not listed in inventory.img")
+        size, digest = self.checksums[name]
+        data = self._load(path, size)
+        if _hexdigest(data) != digest:
+            raise ImageError(path, None, f"checksum mismatch: xxh3-128 {_hexdigest(data)}, "
+                                         f"the inventory says {digest}")
+        parse_header(data[:HEADER.size], path, kind_of(name))
+        return memoryview(data)[HEADER.size:]
+
+    @staticmethod
+    def _load(path: str, size: int):
+        """The file's bytes, ``size`` of them or an ImageError: mapped from
+        MAP_OVER bytes on (no copy into fresh memory), read below."""
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ImageError(path, None, "missing (listed in inventory.img)") from None
+        with f:
+            real = os.fstat(f.fileno()).st_size
+            if real != size:
+                raise ImageError(path, min(real, size),
+                                 f"size {real if real <= size else 'over ' + str(size)}, "
+                                 f"the inventory says {size} (truncated or grown)")
+            if size < MAP_OVER:
+                data = f.read(size)
+            else:
+                data = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED | _POPULATE,
+                                 mmap.PROT_READ)
+        if len(data) != size:
+            raise ImageError(path, len(data), f"size {len(data)} while read, the "
+                                              f"inventory says {size} (truncated)")
+        return data
 
     def pages_reader(self, pid: int) -> PagesReader:
         name = f"pages-{pid}.img"
@@ -599,6 +690,8 @@ class ImageDir:
                     r.verify()
                 finally:
                     r.close()
+            elif kind_of(name) == ImageKind.QUEUES:
+                self.read_raw(name).release()
             else:
                 self.read_image(name)
 
@@ -613,6 +706,9 @@ def decode_file(path: str, max_pages: int = 0) -> dict:
                 size = os.fstat(f.fileno()).st_size
                 return {"magic": "PAGES", "file": os.path.basename(path),
                         "nr_pages": (size - PAGES_DATA_OFFSET) // PAGE_SIZE}
+            if kind == ImageKind.QUEUES:
+                return {"magic": "QUEUES", "file": os.path.basename(path),
+                        "bytes": os.fstat(f.fileno()).st_size - HEADER.size}
             f.seek(0)
             data = f.read()
     except FileNotFoundError:

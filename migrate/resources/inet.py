@@ -80,10 +80,15 @@ class Dumper:
     rollback() turns repair off (the program goes on)."""
 
     def __init__(self, tcp_established: bool = False, tcp_close: bool = False,
-                 skip_in_flight: bool = False) -> None:
+                 skip_in_flight: bool = False, sink=None) -> None:
         self.tcp_established = tcp_established
         self.tcp_close = tcp_close
         self.skip_in_flight = skip_in_flight
+        # The image sink: the queues go to its tcp-queues.img as they are
+        # read (without one, into the entries), through one reused buffer.
+        self.sink = sink
+        self.queues = None
+        self._buf = bytearray()
         self.repaired: list[tuple[socket.socket, object]] = []
         self._backlogs: dict[int, tuple[int, int]] | None = None
         self._pidfd: tuple[int, int] | None = None     # (pid, pidfd): one per process
@@ -201,7 +206,14 @@ class Dumper:
         t0 = time.perf_counter()
         tr.set_repair(s, tr.TCP_REPAIR_ON)
         try:
-            st = tcp.dump_stream(s, e.tcp)
+            lengths = None
+            if self.sink is not None:
+                lengths = tr.queue_lengths(s)
+                if len(self._buf) < lengths[0] + lengths[1]:
+                    self._buf = bytearray(max(lengths[0] + lengths[1], 2 * len(self._buf)))
+                if self.queues is None:
+                    self.queues = self.sink.raw_writer(tcp.QUEUES_IMG)
+            lengths = tcp.dump_stream(s, e.tcp, self.queues, self._buf, lengths)
         except BaseException:
             try:
                 _repair_off(s, e)      # before our copy is closed (dump's finally)
@@ -212,7 +224,7 @@ class Dumper:
         self.steps["repair state"] += time.perf_counter() - t0
         if log.isEnabledFor(logging.DEBUG):
             log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
-                      pid, fd, describe(e), len(st.inq), len(st.outq), st.unsq_len)
+                      pid, fd, describe(e), *lengths)
         return True
 
     def _udp(self, pid: int, fd: int, s: socket.socket, e) -> None:
@@ -226,9 +238,21 @@ class Dumper:
             log.warning("pid %d fd %d: %s: the datagrams queued on it are lost", pid, fd,
                         describe(e))
 
+    def write_queues(self) -> None:
+        """Every socket dumped: tcp-queues.img complete, listed by the sink."""
+        if self.queues is not None:
+            self.sink.add_raw(tcp.QUEUES_IMG, self.queues)
+            self.queues = None
+
+    def _abort_queues(self) -> None:
+        if self.queues is not None:
+            self.queues.abort()          # the sink's discard removes the file
+            self.queues = None
+
     def done(self) -> None:
         """The dump succeeded and the programs are killed: the connections
         stay in repair mode, so that closing them sends nothing."""
+        self._abort_queues()
         self.close_pidfd()
         for s, _ in self.repaired:
             s.close()
@@ -236,6 +260,7 @@ class Dumper:
 
     def rollback(self) -> None:
         """Repair off: the programs go on with their connections as before."""
+        self._abort_queues()
         self.close_pidfd()
         for s, e in self.repaired:
             try:
@@ -259,8 +284,9 @@ class Opener:
     Established connections are kept (our own fd of each) until finish()
     takes them out of repair mode, once every process is built."""
 
-    def __init__(self, tcp_close: bool = False) -> None:
+    def __init__(self, tcp_close: bool = False, queues: memoryview | None = None) -> None:
         self.tcp_close = tcp_close
+        self.queues = queues            # tcp-queues.img past its header (read_raw)
         # (our socket, inet_sk_entry, the send queue's bytes never sent)
         self.repaired: list[tuple[socket.socket, object, memoryview]] = []
         self.made: list[socket.socket] = []
@@ -311,7 +337,8 @@ class Opener:
                 s.listen(e.backlog)
             elif repair:
                 t0 = time.perf_counter()
-                self.repaired.append((s, e, tcp.restore_stream(s, e, e.tcp)))
+                inq, outq = tcp.queue_views(e.tcp, self.queues, describe(e))
+                self.repaired.append((s, e, tcp.restore_stream(s, e, e.tcp, inq, outq)))
                 self.steps["queues"] += time.perf_counter() - t0
             elif e.type == socket.SOCK_DGRAM and e.state == tr.TCP_ESTABLISHED:
                 s.connect((e.dst_addr, e.dst_port))

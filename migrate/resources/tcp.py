@@ -37,17 +37,33 @@ CHUNK = 64 << 10            # repair-mode sends, one skb each at most this big
 UNSENT_WAIT = 10.0          # seconds to push the unsent part after repair off
 
 
-def dump_stream(s: socket.socket, e) -> tr.RepairState:
+QUEUES_IMG = "tcp-queues.img"
+
+
+def dump_stream(s: socket.socket, e, queues=None, buf: bytearray | None = None,
+                lengths: tuple[int, int, int] | None = None) -> tuple:
     """Fill ``e`` (tcp_stream_entry) with the connection's repair state; ``s``
-    must be in repair mode already.  Returns what was read (its queues are
-    the bytes objects ``e`` copied: no need to read them back from ``e``)."""
-    st = tr.read_repair_state(s)
+    must be in repair mode already.  ``queues``: the tcp-queues.img writer
+    (``append(view) -> offset``) the queues go to, peeked into ``buf``
+    (reused from one connection to the next; at least as long as both
+    queues); without it they go into ``e``.  Returns (bytes to read, not
+    acknowledged, of which not sent: ``lengths`` if given, from
+    tr.queue_lengths)."""
+    lengths = lengths or tr.queue_lengths(s)
+    st = tr.read_repair_state(s, lengths, buf if queues is not None else None)
     info, w = st.info, st.window
     e.rcv_seq, e.snd_seq, e.unsq_len, e.mss = st.rcv_seq, st.snd_seq, st.unsq_len, st.mss
-    if st.inq:
-        e.inq = st.inq
-    if st.outq:
-        e.outq = st.outq
+    if queues is not None:
+        e.queues_off = queues.append(st.inq)
+        queues.append(st.outq)
+        e.inq_len, e.outq_len = lengths[0], lengths[1]
+        st.inq.release()
+        st.outq.release()
+    else:
+        if st.inq:
+            e.inq = st.inq
+        if st.outq:
+            e.outq = st.outq
     opts = info.tcpi_options
     e.sack = bool(opts & tr.TCPI_OPT_SACK)
     e.timestamps = bool(opts & tr.TCPI_OPT_TIMESTAMPS)
@@ -56,7 +72,22 @@ def dump_stream(s: socket.socket, e) -> tr.RepairState:
     e.timestamp = st.timestamp
     e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup = (
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
-    return st
+    return lengths
+
+
+def queue_views(e, queues: memoryview | None, what: str) -> tuple:
+    """(receive queue, send queue) of ``e``: views of tcp-queues.img (its
+    bytes past the header), bounds checked, or the entry's own bytes."""
+    if not (e.inq_len or e.outq_len):
+        return e.inq, e.outq
+    if queues is None:
+        raise errors.RestoreError(f"{what}: its queues are in {QUEUES_IMG}, which the "
+                                  "image does not list")
+    off, end = e.queues_off, e.queues_off + e.inq_len + e.outq_len
+    if end > len(queues):
+        raise errors.RestoreError(f"{what}: queues at [{off:#x}, {end:#x}) of {QUEUES_IMG}, "
+                                  f"which holds {len(queues):#x} bytes")
+    return queues[off:off + e.inq_len], queues[off + e.inq_len:end]
 
 
 def _fit(s: socket.socket, force: int, opt: int, queued: int, dumped: int) -> None:
@@ -84,12 +115,11 @@ def _send_repair(s: socket.socket, data, what: str) -> None:
         view = view[n:]
 
 
-def restore_stream(s: socket.socket, inet, e) -> memoryview:
+def restore_stream(s: socket.socket, inet, e, inq, outq) -> memoryview:
     """Make ``s`` (a fresh socket, in repair mode, bound) the connection
-    ``e`` (tcp_stream_entry) to inet.dst_addr:dst_port.  Returns the part of
-    the send queue never sent, for send_unsent (each read of a bytes field
-    of ``e`` is a copy: the queues are read once)."""
-    inq, outq = e.inq, e.outq
+    ``e`` (tcp_stream_entry) to inet.dst_addr:dst_port, its queues ``inq``
+    and ``outq`` (queue_views).  Returns the part of the send queue never
+    sent, for send_unsent."""
     sent = len(outq) - e.unsq_len
     tr.set_queue(s, tr.TCP_SEND_QUEUE)
     tr.set_queue_seq(s, e.snd_seq - len(outq))

@@ -685,7 +685,8 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
-    table = files.FileTable(opts.shell_job, opts.inet_opts())
+    # TCP queues go straight to the sink's tcp-queues.img as they are read
+    table = files.FileTable(opts.shell_job, {**opts.inet_opts(), "sink": images})
     dumps: list[_ProcDump] = []
     used: dict[int, object] = {}          # pid -> tracker
     parents: dict[int, Parent | None] = {}
@@ -754,6 +755,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             images.write_image(f"core-{d.pid}.img", [d.core])
             images.write_image(f"fdinfo-{d.pid}.img", d.fdinfos or [])
             images.write_image(f"fs-{d.pid}.img", [d.fs])
+        table.inet.write_queues()
         images.write_image("files.img", table.files or [])
         images.write_image("pipes.img", pipe_data or [])
         images.write_image("pstree.img", tr.entries())

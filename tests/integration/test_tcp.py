@@ -512,3 +512,40 @@ print("LIFTED", netlock.exists(4242), flush=True)
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_client_through_page_server(net, workdir, workloads):
+    """The queues cross to a page server (tcp-queues.img sent like any
+    image file, checked by the inventory there) and come back from it."""
+    c, s = net.ns("c"), net.ns("s")
+    net.link(c, s, 13)
+    server = start(net, s, workdir, workloads, "tcpecho", "7000")
+    client = start(net, c, workdir, workloads, "tcpstream", NET4.format(13, 2), "7000", "2")
+    _progress(client)
+    root = os.path.join(workdir, "srv")
+    r, w = os.pipe()
+    ps = subprocess.Popen(net.enter(c, [sys.executable, "-m", "migrate", "page-server", "-D",
+                                        root, "--address", "127.0.0.1", "--port", "7100",
+                                        "--no-tls", "--status-fd", str(w), "-v4", "-o",
+                                        os.path.join(workdir, "ps.log")]),
+                          cwd=ROOT, env=ENV, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"\0", ps.stderr.read()
+        os.close(r)
+        images = os.path.join(workdir, "img")
+        dump(net, c, client, images, "--tcp-established", "--page-server", "--address",
+             "127.0.0.1", "--port", "7100", "--no-tls")
+        assert ps.wait(60) == 0          # one session, then exit
+    finally:
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait()
+    assert os.path.getsize(os.path.join(root, "tcp-queues.img")) > 16
+    p = net.migrate(c, "show", root, "--verify")
+    assert p.returncode == 0, p.stderr
+    restore(net, c, client, root)
+    _progress(client)
+    client.assert_pass()
+    server.assert_pass()

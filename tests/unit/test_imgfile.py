@@ -183,3 +183,52 @@ def test_writev_all_resumes_short_writes(monkeypatch):
     parts = [b"head", b"", b"0123456789", b"x" * 30, b"tail"]
     imgfile._writev_all(3, parts)
     assert bytes(got) == b"".join(parts)
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 70000], [65536] * 20])    # read; mapped
+def test_raw_queues_round_trip(tmp_path, sizes):
+    d = ImageDir.create(str(tmp_path))
+    w = d.raw_writer("tcp-queues.img")
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    offs = [w.append(memoryview(c)) for c in chunks]
+    d.add_raw("tcp-queues.img", w)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    r = ImageDir.open(str(tmp_path))
+    view = r.read_raw("tcp-queues.img")
+    assert [bytes(view[o:o + len(c)]) for o, c in zip(offs, chunks)] == chunks
+    assert len(view) == sum(sizes)
+    r.verify_all()
+    assert decode_file(os.path.join(str(tmp_path), "tcp-queues.img")) == \
+        {"magic": "QUEUES", "file": "tcp-queues.img", "bytes": sum(sizes)}
+
+
+def test_raw_queues_corrupt_or_truncated(tmp_path):
+    d = ImageDir.create(str(tmp_path))
+    w = d.raw_writer("tcp-queues.img")
+    w.append(b"q" * 1000)
+    d.add_raw("tcp-queues.img", w)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    name = os.path.join(str(tmp_path), "tcp-queues.img")
+    with open(name, "r+b") as f:
+        f.seek(500)
+        f.write(b"Q")
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        ImageDir.open(str(tmp_path)).read_raw("tcp-queues.img")
+    os.truncate(name, 600)
+    with pytest.raises(ImageError, match="truncated"):
+        ImageDir.open(str(tmp_path)).read_raw("tcp-queues.img")
+    with pytest.raises(ImageError, match="raw bytes, not records"):
+        imgfile.decode_records(open(name, "rb").read(), name)
+
+
+def test_raw_queues_discarded_and_not_records(tmp_path):
+    d = ImageDir.create(str(tmp_path))
+    with pytest.raises(ValueError):
+        d.write_image("tcp-queues.img", [])
+    with pytest.raises(ValueError):
+        d.raw_writer("files.img")
+    w = d.raw_writer("tcp-queues.img")
+    w.append(b"x")
+    w.abort()
+    d.discard()
+    assert not os.path.exists(os.path.join(str(tmp_path), "tcp-queues.img"))
