@@ -447,7 +447,9 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             for t in used:
                 t.stop()
     else:
+        phase = Phases(pid)
         ptree.kill(tr)      # the holders, if any, exit with their tasks
+        phase("kill")
         if lock is not None:
             log.info("network lock %s stays until the restore lifts it", lock.name)
     t_end = time.perf_counter()
@@ -774,6 +776,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             table.inet.rollback()       # repair off: the programs go on
         else:
             table.inet.done()           # killed in repair mode: no FIN, no RST
+        phase("our socket copies closed")
     except BaseException:
         table.abort()
         for t in used.values():
