@@ -462,10 +462,13 @@ class ImageDir:
     ``write_image(name, msgs)``, ``pages_writer(pid)`` (an object with
     ``write_chunk(index, view) -> digest`` callable from several threads,
     ``account(nr_pages, digest)`` in chunk order, ``close() -> (size, digest)``
-    and ``abort()``), ``add_pages(pid, writer)``, ``set_parent(rel)`` (the
-    ``parent`` symlink of an incremental image), ``commit(inventory)`` and
-    ``discard()``.  Another sink (the page-server client) streams the same
-    calls to a remote directory."""
+    and ``abort()``), ``add_pages(pid, writer)``, ``raw_writer(name)`` (an
+    object with ``append(view) -> offset``, the view written or copied before
+    it returns, and ``abort()``) and ``add_raw(name, writer)`` for
+    tcp-queues.img, ``set_parent(rel)`` (the ``parent`` symlink of an
+    incremental image), ``commit(inventory)`` and ``discard()``.  Another
+    sink (the page-server client) streams the same calls to a remote
+    directory."""
 
     def __init__(self, path: str) -> None:
         self.path = path
