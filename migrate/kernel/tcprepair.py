@@ -277,6 +277,27 @@ class InetSock:
         return f"{a(self.local)} -> {a(self.remote)} ({STATES.get(self.state, self.state)})"
 
 
+def connection_of(s: socket.socket, inode: int) -> InetSock | None:
+    """``s`` (our copy of a socket) as /proc/net/tcp would list it, if it is
+    a TCP connection (not a listener, not closed); None otherwise.  The
+    peer of a connection still being made (SYN_SENT) is not known here."""
+    if s.family not in (socket.AF_INET, socket.AF_INET6) or \
+            s.type & 0xF != socket.SOCK_STREAM or s.proto != socket.IPPROTO_TCP:
+        return None
+    try:
+        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 8)[0]
+        if state in (TCP_LISTEN, TCP_CLOSE):
+            return None
+        local = s.getsockname()[:2]
+        try:
+            remote = s.getpeername()[:2]
+        except OSError:
+            remote = ("?", 0)
+    except OSError as e:
+        raise _err("getsockopt(TCP_INFO)/getsockname", e, s.fileno()) from None
+    return InetSock(s.family, local, remote, state, inode)
+
+
 def _addr(field: str, family: int) -> tuple[str, int]:
     host, port = field.split(":")
     raw = bytes.fromhex(host)

@@ -23,7 +23,7 @@ import time
 
 from migrate import errors
 from migrate.images._pb import files_pb2
-from migrate.kernel import sockdiag, syscalls
+from migrate.kernel import proc, sockdiag, syscalls
 from migrate.kernel import tcprepair as tr
 from migrate.resources import tcp
 
@@ -48,25 +48,53 @@ def describe(e) -> str:
 
 def tree_connections(pids: list[int]) -> list[tr.InetSock]:
     """The established (or half-closed) TCP connections the fds of ``pids``
-    hold, from /proc/PID/net/tcp{,6} (the first pid's namespace)."""
-    inodes: set[int] = set()
+    hold, each read from our copy of its socket (pidfd_getfd).  Not from a
+    table of the namespace: /proc/PID/net/tcp and inet_diag both walk the
+    host's whole established hash (262144 buckets here, 10 to 20 ms in the
+    frozen time whatever the namespace holds); this costs ~10 us a socket."""
+    out: dict[int, tr.InetSock] = {}
+    seen: set[int] = set()
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except FileNotFoundError:
             continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(int(link[8:-1]))
-    if not inodes:           # the common case: no table to read
-        return []
-    table = tr.inet_sockets(pids[0], "tcp")
-    return [table[i] for i in sorted(inodes) if i in table and
-            table[i].state not in (tr.TCP_LISTEN, tr.TCP_CLOSE)]
+        pidfd = None
+        try:
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if not link.startswith("socket:["):
+                    continue
+                ino = int(link[8:-1])
+                if ino in seen:
+                    continue
+                seen.add(ino)
+                if pidfd is None:
+                    pidfd = syscalls.pidfd_open(pid)
+                try:
+                    mine = syscalls.pidfd_getfd(pidfd, int(fd), pid)
+                except errors.NoSuchProcess:
+                    raise
+                except errors.KernelError:
+                    continue                  # closed since (EBADF)
+                try:
+                    s = socket.socket(fileno=mine)
+                except OSError:
+                    os.close(mine)
+                    continue
+                with s:
+                    sk = tr.connection_of(s, ino)
+                if sk is not None:
+                    out[ino] = sk
+        except errors.NoSuchProcess:
+            continue                          # gone since: no connection of its
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    return [out[i] for i in sorted(out)]
 
 
 def _addr(name) -> tuple[str, int]:
