@@ -11,6 +11,9 @@ command -v make >/dev/null 2>&1 || missing="$missing make"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 # the network lock and the namespaced TCP tests (tests/integration/test_tcp.py)
 command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+# the lock drives nftables in-process (migrate/kernel/nftables.py): libnftables1
+# comes with nftables, but a machine may have the library's package removed
+ldconfig -p 2>/dev/null | grep -q 'libnftables\.so\.1 ' || missing="$missing libnftables1"
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 command -v nsenter >/dev/null 2>&1 || missing="$missing util-linux"

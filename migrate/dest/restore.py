@@ -36,7 +36,7 @@ from migrate.images._pb import files_pb2, inventory_pb2, mm_pb2, stats_pb2
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, syscalls, sysno
 from migrate.resources import (files, fs, inet, memory, netlock, regs, seccomp, signals,
-                               task, timers)
+                               task, tcp, timers)
 from migrate.resources.phases import Phases
 from migrate.resources.taskctl import (MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
                                        O_CLOEXEC, O_RDONLY, PROT_EXEC, PROT_READ,
@@ -136,6 +136,7 @@ class Image:
     procs: list[ProcImage]                      # the live ones, parents first
     files: list
     pipes: list                                 # data in flight of each pipe
+    queues: memoryview | None = None            # tcp-queues.img past its header
 
     def children(self, pid: int) -> list:
         return [e for e in self.entries if e.ppid == pid and e.pid != self.pid]
@@ -224,7 +225,8 @@ def load(images_dir: str) -> Image:
                                         f"fd {fi.fd} refers to file id {fi.id}, which "
                                         "files.img does not have")
     return Image(d, tree[0].pid, tree, procs, files_,
-                 d.read_image("pipes.img") if d.has("pipes.img") else [])
+                 d.read_image("pipes.img") if d.has("pipes.img") else [],
+                 d.read_raw(tcp.QUEUES_IMG) if d.has(tcp.QUEUES_IMG) else None)
 
 
 def preflight(img: Image) -> None:
@@ -307,7 +309,7 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
                 lock.unlock()
             raise
         phase("after lock")
-    inets = inet.Opener(tcp_close=opts.tcp_close)
+    inets = inet.Opener(tcp_close=opts.tcp_close, queues=img.queues)
     shared = memory.SharedObjects((p.mm.vmas for p in img.procs),
                                   [f for f in img.files
                                    if f.type == files_pb2.REG and f.reg.memfd])
@@ -391,6 +393,11 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
         except errors.NetworkLockError as e:
             log.error("%s: remove it by hand", e)
         stats.netunlock_us = lock.unset_us
+    if inets.steps["open"]:
+        phase = Phases(img.pid)
+        for name, sec in inets.steps.items():
+            phase.step(f"tcp {name}", sec, f"{len(conns)} connections")
+        phase.step("network unlock", stats.netunlock_us / 1e6)
     stats.restore_us = int((time.perf_counter() - t0) * 1e6)
     stats.peak_rss_kb = proc.peak_rss_kb()
     if opts.pidfile:

@@ -10,6 +10,8 @@ Layout of every file (DESIGN.md §2)::
 
 A pages file has the same 16-byte header padded with zeros to 4096 bytes, then
 raw 4 KiB pages in pagemap order, page aligned (mmap or O_DIRECT friendly).
+tcp-queues.img has the 16-byte header, then raw bytes (TCP queues, placed
+by offsets in files.img).
 Every file's size and xxh3-128 are listed in inventory.img, which is written
 last: a directory without a valid inventory is not an image.
 """
@@ -61,7 +63,10 @@ class ImageKind(enum.IntEnum):
     FS = 9
     STATS = 10
     PIPES = 11
+    QUEUES = 12
 
+
+RAW_KINDS = (ImageKind.PAGES, ImageKind.QUEUES)     # bytes, not records
 
 # kind -> (message class of the first record, of the following records)
 _SCHEMA = {
@@ -89,6 +94,7 @@ _NAMES = [
     (re.compile(r"fs-\d+\.img"), ImageKind.FS),
     (re.compile(r"stats-(dump|restore)\.img"), ImageKind.STATS),
     (re.compile(r"pipes\.img"), ImageKind.PIPES),
+    (re.compile(r"tcp-queues\.img"), ImageKind.QUEUES),
 ]
 
 
@@ -158,8 +164,13 @@ def _unpack_pagemap(path: str, records: list) -> list:
     return out
 
 
-def encode_records(kind: ImageKind, msgs) -> bytes:
+def encode_parts(kind: ImageKind, msgs) -> tuple[list[bytes], int]:
+    """The file as a list of pieces (header, then length and record for
+    each message) and its size: written with writev, never joined (a
+    files.img of TCP queues is megabytes: a join is a copy into fresh
+    memory, a page fault every 4 KiB)."""
     parts = [header(kind)]
+    size = HEADER.size
     if kind == ImageKind.PAGEMAP:
         msgs = _pack_pagemap(msgs)
     for m in msgs:
@@ -168,7 +179,12 @@ def encode_records(kind: ImageKind, msgs) -> bytes:
             raise ValueError(f"{kind.name} record of {len(b)} bytes exceeds {MAX_RECORD}")
         parts.append(RECLEN.pack(len(b)))
         parts.append(b)
-    return b"".join(parts)
+        size += RECLEN.size + len(b)
+    return parts, size
+
+
+def encode_records(kind: ImageKind, msgs) -> bytes:
+    return b"".join(encode_parts(kind, msgs)[0])
 
 
 def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
@@ -176,7 +192,14 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
     kind = parse_header(data, path, expect)
     if kind == ImageKind.PAGES:
         raise ImageError(path, 0, "a pages file holds raw pages, not records")
+    if kind == ImageKind.QUEUES:
+        raise ImageError(path, 0, "tcp-queues.img holds raw bytes, not records")
     first_cls, rest_cls = _SCHEMA[kind]
+    with memoryview(data) as view:    # records parsed from slices of it, not copies
+        return kind, _decode(view, path, kind, first_cls, rest_cls)
+
+
+def _decode(data: memoryview, path: str, kind: ImageKind, first_cls, rest_cls) -> list:
     out = []
     off = HEADER.size
     while off < len(data):
@@ -205,7 +228,7 @@ def decode_records(data: bytes, path: str, expect: ImageKind | None = None):
         raise ImageError(path, HEADER.size, f"{kind.name} image holds no record")
     if kind == ImageKind.PAGEMAP:
         out = _unpack_pagemap(path, out)
-    return kind, out
+    return out
 
 
 def _hexdigest(data: bytes) -> str:
@@ -236,6 +259,7 @@ def chunk_hasher():
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+MAP_OVER = 1 << 20      # records images from this size on are mapped to be read
 
 
 class PagesWriter:
@@ -298,6 +322,51 @@ class PagesWriter:
             os.close(self.fd)
         except OSError:
             pass
+
+
+class RawWriter:
+    """Writes a raw image file (tcp-queues.img): its header, then bytes
+    appended in order, hashed as they go."""
+
+    def __init__(self, path: str, kind: ImageKind) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.hasher = xxhash.xxh3_128()
+        self.size = 0           # bytes after the header
+        self._write(header(kind))
+        self.size = 0
+
+    def _write(self, view) -> None:
+        try:
+            _writev_all(self.fd, [view])
+        except OSError as e:
+            raise ImageError(self.path, HEADER.size + self.size,
+                             f"write failed: {os.strerror(e.errno)}") from e
+        self.hasher.update(view)
+        self.size += len(view)
+
+    def append(self, view) -> int:
+        """Write ``view`` (any buffer: written before this returns) at the
+        end; return its offset past the header."""
+        off = self.size
+        if len(view):
+            self._write(view)
+        return off
+
+    def close(self) -> tuple[int, str]:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        return HEADER.size + self.size, self.hasher.hexdigest()
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class PagesReader:
@@ -394,6 +463,26 @@ def fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+IOV_MAX = 1024      # man 2 writev
+
+
+def _writev_all(fd: int, parts) -> None:
+    """Write every piece, in order, IOV_MAX pieces per writev, short
+    writes resumed."""
+    views = [memoryview(p) for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:             # skip what was written
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = v[n:]
+                break
+
+
 # Decoded records images by (real path, size, checksum), once enabled: a
 # process that reads the same images again (a migration's destination
 # reads the pre-copy rounds' pagemaps as they arrive, and again at the
@@ -414,10 +503,13 @@ class ImageDir:
     ``write_image(name, msgs)``, ``pages_writer(pid)`` (an object with
     ``write_chunk(index, view) -> digest`` callable from several threads,
     ``account(nr_pages, digest)`` in chunk order, ``close() -> (size, digest)``
-    and ``abort()``), ``add_pages(pid, writer)``, ``set_parent(rel)`` (the
-    ``parent`` symlink of an incremental image), ``commit(inventory)`` and
-    ``discard()``.  Another sink (the page-server client) streams the same
-    calls to a remote directory."""
+    and ``abort()``), ``add_pages(pid, writer)``, ``raw_writer(name)`` (an
+    object with ``append(view) -> offset``, the view written or copied before
+    it returns, and ``abort()``) and ``add_raw(name, writer)`` for
+    tcp-queues.img, ``set_parent(rel)`` (the ``parent`` symlink of an
+    incremental image), ``commit(inventory)`` and ``discard()``.  Another
+    sink (the page-server client) streams the same calls to a remote
+    directory."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -445,21 +537,23 @@ class ImageDir:
 
     def write_image(self, name: str, msgs) -> None:
         kind = kind_of(name)
-        if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
+        if kind is None or kind in RAW_KINDS or kind == ImageKind.INVENTORY:
             raise ValueError(f"{name}: not a records image name")
-        data = encode_records(kind, msgs)
-        self.checksums[name] = (len(data), _hexdigest(data))
-        self._write_file(name, data)
+        parts, size = encode_parts(kind, msgs)
+        h = xxhash.xxh3_128()
+        for p in parts:
+            h.update(p)
+        self.checksums[name] = (size, h.hexdigest())
+        self._write_file(name, parts)
 
-    def _write_file(self, name: str, data: bytes) -> None:
+    def _write_file(self, name: str, data) -> None:
+        """Write ``data`` (bytes, or a list of pieces written in order)."""
         path = self._file(name)
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                _writev_all(fd, parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -476,6 +570,22 @@ class ImageDir:
 
     def add_pages(self, pid: int, writer: PagesWriter) -> None:
         self.checksums[f"pages-{pid}.img"] = writer.close()
+
+    def raw_writer(self, name: str) -> RawWriter:
+        """A raw image (tcp-queues.img) written as it goes; ``add_raw`` it
+        once complete (``abort`` it otherwise)."""
+        kind = kind_of(name)
+        if kind != ImageKind.QUEUES:
+            raise ValueError(f"{name}: not a raw image name")
+        path = self._file(name)
+        self._open_pages.append(name)
+        try:
+            return RawWriter(path, kind)
+        except OSError as e:
+            raise ImageError(path, None, f"cannot create: {os.strerror(e.errno)}") from e
+
+    def add_raw(self, name: str, writer: RawWriter) -> None:
+        self.checksums[name] = writer.close()
 
     def set_parent(self, rel: str) -> None:
         """Point ``parent`` at the previous image of a pre-dump chain."""
@@ -551,25 +661,62 @@ class ImageDir:
 
     @staticmethod
     def _read_image(path: str, name: str, size: int, digest: str):
+        # Mapped from MAP_OVER bytes on: the records are parsed straight
+        # from the page cache.
+        data = ImageDir._load(path, size)
         try:
-            with open(path, "rb") as f:
-                data = f.read(size + 1)
-        except FileNotFoundError:
-            raise ImageError(path, None, "missing (listed in inventory.img)") from None
-        if len(data) != size:
-            raise ImageError(path, min(len(data), size),
-                             f"size {len(data) if len(data) <= size else 'over ' + str(size)}, "
-                             f"the inventory says {size} (truncated or grown)")
-        got = _hexdigest(data)
-        if got != digest:
-            # Find the first bad record for a useful offset, else report the file.
-            decode_records(data, path, kind_of(name))
-            raise ImageError(path, None, f"checksum mismatch: xxh3-128 {got}, "
-                                         f"the inventory says {digest}")
-        return decode_records(data, path, kind_of(name))[1]
+            got = _hexdigest(data)
+            if got != digest:
+                # Find the first bad record for a useful offset, else report the file.
+                decode_records(data, path, kind_of(name))
+                raise ImageError(path, None, f"checksum mismatch: xxh3-128 {got}, "
+                                             f"the inventory says {digest}")
+            return decode_records(data, path, kind_of(name))[1]
+        finally:
+            if isinstance(data, mmap.mmap):
+                data.close()
 
     def read_one(self, name: str):
         return self.read_image(name)[0]
+
+    def read_raw(self, name: str) -> memoryview:
+        """The bytes of a raw image past its header, size and checksum
+        checked; a view of the file mapped (1 MiB or more) or read.  The
+        mapping goes when the last view of it does."""
+        path = self._file(name)
+        if name not in self.checksums:
+            raise ImageError(path, None, "not listed in inventory.img")
+        size, digest = self.checksums[name]
+        data = self._load(path, size)
+        if _hexdigest(data) != digest:
+            raise ImageError(path, None, f"checksum mismatch: xxh3-128 {_hexdigest(data)}, "
+                                         f"the inventory says {digest}")
+        parse_header(data[:HEADER.size], path, kind_of(name))
+        return memoryview(data)[HEADER.size:]
+
+    @staticmethod
+    def _load(path: str, size: int):
+        """The file's bytes, ``size`` of them or an ImageError: mapped from
+        MAP_OVER bytes on (no copy into fresh memory), read below."""
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ImageError(path, None, "missing (listed in inventory.img)") from None
+        with f:
+            real = os.fstat(f.fileno()).st_size
+            if real != size:
+                raise ImageError(path, min(real, size),
+                                 f"size {real if real <= size else 'over ' + str(size)}, "
+                                 f"the inventory says {size} (truncated or grown)")
+            if size < MAP_OVER:
+                data = f.read(size)
+            else:
+                data = mmap.mmap(f.fileno(), size, mmap.MAP_SHARED | _POPULATE,
+                                 mmap.PROT_READ)
+        if len(data) != size:
+            raise ImageError(path, len(data), f"size {len(data)} while read, the "
+                                              f"inventory says {size} (truncated)")
+        return data
 
     def pages_reader(self, pid: int) -> PagesReader:
         name = f"pages-{pid}.img"
@@ -587,6 +734,8 @@ class ImageDir:
                     r.verify()
                 finally:
                     r.close()
+            elif kind_of(name) == ImageKind.QUEUES:
+                self.read_raw(name).release()
             else:
                 self.read_image(name)
 
@@ -601,6 +750,9 @@ def decode_file(path: str, max_pages: int = 0) -> dict:
                 size = os.fstat(f.fileno()).st_size
                 return {"magic": "PAGES", "file": os.path.basename(path),
                         "nr_pages": (size - PAGES_DATA_OFFSET) // PAGE_SIZE}
+            if kind == ImageKind.QUEUES:
+                return {"magic": "QUEUES", "file": os.path.basename(path),
+                        "bytes": os.fstat(f.fileno()).st_size - HEADER.size}
             f.seek(0)
             data = f.read()
     except FileNotFoundError:

@@ -58,6 +58,17 @@ struct uffdio_range { uint64_t start; uint64_t len; };
 struct uffdio_register { struct uffdio_range range; uint64_t mode; uint64_t ioctls; };
 struct uffdio_copy { uint64_t dst; uint64_t src; uint64_t len; uint64_t mode; int64_t copy; };
 struct uffdio_zeropage { struct uffdio_range range; uint64_t mode; int64_t zeropage; };
+
+/* libnftables(3), <nftables/libnftables.h>: in libnftables.so.1, dlopened
+   by kernel/nftables.py (absent where the nftables package is not installed) */
+struct nft_ctx;
+struct nft_ctx *nft_ctx_new(uint32_t flags);
+void nft_ctx_free(struct nft_ctx *ctx);
+int nft_ctx_buffer_output(struct nft_ctx *ctx);
+int nft_ctx_buffer_error(struct nft_ctx *ctx);
+const char *nft_ctx_get_output_buffer(struct nft_ctx *ctx);
+const char *nft_ctx_get_error_buffer(struct nft_ctx *ctx);
+int nft_run_cmd_from_buffer(struct nft_ctx *nft, const char *buf);
 """
 
 ffibuilder = cffi.FFI()

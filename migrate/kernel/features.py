@@ -104,13 +104,19 @@ def tcp_repair() -> tuple[bool, str]:
 
 
 def nftables() -> tuple[bool, str]:
+    from migrate.kernel import nftables as lib
+    if lib.available():
+        r = lib.run("list tables")
+        if not r.ok:
+            return False, f"{lib.LIBRARY}: list tables: {r.error}"
+        return True, f"{lib.LIBRARY} (in-process)"
     nft = shutil.which("nft")
     if not nft:
-        return False, "nft not installed"
+        return False, f"neither {lib.LIBRARY} nor nft installed"
     p = subprocess.run([nft, "list", "tables"], capture_output=True, text=True)
     if p.returncode:
         return False, f"nft list tables: {p.stderr.strip()}"
-    return True, nft
+    return True, f"{nft} ({lib.LIBRARY} missing: each lock change starts nft)"
 
 
 def _cap(bit: int) -> bool:

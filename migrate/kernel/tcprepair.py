@@ -40,6 +40,9 @@ STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FI
 TCP_ESTABLISHED, TCP_CLOSE, TCP_LISTEN = 1, 7, 10
 
 TCP_REPAIR_WINDOW_S = struct.Struct("=5I")
+_INT = struct.Struct("=i")
+_INT0 = bytes(4)
+_INFO_HEAD = struct.Struct("=7B")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -143,8 +146,16 @@ def inq_length(s: socket.socket) -> int:
 
 def queue_lengths(s: socket.socket) -> tuple[int, int, int]:
     """(bytes to read, bytes not yet acknowledged, of which not yet sent)."""
-    return (_ioctl_int(s, SIOCINQ, "SIOCINQ"), _ioctl_int(s, SIOCOUTQ, "SIOCOUTQ"),
-            _ioctl_int(s, SIOCOUTQNSD, "SIOCOUTQNSD"))
+    fd, ioctl, unpack = s.fileno(), fcntl.ioctl, _INT.unpack
+    what = "SIOCINQ"
+    try:
+        inq = unpack(ioctl(fd, SIOCINQ, _INT0))[0]
+        what = "SIOCOUTQ"
+        outq = unpack(ioctl(fd, SIOCOUTQ, _INT0))[0]
+        what = "SIOCOUTQNSD"
+        return inq, outq, unpack(ioctl(fd, SIOCOUTQNSD, _INT0))[0]
+    except OSError as e:
+        raise _err(f"ioctl({what})", e, fd) from None
 
 
 def peek(s: socket.socket, n: int, what: str) -> bytes:
@@ -159,6 +170,90 @@ def peek(s: socket.socket, n: int, what: str) -> bytes:
         raise errors.KernelError(f"recv(MSG_PEEK, {what})", 5, None,
                                  f"socket fd {s.fileno()}: {len(data)} bytes of {n}")
     return data
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RepairState:
+    """An established connection as repair mode shows it: TCP_QUEUE_SEQ of
+    each queue (the sequence number after it), the queues (the send queue
+    holds every byte not acknowledged, of which the last ``unsq_len`` were
+    never sent: SIOCOUTQNSD), TCP_MAXSEG (mss_clamp in repair mode),
+    TCP_INFO, TCP_TIMESTAMP and TCP_REPAIR_WINDOW."""
+    rcv_seq: int
+    inq: bytes | memoryview
+    snd_seq: int
+    outq: bytes | memoryview
+    unsq_len: int
+    mss: int
+    info: TcpInfoHead
+    timestamp: int
+    window: TcpRepairWindow
+
+
+
+
+def read_repair_state(s: socket.socket, lengths: tuple[int, int, int],
+                      buf: bytearray | None = None) -> RepairState:
+    """Read everything of ``s`` (in repair mode already) a restore needs, in
+    as few calls as the kernel allows (a dozen syscalls, each queue copied
+    once, by MSG_PEEK).  ``lengths``: queue_lengths(s).  With ``buf`` (at
+    least as long as both queues) the queues are peeked into it and given
+    as views of it (no fresh memory for them: the caller writes them out
+    before the next read); else as bytes.  Leaves no queue selected."""
+    fd = s.fileno()
+    gso, sso = s.getsockopt, s.setsockopt
+    inq_len, outq_len, unsq_len = lengths
+    peek = socket.MSG_PEEK | socket.MSG_DONTWAIT
+    if buf is not None:
+        view = memoryview(buf)
+        inq, outq = view[:inq_len], view[inq_len:inq_len + outq_len]
+        view.release()
+        got_in = got_out = 0
+    what = "setsockopt(TCP_REPAIR_QUEUE)"
+    try:
+        sso(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        what = "getsockopt(TCP_QUEUE_SEQ)"
+        rcv_seq = gso(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        what = "recv(MSG_PEEK, receive queue)"
+        if buf is None:
+            inq = s.recv(inq_len, peek) if inq_len else b""
+        elif inq_len:
+            got_in = s.recv_into(inq, inq_len, peek)
+        what = "setsockopt(TCP_REPAIR_QUEUE)"
+        sso(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        what = "getsockopt(TCP_QUEUE_SEQ)"
+        snd_seq = gso(SOL_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        what = "recv(MSG_PEEK, send queue)"
+        if buf is None:
+            outq = s.recv(outq_len, peek) if outq_len else b""
+        elif outq_len:
+            got_out = s.recv_into(outq, outq_len, peek)
+        what = "setsockopt(TCP_REPAIR_QUEUE)"
+        sso(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        what = "getsockopt(TCP_MAXSEG)"
+        mss = gso(SOL_TCP, socket.TCP_MAXSEG)
+        what = "getsockopt(TCP_INFO)"
+        raw = gso(SOL_TCP, socket.TCP_INFO, 104)
+        what = "getsockopt(TCP_TIMESTAMP)"
+        ts = gso(SOL_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
+        what = "getsockopt(TCP_REPAIR_WINDOW)"
+        win = TcpRepairWindow(*TCP_REPAIR_WINDOW_S.unpack(
+            gso(SOL_TCP, TCP_REPAIR_WINDOW, TCP_REPAIR_WINDOW_S.size)))
+    except OSError as e:
+        raise _err(what, e, fd) from None
+    if buf is not None:
+        short = [(name, got, n) for name, got, n in (("receive", got_in, inq_len),
+                                                     ("send", got_out, outq_len)) if got != n]
+    else:
+        short = [(name, len(data), n) for name, data, n in (("receive", inq, inq_len),
+                                                            ("send", outq, outq_len))
+                 if len(data) != n]
+    for name, got, n in short:
+        raise errors.KernelError(f"recv(MSG_PEEK, {name} queue)", 5, None,
+                                 f"socket fd {fd}: {got} bytes of {n}")
+    state, _ca, _retr, _probes, _backoff, options, wscale = _INFO_HEAD.unpack_from(raw)
+    return RepairState(rcv_seq, inq, snd_seq, outq, unsq_len, mss,
+                       TcpInfoHead(state, options, wscale & 0xF, wscale >> 4), ts, win)
 
 
 # --------------------------------------------------------------------------
@@ -180,6 +275,27 @@ class InetSock:
         def a(x):
             return f"[{x[0]}]:{x[1]}" if self.family == socket.AF_INET6 else f"{x[0]}:{x[1]}"
         return f"{a(self.local)} -> {a(self.remote)} ({STATES.get(self.state, self.state)})"
+
+
+def connection_of(s: socket.socket, inode: int) -> InetSock | None:
+    """``s`` (our copy of a socket) as /proc/net/tcp would list it, if it is
+    a TCP connection (not a listener, not closed); None otherwise.  The
+    peer of a connection still being made (SYN_SENT) is not known here."""
+    if s.family not in (socket.AF_INET, socket.AF_INET6) or \
+            s.type & 0xF != socket.SOCK_STREAM or s.proto != socket.IPPROTO_TCP:
+        return None
+    try:
+        state = s.getsockopt(SOL_TCP, socket.TCP_INFO, 8)[0]
+        if state in (TCP_LISTEN, TCP_CLOSE):
+            return None
+        local = s.getsockname()[:2]
+        try:
+            remote = s.getpeername()[:2]
+        except OSError:
+            remote = ("?", 0)
+    except OSError as e:
+        raise _err("getsockopt(TCP_INFO)/getsockname", e, s.fileno()) from None
+    return InetSock(s.family, local, remote, state, inode)
 
 
 def _addr(field: str, family: int) -> tuple[str, int]:

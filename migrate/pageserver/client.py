@@ -47,6 +47,23 @@ SOCKET_BUFFER = 4 << 20    # SO_SNDBUF: a chunk's worth in flight (net.core.wmem
 ZSTD_LEVEL = 1             # fast: compression must cost less than the link it saves
 
 
+class RawBuffer:
+    """A raw image for the page server, gathered in memory (the caller's
+    buffers are reused: each append is copied)."""
+
+    def __init__(self, head: bytes) -> None:
+        self.data = bytearray(head)
+        self._head = len(head)
+
+    def append(self, view) -> int:
+        off = len(self.data) - self._head
+        self.data += view
+        return off
+
+    def abort(self) -> None:
+        self.data = bytearray()
+
+
 class RemotePages:
     """pages_writer() of the sink: the PagesWriter interface over the wire."""
 
@@ -364,7 +381,9 @@ class PageServerSink:
         kind = imgfile.kind_of(name)
         if kind is None or kind in (ImageKind.PAGES, ImageKind.INVENTORY):
             raise ValueError(f"{name}: not a records image name")
-        data = imgfile.encode_records(kind, msgs)
+        self._send_file(name, imgfile.encode_records(kind, msgs))
+
+    def _send_file(self, name: str, data) -> None:
         self.checksums[name] = (len(data), xxhash.xxh3_128_hexdigest(data))
         if self.mirror is not None:
             self.mirror.checksums[name] = self.checksums[name]
@@ -373,6 +392,16 @@ class PageServerSink:
         for off in range(0, len(data), FILE_PART):
             part = view[off:off + FILE_PART]
             self._send(P.FilePart(name, off, part, off + FILE_PART >= len(data)))
+
+    def raw_writer(self, name: str) -> "RawBuffer":
+        """tcp-queues.img: gathered here, sent by add_raw like a records image."""
+        kind = imgfile.kind_of(name)
+        if kind != ImageKind.QUEUES:
+            raise ValueError(f"{name}: not a raw image name")
+        return RawBuffer(imgfile.header(kind))
+
+    def add_raw(self, name: str, writer: "RawBuffer") -> None:
+        self._send_file(name, writer.data)
 
     def pages_writer(self, pid: int) -> RemotePages:
         self._send(P.PagesBegin(pid))

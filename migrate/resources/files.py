@@ -55,7 +55,8 @@ class FileTable:
 
     def __init__(self, shell_job: bool, inet_opts: dict | None = None) -> None:
         self.shell_job = shell_job
-        # IPv4/IPv6 sockets; inet_opts: tcp_established, tcp_close, skip_in_flight
+        # IPv4/IPv6 sockets; inet_opts: tcp_established, tcp_close, skip_in_flight,
+        # sink (the image sink that gets tcp-queues.img)
         self.inet = inet.Dumper(**(inet_opts or {}))
         self.files: list = []
         self.fd_of: dict[int, tuple[int, int]] = {}     # file id -> (pid, fd)
@@ -177,6 +178,7 @@ class FileTable:
             self.close()
 
     def close(self) -> None:
+        self.inet.close_pidfd()
         for fd in self._held:
             os.close(fd)
         self._held = []

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 from migrate import errors
 from migrate.images._pb import files_pb2
-from migrate.kernel import sockdiag, syscalls
+from migrate.kernel import proc, sockdiag, syscalls
 from migrate.kernel import tcprepair as tr
 from migrate.resources import tcp
 
@@ -47,25 +48,53 @@ def describe(e) -> str:
 
 def tree_connections(pids: list[int]) -> list[tr.InetSock]:
     """The established (or half-closed) TCP connections the fds of ``pids``
-    hold, from /proc/PID/net/tcp{,6} (the first pid's namespace)."""
-    inodes: set[int] = set()
+    hold, each read from our copy of its socket (pidfd_getfd).  Not from a
+    table of the namespace: /proc/PID/net/tcp and inet_diag both walk the
+    host's whole established hash (262144 buckets here, 10 to 20 ms in the
+    frozen time whatever the namespace holds); this costs ~10 us a socket."""
+    out: dict[int, tr.InetSock] = {}
+    seen: set[int] = set()
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except FileNotFoundError:
             continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(int(link[8:-1]))
-    if not inodes:           # the common case: no table to read
-        return []
-    table = tr.inet_sockets(pids[0], "tcp")
-    return [table[i] for i in sorted(inodes) if i in table and
-            table[i].state not in (tr.TCP_LISTEN, tr.TCP_CLOSE)]
+        pidfd = None
+        try:
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if not link.startswith("socket:["):
+                    continue
+                ino = int(link[8:-1])
+                if ino in seen:
+                    continue
+                seen.add(ino)
+                if pidfd is None:
+                    pidfd = syscalls.pidfd_open(pid)
+                try:
+                    mine = syscalls.pidfd_getfd(pidfd, int(fd), pid)
+                except errors.NoSuchProcess:
+                    raise
+                except errors.KernelError:
+                    continue                  # closed since (EBADF)
+                try:
+                    s = socket.socket(fileno=mine)
+                except OSError:
+                    os.close(mine)
+                    continue
+                with s:
+                    sk = tr.connection_of(s, ino)
+                if sk is not None:
+                    out[ino] = sk
+        except errors.NoSuchProcess:
+            continue                          # gone since: no connection of its
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+    return [out[i] for i in sorted(out)]
 
 
 def _addr(name) -> tuple[str, int]:
@@ -79,28 +108,47 @@ class Dumper:
     rollback() turns repair off (the program goes on)."""
 
     def __init__(self, tcp_established: bool = False, tcp_close: bool = False,
-                 skip_in_flight: bool = False) -> None:
+                 skip_in_flight: bool = False, sink=None) -> None:
         self.tcp_established = tcp_established
         self.tcp_close = tcp_close
         self.skip_in_flight = skip_in_flight
+        # The image sink: the queues go to its tcp-queues.img as they are
+        # read (without one, into the entries), through one reused buffer.
+        self.sink = sink
+        self.queues = None
+        self._buf = bytearray()
         self.repaired: list[tuple[socket.socket, object]] = []
         self._backlogs: dict[int, tuple[int, int]] | None = None
+        self._pidfd: tuple[int, int] | None = None     # (pid, pidfd): one per process
+        # Where the time goes (bench/tcp.py): seconds per step, summed.
+        self.steps = {"steal": 0.0, "options": 0.0, "repair state": 0.0}
 
     def connections(self) -> list:
         """inet_sk_entry of every connection dumped in repair mode."""
         return [e for _, e in self.repaired]
 
+    def _take(self, pid: int, fd: int) -> int:
+        """Our copy of ``pid``'s fd (pidfd_getfd), its pidfd opened once."""
+        if self._pidfd is None or self._pidfd[0] != pid:
+            self.close_pidfd()
+            self._pidfd = (pid, syscalls.pidfd_open(pid))
+        return syscalls.pidfd_getfd(self._pidfd[1], fd, pid)
+
+    def close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd[1])
+            self._pidfd = None
+
     def dump(self, pid: int, fd: int, fid: int, link: str, flags: int):
-        pidfd = syscalls.pidfd_open(pid)
-        try:
-            mine = syscalls.pidfd_getfd(pidfd, fd, pid)
-        finally:
-            os.close(pidfd)
+        t0 = time.perf_counter()
+        mine = self._take(pid, fd)
         try:
             s = socket.socket(fileno=mine)
         except OSError as e:
             os.close(mine)
             raise errors.from_errno("socket(fileno)", e.errno or 0, pid, f"fd {fd}") from None
+        t1 = time.perf_counter()
+        self.steps["steal"] += t1 - t0
         keep = False
         try:
             if s.family not in FAMILIES:
@@ -120,6 +168,7 @@ class Dumper:
             e.flags = flags & os.O_NONBLOCK
             e.src_addr, e.src_port = _addr(s.getsockname())
             self._options(s, e)
+            self.steps["options"] += time.perf_counter() - t1
             if typ == socket.SOCK_STREAM:
                 keep = self._tcp(pid, fd, s, e)
             else:
@@ -182,9 +231,17 @@ class Dumper:
             raise errors.UnsupportedResource(pid, "socket", f"established connection "
                                              f"{describe(e)}: dump with --tcp-established "
                                              "(or --tcp-close)", fd=fd)
+        t0 = time.perf_counter()
         tr.set_repair(s, tr.TCP_REPAIR_ON)
         try:
-            tcp.dump_stream(s, e.tcp)
+            lengths = None
+            if self.sink is not None:
+                lengths = tr.queue_lengths(s)
+                if len(self._buf) < lengths[0] + lengths[1]:
+                    self._buf = bytearray(max(lengths[0] + lengths[1], 2 * len(self._buf)))
+                if self.queues is None:
+                    self.queues = self.sink.raw_writer(tcp.QUEUES_IMG)
+            lengths = tcp.dump_stream(s, e.tcp, self.queues, self._buf, lengths)
         except BaseException:
             try:
                 _repair_off(s, e)      # before our copy is closed (dump's finally)
@@ -192,8 +249,10 @@ class Dumper:
                 log.error("%s: could not leave repair mode: %s", describe(e), err)
             raise
         self.repaired.append((s, e))
-        log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
-                  pid, fd, describe(e), len(e.tcp.inq), len(e.tcp.outq), e.tcp.unsq_len)
+        self.steps["repair state"] += time.perf_counter() - t0
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("pid %d fd %d: %s: %d bytes to read, %d not acknowledged (%d not sent)",
+                      pid, fd, describe(e), *lengths)
         return True
 
     def _udp(self, pid: int, fd: int, s: socket.socket, e) -> None:
@@ -207,15 +266,30 @@ class Dumper:
             log.warning("pid %d fd %d: %s: the datagrams queued on it are lost", pid, fd,
                         describe(e))
 
+    def write_queues(self) -> None:
+        """Every socket dumped: tcp-queues.img complete, listed by the sink."""
+        if self.queues is not None:
+            self.sink.add_raw(tcp.QUEUES_IMG, self.queues)
+            self.queues = None
+
+    def _abort_queues(self) -> None:
+        if self.queues is not None:
+            self.queues.abort()          # the sink's discard removes the file
+            self.queues = None
+
     def done(self) -> None:
         """The dump succeeded and the programs are killed: the connections
         stay in repair mode, so that closing them sends nothing."""
+        self._abort_queues()
+        self.close_pidfd()
         for s, _ in self.repaired:
             s.close()
         self.repaired = []
 
     def rollback(self) -> None:
         """Repair off: the programs go on with their connections as before."""
+        self._abort_queues()
+        self.close_pidfd()
         for s, e in self.repaired:
             try:
                 _repair_off(s, e)
@@ -238,12 +312,17 @@ class Opener:
     Established connections are kept (our own fd of each) until finish()
     takes them out of repair mode, once every process is built."""
 
-    def __init__(self, tcp_close: bool = False) -> None:
+    def __init__(self, tcp_close: bool = False, queues: memoryview | None = None) -> None:
         self.tcp_close = tcp_close
-        self.repaired: list[tuple[socket.socket, object]] = []
+        self.queues = queues            # tcp-queues.img past its header (read_raw)
+        # (our socket, inet_sk_entry, the send queue's bytes never sent)
+        self.repaired: list[tuple[socket.socket, object, memoryview]] = []
         self.made: list[socket.socket] = []
+        # bench/tcp.py: "open" is all of open() (the queues are in it)
+        self.steps = {"open": 0.0, "queues": 0.0, "repair off": 0.0}
 
     def open(self, f) -> int:
+        t0 = time.perf_counter()
         e = f.inet
         s = socket.socket(e.family, e.type)
         self.made.append(s)
@@ -285,8 +364,10 @@ class Opener:
             if e.state == tr.TCP_LISTEN:
                 s.listen(e.backlog)
             elif repair:
-                tcp.restore_stream(s, e, e.tcp)
-                self.repaired.append((s, e))
+                t0 = time.perf_counter()
+                inq, outq = tcp.queue_views(e.tcp, self.queues, describe(e))
+                self.repaired.append((s, e, tcp.restore_stream(s, e, e.tcp, inq, outq)))
+                self.steps["queues"] += time.perf_counter() - t0
             elif e.type == socket.SOCK_DGRAM and e.state == tr.TCP_ESTABLISHED:
                 s.connect((e.dst_addr, e.dst_port))
         except OSError as err:
@@ -295,27 +376,31 @@ class Opener:
                 from None
         fd = os.dup(s.fileno())
         os.set_blocking(fd, not e.flags & os.O_NONBLOCK)
+        self.steps["open"] += time.perf_counter() - t0
         return fd
 
     def finish(self) -> None:
         """Every process is built: the connections leave repair mode (each
         sends a window probe, which tells the peer our window again), and the
         bytes that were queued but never sent are sent."""
+        t0 = time.perf_counter()
         try:
-            for s, e in self.repaired:
+            for s, e, unsent in self.repaired:
                 _repair_off(s, e)
-                tcp.send_unsent(s, e.tcp, describe(e))
+                if unsent:
+                    tcp.send_unsent(s, unsent, describe(e))
         finally:
             self.close()
+            self.steps["repair off"] += time.perf_counter() - t0
 
     def forked(self) -> None:
         """The processes hold the sockets now: ours go, but for the
         connections still in repair mode (finish)."""
-        keep = {id(s) for s, _ in self.repaired}
+        keep = {id(r[0]) for r in self.repaired}
         for s in self.made:
             if id(s) not in keep:
                 s.close()
-        self.made = [s for s, _ in self.repaired]
+        self.made = [r[0] for r in self.repaired]
 
     def close(self) -> None:
         """Our fds: the sockets live on in the processes' fds."""

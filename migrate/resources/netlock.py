@@ -3,10 +3,12 @@ dumped TCP connections is dropped, in both directions, so that neither
 side answers the other with a reset (the source has no socket any more,
 the destination none yet) and both just see a pause.
 
-nftables (`nft`): one table of our own, `inet migrate-PID` (PID: the
+nftables: one table of our own, `inet migrate-PID` (PID: the
 dumped tree's root), with an input and an output chain at priority -300
 (before conntrack) dropping the packets whose addresses and ports are in
-a set of the connections (one set for IPv4, one for IPv6).
+a set of the connections (one set for IPv4, one for IPv6); the commands
+run in-process through libnftables (kernel/nftables.py), or by `nft`
+where the library is missing.
 iptables fallback: a chain `MIGRATE-PID` in the filter table of iptables
 and ip6tables, jumped to first from INPUT and OUTPUT.  Nothing else is
 touched: lifting the lock deletes our table (or our jumps and chain) by
@@ -24,6 +26,7 @@ import subprocess
 import time
 
 from migrate import errors
+from migrate.kernel import nftables
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,15 @@ class Conn:
         return f"{self.laddr}:{self.lport} -> {self.raddr}:{self.rport}"
 
 
+def _have_nft() -> bool:
+    return nftables.available() or shutil.which("nft") is not None
+
+
 def choose(backend: str | None) -> str:
-    """nftables where `nft` exists, else iptables; or the one asked for."""
+    """nftables where libnftables or `nft` exists, else iptables; or the
+    one asked for."""
     if backend in (None, "", "nftables"):
-        if shutil.which("nft"):
+        if _have_nft():
             return "nftables"
         if backend == "nftables":
             log.warning("nft is not installed: the network lock falls back to iptables")
@@ -72,6 +80,16 @@ def choose(backend: str | None) -> str:
     return backend
 
 
+def prepare(backend: str | None) -> str:
+    """Before the freeze: the backend a lock would use (a clear error now if
+    there is none), and libnftables loaded with its context made, so that
+    setting the lock, once frozen, is only the command."""
+    kind = choose(backend)
+    if kind == "nftables":
+        nftables.open_context()
+    return kind
+
+
 def _run(argv: list[str], name: str, stdin: str | None = None,
          ok_missing: bool = False) -> bool:
     p = subprocess.run(argv, input=stdin, capture_output=True, text=True)
@@ -81,6 +99,19 @@ def _run(argv: list[str], name: str, stdin: str | None = None,
         return False
     raise errors.NetworkLockError(name, f"{' '.join(argv[:3])}... failed: "
                                         f"{p.stderr.strip() or p.returncode}")
+
+
+def _nft(commands: str, name: str, ok_missing: bool = False) -> bool:
+    """Run nft(8) commands (one transaction): in-process, else by `nft -f`."""
+    if not nftables.available():
+        return _run(["nft", "-f", "-"], name, commands, ok_missing)
+    r = nftables.run(commands)
+    if r.ok:
+        return True
+    if ok_missing:
+        return False
+    raise errors.NetworkLockError(name, f"nft {commands.splitlines()[0]}... failed: "
+                                        f"{r.error or r.rc}")
 
 
 class NetLock:
@@ -103,7 +134,8 @@ class NetLock:
 
     def add(self, conns: list[Conn]) -> None:
         """Drop the packets of ``conns`` too (sets the lock if not yet)."""
-        new = [c for c in conns if c not in self.conns]
+        have = set(self.conns)
+        new = [c for c in dict.fromkeys(conns) if c not in have]
         if not new and self.held:
             return
         t0 = time.perf_counter()
@@ -139,7 +171,7 @@ class NetLock:
                      if c.family == fam]
             if elems:
                 lines.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
-        _run(["nft", "-f", "-"], self.name, "\n".join(lines) + "\n")
+        _nft("\n".join(lines) + "\n", self.name)
         self.held_sets = True
 
     def _ipt_add(self, conns: list[Conn]) -> None:
@@ -163,7 +195,12 @@ class NetLock:
         """Lift the lock: our table (or chains) deleted by name."""
         t0 = time.perf_counter()
         if self.backend == "nftables":
-            _run(["nft", "delete", "table", "inet", self.name], self.name, ok_missing=True)
+            # Fails too where there is nothing to delete (never set, or
+            # already lifted): only a table still there is an error.
+            if not _nft(f"delete table inet {self.name}\n", self.name, ok_missing=True) \
+                    and f"nft table inet {self.name}" in exists(self.pid):
+                log.error("network lock %s could not be lifted: delete it with "
+                          "`nft delete table inet %s`", self.name, self.name)
         elif self.backend == "iptables":
             for tool in ("iptables", "ip6tables"):
                 if not shutil.which(tool):
@@ -183,9 +220,15 @@ class NetLock:
 def exists(pid: int) -> list[str]:
     """The locks of tree ``pid`` present here (for tests and `migrate check`)."""
     out = []
-    if shutil.which("nft"):
-        p = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
-        if f"table inet migrate-{pid}" in p.stdout.splitlines():
+    if nftables.available():
+        tables = nftables.run("list tables").output
+    elif shutil.which("nft"):
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True,
+                                text=True).stdout
+    else:
+        tables = ""
+    if tables:
+        if f"table inet migrate-{pid}" in tables.splitlines():
             out.append(f"nft table inet migrate-{pid}")
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool):
@@ -199,7 +242,7 @@ def unlock_tree(pid: int, backend: str | None = None) -> None:
     """Lift the lock of tree ``pid`` left by a dump (both backends unless
     one is named); nothing to lift is not an error."""
     for kind in ([backend] if backend else ["nftables", "iptables"]):
-        if kind == "nftables" and not shutil.which("nft"):
+        if kind == "nftables" and not _have_nft():
             continue
         if kind == "iptables" and not shutil.which("iptables"):
             continue

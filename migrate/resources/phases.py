@@ -3,6 +3,10 @@
     pid 1234: phase fds took 0.4 ms (12 fds)
 
 `bench/tree.py` adds them up by phase name, so names carry no numbers.
+A step is a part of a phase summed over its objects, on a line of its own
+that phase sums skip:
+
+    pid 1234: step tcp steal took 1.2 ms (100 sockets)
 """
 
 from __future__ import annotations
@@ -24,3 +28,10 @@ class Phases:
             log.debug("pid %d: phase %s took %.3f ms%s", self.pid, what, (now - self.t) * 1000,
                       f" ({detail})" if detail else "")
         self.t = now
+
+    def step(self, what: str, seconds: float, detail: str = "") -> None:
+        """Log a step of a phase already timed, ``seconds`` summed over its
+        objects (bench/tcp.py); the phase clock is not touched."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("pid %d: step %s took %.3f ms%s", self.pid, what, seconds * 1000,
+                      f" ({detail})" if detail else "")

@@ -37,28 +37,57 @@ CHUNK = 64 << 10            # repair-mode sends, one skb each at most this big
 UNSENT_WAIT = 10.0          # seconds to push the unsent part after repair off
 
 
-def dump_stream(s: socket.socket, e) -> None:
+QUEUES_IMG = "tcp-queues.img"
+
+
+def dump_stream(s: socket.socket, e, queues=None, buf: bytearray | None = None,
+                lengths: tuple[int, int, int] | None = None) -> tuple:
     """Fill ``e`` (tcp_stream_entry) with the connection's repair state; ``s``
-    must be in repair mode already."""
-    inq_len, outq_len, unsq_len = tr.queue_lengths(s)
-    tr.set_queue(s, tr.TCP_RECV_QUEUE)
-    e.rcv_seq = tr.get_queue_seq(s)
-    e.inq = tr.peek(s, inq_len, "receive queue")
-    tr.set_queue(s, tr.TCP_SEND_QUEUE)
-    e.snd_seq = tr.get_queue_seq(s)
-    e.outq = tr.peek(s, outq_len, "send queue")
-    e.unsq_len = unsq_len
-    tr.set_queue(s, tr.TCP_NO_QUEUE)
-    e.mss = tr.getopt(s, tr.SOL_TCP, socket.TCP_MAXSEG, "TCP_MAXSEG")
-    info = tr.tcp_info(s)
-    e.sack = bool(info.tcpi_options & tr.TCPI_OPT_SACK)
-    e.timestamps = bool(info.tcpi_options & tr.TCPI_OPT_TIMESTAMPS)
-    e.wscale = bool(info.tcpi_options & tr.TCPI_OPT_WSCALE)
+    must be in repair mode already.  ``queues``: the tcp-queues.img writer
+    (``append(view) -> offset``) the queues go to, peeked into ``buf``
+    (reused from one connection to the next; at least as long as both
+    queues); without it they go into ``e``.  Returns (bytes to read, not
+    acknowledged, of which not sent: ``lengths`` if given, from
+    tr.queue_lengths)."""
+    lengths = lengths or tr.queue_lengths(s)
+    st = tr.read_repair_state(s, lengths, buf if queues is not None else None)
+    info, w = st.info, st.window
+    e.rcv_seq, e.snd_seq, e.unsq_len, e.mss = st.rcv_seq, st.snd_seq, st.unsq_len, st.mss
+    if queues is not None:
+        e.queues_off = queues.append(st.inq)
+        queues.append(st.outq)
+        e.inq_len, e.outq_len = lengths[0], lengths[1]
+        st.inq.release()
+        st.outq.release()
+    else:
+        if st.inq:
+            e.inq = st.inq
+        if st.outq:
+            e.outq = st.outq
+    opts = info.tcpi_options
+    e.sack = bool(opts & tr.TCPI_OPT_SACK)
+    e.timestamps = bool(opts & tr.TCPI_OPT_TIMESTAMPS)
+    e.wscale = bool(opts & tr.TCPI_OPT_WSCALE)
     e.snd_wscale, e.rcv_wscale = info.tcpi_snd_wscale, info.tcpi_rcv_wscale
-    e.timestamp = tr.get_timestamp(s)
-    w = tr.get_window(s)
+    e.timestamp = st.timestamp
     e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd, e.rcv_wup = (
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+    return lengths
+
+
+def queue_views(e, queues: memoryview | None, what: str) -> tuple:
+    """(receive queue, send queue) of ``e``: views of tcp-queues.img (its
+    bytes past the header), bounds checked, or the entry's own bytes."""
+    if not (e.inq_len or e.outq_len):
+        return e.inq, e.outq
+    if queues is None:
+        raise errors.RestoreError(f"{what}: its queues are in {QUEUES_IMG}, which the "
+                                  "image does not list")
+    off, end = e.queues_off, e.queues_off + e.inq_len + e.outq_len
+    if end > len(queues):
+        raise errors.RestoreError(f"{what}: queues at [{off:#x}, {end:#x}) of {QUEUES_IMG}, "
+                                  f"which holds {len(queues):#x} bytes")
+    return queues[off:off + e.inq_len], queues[off + e.inq_len:end]
 
 
 def _fit(s: socket.socket, force: int, opt: int, queued: int, dumped: int) -> None:
@@ -73,7 +102,7 @@ def _fit(s: socket.socket, force: int, opt: int, queued: int, dumped: int) -> No
               "SO_SNDBUFFORCE" if force == tr.SO_SNDBUFFORCE else "SO_RCVBUFFORCE")
 
 
-def _send_repair(s: socket.socket, data: bytes, what: str) -> None:
+def _send_repair(s: socket.socket, data, what: str) -> None:
     """Fill the selected queue: in repair mode a send only queues (the send
     queue's bytes count as sent, the receive queue's as received)."""
     view = memoryview(data)
@@ -86,14 +115,16 @@ def _send_repair(s: socket.socket, data: bytes, what: str) -> None:
         view = view[n:]
 
 
-def restore_stream(s: socket.socket, inet, e) -> None:
+def restore_stream(s: socket.socket, inet, e, inq, outq) -> memoryview:
     """Make ``s`` (a fresh socket, in repair mode, bound) the connection
-    ``e`` (tcp_stream_entry) to inet.dst_addr:dst_port."""
-    sent = len(e.outq) - e.unsq_len
+    ``e`` (tcp_stream_entry) to inet.dst_addr:dst_port, its queues ``inq``
+    and ``outq`` (queue_views).  Returns the part of the send queue never
+    sent, for send_unsent."""
+    sent = len(outq) - e.unsq_len
     tr.set_queue(s, tr.TCP_SEND_QUEUE)
-    tr.set_queue_seq(s, e.snd_seq - len(e.outq))
+    tr.set_queue_seq(s, e.snd_seq - len(outq))
     tr.set_queue(s, tr.TCP_RECV_QUEUE)
-    tr.set_queue_seq(s, e.rcv_seq - len(e.inq))
+    tr.set_queue_seq(s, e.rcv_seq - len(inq))
     try:
         s.connect((inet.dst_addr, inet.dst_port))
     except OSError as err:
@@ -113,21 +144,25 @@ def restore_stream(s: socket.socket, inet, e) -> None:
     # them fails (EAGAIN, ENOMEM).  Raised to what the old one had, or to
     # what the queue needs, only then (a buffer set by hand is no longer
     # autotuned).
-    _fit(s, tr.SO_RCVBUFFORCE, socket.SO_RCVBUF, len(e.inq), inet.rcvbuf)
-    _fit(s, tr.SO_SNDBUFFORCE, socket.SO_SNDBUF, len(e.outq), inet.sndbuf)
-    tr.set_queue(s, tr.TCP_RECV_QUEUE)
-    _send_repair(s, e.inq, "receive queue")
-    tr.set_queue(s, tr.TCP_SEND_QUEUE)
-    _send_repair(s, e.outq[:sent], "send queue")
+    _fit(s, tr.SO_RCVBUFFORCE, socket.SO_RCVBUF, len(inq), inet.rcvbuf)
+    _fit(s, tr.SO_SNDBUFFORCE, socket.SO_SNDBUF, len(outq), inet.sndbuf)
+    out = memoryview(outq)
+    if inq:
+        tr.set_queue(s, tr.TCP_RECV_QUEUE)
+        _send_repair(s, inq, "receive queue")
+    if sent:
+        tr.set_queue(s, tr.TCP_SEND_QUEUE)
+        _send_repair(s, out[:sent], "send queue")
     tr.set_queue(s, tr.TCP_NO_QUEUE)
     tr.set_window(s, tr.TcpRepairWindow(e.snd_wl1, e.snd_wnd, e.max_window, e.rcv_wnd,
                                         e.rcv_wup))
+    return out[sent:]
 
 
-def send_unsent(s: socket.socket, e, what: str) -> None:
+def send_unsent(s: socket.socket, data: memoryview, what: str) -> None:
     """After repair off: the bytes the program had queued but the kernel had
-    not sent yet, sent now as the program's own send would have."""
-    data = memoryview(e.outq)[len(e.outq) - e.unsq_len:]
+    not sent yet (restore_stream's answer), sent now as the program's own
+    send would have."""
     end = time.monotonic() + UNSENT_WAIT
     while data:
         try:

@@ -447,7 +447,9 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             for t in used:
                 t.stop()
     else:
+        phase = Phases(pid)
         ptree.kill(tr)      # the holders, if any, exit with their tasks
+        phase("kill")
         if lock is not None:
             log.info("network lock %s stays until the restore lifts it", lock.name)
     t_end = time.perf_counter()
@@ -471,7 +473,10 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
 
 def _refuse_connections(opts: DumpOptions, pids: list[int]) -> None:
     """Before anything is touched: established TCP connections need
-    --tcp-established (or --tcp-close)."""
+    --tcp-established (or --tcp-close); with it, the lock's backend is
+    made ready (netlock.prepare) outside the frozen time."""
+    if opts.tcp_established and not opts.tcp_close:
+        netlock.prepare(opts.network_lock)
     if opts.tcp_established or opts.tcp_close:
         return
     conns = inet.tree_connections(pids)
@@ -682,7 +687,8 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
-    table = files.FileTable(opts.shell_job, opts.inet_opts())
+    # TCP queues go straight to the sink's tcp-queues.img as they are read
+    table = files.FileTable(opts.shell_job, {**opts.inet_opts(), "sink": images})
     dumps: list[_ProcDump] = []
     used: dict[int, object] = {}          # pid -> tracker
     parents: dict[int, Parent | None] = {}
@@ -706,6 +712,9 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         phase("pipe data and socket pairs")
         conns = table.inet.connections()
         stats.tcp_connections = len(conns)
+        if conns:
+            for name, sec in table.inet.steps.items():
+                phase.step(f"tcp {name}", sec, f"{len(conns)} connections")
         if conns and lock is None and opts.network_lock != "skip":
             raise errors.DumpError(f"{len(conns)} TCP connection(s) would be dumped "
                                    "without the network lock")
@@ -748,6 +757,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             images.write_image(f"core-{d.pid}.img", [d.core])
             images.write_image(f"fdinfo-{d.pid}.img", d.fdinfos or [])
             images.write_image(f"fs-{d.pid}.img", [d.fs])
+        table.inet.write_queues()
         images.write_image("files.img", table.files or [])
         images.write_image("pipes.img", pipe_data or [])
         images.write_image("pstree.img", tr.entries())
@@ -766,6 +776,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             table.inet.rollback()       # repair off: the programs go on
         else:
             table.inet.done()           # killed in repair mode: no FIN, no RST
+        phase("our socket copies closed")
     except BaseException:
         table.abort()
         for t in used.values():

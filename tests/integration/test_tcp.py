@@ -475,3 +475,77 @@ time.sleep(120)
     assert f"{NET4.format(11, 1)}:" in p.stderr, p.stderr
     assert net.tables(c) == []
     assert alive(w.pid)
+
+
+def test_lock_by_nft_without_libnftables(net):
+    """Where libnftables.so.1 cannot be loaded the lock is set and lifted by
+    running `nft` (the same table); in-process otherwise (every other test)."""
+    c = net.ns("c")
+    prog = """
+import socket, sys
+from migrate.kernel import nftables
+nftables.LIBRARY = "libnftables-missing.so.1"
+from migrate.resources import netlock
+assert not nftables.available()
+conns = [netlock.Conn(socket.AF_INET, "10.231.12.1", 4000 + i, "10.231.12.2", 7000)
+         for i in range(3)] + [netlock.Conn(socket.AF_INET6, "fd00::1", 1, "fd00::2", 2)]
+lk = netlock.lock(4242, conns, None)
+assert lk.backend == "nftables"
+print("SET", netlock.exists(4242), flush=True)
+sys.stdin.readline()
+lk.unlock()
+print("LIFTED", netlock.exists(4242), flush=True)
+"""
+    p = subprocess.Popen(net.enter(c, [sys.executable, "-c", prog]), cwd=ROOT, env=ENV,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "SET ['nft table inet migrate-4242']"
+        listed = subprocess.run(net.enter(c, ["nft", "list", "table", "inet", "migrate-4242"]),
+                                capture_output=True, text=True, check=True).stdout
+        assert "10.231.12.2 . 7000 . 10.231.12.1 . 4001" in listed, listed
+        out, err = p.communicate("\n", timeout=30)
+        assert p.returncode == 0, err
+        assert out.strip() == "LIFTED []"
+        assert net.tables(c) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_client_through_page_server(net, workdir, workloads):
+    """The queues cross to a page server (tcp-queues.img sent like any
+    image file, checked by the inventory there) and come back from it."""
+    c, s = net.ns("c"), net.ns("s")
+    net.link(c, s, 13)
+    server = start(net, s, workdir, workloads, "tcpecho", "7000")
+    client = start(net, c, workdir, workloads, "tcpstream", NET4.format(13, 2), "7000", "2")
+    _progress(client)
+    root = os.path.join(workdir, "srv")
+    r, w = os.pipe()
+    ps = subprocess.Popen(net.enter(c, [sys.executable, "-m", "migrate", "page-server", "-D",
+                                        root, "--address", "127.0.0.1", "--port", "7100",
+                                        "--no-tls", "--status-fd", str(w), "-v4", "-o",
+                                        os.path.join(workdir, "ps.log")]),
+                          cwd=ROOT, env=ENV, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"\0", ps.stderr.read()
+        os.close(r)
+        images = os.path.join(workdir, "img")
+        dump(net, c, client, images, "--tcp-established", "--page-server", "--address",
+             "127.0.0.1", "--port", "7100", "--no-tls")
+        assert ps.wait(60) == 0          # one session, then exit
+    finally:
+        if ps.poll() is None:
+            ps.kill()
+            ps.wait()
+    assert os.path.getsize(os.path.join(root, "tcp-queues.img")) > 16
+    p = net.migrate(c, "show", root, "--verify")
+    assert p.returncode == 0, p.stderr
+    restore(net, c, client, root)
+    _progress(client)
+    client.assert_pass()
+    server.assert_pass()

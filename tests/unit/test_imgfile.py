@@ -162,3 +162,109 @@ def test_pagemap_record_arrays_of_different_lengths_refused():
         parts += [imgfile.RECLEN.pack(len(b)), b]
     with pytest.raises(ImageError, match="2 addresses, 1 sizes and 2 flags"):
         imgfile.decode_records(b"".join(parts), "pagemap-1.img")
+
+
+def _big_files(tmp_path):
+    """A files.img over MAP_OVER (mapped to be read): TCP queues."""
+    from migrate.images._pb import files_pb2
+    d = ImageDir.create(str(tmp_path))
+    queues = [bytes([i]) * 65536 for i in range(24)]
+    fs = []
+    for i, q in enumerate(queues):
+        f = files_pb2.file_entry(id=i + 1, type=files_pb2.INET_SOCKET)
+        f.inet.tcp.inq = q
+        fs.append(f)
+    d.write_image("files.img", fs)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    assert os.path.getsize(os.path.join(str(tmp_path), "files.img")) > imgfile.MAP_OVER
+    return str(tmp_path), queues
+
+
+def test_big_records_image_round_trip(tmp_path):
+    path, queues = _big_files(tmp_path)
+    d = ImageDir.open(path)
+    assert [f.inet.tcp.inq for f in d.read_image("files.img")] == queues
+    with open(os.path.join(path, "files.img"), "rb") as f:
+        data = f.read()
+    assert d.checksums["files.img"] == (len(data), imgfile._hexdigest(data))
+
+
+def test_big_records_image_corrupt_byte(tmp_path):
+    path, _ = _big_files(tmp_path)
+    name = os.path.join(path, "files.img")
+    with open(name, "r+b") as f:
+        f.seek(imgfile.MAP_OVER)
+        b = f.read(1)
+        f.seek(imgfile.MAP_OVER)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        ImageDir.open(path).read_image("files.img")
+
+
+def test_writev_all_resumes_short_writes(monkeypatch):
+    """Every piece written once, in order, whatever writev takes each time."""
+    got = bytearray()
+
+    def short(fd, views):
+        take = min(sum(len(v) for v in views), 7)   # 7 bytes a call at most
+        out = 0
+        for v in views:
+            n = min(len(v), take - out)
+            got.extend(bytes(v[:n]))
+            out += n
+            if out == take:
+                break
+        return out
+    monkeypatch.setattr(imgfile.os, "writev", short)
+    parts = [b"head", b"", b"0123456789", b"x" * 30, b"tail"]
+    imgfile._writev_all(3, parts)
+    assert bytes(got) == b"".join(parts)
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 70000], [65536] * 20])    # read; mapped
+def test_raw_queues_round_trip(tmp_path, sizes):
+    d = ImageDir.create(str(tmp_path))
+    w = d.raw_writer("tcp-queues.img")
+    chunks = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    offs = [w.append(memoryview(c)) for c in chunks]
+    d.add_raw("tcp-queues.img", w)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    r = ImageDir.open(str(tmp_path))
+    view = r.read_raw("tcp-queues.img")
+    assert [bytes(view[o:o + len(c)]) for o, c in zip(offs, chunks)] == chunks
+    assert len(view) == sum(sizes)
+    r.verify_all()
+    assert decode_file(os.path.join(str(tmp_path), "tcp-queues.img")) == \
+        {"magic": "QUEUES", "file": "tcp-queues.img", "bytes": sum(sizes)}
+
+
+def test_raw_queues_corrupt_or_truncated(tmp_path):
+    d = ImageDir.create(str(tmp_path))
+    w = d.raw_writer("tcp-queues.img")
+    w.append(b"q" * 1000)
+    d.add_raw("tcp-queues.img", w)
+    d.commit(inventory_pb2.inventory_entry(root_pid=42))
+    name = os.path.join(str(tmp_path), "tcp-queues.img")
+    with open(name, "r+b") as f:
+        f.seek(500)
+        f.write(b"Q")
+    with pytest.raises(ImageError, match="checksum mismatch"):
+        ImageDir.open(str(tmp_path)).read_raw("tcp-queues.img")
+    os.truncate(name, 600)
+    with pytest.raises(ImageError, match="truncated"):
+        ImageDir.open(str(tmp_path)).read_raw("tcp-queues.img")
+    with pytest.raises(ImageError, match="raw bytes, not records"):
+        imgfile.decode_records(open(name, "rb").read(), name)
+
+
+def test_raw_queues_discarded_and_not_records(tmp_path):
+    d = ImageDir.create(str(tmp_path))
+    with pytest.raises(ValueError):
+        d.write_image("tcp-queues.img", [])
+    with pytest.raises(ValueError):
+        d.raw_writer("files.img")
+    w = d.raw_writer("tcp-queues.img")
+    w.append(b"x")
+    w.abort()
+    d.discard()
+    assert not os.path.exists(os.path.join(str(tmp_path), "tcp-queues.img"))

@@ -42,3 +42,22 @@ def test_conn_v6_kept():
 def test_lock_names():
     assert netlock.NetLock(42, "nftables").name == "migrate-42"
     assert netlock.NetLock(42, "iptables").name == "MIGRATE-42"
+
+
+def test_queue_views_from_tcp_queues_img():
+    """Each connection's queues where its entry says, bounds checked."""
+    import pytest
+    from migrate import errors
+    from migrate.images._pb import files_pb2
+    from migrate.resources import tcp
+    raw = memoryview(b"AAAABBBccDDDDDD")
+    e = files_pb2.tcp_stream_entry(queues_off=7, inq_len=2, outq_len=6)
+    inq, outq = tcp.queue_views(e, raw, "TCP a -> b")
+    assert (bytes(inq), bytes(outq)) == (b"cc", b"DDDDDD")
+    e.outq_len = 7
+    with pytest.raises(errors.RestoreError, match=r"\[0x7, 0x10\) of tcp-queues.img"):
+        tcp.queue_views(e, raw, "TCP a -> b")
+    with pytest.raises(errors.RestoreError, match="does not list"):
+        tcp.queue_views(e, None, "TCP a -> b")
+    old = files_pb2.tcp_stream_entry(inq=b"in", outq=b"out")   # queues in the entry
+    assert tcp.queue_views(old, None, "TCP a -> b") == (b"in", b"out")
