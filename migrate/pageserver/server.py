@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 256 << 10     # bytes buffered outside a chunk before reading pauses
 CHUNK_BUFFERS = 6           # receive buffers (8 MiB) shared by all sessions
-VERIFY_WINDOW = 256 << 10   # chunks are written, read back and hashed in such pieces
+# Chunks are written, read back and hashed in such pieces.  The piece, its
+# copy read back and the source must stay in this core's L2 (512 KiB on the
+# project's EPYC): with 256 KiB the read-back missed it and cost the server
+# about 0.4 s of sys time per GiB more than with 64 KiB (bench/pageserver.py
+# CPU split, interleaved runs).
+VERIFY_WINDOW = 64 << 10
 LINGER_S = 5.0              # after an ERROR, read and drop for this long before closing
 LINGER_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
@@ -231,7 +236,7 @@ class Session:
         return data
 
     def write_chunk(self, pf: _PagesFile, ev: P.PageChunk) -> None:
-        """Check the chunk as received, then write it piece by piece (256 KiB),
+        """Check the chunk as received, then write it piece by piece (64 KiB),
         reading each piece back from the page cache and hashing it while it
         is still in this core's cache (mapping the file instead costs as much
         in page-table work and TLB shootdowns, and RSS)."""
