@@ -597,3 +597,106 @@ def test_fuzz_live_server_10000_malformed(tmp_path, workdir, workloads, servers,
     for dirpath, _, files in os.walk(os.path.join(root, "fz")):
         assert "inventory.img" not in files
     assert srv.proc.poll() is None
+
+
+# ------------------------------------------------------------------ chains, flags
+
+def _dirty(w: Workload) -> None:
+    """memhog rewrites 1% of its pages on SIGUSR1 and says DIRTIED."""
+    before = w.log().count("DIRTIED")
+    os.kill(w.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while w.log().count("DIRTIED") == before:
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.05)
+
+
+def test_pre_dump_chain_through_tls_server_restores(tmp_path, workdir, workloads, pki,
+                                                     servers):
+    """pre-dump, pre-dump, dump, all through a TLS page-server, the memory
+    dirtied in between; the server's last image (parent -> parent) restores
+    and the program checks every page of its own."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("memhog", workdir, workloads, "48")
+    local = str(tmp_path / "src")
+    ps = ["--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
+          *tls_args(pki["good"])]
+    for i in range(2):
+        prev = ["--prev-images-dir", f"../pre{i - 1}"] if i else []
+        p = migrate("pre-dump", "-t", str(w.pid), "-D", os.path.join(local, f"pre{i}"),
+                    "--session", f"chain/pre{i}", *prev, *ps)
+        assert p.returncode == 0, p.stderr
+        _dirty(w)
+    w.dump(os.path.join(local, "final"), "--prev-images-dir", "../pre1",
+           "--session", "chain/final", *ps)
+    chain = os.path.join(root, "chain")
+    assert os.readlink(os.path.join(chain, "final", "parent")) == "../pre1"
+    assert os.readlink(os.path.join(chain, "pre1", "parent")) == "../pre0"
+    for d in ("pre0", "pre1", "final"):
+        migrate("show", os.path.join(chain, d), "--verify", check=True)
+        # the client's -D holds the metadata and the log, never the pages
+        assert not any(n.startswith("pages-") for n in os.listdir(os.path.join(local, d)))
+    runs = _runs(os.path.join(chain, "final"), w.pid)
+    assert any(f & imgfile.PE_IN_PARENT for _, _, f in runs)
+    w.restore(os.path.join(chain, "final"))
+    w.assert_pass()
+    assert srv.log().count("committed") >= 3
+
+
+def test_cn_verify_and_tls_no_cn_verify(tmp_path, workdir, workloads, servers):
+    """A server whose certificate names another host: the client refuses it
+    unless --tls-no-cn-verify (the CA is still checked)."""
+    ca = str(tmp_path / "ca")
+    migrate("certs", "init", ca, check=True)
+    migrate("certs", "issue", ca, "elsewhere.example", check=True)
+    migrate("certs", "issue", ca, "localhost", check=True)
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve",
+                 *tls_args(ca, "elsewhere.example"))
+    servers.append(srv)
+    w = start("signals", workdir, workloads)
+    p = migrate("dump", "-t", str(w.pid), "-D", str(tmp_path / "logs"), "--page-server",
+                "--address", "127.0.0.1", "--port", str(srv.port), "--session", "cn",
+                *tls_args(ca))
+    assert p.returncode == 1
+    assert "TLS" in p.stderr and "127.0.0.1" in p.stderr, p.stderr
+    assert alive(w.pid)
+    w.dump(str(tmp_path / "logs2"), "--page-server", "--address", "127.0.0.1",
+           "--port", str(srv.port), "--session", "cn", "--tls-no-cn-verify", *tls_args(ca))
+    w.restore(os.path.join(root, "cn"))
+    w.assert_pass()
+
+
+def test_incomplete_session_is_not_restorable(tmp_path, workdir, workloads, pki, servers):
+    """A session cut before its commit, into the directory of an image
+    committed earlier: the old inventory is gone from its start, so the
+    restore refuses what is left; and a directory with files but no
+    inventory (what a crash of the server would leave) is refused too."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("signals", workdir, workloads)
+    dump_via(w, workdir, srv, "again", "-R", *tls_args(pki["good"]))
+    img = os.path.join(root, "again")
+    migrate("show", img, "--verify", check=True)
+    sink = PageServerSink("127.0.0.1", srv.port, "again", ssl_context=client_ctx(pki["good"]))
+    pw = sink.pages_writer(w.pid)
+    pw.write_chunk(0, memoryview(bytes(1 << 20)))
+    sink.sock.close()
+    deadline = time.monotonic() + 30
+    while "session 'again': ended before its commit" not in srv.log():
+        assert time.monotonic() < deadline, srv.log()[-3000:]
+        time.sleep(0.05)
+    assert os.path.isdir(img) and not os.path.exists(os.path.join(img, "inventory.img"))
+    half = os.path.join(root, "half")
+    os.makedirs(half)
+    with open(os.path.join(half, "pstree.img"), "wb") as f:
+        f.write(b"\0" * 64)
+    for d in (img, half):
+        p = migrate("restore", "-D", d, "-d")
+        assert p.returncode != 0
+        assert "inventory" in p.stderr, p.stderr
+    assert alive(w.pid)       # dumped with -R: still running, as before
+    w.assert_pass()
