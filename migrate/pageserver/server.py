@@ -1150,9 +1150,12 @@ def run(root: str, host: str, port: int, *, ssl_context=None, serve: bool = Fals
             return 0 if ok == b"\0" else 1
         os.close(rfd)
         os.setsid()
+        # daemon(3): let go of the caller's terminal and pipes (a caller
+        # reading our stderr until EOF would otherwise wait for our end);
+        # the log is in a file (cli.cmd_page_server).
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         os.close(null)
         notify = wfd
 

@@ -645,6 +645,47 @@ def test_pre_dump_chain_through_tls_server_restores(tmp_path, workdir, workloads
     assert srv.log().count("committed") >= 3
 
 
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_daemon_pidfile_address_port(tmp_path, workdir, workloads):
+    """criu's flags: -d returns once the server listens on --address/--port,
+    --pidfile names the daemon (relative to -D); the daemon serves a dump
+    and stops on SIGTERM."""
+    root = str(tmp_path / "srv")
+    port = _free_port()
+    log = str(tmp_path / "ps.log")
+    p = migrate("page-server", "-D", root, "--address", "127.0.0.1", "--port", str(port),
+                "-d", "--pidfile", "ps.pid", "--serve", "--no-tls", "-v3", "-o", log)
+    assert p.returncode == 0, p.stderr
+    with open(os.path.join(root, "ps.pid")) as f:
+        pid = int(f.read())
+    try:
+        assert alive(pid)
+        with open(f"/proc/{pid}/stat") as f:     # its own session, parent gone
+            assert int(f.read().rsplit(")", 1)[1].split()[3]) != os.getpid()
+        w = start("signals", workdir, workloads)
+        w.dump(os.path.join(workdir, "logs"), "--page-server", "--address", "127.0.0.1",
+               "--port", str(port), "--session", "d1", "--no-tls")
+        w.restore(os.path.join(root, "d1"))
+        w.assert_pass()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not alive(pid)
+    with open(log) as f:
+        text = f.read()
+    assert f"listening on 127.0.0.1:{port}" in text and "stopped after 1 session" in text, \
+        text[-3000:]
+
+
 def test_cn_verify_and_tls_no_cn_verify(tmp_path, workdir, workloads, servers):
     """A server whose certificate names another host: the client refuses it
     unless --tls-no-cn-verify (the CA is still checked)."""
