@@ -240,6 +240,16 @@ def ceiling_path(pid: int, directory: str, streams: int, mode: str, tls_files: t
                     "receiver_user_s": rcv["user_s"], "receiver_sys_s": rcv["sys_s"]}}
 
 
+def _cpu_bound(cpu: dict, nbytes: int) -> dict:
+    """CPU seconds per GiB, both sides together, and the throughput that
+    this machine's cores could give at that cost if nothing else ran and
+    the work spread perfectly over them: an upper bound, unlike the wall
+    figures insensitive to other load (bar cache and memory contention)."""
+    per_gib = sum(cpu.values()) / (nbytes / GiB)
+    return {**cpu, "core_s_per_GiB": round(per_gib, 2),
+            f"cpu_bound_GiB_s_{os.cpu_count()}_cores": round(os.cpu_count() / per_gib, 2)}
+
+
 def _best_median(xs: list[float]) -> dict:
     return {"best": round(max(xs), 2), "median": round(statistics.median(xs), 2)}
 
@@ -325,13 +335,13 @@ def main() -> None:
             out[f"{name}_GiB_s"] = _best_median([data / w / GiB for w in walls])
             out[f"{name}_wall_s"] = round(best, 2)
             out[f"{name}_memory_phase_GiB_s"] = _best_median([data / m / GiB for m in mems])
-            out[f"{name}_cpu"] = cpus[walls.index(best)]
+            out[f"{name}_cpu"] = _cpu_bound(cpus[walls.index(best)], data)
             out[f"{name}_server_rss_MiB"] = round(srv.hwm_mib(), 1)
             if ceil:
                 top = max(ceil, key=lambda c: c["GiB_s"])
                 c = _best_median([x["GiB_s"] for x in ceil])
                 out[f"path_ceiling_{name}_GiB_s"] = {**c, "best_by": top["mode"]}
-                out[f"path_ceiling_{name}_cpu"] = top["cpu"]
+                out[f"path_ceiling_{name}_cpu"] = _cpu_bound(top["cpu"], data)
                 out[f"{name}_vs_path_ceiling"] = {
                     "wall_best": round(out[f"{name}_GiB_s"]["best"] / c["best"], 2),
                     "wall_median": round(out[f"{name}_GiB_s"]["median"] / c["median"], 2),
@@ -394,6 +404,20 @@ def main() -> None:
                 for m in ("plaintext", "plaintext_2streams")) /
             out["ceiling_loopback_tcp_GiB_s"], 2)
         out["load_average_end"] = os.getloadavg()
+        cores = f"cpu_bound_GiB_s_{os.cpu_count()}_cores"
+        summary = []
+        for name in ("plaintext", "plaintext_2streams", "tls", "tls_2streams"):
+            o, c = out[f"{name}_cpu"], out[f"path_ceiling_{name}_cpu"]
+            summary.append(
+                f"{name}: ours {out[f'{name}_GiB_s']['best']} GiB/s (memory phase "
+                f"{out[f'{name}_memory_phase_GiB_s']['best']}), path ceiling "
+                f"{out[f'path_ceiling_{name}_GiB_s']['best']}; CPU ours client "
+                f"{o['client_user_s']}u+{o['client_sys_s']}s server {o['server_user_s']}u+"
+                f"{o['server_sys_s']}s = {o['core_s_per_GiB']} core-s/GiB (at most "
+                f"{o[cores]} GiB/s), ceiling sender {c['sender_user_s']}u+{c['sender_sys_s']}s "
+                f"receiver {c['receiver_user_s']}u+{c['receiver_sys_s']}s = "
+                f"{c['core_s_per_GiB']} core-s/GiB (at most {c[cores]} GiB/s)")
+        out["summary"] = summary
     finally:
         for s in servers:
             s.stop()
