@@ -122,21 +122,28 @@ class Session:
         return os.path.join(self.path, name)
 
     def begin(self) -> None:
+        # Checked before mkdir too (realpath resolves the components that
+        # exist): a symlink planted under -D must not make us create
+        # directories outside it; and again after, for one planted meanwhile.
+        self._check_within()
         existed = os.path.isdir(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise _os_error(self.path, "mkdir", e) from e
         self.made_dir = not existed
-        if not _within(self.root, self.path):
-            raise SessionError(P.Code.BAD_NAME, f"session {self.name!r}: {self.path} resolves "
-                                                "outside the server's directory")
+        self._check_within()
         try:
             os.unlink(self._p("inventory.img"))   # an old image is incomplete from now on
         except FileNotFoundError:
             pass
         except OSError as e:
             raise _os_error(self._p("inventory.img"), "unlink", e) from e
+
+    def _check_within(self) -> None:
+        if not _within(self.root, self.path):
+            raise SessionError(P.Code.BAD_NAME, f"session {self.name!r}: {self.path} resolves "
+                                                "outside the server's directory")
 
     def _create(self, name: str) -> int:
         path = self._p(name)

@@ -741,3 +741,59 @@ def test_incomplete_session_is_not_restorable(tmp_path, workdir, workloads, pki,
         assert "inventory" in p.stderr, p.stderr
     assert alive(w.pid)       # dumped with -R: still running, as before
     w.assert_pass()
+
+
+def test_version_names_and_the_session_checksum(tmp_path, servers):
+    """What the server checks beyond the framing: the protocol version, a
+    session directory or parent link that resolves outside -D (a symlink
+    planted there), and at COMMIT the session checksum: every file listed
+    in the inventory received whole with its size and xxh3-128, nothing
+    received that is not listed. Each refusal leaves no inventory."""
+    root = str(tmp_path / "srv")
+    os.makedirs(root)
+    os.symlink(str(tmp_path), os.path.join(root, "planted"))
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", "--no-tls")
+    servers.append(srv)
+
+    s = _raw_tls(srv, None)
+    s.sendall(P.Connection(P.Role.CLIENT).send(P.Hello("v99", version=99)))
+    (err,) = _read_events(s)
+    s.close()
+    assert err.code == P.Code.VERSION and "speaks" in err.text, err
+
+    with pytest.raises(errors.PageServerError, match="BAD_NAME.*outside"):
+        PageServerSink("127.0.0.1", srv.port, "planted/a/b")
+    assert not os.path.exists(str(tmp_path / "a"))     # nothing made outside -D
+    sink = PageServerSink("127.0.0.1", srv.port, "link")
+    with pytest.raises(errors.PageServerError, match="BAD_NAME.*outside"):
+        sink.set_parent("../../../..")
+        sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    sink.close()
+
+    def commit(name, tamper, why):
+        sink = PageServerSink("127.0.0.1", srv.port, name)
+        sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+        pw = sink.pages_writer(1)
+        pw.account(1, pw.write_chunk(0, memoryview(bytes(4096))))
+        sink.add_pages(1, pw)
+        tamper(sink.checksums)
+        with pytest.raises(errors.PageServerError, match="CHECKSUM") as ei:
+            sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+        sink.close()
+        assert why in str(ei.value), ei.value
+        assert not os.path.exists(os.path.join(root, name, "inventory.img"))
+
+    commit("digest", lambda c: c.update({"pstree.img": (c["pstree.img"][0], "0" * 32)}),
+           "the inventory says")
+    commit("pages", lambda c: c.update({"pages-1.img": (c["pages-1.img"][0] + 4096,
+                                                         c["pages-1.img"][1])}),
+           "pages-1.img: received")
+    commit("missing", lambda c: c.update({"fs-1.img": (10, "0" * 32)}),
+           "listed in the inventory but not received")
+    commit("extra", lambda c: c.pop("pstree.img"), "received but not in the inventory")
+    # and a good one still commits
+    sink = PageServerSink("127.0.0.1", srv.port, "good")
+    sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+    sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    assert os.path.exists(os.path.join(root, "good", "inventory.img"))
+    assert srv.proc.poll() is None
