@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep serving any number of concurrent sessions (default: one "
                          "session, then exit, like criu)")
     ps.add_argument("-d", "--daemon", action="store_true",
-                    help="run in the background once listening")
+                    help="run in the background once listening, stdin, stdout and stderr "
+                         "on /dev/null (the log goes to -o, by default DIR/page-server.log)")
     ps.add_argument("--pidfile", metavar="FILE", help="write the server's PID to FILE")
     ps.add_argument("--status-fd", type=int, metavar="FD",
                     help="write \\0 to FD and close it once listening")
@@ -554,6 +555,11 @@ def cmd_check(args) -> int:
 
 def cmd_page_server(args) -> int:
     from migrate.pageserver import server
+    if args.daemon and not args.log_file:
+        # The daemon lets go of our stderr (a caller reading it until EOF
+        # would wait for the daemon's end): its log needs a file.
+        args.log_file = "page-server.log"
+        _setup_logging(args)
     pidfile = args.pidfile
     if pidfile and not os.path.isabs(pidfile):
         pidfile = os.path.join(args.work_dir or args.images_dir, pidfile)

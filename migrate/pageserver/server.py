@@ -42,7 +42,12 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 256 << 10     # bytes buffered outside a chunk before reading pauses
 CHUNK_BUFFERS = 6           # receive buffers (8 MiB) shared by all sessions
-VERIFY_WINDOW = 256 << 10   # chunks are written, read back and hashed in such pieces
+# Chunks are written, read back and hashed in such pieces.  The piece, its
+# copy read back and the source must stay in this core's L2 (512 KiB on the
+# project's EPYC): with 256 KiB the read-back missed it and cost the server
+# about 0.4 s of sys time per GiB more than with 64 KiB (bench/pageserver.py
+# CPU split, interleaved runs).
+VERIFY_WINDOW = 64 << 10
 LINGER_S = 5.0              # after an ERROR, read and drop for this long before closing
 LINGER_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
@@ -117,21 +122,28 @@ class Session:
         return os.path.join(self.path, name)
 
     def begin(self) -> None:
+        # Checked before mkdir too (realpath resolves the components that
+        # exist): a symlink planted under -D must not make us create
+        # directories outside it; and again after, for one planted meanwhile.
+        self._check_within()
         existed = os.path.isdir(self.path)
         try:
             os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise _os_error(self.path, "mkdir", e) from e
         self.made_dir = not existed
-        if not _within(self.root, self.path):
-            raise SessionError(P.Code.BAD_NAME, f"session {self.name!r}: {self.path} resolves "
-                                                "outside the server's directory")
+        self._check_within()
         try:
             os.unlink(self._p("inventory.img"))   # an old image is incomplete from now on
         except FileNotFoundError:
             pass
         except OSError as e:
             raise _os_error(self._p("inventory.img"), "unlink", e) from e
+
+    def _check_within(self) -> None:
+        if not _within(self.root, self.path):
+            raise SessionError(P.Code.BAD_NAME, f"session {self.name!r}: {self.path} resolves "
+                                                "outside the server's directory")
 
     def _create(self, name: str) -> int:
         path = self._p(name)
@@ -231,7 +243,7 @@ class Session:
         return data
 
     def write_chunk(self, pf: _PagesFile, ev: P.PageChunk) -> None:
-        """Check the chunk as received, then write it piece by piece (256 KiB),
+        """Check the chunk as received, then write it piece by piece (64 KiB),
         reading each piece back from the page cache and hashing it while it
         is still in this core's cache (mapping the file instead costs as much
         in page-table work and TLB shootdowns, and RSS)."""
@@ -1145,9 +1157,12 @@ def run(root: str, host: str, port: int, *, ssl_context=None, serve: bool = Fals
             return 0 if ok == b"\0" else 1
         os.close(rfd)
         os.setsid()
+        # daemon(3): let go of the caller's terminal and pipes (a caller
+        # reading our stderr until EOF would otherwise wait for our end);
+        # the log is in a file (cli.cmd_page_server).
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
         os.close(null)
         notify = wfd
 

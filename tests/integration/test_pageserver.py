@@ -597,3 +597,203 @@ def test_fuzz_live_server_10000_malformed(tmp_path, workdir, workloads, servers,
     for dirpath, _, files in os.walk(os.path.join(root, "fz")):
         assert "inventory.img" not in files
     assert srv.proc.poll() is None
+
+
+# ------------------------------------------------------------------ chains, flags
+
+def _dirty(w: Workload) -> None:
+    """memhog rewrites 1% of its pages on SIGUSR1 and says DIRTIED."""
+    before = w.log().count("DIRTIED")
+    os.kill(w.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while w.log().count("DIRTIED") == before:
+        assert time.monotonic() < deadline, w.log()
+        time.sleep(0.05)
+
+
+def test_pre_dump_chain_through_tls_server_restores(tmp_path, workdir, workloads, pki,
+                                                     servers):
+    """pre-dump, pre-dump, dump, all through a TLS page-server, the memory
+    dirtied in between; the server's last image (parent -> parent) restores
+    and the program checks every page of its own."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("memhog", workdir, workloads, "48")
+    local = str(tmp_path / "src")
+    ps = ["--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
+          *tls_args(pki["good"])]
+    for i in range(2):
+        prev = ["--prev-images-dir", f"../pre{i - 1}"] if i else []
+        p = migrate("pre-dump", "-t", str(w.pid), "-D", os.path.join(local, f"pre{i}"),
+                    "--session", f"chain/pre{i}", *prev, *ps)
+        assert p.returncode == 0, p.stderr
+        _dirty(w)
+    w.dump(os.path.join(local, "final"), "--prev-images-dir", "../pre1",
+           "--session", "chain/final", *ps)
+    chain = os.path.join(root, "chain")
+    assert os.readlink(os.path.join(chain, "final", "parent")) == "../pre1"
+    assert os.readlink(os.path.join(chain, "pre1", "parent")) == "../pre0"
+    for d in ("pre0", "pre1", "final"):
+        migrate("show", os.path.join(chain, d), "--verify", check=True)
+        # the client's -D holds the metadata and the log, never the pages
+        assert not any(n.startswith("pages-") for n in os.listdir(os.path.join(local, d)))
+    runs = _runs(os.path.join(chain, "final"), w.pid)
+    assert any(f & imgfile.PE_IN_PARENT for _, _, f in runs)
+    w.restore(os.path.join(chain, "final"))
+    w.assert_pass()
+    assert srv.log().count("committed") >= 3
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_daemon_pidfile_address_port(tmp_path, workdir, workloads):
+    """criu's flags: -d returns once the server listens on --address/--port,
+    --pidfile names the daemon (relative to -D); the daemon serves a dump
+    and stops on SIGTERM."""
+    root = str(tmp_path / "srv")
+    port = _free_port()
+    log = str(tmp_path / "ps.log")
+    p = migrate("page-server", "-D", root, "--address", "127.0.0.1", "--port", str(port),
+                "-d", "--pidfile", "ps.pid", "--serve", "--no-tls", "-v3", "-o", log)
+    assert p.returncode == 0, p.stderr
+    with open(os.path.join(root, "ps.pid")) as f:
+        pid = int(f.read())
+    try:
+        assert alive(pid)
+        with open(f"/proc/{pid}/stat") as f:     # its own session, parent gone
+            assert int(f.read().rsplit(")", 1)[1].split()[3]) != os.getpid()
+        w = start("signals", workdir, workloads)
+        w.dump(os.path.join(workdir, "logs"), "--page-server", "--address", "127.0.0.1",
+               "--port", str(port), "--session", "d1", "--no-tls")
+        w.restore(os.path.join(root, "d1"))
+        w.assert_pass()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert not alive(pid)
+    with open(log) as f:
+        text = f.read()
+    assert f"listening on 127.0.0.1:{port}" in text and "stopped after 1 session" in text, \
+        text[-3000:]
+
+
+def test_cn_verify_and_tls_no_cn_verify(tmp_path, workdir, workloads, servers):
+    """A server whose certificate names another host: the client refuses it
+    unless --tls-no-cn-verify (the CA is still checked)."""
+    ca = str(tmp_path / "ca")
+    migrate("certs", "init", ca, check=True)
+    migrate("certs", "issue", ca, "elsewhere.example", check=True)
+    migrate("certs", "issue", ca, "localhost", check=True)
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve",
+                 *tls_args(ca, "elsewhere.example"))
+    servers.append(srv)
+    w = start("signals", workdir, workloads)
+    p = migrate("dump", "-t", str(w.pid), "-D", str(tmp_path / "logs"), "--page-server",
+                "--address", "127.0.0.1", "--port", str(srv.port), "--session", "cn",
+                *tls_args(ca))
+    assert p.returncode == 1
+    assert "TLS" in p.stderr and "127.0.0.1" in p.stderr, p.stderr
+    assert alive(w.pid)
+    w.dump(str(tmp_path / "logs2"), "--page-server", "--address", "127.0.0.1",
+           "--port", str(srv.port), "--session", "cn", "--tls-no-cn-verify", *tls_args(ca))
+    w.restore(os.path.join(root, "cn"))
+    w.assert_pass()
+
+
+def test_incomplete_session_is_not_restorable(tmp_path, workdir, workloads, pki, servers):
+    """A session cut before its commit, into the directory of an image
+    committed earlier: the old inventory is gone from its start, so the
+    restore refuses what is left; and a directory with files but no
+    inventory (what a crash of the server would leave) is refused too."""
+    root = str(tmp_path / "srv")
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", *tls_args(pki["good"]))
+    servers.append(srv)
+    w = start("signals", workdir, workloads)
+    dump_via(w, workdir, srv, "again", "-R", *tls_args(pki["good"]))
+    img = os.path.join(root, "again")
+    migrate("show", img, "--verify", check=True)
+    sink = PageServerSink("127.0.0.1", srv.port, "again", ssl_context=client_ctx(pki["good"]))
+    pw = sink.pages_writer(w.pid)
+    pw.write_chunk(0, memoryview(bytes(1 << 20)))
+    sink.sock.close()
+    deadline = time.monotonic() + 30
+    while "session 'again': ended before its commit" not in srv.log():
+        assert time.monotonic() < deadline, srv.log()[-3000:]
+        time.sleep(0.05)
+    assert os.path.isdir(img) and not os.path.exists(os.path.join(img, "inventory.img"))
+    half = os.path.join(root, "half")
+    os.makedirs(half)
+    with open(os.path.join(half, "pstree.img"), "wb") as f:
+        f.write(b"\0" * 64)
+    for d in (img, half):
+        p = migrate("restore", "-D", d, "-d")
+        assert p.returncode != 0
+        assert "inventory" in p.stderr, p.stderr
+    assert alive(w.pid)       # dumped with -R: still running, as before
+    w.assert_pass()
+
+
+def test_version_names_and_the_session_checksum(tmp_path, servers):
+    """What the server checks beyond the framing: the protocol version, a
+    session directory or parent link that resolves outside -D (a symlink
+    planted there), and at COMMIT the session checksum: every file listed
+    in the inventory received whole with its size and xxh3-128, nothing
+    received that is not listed. Each refusal leaves no inventory."""
+    root = str(tmp_path / "srv")
+    os.makedirs(root)
+    os.symlink(str(tmp_path), os.path.join(root, "planted"))
+    srv = Server(root, str(tmp_path / "ps.log"), "--serve", "--no-tls")
+    servers.append(srv)
+
+    s = _raw_tls(srv, None)
+    s.sendall(P.Connection(P.Role.CLIENT).send(P.Hello("v99", version=99)))
+    (err,) = _read_events(s)
+    s.close()
+    assert err.code == P.Code.VERSION and "speaks" in err.text, err
+
+    with pytest.raises(errors.PageServerError, match="BAD_NAME.*outside"):
+        PageServerSink("127.0.0.1", srv.port, "planted/a/b")
+    assert not os.path.exists(str(tmp_path / "a"))     # nothing made outside -D
+    sink = PageServerSink("127.0.0.1", srv.port, "link")
+    with pytest.raises(errors.PageServerError, match="BAD_NAME.*outside"):
+        sink.set_parent("../../../..")
+        sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    sink.close()
+
+    def commit(name, tamper, why):
+        sink = PageServerSink("127.0.0.1", srv.port, name)
+        sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+        pw = sink.pages_writer(1)
+        pw.account(1, pw.write_chunk(0, memoryview(bytes(4096))))
+        sink.add_pages(1, pw)
+        tamper(sink.checksums)
+        with pytest.raises(errors.PageServerError, match="CHECKSUM") as ei:
+            sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+        sink.close()
+        assert why in str(ei.value), ei.value
+        assert not os.path.exists(os.path.join(root, name, "inventory.img"))
+
+    commit("digest", lambda c: c.update({"pstree.img": (c["pstree.img"][0], "0" * 32)}),
+           "the inventory says")
+    commit("pages", lambda c: c.update({"pages-1.img": (c["pages-1.img"][0] + 4096,
+                                                         c["pages-1.img"][1])}),
+           "pages-1.img: received")
+    commit("missing", lambda c: c.update({"fs-1.img": (10, "0" * 32)}),
+           "listed in the inventory but not received")
+    commit("extra", lambda c: c.pop("pstree.img"), "received but not in the inventory")
+    # and a good one still commits
+    sink = PageServerSink("127.0.0.1", srv.port, "good")
+    sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=1)])
+    sink.commit(inventory_pb2.inventory_entry(root_pid=1))
+    assert os.path.exists(os.path.join(root, "good", "inventory.img"))
+    assert srv.proc.poll() is None
