@@ -504,31 +504,60 @@ class PageServerReader:
         MAX_OUTSTANDING_GETS requests are in flight at once."""
         requests = list(requests)
         out: list[bytes] = []
-        sent = 0
-        while len(out) < len(requests):
-            while sent < len(requests) and sent - len(out) < P.MAX_OUTSTANDING_GETS:
-                pid, vaddr, nr = requests[sent]
-                self.wire.send(P.Get(self._next_id & 0xFFFFFFFF, pid, vaddr, nr), look=False)
-                self._next_id += 1
-                sent += 1
-            ev = self.wire.recv_event(IO_TIMEOUT_S)
-            if not isinstance(ev, P.PageData):
-                self.wire.failed = _error_from(self, ev, "GET")
-                raise self.wire.failed
-            pid, vaddr, nr = requests[len(out)]
-            if (ev.vaddr, ev.nr_pages) != (vaddr, nr):
-                raise errors.PageServerError(self.peer, "PROTOCOL",
-                                             f"asked pages {vaddr:#x} +{nr}, got "
-                                             f"{ev.vaddr:#x} +{ev.nr_pages}")
-            if chunk_digest(ev.data) != ev.digest:
-                raise errors.PageServerError(self.peer, "CHECKSUM",
-                                             f"pid {pid} pages {vaddr:#x} +{nr}: xxh3-128 "
-                                             "does not match the server's")
-            out.append(bytes(ev.data))
+        for i in range(0, len(requests), P.MAX_OUTSTANDING_GETS):
+            batch = requests[i:i + P.MAX_OUTSTANDING_GETS]
+            self.send_gets(batch)
+            out.extend(bytes(self.recv_pages(*r)) for r in batch)
         return out
+
+    def send_gets(self, requests) -> None:
+        """Send a GET for each ``(pid, vaddr, nr_pages)`` (at most
+        MAX_OUTSTANDING_GETS unanswered), all in one write; answer them
+        in order with ``recv_pages``."""
+        w = self.wire
+        with w.lock:
+            if w.failed is not None:
+                raise w.failed
+            try:
+                frames = [f for pid, vaddr, nr in requests
+                          for f in w.conn.send_parts(P.Get(self._take_id(), pid, vaddr, nr))]
+            except P.LocalProtocolError as e:
+                raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+            try:
+                w.sendall([frames[0] if len(frames) == 1 else b"".join(frames)])
+            except (OSError, ssl.SSLError) as e:
+                w.raise_server_error(e, "GET")
+
+    def _take_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        return self._next_id
+
+    def recv_pages(self, pid: int, vaddr: int, nr_pages: int, timeout: float = IO_TIMEOUT_S):
+        """The answer to the oldest GET sent, which asked for these pages:
+        their data (a buffer), checked against the server's xxh3-128."""
+        ev = self.wire.recv_event(timeout)
+        if not isinstance(ev, P.PageData):
+            self.wire.failed = _error_from(self, ev, "GET")
+            raise self.wire.failed
+        if (ev.vaddr, ev.nr_pages) != (vaddr, nr_pages):
+            raise errors.PageServerError(self.peer, "PROTOCOL",
+                                         f"asked pages {vaddr:#x} +{nr_pages}, got "
+                                         f"{ev.vaddr:#x} +{ev.nr_pages}")
+        if chunk_digest(ev.data) != ev.digest:
+            raise errors.PageServerError(self.peer, "CHECKSUM",
+                                         f"pid {pid} pages {vaddr:#x} +{nr_pages}: xxh3-128 "
+                                         "does not match the server's")
+        return ev.data
 
     def get(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
         return self.get_many([(pid, vaddr, nr_pages)])[0]
+
+    def shutdown(self) -> None:
+        """From another thread: make a blocked ``recv_pages`` fail at once."""
+        try:
+            self.wire.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.wire.close()
