@@ -255,7 +255,7 @@ class FaultLane:
         try:
             self.reader = client.PageServerReader(
                 s.address, s.port, s.session, ssl_context=s.ssl,
-                server_hostname=s.address if s.ssl else None)
+                server_hostname=s.address if s.ssl else None, blocking=True)
         except errors.PageServerError as e:
             raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
 

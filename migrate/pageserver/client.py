@@ -43,6 +43,7 @@ FILE_PART = 4 << 20
 CONNECT_TIMEOUT_S = 30.0
 IO_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 600.0   # the server syncs the whole image before it answers
+DEAD_PEER_S = 30.0         # a blocking read session gives up on a silent peer
 SOCKET_BUFFER = 4 << 20    # SO_SNDBUF: a chunk's worth in flight (net.core.wmem_max caps it)
 ZSTD_LEVEL = 1             # fast: compression must cost less than the link it saves
 
@@ -182,9 +183,11 @@ class _Wire:
                     self.sock.sendall(piece)
             self.bytes_sent += len(p)
 
-    def recv_event(self, timeout: float):
-        """Block for the next event from the server (ERROR, WELCOME, COMMITTED)."""
-        end = time.monotonic() + timeout
+    def recv_event(self, timeout: float | None):
+        """Block for the next event from the server (ERROR, WELCOME, COMMITTED).
+        ``timeout`` None: as the socket is set (blocking, for a read session's
+        fault lane: no poll before each recv)."""
+        end = time.monotonic() + (timeout or 0)
         while True:
             try:
                 ev = self.conn.next_event()
@@ -192,6 +195,14 @@ class _Wire:
                 raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
             if ev is not P.NEED_DATA:
                 return ev
+            if timeout is None:
+                try:
+                    data = self.sock.recv(1 << 16)
+                except (OSError, ssl.SSLError) as e:
+                    raise errors.PageServerError(self.peer, "CONNECTION",
+                                                 f"connection lost: {e}") from None
+                self.conn.receive_data(data)
+                continue
             left = end - time.monotonic()
             if left <= 0:
                 raise errors.PageServerError(self.peer, "CONNECTION",
@@ -481,7 +492,7 @@ class PageServerReader:
 
     def __init__(self, address: str, port: int, session: str, *,
                  ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None, blocking: bool = False) -> None:
         try:
             P.check_session_name(session)
         except ValueError as e:
@@ -498,6 +509,22 @@ class PageServerReader:
             raise errors.PageServerError(self.peer, "NOT_FOUND", "the server does not "
                                                                  "serve read sessions")
         self._next_id = 0
+        # ``blocking``: no timeout on each recv (a poll and a failed read
+        # fewer per answer), but TCP gives up on a peer that stops
+        # acknowledging (TCP_USER_TIMEOUT) or, idle, stops answering
+        # keepalives; shutdown() ends a wait from another thread.
+        self.timeout: float | None = IO_TIMEOUT_S
+        if blocking:
+            self.timeout = None
+            sock = self.wire.sock
+            sock.settimeout(None)
+            for level, opt, val in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+                                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                     int(DEAD_PEER_S * 1000))):
+                sock.setsockopt(level, opt, val)
 
     def get_many(self, requests) -> list[bytes]:
         """The pages of each ``(pid, vaddr, nr_pages)``, in order; up to
@@ -532,10 +559,10 @@ class PageServerReader:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return self._next_id
 
-    def recv_pages(self, pid: int, vaddr: int, nr_pages: int, timeout: float = IO_TIMEOUT_S):
+    def recv_pages(self, pid: int, vaddr: int, nr_pages: int):
         """The answer to the oldest GET sent, which asked for these pages:
         their data (a buffer), checked against the server's xxh3-128."""
-        ev = self.wire.recv_event(timeout)
+        ev = self.wire.recv_event(self.timeout)
         if not isinstance(ev, P.PageData):
             self.wire.failed = _error_from(self, ev, "GET")
             raise self.wire.failed

@@ -50,6 +50,7 @@ class _Lane:
         self.conn = P.Connection(P.Role.SERVER)
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.out = bytearray()            # the response frame, reused
+        self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.Error: self.on_Error}
         self.thread = threading.Thread(target=self.run, name=f"lazy-serve {self.peer}",
                                        daemon=True)
 
@@ -96,7 +97,7 @@ class _Lane:
                     break
                 if isinstance(ev, P.ConnectionClosed):
                     return
-                getattr(self, "on_" + type(ev).__name__, self.on_other)(ev)
+                self.handlers.get(type(ev), self.on_other)(ev)
                 if isinstance(ev, P.Error):
                     return
 
