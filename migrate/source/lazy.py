@@ -62,7 +62,7 @@ class Keeper:
             raise LookupError(f"pid {pid}: pages {vaddr:#x}-{end:#x} are not lazy pages "
                               f"of pid {self.image_pid}")
         buf = bytearray(end - vaddr) if into is None else into
-        kmem.vm_read(self.pid, buf, [(vaddr, end - vaddr, 0)])
+        kmem.vm_read_into(self.pid, buf, vaddr)
         with self._lock:
             self.pages_served += nr_pages
         return buf
