@@ -183,11 +183,9 @@ class _Wire:
                     self.sock.sendall(piece)
             self.bytes_sent += len(p)
 
-    def recv_event(self, timeout: float | None):
-        """Block for the next event from the server (ERROR, WELCOME, COMMITTED).
-        ``timeout`` None: as the socket is set (blocking, for a read session's
-        fault lane: no poll before each recv)."""
-        end = time.monotonic() + (timeout or 0)
+    def recv_event(self, timeout: float):
+        """Block for the next event from the server (ERROR, WELCOME, COMMITTED)."""
+        end = time.monotonic() + timeout
         while True:
             try:
                 ev = self.conn.next_event()
@@ -195,14 +193,6 @@ class _Wire:
                 raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
             if ev is not P.NEED_DATA:
                 return ev
-            if timeout is None:
-                try:
-                    data = self.sock.recv(1 << 16)
-                except (OSError, ssl.SSLError) as e:
-                    raise errors.PageServerError(self.peer, "CONNECTION",
-                                                 f"connection lost: {e}") from None
-                self.conn.receive_data(data)
-                continue
             left = end - time.monotonic()
             if left <= 0:
                 raise errors.PageServerError(self.peer, "CONNECTION",
@@ -540,33 +530,46 @@ class PageServerReader:
     def send_gets(self, requests) -> None:
         """Send a GET for each ``(pid, vaddr, nr_pages)`` (at most
         MAX_OUTSTANDING_GETS unanswered), all in one write; answer them
-        in order with ``recv_pages``."""
+        in order with ``recv_pages``.  One thread at a time."""
         w = self.wire
-        with w.lock:
-            if w.failed is not None:
-                raise w.failed
-            try:
-                frames = [f for pid, vaddr, nr in requests
-                          for f in w.conn.send_parts(P.Get(self._take_id(), pid, vaddr, nr))]
-            except P.LocalProtocolError as e:
-                raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
-            try:
-                w.sendall([frames[0] if len(frames) == 1 else b"".join(frames)])
-            except (OSError, ssl.SSLError) as e:
-                w.raise_server_error(e, "GET")
-
-    def _take_id(self) -> int:
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
-        return self._next_id
+        if w.failed is not None:
+            raise w.failed
+        try:
+            frames = []
+            for pid, vaddr, nr in requests:
+                self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+                frames += w.conn.send_parts(P.Get(self._next_id, pid, vaddr, nr))
+        except P.LocalProtocolError as e:
+            raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            w.sock.sendall(data)
+        except (OSError, ssl.SSLError) as e:
+            w.raise_server_error(e, "GET")
+        w.bytes_sent += len(data)
 
     def recv_pages(self, pid: int, vaddr: int, nr_pages: int):
         """The answer to the oldest GET sent, which asked for these pages:
         their data (a buffer), checked against the server's xxh3-128."""
-        ev = self.wire.recv_event(self.timeout)
+        w = self.wire
+        if self.timeout is not None:
+            ev = w.recv_event(self.timeout)
+        else:
+            conn, sock = w.conn, w.sock
+            try:
+                ev = conn.next_event()
+                while ev is P.NEED_DATA:
+                    conn.receive_data(sock.recv(1 << 16))
+                    ev = conn.next_event()
+            except P.ProtocolError as e:
+                raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+            except (OSError, ssl.SSLError) as e:
+                raise errors.PageServerError(self.peer, "CONNECTION",
+                                             f"connection lost: {e}") from None
         if not isinstance(ev, P.PageData):
-            self.wire.failed = _error_from(self, ev, "GET")
-            raise self.wire.failed
-        if (ev.vaddr, ev.nr_pages) != (vaddr, nr_pages):
+            w.failed = _error_from(self, ev, "GET")
+            raise w.failed
+        if ev.vaddr != vaddr or ev.nr_pages != nr_pages:
             raise errors.PageServerError(self.peer, "PROTOCOL",
                                          f"asked pages {vaddr:#x} +{nr_pages}, got "
                                          f"{ev.vaddr:#x} +{ev.nr_pages}")
