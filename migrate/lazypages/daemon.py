@@ -168,7 +168,8 @@ class LazyPages:
         self.stopping = False            # the fault thread stops
         self._gen = 0                    # bumped when a uffd comes or goes
         self._later: list[tuple[float, object]] = []   # retries (EAGAIN), fault thread
-        self._gets: list[tuple[Proc, int, int]] = []   # fault GETs to send
+        self._gets: list[tuple[Proc, int, int]] = []   # fault GETs sent, unanswered
+        self._unsent: list[tuple[Proc, int, int]] = []  # and waiting for room
         self._poked = False
         self._wakefd = -1
         self._loop_tid = 0
@@ -516,31 +517,35 @@ class LazyPages:
                         if p is not None and p.alive and p.uffd == fd:
                             self._on_uffd(p, t0)
                     self._run_later()
-                    gets, self._gets = self._gets, []
-                if gets:
-                    self._fault_gets(gets)
+                    gets, unsent = self._gets, self._unsent
+                    self._gets, self._unsent = [], []
+                    stopping = self.stopping
+                if (gets or unsent) and not stopping:
+                    self._fault_gets(gets, unsent)
                 self._poke()
         except Exception as e:  # noqa: BLE001 -- a bug here must kill the process
             log.exception("lazy-pages: the fault thread failed")
             self.fail(e)
 
-    def _fault_gets(self, gets: list[tuple[Proc, int, int]]) -> None:
-        """Remote faults: GETs on the fault lane, each page copied in as its
-        answer comes (mu is not held while waiting)."""
+    def _fault_gets(self, gets: list[tuple[Proc, int, int]], unsent: list) -> None:
+        """Remote faults: the answers to the GETs sent (``gets``), each page
+        copied in as it comes (mu is not held while waiting); then the
+        GETs that waited for room (``unsent``), FAULT_DEPTH at a time."""
         lane = self.source.fault
-        for i in range(0, len(gets), FAULT_DEPTH):
-            batch = gets[i:i + FAULT_DEPTH]
-            try:
-                lane.send([(p.image_pid, a, (b - a) // PAGE) for p, a, b in batch])
-                for p, a, b in batch:
+        try:
+            while True:
+                for p, a, b in gets:
                     data = lane.recv(p.image_pid, a, (b - a) // PAGE)
                     with self.mu:
                         if self.stopping:
                             return
                         self._place(p, [(a, data, 0, b - a)], "fault")
-            except errors.PageSourceError as e:
-                self.fail(e)
-                return
+                if not unsent:
+                    return
+                gets, unsent = unsent[:FAULT_DEPTH], unsent[FAULT_DEPTH:]
+                lane.send([(p.image_pid, a, (b - a) // PAGE) for p, a, b in gets])
+        except errors.PageSourceError as e:
+            self.fail(e)
 
     def _poke(self) -> None:
         """Tell the loop when every page may be in (it checks, _check_finished)."""
@@ -589,12 +594,26 @@ class LazyPages:
         if p.missing.src_of(addr) is not None:
             end = addr + FAULT_PAGES * PAGE
             parts = p.missing.pop(addr, end)
+            here = []
+            if self.source.remote:
+                # The GETs go out first: the bookkeeping below overlaps their
+                # round trip.  Pages of the local chain (pre-copy) are copied
+                # from it once they are in flight.
+                for s, e, src in parts:
+                    h, there = self.source.split(p.image_pid, src, src + (e - s))
+                    for a, b in there:
+                        self._send_fault(p, a, b)
+                    here += h
             for s, e, src in parts:
                 p.inflight.add(s, e, src)
             p.waiters.setdefault(addr, []).append(t0)
             p.cursor = end                   # prefetch goes on from here
-            for s, e, src in parts:
-                self._fetch(p, src, src + (e - s), "fault")
+            if self.source.remote:
+                for a, b in here:
+                    self._place_local(p, a, b, "fault")
+            else:
+                for s, e, src in parts:
+                    self._fetch(p, src, src + (e - s), "fault")
         elif p.inflight.src_of(addr) is not None:
             p.waiters.setdefault(addr, []).append(t0)   # its copy wakes it
         else:
@@ -669,8 +688,8 @@ class LazyPages:
 
     def _fetch(self, p: Proc, src: int, end: int, kind: str) -> None:
         """Get [src, end) of the image and copy it to wherever it is now.
-        Remote faults are queued for the fault thread's lane (``_gets``),
-        remote prefetch goes to a task on the loop."""
+        Remote faults go out on the fault lane (``_send_fault``), remote
+        prefetch to a task on the loop."""
         if not self.source.remote:
             try:
                 pieces = self.source.pieces(p.image_pid, src, end)
@@ -681,21 +700,40 @@ class LazyPages:
             return
         here, there = self.source.split(p.image_pid, src, end)
         for a, b in here:
-            try:
-                pieces = self.source.local.pieces(p.image_pid, a, b)
-            except errors.MigrateError as e:
-                self.fail(errors.PageSourceError(self.source.local.name, str(e)))
-                return
-            self.stats.pages_local += (b - a) // PAGE
-            self._place(p, pieces, kind)
+            self._place_local(p, a, b, kind)
         for a, b in there:
-            self.stats.pages_remote += (b - a) // PAGE
             if kind == "fault":
-                self._gets.append((p, a, b))
+                self._send_fault(p, a, b)
                 continue
+            self.stats.pages_remote += (b - a) // PAGE
             t = asyncio.create_task(self._fetch_remote(p, a, b, kind))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
+
+    def _place_local(self, p: Proc, a: int, b: int, kind: str) -> None:
+        """Remote mode: image pages [a, b) held by the local chain (pre-copy)."""
+        try:
+            pieces = self.source.local.pieces(p.image_pid, a, b)
+        except errors.MigrateError as e:
+            self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+            return
+        self.stats.pages_local += (b - a) // PAGE
+        self._place(p, pieces, kind)
+
+    def _send_fault(self, p: Proc, a: int, b: int) -> None:
+        """Under mu, on the fault thread: GET image pages [a, b) on the fault
+        lane now (or once fewer GETs are unanswered); the thread copies them
+        in when the answer comes (``_fault_gets``)."""
+        self.stats.pages_remote += (b - a) // PAGE
+        if len(self._gets) >= FAULT_DEPTH or self._unsent:
+            self._unsent.append((p, a, b))
+            return
+        try:
+            self.source.fault.send([(p.image_pid, a, (b - a) // PAGE)])
+        except errors.PageSourceError as e:
+            self.fail(e)
+            return
+        self._gets.append((p, a, b))
 
     async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
         try:

@@ -331,8 +331,12 @@ class RemoteSource:
             self._starts[pid] = [a for a, _ in st]
         # bisect to the stored ranges around [src, end): the list is long
         # (it has a hole at every page the dump left lazy)
-        i = max(bisect.bisect_right(self._starts[pid], src) - 1, 0)
-        j = bisect.bisect_left(self._starts[pid], end)
+        starts = self._starts[pid]
+        i = bisect.bisect_right(starts, src) - 1
+        j = bisect.bisect_left(starts, end)
+        if (i < 0 or st[i][1] <= src) and j == i + 1:
+            return [], [(src, end)]     # nothing stored there (a fault's usual case)
+        i = max(i, 0)
         here = pagemap.intersect([(src, end)], st[i:j + 1])
         return here, pagemap.subtract([(src, end)], here)
 
