@@ -44,6 +44,7 @@ import asyncio
 import bisect
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import os
@@ -202,6 +203,10 @@ class LazyPages:
             raise failed[0]
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # What exists by now (modules, the image's index) lives as long as we
+        # do: out of the cyclic GC's sight, a full collection during a fault
+        # walks only what the faults made.
+        gc.freeze()
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.fault_thread = threading.Thread(target=self._fault_loop, name="faults",
                                              daemon=True)
@@ -548,9 +553,10 @@ class LazyPages:
             self.fail(e)
 
     def _poke(self) -> None:
-        """Tell the loop when every page may be in (it checks, _check_finished)."""
-        with self.mu:
-            done = self._all_done()
+        """Tell the loop when every page may be in (it checks, _check_finished,
+        under mu: read without it here).  What the loop's prefetch completes,
+        the loop checks itself."""
+        done = self._all_done()
         if done and not self._poked:
             self.loop.call_soon_threadsafe(self._check_finished)
         self._poked = done

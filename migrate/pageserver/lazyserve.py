@@ -18,6 +18,7 @@ loop only accepts connections and waits for the end.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -226,6 +227,9 @@ class LazyServer:
                  self.bound_port, "TLS" if self.ssl else "plaintext")
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # The dump's objects stay out of the cyclic GC's full collections
+        # while we serve (one could stall a fault's answer for milliseconds).
+        gc.freeze()
         accept = asyncio.create_task(self._accept(listener))
         try:
             await self.done.wait()
@@ -241,6 +245,7 @@ class LazyServer:
             for lane in self._live:
                 lane.thread.join(5)
             sys.setswitchinterval(switch)
+            gc.unfreeze()
         if self.cancelled:
             log.info("lazy-pages: stopped (%s)", self.cancelled)
             return 1
