@@ -244,6 +244,23 @@ def vm_read(pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
     return _vm_rw(libc.process_vm_readv, "process_vm_readv", pid, buf, ranges)
 
 
+def vm_read_into(pid: int, buf, addr: int) -> None:
+    """process_vm_readv of ``len(buf)`` bytes at ``addr`` into ``buf``, all
+    or KernelError: one range, for a hot loop (a page-server's answer to a
+    fault)."""
+    n = len(buf)
+    b = _batch
+    b.local[0].iov_base = ffi.from_buffer(buf)
+    b.local[0].iov_len = n
+    b.remote[0].iov_base = ffi.cast("void *", addr)
+    b.remote[0].iov_len = n
+    got = libc.process_vm_readv(pid, b.local, 1, b.remote, 1, 0)
+    if got != n:
+        err = ffi.errno if got < 0 else errno.EFAULT
+        raise errors.from_errno("process_vm_readv", err, pid,
+                                f"at {addr:#x}, {n} bytes ({got} read)")
+
+
 def vm_write(pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
     """process_vm_writev in large iovec batches from ``buf``."""
     return _vm_rw(libc.process_vm_writev, "process_vm_writev", pid, buf, ranges)

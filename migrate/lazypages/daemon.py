@@ -2,25 +2,35 @@
 
 The restore (dest/lazy.py) connects to our unix socket once per process and
 sends its userfaultfd (SCM_RIGHTS) with the ranges whose pages we supply.
-Then, on one asyncio loop:
+Then, on two threads:
 
-* each uffd is a reader; its events go to one handler each: ``on_pagefault``
+* the fault thread polls every uffd (blocking, no event loop on the way)
+  and passes its events to one handler each: ``on_pagefault``
   (UFFDIO_COPY of the page, UFFDIO_ZEROPAGE where nothing is stored),
   ``on_fork`` (the child's uffd arrives in the message: it inherits the
   parent's missing pages), ``on_remap`` (missing pages move with the area),
   ``on_remove`` and ``on_unmap`` (those pages are never fetched; a later
   touch of a MADV_DONTNEED'ed page gets the zero page);
-* a prefetch task copies the remaining pages in large batches, starting
-  just after the latest fault, then in address order (wrapping around);
+* on the asyncio loop, a prefetch task copies the remaining pages in large
+  batches, starting just after the latest fault, then in address order
+  (wrapping around); the loop also takes the restore's hand-overs and
+  watches the processes' exits;
 * races: EEXIST (the page is already there) skips the page, EAGAIN (the mm
   is changing: an event is pending for us) retries once the events are
   read, ENOENT (the range is gone) drops it, ESRCH (the process is gone)
   drops the process.
 
 Fault requests to a remote source have their own connection, so they never
-wait behind prefetch traffic.  When every page is in, the uffds are closed
-(the registrations go with them) and the daemon reports pages by fault and
-by prefetch and the time threads spent blocked on missing pages, then exits.
+wait behind prefetch traffic: the fault thread sends a fault's GET, waits
+for its PAGE_DATA and copies it in (blocking I/O: each event-loop wake-up
+on the way cost tens of microseconds).  Both threads change the processes'
+page ranges (and call the uffd ioctls, whose argument structs are shared)
+under one lock, ``mu``; the fault thread never holds it while it waits
+for the network, and the prefetch holds it for one batch at a time.
+
+When every page is in, the uffds are closed (the registrations go with
+them) and the daemon reports pages by fault and by prefetch and the time
+threads spent blocked on missing pages, then exits.
 
 If the page source is lost (connection, protocol, checksum, image error),
 every restored process is killed before its uffd is closed: with the uffd
@@ -34,12 +44,16 @@ import asyncio
 import bisect
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
+import sys
+import threading
 import time
 
 from migrate import errors
@@ -58,6 +72,10 @@ REMOTE_BATCH = 512           # pages per prefetch GET (2 MiB)
 REMOTE_DEPTH = 4             # prefetch GETs in flight
 RETRY_S = 0.0005
 WATCH_S = 0.5
+FAULT_DEPTH = 32             # fault GETs sent at once (threads faulting together)
+# The fault thread, woken by a fault, takes the GIL from a busy loop (the
+# prefetch's) after at most this long (sys.setswitchinterval; 5 ms by default).
+SWITCH_INTERVAL_S = 0.0002
 
 
 LATENCY_BUCKETS_US = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 100000)
@@ -146,10 +164,22 @@ class LazyPages:
         self.killed: list[int] = []
         self.error = ""
         self.last_seen = False           # the restore's last process was handed over
+        # Shared by the loop and the fault thread (module doc).
+        self.mu = threading.RLock()
+        self.stopping = False            # the fault thread stops
+        self._gen = 0                    # bumped when a uffd comes or goes
+        self._later: list[tuple[float, object]] = []   # retries (EAGAIN), fault thread
+        self._gets: list[tuple[Proc, int, int]] = []   # fault GETs sent, unanswered
+        self._unsent: list[tuple[Proc, int, int]] = []  # and waiting for room
+        self._poked = False
+        self._wakefd = -1
+        self._loop_tid = 0
+        self.fault_thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def run(self, ready=None) -> int:
         self.loop = asyncio.get_running_loop()
+        self._loop_tid = threading.get_ident()
         # Listening is all the restore needs to start: the connections to
         # the source and the local index are made while it builds (its
         # hand-over waits in our backlog), not before (post-copy downtime).
@@ -171,6 +201,16 @@ class LazyPages:
             if self.source.remote:
                 await self.source.close()
             raise failed[0]
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # What exists by now (modules, the image's index) lives as long as we
+        # do: out of the cyclic GC's sight, a full collection during a fault
+        # walks only what the faults made.
+        gc.freeze()
+        self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fault_thread = threading.Thread(target=self._fault_loop, name="faults",
+                                             daemon=True)
+        self.fault_thread.start()
         accept = asyncio.create_task(self._accept_loop())
         watch = asyncio.create_task(self._watch_children())
         pre = asyncio.create_task(self._prefetch_loop()) if self.prefetch_on else None
@@ -186,10 +226,25 @@ class LazyPages:
                         await t
                     except (asyncio.CancelledError, errors.MigrateError):
                         pass
+            self._stop_faults()
             self._close()
             if self.source.remote:
                 await self.source.close()
+            sys.setswitchinterval(switch)
         return self._report()
+
+    def _stop_faults(self) -> None:
+        """The fault thread ends: woken from its poll, or from its wait for
+        a page (the fault lane is shut down)."""
+        with self.mu:
+            self.stopping = True
+        self._wake_thread()
+        if self.source.remote:
+            self.source.fault.shutdown()
+        if self.fault_thread is not None:
+            self.fault_thread.join(10)
+        os.close(self._wakefd)
+        self._wakefd = -1
 
     def _report(self) -> int:
         d = self.stats.as_dict()
@@ -208,7 +263,9 @@ class LazyPages:
 
     def _on_signal(self, sig) -> None:
         log.warning("lazy-pages: %s: stopping", signal.Signals(sig).name)
-        if any(p.alive and not p.done for p in self.procs):
+        with self.mu:
+            missing = any(p.alive and not p.done for p in self.procs)
+        if missing:
             self.fail(errors.MigrateError(f"stopped by {signal.Signals(sig).name} with pages "
                                           "still missing"))
         else:
@@ -233,8 +290,9 @@ class LazyPages:
         log.info("lazy-pages: waiting for the restore on %s", self.sock_path)
 
     def _close(self) -> None:
-        for p in self.procs:
-            self._drop(p, None)
+        with self.mu:
+            for p in self.procs:
+                self._drop(p, None)
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -249,24 +307,41 @@ class LazyPages:
     def _check_finished(self) -> None:
         # Done when every process handed over is done or gone, and the
         # restore has handed over its last one (or every process died: a
-        # restore that failed half-way killed them).
-        if self.procs and all(not p.alive or p.done for p in self.procs) and (
-                self.last_seen or all(not p.alive for p in self.procs)):
-            if not self.stats.all_in_s:
+        # restore that failed half-way killed them).  On the loop.
+        with self.mu:
+            done = self._all_done() and (self.last_seen or
+                                         all(not p.alive for p in self.procs))
+            if done and not self.stats.all_in_s:
                 self.stats.all_in_s = time.perf_counter() - self.stats.first_handover
                 self.stats.done_monotonic = time.monotonic()
+        if done:
             self.finished.set()
+
+    def _all_done(self) -> bool:
+        return bool(self.procs) and all(not p.alive or p.done for p in self.procs)
+
+    def _in_loop(self) -> bool:
+        return threading.get_ident() == self._loop_tid
 
     def fail(self, exc: BaseException) -> None:
         """The page source is lost: no process may run on with wrong memory."""
-        if self.failed is not None:
+        if not self._in_loop():
+            # From the fault thread: it stops serving at once, the loop kills.
+            with self.mu:
+                if self.stopping:
+                    return              # closing: the lane was shut down by us
+                self.stopping = True
+            self.loop.call_soon_threadsafe(self.fail, exc)
             return
-        self.failed = exc
-        if any(p.alive and not p.done for p in self.procs):
-            # Children known only by their uffd are in the trees below.
-            for p in self.procs:
-                if p.alive and p.pid:
-                    self._kill_tree(p.pid)
+        with self.mu:
+            if self.failed is not None:
+                return
+            self.failed = exc
+            if any(p.alive and not p.done for p in self.procs):
+                # Children known only by their uffd are in the trees below.
+                for p in self.procs:
+                    if p.alive and p.pid:
+                        self._kill_tree(p.pid)
         self.finished.set()
 
     def _kill_tree(self, pid: int) -> None:
@@ -333,15 +408,17 @@ class LazyPages:
             os.set_blocking(uffd, False)
             p = Proc(uffd, pid, image_pid, missing)
             if self.source.remote is False:
-                self.source.pieces(image_pid, 0, 0)      # load its index now
+                with self.mu:
+                    self.source.pieces(image_pid, 0, 0)      # load its index now
             p.pidfd = syscalls.pidfd_open(pid)
         except BaseException:
             os.close(uffd)
             raise
-        self._add(p)
-        self.last_seen = self.last_seen or last
-        if not self.stats.first_handover:
-            self.stats.first_handover = time.perf_counter()
+        with self.mu:
+            self._add(p)
+            self.last_seen = self.last_seen or last
+            if not self.stats.first_handover:
+                self.stats.first_handover = time.perf_counter()
         self.loop.add_reader(p.pidfd, self._on_exit, p)
         await self.loop.sock_sendall(conn, b"OK\n")
         log.info("lazy-pages: pid %d: %d pages to supply over %d ranges", pid,
@@ -352,50 +429,161 @@ class LazyPages:
         """Forked children come without a pid (no pidfd): probe their mm."""
         while True:
             await asyncio.sleep(WATCH_S)
-            for p in self.procs:
-                if p.alive and not p.pid and not U.mm_alive(p.uffd):
-                    if not p.done:
-                        log.info("lazy-pages: %r exited with %d pages still missing", p,
-                                 p.missing.pages + p.inflight.pages)
-                    self._drop(p, None)
+            with self.mu:
+                for p in self.procs:
+                    if p.alive and not p.pid and not U.mm_alive(p.uffd):
+                        if not p.done:
+                            log.info("lazy-pages: %r exited with %d pages still missing", p,
+                                     p.missing.pages + p.inflight.pages)
+                        self._drop(p, None)
             self._check_finished()
 
     def _add(self, p: Proc) -> None:
+        """Under mu: the fault thread polls its uffd from now on."""
         self.procs.append(p)
         self.stats.processes += 1
-        self.loop.add_reader(p.uffd, self._on_uffd, p)
-        self.work.set()
+        self._gen += 1
+        self._wake_thread()
+        if self._in_loop():
+            self.work.set()
+        else:
+            self.loop.call_soon_threadsafe(self.work.set)
 
     def _on_exit(self, p: Proc) -> None:
-        if p.alive and not p.done and self.failed is None:
-            log.warning("lazy-pages: %r exited with %d pages still missing", p,
-                        p.missing.pages + p.inflight.pages)
-        self._drop(p, None)
+        with self.mu:
+            if p.alive and not p.done and self.failed is None:
+                log.warning("lazy-pages: %r exited with %d pages still missing", p,
+                            p.missing.pages + p.inflight.pages)
+            self._drop(p, None)
         self._check_finished()
 
     def _drop(self, p: Proc, why: str | None) -> None:
+        """Under mu, from either thread."""
         if why:
             log.info("lazy-pages: %r: %s", p, why)
         if p.uffd >= 0:
-            self.loop.remove_reader(p.uffd)
-            os.close(p.uffd)
+            os.close(p.uffd)         # (the fault thread's poll lets go of it when woken)
             p.uffd = -1
+            self._gen += 1
+            self._wake_thread()
+        if p.pidfd >= 0:
+            if self._in_loop():
+                self._close_pidfd(p)
+            else:
+                self.loop.call_soon_threadsafe(self._close_pidfd, p)
+        p.alive = False
+
+    def _close_pidfd(self, p: Proc) -> None:
         if p.pidfd >= 0:
             self.loop.remove_reader(p.pidfd)
             os.close(p.pidfd)
             p.pidfd = -1
-        p.alive = False
+
+    # -- the fault thread --------------------------------------------------------
+    def _wake_thread(self) -> None:
+        if self._wakefd >= 0:
+            try:
+                os.eventfd_write(self._wakefd, 1)
+            except OSError:
+                pass
+
+    def _fault_loop(self) -> None:
+        """Poll the uffds; handle their events; send the faults' GETs (remote)
+        and copy each page in as soon as it comes."""
+        poller, fds, gen = None, {}, -1
+        try:
+            while True:
+                with self.mu:
+                    if self.stopping:
+                        return
+                    if gen != self._gen:
+                        poller = select.poll()
+                        poller.register(self._wakefd, select.POLLIN)
+                        fds = {p.uffd: p for p in self.procs if p.alive and p.uffd >= 0}
+                        for fd in fds:
+                            poller.register(fd, select.POLLIN)
+                        gen = self._gen
+                    timeout = None
+                    if self._later:
+                        timeout = max(0.0, (self._later[0][0] - time.monotonic()) * 1000)
+                ready = poller.poll(timeout)
+                t0 = time.perf_counter()
+                with self.mu:
+                    if self.stopping:
+                        return
+                    for fd, _ in ready:
+                        if fd == self._wakefd:
+                            try:
+                                os.eventfd_read(fd)
+                            except BlockingIOError:
+                                pass
+                            continue
+                        p = fds.get(fd)
+                        if p is not None and p.alive and p.uffd == fd:
+                            self._on_uffd(p, t0)
+                    self._run_later()
+                    gets, unsent = self._gets, self._unsent
+                    self._gets, self._unsent = [], []
+                    stopping = self.stopping
+                if (gets or unsent) and not stopping:
+                    self._fault_gets(gets, unsent)
+                self._poke()
+        except Exception as e:  # noqa: BLE001 -- a bug here must kill the process
+            log.exception("lazy-pages: the fault thread failed")
+            self.fail(e)
+
+    def _fault_gets(self, gets: list[tuple[Proc, int, int]], unsent: list) -> None:
+        """Remote faults: the answers to the GETs sent (``gets``), each page
+        copied in as it comes (mu is not held while waiting); then the
+        GETs that waited for room (``unsent``), FAULT_DEPTH at a time."""
+        lane = self.source.fault
+        try:
+            while True:
+                for p, a, b in gets:
+                    data = lane.recv(p.image_pid, a, (b - a) // PAGE)
+                    with self.mu:
+                        if self.stopping:
+                            return
+                        self._place(p, [(a, data, 0, b - a)], "fault")
+                if not unsent:
+                    return
+                gets, unsent = unsent[:FAULT_DEPTH], unsent[FAULT_DEPTH:]
+                lane.send([(p.image_pid, a, (b - a) // PAGE) for p, a, b in gets])
+        except errors.PageSourceError as e:
+            self.fail(e)
+
+    def _poke(self) -> None:
+        """Tell the loop when every page may be in (it checks, _check_finished,
+        under mu: read without it here).  What the loop's prefetch completes,
+        the loop checks itself."""
+        done = self._all_done()
+        if done and not self._poked:
+            self.loop.call_soon_threadsafe(self._check_finished)
+        self._poked = done
+
+    def _later_call(self, fn) -> None:
+        """Under mu: run ``fn`` on the fault thread in RETRY_S (EAGAIN: an
+        event is pending, read it first)."""
+        self._later.append((time.monotonic() + RETRY_S, fn))
+        if not self._in_loop():
+            return
+        self._wake_thread()
+
+    def _run_later(self) -> None:
+        now = time.monotonic()
+        due = [fn for t, fn in self._later if t <= now]
+        if due:
+            self._later = [(t, fn) for t, fn in self._later if t > now]
+            for fn in due:
+                fn()
 
     # -- uffd events: one handler each ------------------------------------------
-    def _on_uffd(self, p: Proc) -> None:
-        if not p.alive:
-            return
-        t0 = time.perf_counter()
+    def _on_uffd(self, p: Proc, t0: float) -> None:
+        """Under mu, on the fault thread."""
         try:
             msgs = U.read_msgs(p.uffd)
         except errors.KernelError as e:
             self._drop(p, f"reading its uffd failed: {e}")
-            self._check_finished()
             return
         try:
             for m in msgs:
@@ -405,8 +593,6 @@ class LazyPages:
         except Exception as e:  # noqa: BLE001 -- a bug here must kill the process
             log.exception("lazy-pages: %r: handling its events failed", p)  # rather than
             self.fail(e)                                                     # let it run on
-            return
-        self._check_finished()
 
     def on_pagefault(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
         self.stats.faults += 1
@@ -414,13 +600,26 @@ class LazyPages:
         if p.missing.src_of(addr) is not None:
             end = addr + FAULT_PAGES * PAGE
             parts = p.missing.pop(addr, end)
+            here = []
+            if self.source.remote:
+                # The GETs go out first: the bookkeeping below overlaps their
+                # round trip.  Pages of the local chain (pre-copy) are copied
+                # from it once they are in flight.
+                for s, e, src in parts:
+                    h, there = self.source.split(p.image_pid, src, src + (e - s))
+                    for a, b in there:
+                        self._send_fault(p, a, b)
+                    here += h
             for s, e, src in parts:
                 p.inflight.add(s, e, src)
             p.waiters.setdefault(addr, []).append(t0)
-            p.cursor = end
-            self.work.set()
-            for s, e, src in parts:
-                self._fetch(p, src, src + (e - s), "fault")
+            p.cursor = end                   # prefetch goes on from here
+            if self.source.remote:
+                for a, b in here:
+                    self._place_local(p, a, b, "fault")
+            else:
+                for s, e, src in parts:
+                    self._fetch(p, src, src + (e - s), "fault")
         elif p.inflight.src_of(addr) is not None:
             p.waiters.setdefault(addr, []).append(t0)   # its copy wakes it
         else:
@@ -459,7 +658,7 @@ class LazyPages:
     def on_unknown(self, p: Proc, m: U.UffdMsg, t0: float) -> None:
         log.warning("lazy-pages: %r: unexpected uffd event %#x", p, m.event)
 
-    # -- copying -------------------------------------------------------------------
+    # -- copying (under mu) ----------------------------------------------------------
     def _zero(self, p: Proc, addr: int, t0: float) -> None:
         done, err = U.zeropage(p.uffd, addr, PAGE)
         if err == 0:
@@ -467,7 +666,7 @@ class LazyPages:
         elif err == errno.EEXIST:
             self._wake(p, addr, PAGE)
         elif err == errno.EAGAIN:
-            self.loop.call_later(RETRY_S, self._retry_zero, p, addr, t0)
+            self._later_call(lambda: self._retry_zero(p, addr, t0))
             return
         elif err == errno.ESRCH:
             self._drop(p, "gone")
@@ -494,7 +693,9 @@ class LazyPages:
             pass
 
     def _fetch(self, p: Proc, src: int, end: int, kind: str) -> None:
-        """Get [src, end) of the image and copy it to wherever it is now."""
+        """Get [src, end) of the image and copy it to wherever it is now.
+        Remote faults go out on the fault lane (``_send_fault``), remote
+        prefetch to a task on the loop."""
         if not self.source.remote:
             try:
                 pieces = self.source.pieces(p.image_pid, src, end)
@@ -505,27 +706,49 @@ class LazyPages:
             return
         here, there = self.source.split(p.image_pid, src, end)
         for a, b in here:
-            try:
-                pieces = self.source.local.pieces(p.image_pid, a, b)
-            except errors.MigrateError as e:
-                self.fail(errors.PageSourceError(self.source.local.name, str(e)))
-                return
-            self.stats.pages_local += (b - a) // PAGE
-            self._place(p, pieces, kind)
+            self._place_local(p, a, b, kind)
         for a, b in there:
+            if kind == "fault":
+                self._send_fault(p, a, b)
+                continue
             self.stats.pages_remote += (b - a) // PAGE
             t = asyncio.create_task(self._fetch_remote(p, a, b, kind))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
-    async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
-        lane = self.source.fault if kind == "fault" else self.source.prefetch
+    def _place_local(self, p: Proc, a: int, b: int, kind: str) -> None:
+        """Remote mode: image pages [a, b) held by the local chain (pre-copy)."""
         try:
-            data = await lane.get(p.image_pid, src, (end - src) // PAGE)
+            pieces = self.source.local.pieces(p.image_pid, a, b)
+        except errors.MigrateError as e:
+            self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+            return
+        self.stats.pages_local += (b - a) // PAGE
+        self._place(p, pieces, kind)
+
+    def _send_fault(self, p: Proc, a: int, b: int) -> None:
+        """Under mu, on the fault thread: GET image pages [a, b) on the fault
+        lane now (or once fewer GETs are unanswered); the thread copies them
+        in when the answer comes (``_fault_gets``)."""
+        self.stats.pages_remote += (b - a) // PAGE
+        if len(self._gets) >= FAULT_DEPTH or self._unsent:
+            self._unsent.append((p, a, b))
+            return
+        try:
+            self.source.fault.send([(p.image_pid, a, (b - a) // PAGE)])
         except errors.PageSourceError as e:
             self.fail(e)
             return
-        self._place(p, [(src, data, 0, end - src)], kind)
+        self._gets.append((p, a, b))
+
+    async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
+        try:
+            data = await self.source.prefetch.get(p.image_pid, src, (end - src) // PAGE)
+        except errors.PageSourceError as e:
+            self.fail(e)
+            return
+        with self.mu:
+            self._place(p, [(src, data, 0, end - src)], kind)
         self._check_finished()
 
     def _place(self, p: Proc, pieces, kind: str) -> None:
@@ -572,14 +795,13 @@ class LazyPages:
 
     def _defer(self, p: Proc, a: int, b: int, src: int, buf, off: int, kind: str) -> None:
         """EAGAIN: keep [a, b) in flight (an event may move or drop it) and
-        copy it once the pending events are read."""
+        copy it once the pending events are read (by the fault thread)."""
         p.inflight.add(a, b, src)
 
         def retry() -> None:
             if p.alive:
                 self._place(p, [(src, buf, off, b - a)], kind)
-                self._check_finished()
-        self.loop.call_later(RETRY_S, retry)
+        self._later_call(retry)
 
     def _woken(self, p: Proc, a: int, b: int) -> None:
         if not p.waiters:
@@ -589,7 +811,7 @@ class LazyPages:
             for t0 in p.waiters.pop(addr):
                 self.stats.block((now - t0) * 1e6)
 
-    # -- prefetch ------------------------------------------------------------------
+    # -- prefetch (on the loop) ------------------------------------------------------
     async def _prefetch_loop(self) -> None:
         try:
             await self._prefetch()
@@ -602,24 +824,25 @@ class LazyPages:
     async def _prefetch(self) -> None:
         batch = (REMOTE_BATCH if self.source.remote else LOCAL_BATCH) * PAGE
         while True:
-            p = next((q for q in self.procs if q.alive and q.missing), None)
-            if p is None:
-                self.work.clear()
-                await self.work.wait()
-                continue
-            nxt = p.missing.next_from(p.cursor, batch)
-            s, e, src = nxt
-            for a, b, sa in p.missing.pop(s, e):
-                p.inflight.add(a, b, sa)
-            p.cursor = e
             if self.source.remote:
                 while len(self.tasks) >= REMOTE_DEPTH:
                     await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
-                self._fetch(p, src, src + (e - s), "prefetch")
-            else:
-                self._fetch(p, src, src + (e - s), "prefetch")
+            with self.mu:
+                p = next((q for q in self.procs if q.alive and q.missing), None)
+                if p is None:
+                    self.work.clear()
+                else:
+                    s, e, src = p.missing.next_from(p.cursor, batch)
+                    for a, b, sa in p.missing.pop(s, e):
+                        p.inflight.add(a, b, sa)
+                    p.cursor = e
+                    self._fetch(p, src, src + (e - s), "prefetch")
+            if p is None:
+                await self.work.wait()
+                continue
+            if not self.source.remote:
                 self._check_finished()
-            await asyncio.sleep(0)        # let faults in between two batches
+            await asyncio.sleep(0)        # let the fault thread in between two batches
 
 
 _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork",

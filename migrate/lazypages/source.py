@@ -21,6 +21,7 @@ from migrate import errors
 from migrate.images import ImageDir
 from migrate.images import pagemap
 from migrate.images.imgfile import PAGES_DATA_OFFSET, chunk_digest
+from migrate.pageserver import client
 from migrate.pageserver import protocol as P
 
 log = logging.getLogger(__name__)
@@ -239,10 +240,63 @@ class _Lane:
                 pass
 
 
+class FaultLane:
+    """The fault connection: blocking I/O, used only by the daemon's fault
+    thread, which sends a fault's GET and waits for its PAGE_DATA without
+    an event loop on the way (the faulting thread is blocked meanwhile).
+    Every answer is checked against its xxh3-128 (client.PageServerReader)."""
+
+    def __init__(self, src: "RemoteSource") -> None:
+        self.src = src
+        self.reader: client.PageServerReader | None = None
+
+    def open(self) -> None:
+        s = self.src
+        try:
+            self.reader = client.PageServerReader(
+                s.address, s.port, s.session, ssl_context=s.ssl,
+                server_hostname=s.address if s.ssl else None, blocking=True)
+        except errors.PageServerError as e:
+            raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
+
+    def send(self, requests: list[tuple[int, int, int]]) -> None:
+        """GETs ``(pid, vaddr, nr_pages)``, at most MAX_OUTSTANDING_GETS."""
+        try:
+            self.reader.send_gets(requests)
+        except errors.PageServerError as e:
+            raise self._lost(e) from None
+
+    def recv(self, pid: int, vaddr: int, nr_pages: int):
+        """The data answering the oldest GET sent (these pages)."""
+        try:
+            return self.reader.recv_pages(pid, vaddr, nr_pages)
+        except errors.PageServerError as e:
+            if e.code == "CHECKSUM":
+                raise errors.PageSourceError(
+                    self.src.name, f"checksum mismatch in the pages at {vaddr:#x} "
+                                   f"({nr_pages} pages)") from None
+            raise self._lost(e) from None
+
+    def _lost(self, e: errors.PageServerError) -> errors.PageSourceError:
+        if self.src.closing:
+            return errors.PageSourceError(self.src.name, "closed")
+        return errors.PageSourceError(self.src.name, f"fault lane: {e}")
+
+    def shutdown(self) -> None:
+        if self.reader is not None:
+            self.reader.shutdown()
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
 class RemoteSource:
     """Pages from the source host's page-server (read session ``session``).
-    Two connections: faults have their own, so they never queue behind
-    prefetch traffic."""
+    Two connections: faults have their own (``FaultLane``, blocking, served
+    by the daemon's fault thread), so they never queue behind prefetch
+    traffic (``_Lane``, on the event loop)."""
 
     remote = True
 
@@ -254,7 +308,7 @@ class RemoteSource:
         self.failed: errors.PageSourceError | None = None
         self.on_lost = None            # called once when the source is lost
         self.closing = False
-        self.fault = _Lane(self, "fault")
+        self.fault = FaultLane(self)
         self.prefetch = _Lane(self, "prefetch")
         # Pages the local image chain holds (pre-copy rounds) are taken from
         # it, never fetched again: only the dump's PE_LAZY pages come by GET.
@@ -277,17 +331,24 @@ class RemoteSource:
             self._starts[pid] = [a for a, _ in st]
         # bisect to the stored ranges around [src, end): the list is long
         # (it has a hole at every page the dump left lazy)
-        i = max(bisect.bisect_right(self._starts[pid], src) - 1, 0)
-        j = bisect.bisect_left(self._starts[pid], end)
+        starts = self._starts[pid]
+        i = bisect.bisect_right(starts, src) - 1
+        j = bisect.bisect_left(starts, end)
+        if (i < 0 or st[i][1] <= src) and j == i + 1:
+            return [], [(src, end)]     # nothing stored there (a fault's usual case)
+        i = max(i, 0)
         here = pagemap.intersect([(src, end)], st[i:j + 1])
         return here, pagemap.subtract([(src, end)], here)
 
     async def open(self) -> None:
-        await asyncio.gather(self.fault.open(), self.prefetch.open())
+        # The fault lane connects with blocking I/O: in a thread, while the
+        # prefetch lane connects on the loop.
+        await asyncio.gather(asyncio.get_running_loop().run_in_executor(None, self.fault.open),
+                             self.prefetch.open())
         log.info("lazy-pages: page source %s (%s)", self.name,
                  "TLS" if self.ssl else "plaintext")
 
     async def close(self) -> None:
         self.closing = True
-        await self.fault.close()
+        self.fault.close()
         await self.prefetch.close()

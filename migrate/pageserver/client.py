@@ -43,6 +43,7 @@ FILE_PART = 4 << 20
 CONNECT_TIMEOUT_S = 30.0
 IO_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 600.0   # the server syncs the whole image before it answers
+DEAD_PEER_S = 30.0         # a blocking read session gives up on a silent peer
 SOCKET_BUFFER = 4 << 20    # SO_SNDBUF: a chunk's worth in flight (net.core.wmem_max caps it)
 ZSTD_LEVEL = 1             # fast: compression must cost less than the link it saves
 
@@ -481,7 +482,7 @@ class PageServerReader:
 
     def __init__(self, address: str, port: int, session: str, *,
                  ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None, blocking: bool = False) -> None:
         try:
             P.check_session_name(session)
         except ValueError as e:
@@ -498,37 +499,95 @@ class PageServerReader:
             raise errors.PageServerError(self.peer, "NOT_FOUND", "the server does not "
                                                                  "serve read sessions")
         self._next_id = 0
+        # ``blocking``: no timeout on each recv (a poll and a failed read
+        # fewer per answer), but TCP gives up on a peer that stops
+        # acknowledging (TCP_USER_TIMEOUT) or, idle, stops answering
+        # keepalives; shutdown() ends a wait from another thread.
+        self.timeout: float | None = IO_TIMEOUT_S
+        if blocking:
+            self.timeout = None
+            sock = self.wire.sock
+            sock.settimeout(None)
+            for level, opt, val in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+                                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+                                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                     int(DEAD_PEER_S * 1000))):
+                sock.setsockopt(level, opt, val)
 
     def get_many(self, requests) -> list[bytes]:
         """The pages of each ``(pid, vaddr, nr_pages)``, in order; up to
         MAX_OUTSTANDING_GETS requests are in flight at once."""
         requests = list(requests)
         out: list[bytes] = []
-        sent = 0
-        while len(out) < len(requests):
-            while sent < len(requests) and sent - len(out) < P.MAX_OUTSTANDING_GETS:
-                pid, vaddr, nr = requests[sent]
-                self.wire.send(P.Get(self._next_id & 0xFFFFFFFF, pid, vaddr, nr), look=False)
-                self._next_id += 1
-                sent += 1
-            ev = self.wire.recv_event(IO_TIMEOUT_S)
-            if not isinstance(ev, P.PageData):
-                self.wire.failed = _error_from(self, ev, "GET")
-                raise self.wire.failed
-            pid, vaddr, nr = requests[len(out)]
-            if (ev.vaddr, ev.nr_pages) != (vaddr, nr):
-                raise errors.PageServerError(self.peer, "PROTOCOL",
-                                             f"asked pages {vaddr:#x} +{nr}, got "
-                                             f"{ev.vaddr:#x} +{ev.nr_pages}")
-            if chunk_digest(ev.data) != ev.digest:
-                raise errors.PageServerError(self.peer, "CHECKSUM",
-                                             f"pid {pid} pages {vaddr:#x} +{nr}: xxh3-128 "
-                                             "does not match the server's")
-            out.append(bytes(ev.data))
+        for i in range(0, len(requests), P.MAX_OUTSTANDING_GETS):
+            batch = requests[i:i + P.MAX_OUTSTANDING_GETS]
+            self.send_gets(batch)
+            out.extend(bytes(self.recv_pages(*r)) for r in batch)
         return out
+
+    def send_gets(self, requests) -> None:
+        """Send a GET for each ``(pid, vaddr, nr_pages)`` (at most
+        MAX_OUTSTANDING_GETS unanswered), all in one write; answer them
+        in order with ``recv_pages``.  One thread at a time."""
+        w = self.wire
+        if w.failed is not None:
+            raise w.failed
+        try:
+            frames = []
+            for pid, vaddr, nr in requests:
+                self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+                frames += w.conn.send_parts(P.Get(self._next_id, pid, vaddr, nr))
+        except P.LocalProtocolError as e:
+            raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        try:
+            w.sock.sendall(data)
+        except (OSError, ssl.SSLError) as e:
+            w.raise_server_error(e, "GET")
+        w.bytes_sent += len(data)
+
+    def recv_pages(self, pid: int, vaddr: int, nr_pages: int):
+        """The answer to the oldest GET sent, which asked for these pages:
+        their data (a buffer), checked against the server's xxh3-128."""
+        w = self.wire
+        if self.timeout is not None:
+            ev = w.recv_event(self.timeout)
+        else:
+            conn, sock = w.conn, w.sock
+            try:
+                ev = conn.next_event()
+                while ev is P.NEED_DATA:
+                    conn.receive_data(sock.recv(1 << 16))
+                    ev = conn.next_event()
+            except P.ProtocolError as e:
+                raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+            except (OSError, ssl.SSLError) as e:
+                raise errors.PageServerError(self.peer, "CONNECTION",
+                                             f"connection lost: {e}") from None
+        if not isinstance(ev, P.PageData):
+            w.failed = _error_from(self, ev, "GET")
+            raise w.failed
+        if ev.vaddr != vaddr or ev.nr_pages != nr_pages:
+            raise errors.PageServerError(self.peer, "PROTOCOL",
+                                         f"asked pages {vaddr:#x} +{nr_pages}, got "
+                                         f"{ev.vaddr:#x} +{ev.nr_pages}")
+        if chunk_digest(ev.data) != ev.digest:
+            raise errors.PageServerError(self.peer, "CHECKSUM",
+                                         f"pid {pid} pages {vaddr:#x} +{nr_pages}: xxh3-128 "
+                                         "does not match the server's")
+        return ev.data
 
     def get(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
         return self.get_many([(pid, vaddr, nr_pages)])[0]
+
+    def shutdown(self) -> None:
+        """From another thread: make a blocked ``recv_pages`` fail at once."""
+        try:
+            self.wire.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.wire.close()

@@ -6,14 +6,25 @@ images): one session name (the image's directory name), read mode only,
 each GET answered in order with PAGE_DATA and its xxh3-128.  It returns
 once the daemon has opened and closed its lanes (faults and prefetch), or
 on SIGTERM/SIGINT (then with pages maybe still untaken: status 1).
+
+Each connection is served by a thread of its own with blocking I/O: a
+fault's GET is answered without an event loop's wake-ups on the way (the
+daemon's fault lane waits for it with the faulting thread blocked).  The
+pages are read (process_vm_readv) straight into the response buffer, after
+the frame's header, hashed there and sent with one write.  The asyncio
+loop only accepts connections and waits for the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+import socket
 import ssl
+import sys
+import threading
 
 from migrate import errors
 from migrate.images.imgfile import chunk_digest
@@ -21,71 +32,121 @@ from migrate.pageserver import protocol as P
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
+READ_SIZE = 1 << 16
+HANDSHAKE_TIMEOUT_S = 30.0
+PAGE = P.PAGE_SIZE
+RESPONSE_HEAD = P.HEADER.size + 32    # PAGE_DATA's header and fields, before the data
+# A thread woken for a fault takes the GIL from a busy one (the prefetch
+# lane's) after at most this long (sys.setswitchinterval; 5 ms by default).
+SWITCH_INTERVAL_S = 0.0002
 
 
 class _Lane:
-    def __init__(self, srv: "LazyServer", reader, writer) -> None:
-        self.srv = srv
-        self.reader, self.writer = reader, writer
-        self.conn = P.Connection(P.Role.SERVER)
-        pn = writer.get_extra_info("peername")
-        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+    """One connection, served on its own thread (see the module doc)."""
 
-    async def run(self) -> None:
+    def __init__(self, srv: "LazyServer", raw: socket.socket, peer) -> None:
+        self.srv = srv
+        self.raw = raw
+        self.sock = raw
+        self.conn = P.Connection(P.Role.SERVER)
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.out = bytearray()            # the response frame, reused
+        self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.Error: self.on_Error}
+        self.thread = threading.Thread(target=self.run, name=f"lazy-serve {self.peer}",
+                                       daemon=True)
+
+    def shutdown(self) -> None:
+        """From the loop: make a blocked recv return (the server stops)."""
         try:
-            while True:
-                ev = self.conn.next_event()
-                if ev is P.NEED_DATA:
-                    self.conn.receive_data(await self.reader.read(READ_SIZE))
-                    continue
-                if isinstance(ev, P.ConnectionClosed):
-                    return
-                await getattr(self, "on_" + type(ev).__name__, self.on_other)(ev)
-                if isinstance(ev, P.Error):
-                    return
+            self.raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        counted = False
+        try:
+            self.raw.setblocking(True)
+            self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.srv.ssl is not None:
+                self.raw.settimeout(HANDSHAKE_TIMEOUT_S)
+                self.sock = self.srv.ssl.wrap_socket(self.raw, server_side=True)
+                self.sock.settimeout(None)
+            self.srv._opened()
+            counted = True
+            self._serve()
         except P.RemoteProtocolError as e:
             log.warning("lazy-pages source: %s: %s", self.peer, e)
             self._error(getattr(e, "code", P.Code.PROTOCOL), str(e))
         except (ConnectionError, ssl.SSLError, OSError) as e:
-            log.warning("lazy-pages source: %s: connection lost: %s", self.peer, e)
+            log.warning("lazy-pages source: %s: %s: %s", self.peer,
+                        "connection lost" if counted else "refused", e)
         finally:
-            self.writer.close()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            if counted:
+                self.srv._closed()
+
+    def _serve(self) -> None:
+        while True:
+            data = self.sock.recv(READ_SIZE)
+            self.conn.receive_data(data)
+            while True:
+                ev = self.conn.next_event()
+                if ev is P.NEED_DATA:
+                    break
+                if isinstance(ev, P.ConnectionClosed):
+                    return
+                self.handlers.get(type(ev), self.on_other)(ev)
+                if isinstance(ev, P.Error):
+                    return
 
     def _error(self, code, text: str) -> None:
         try:
-            self.writer.write(self.conn.send(P.Error(code, text[:P.MAX_ERROR_TEXT])))
-        except (P.ProtocolError, OSError):
+            self.sock.sendall(self.conn.send(P.Error(code, text[:P.MAX_ERROR_TEXT])))
+        except (P.ProtocolError, OSError, ValueError):
             pass
 
-    async def on_Hello(self, ev: P.Hello) -> None:
+    def on_Hello(self, ev: P.Hello) -> None:
         if ev.version not in P.SUPPORTED_VERSIONS or ev.mode != P.MODE_READ \
                 or ev.name != self.srv.session:
             self._error(P.Code.NOT_FOUND, f"this source serves read session "
                                           f"{self.srv.session!r} only")
             raise ConnectionError(f"refused session {ev.name!r} mode {ev.mode}")
-        self.writer.write(self.conn.send(P.Welcome(P.VERSION, P.CAP_GET)))
+        self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, P.CAP_GET)))
         log.info("lazy-pages source: %s: read session %r", self.peer, ev.name)
 
-    async def on_Get(self, ev: P.Get) -> None:
+    def on_Get(self, ev: P.Get) -> None:
+        n = ev.nr_pages * PAGE
+        if len(self.out) < RESPONSE_HEAD + n:
+            self.out = bytearray(RESPONSE_HEAD + n)
+        frame = memoryview(self.out)[:RESPONSE_HEAD + n]
+        data = frame[RESPONSE_HEAD:]
         try:
-            data = self.srv.read(ev.pid, ev.vaddr, ev.nr_pages)
+            self.srv.read(ev.pid, ev.vaddr, ev.nr_pages, into=data)
         except (LookupError, errors.MigrateError) as e:
             self._error(P.Code.NOT_FOUND, str(e))
             raise ConnectionError(str(e)) from None
-        self.writer.write(b"".join(bytes(p) for p in self.conn.send_parts(
-            P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(data), data))))
-        await self.writer.drain()
+        head, body = self.conn.send_parts(
+            P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(data), data))
+        assert len(head) == RESPONSE_HEAD and body is data
+        frame[:RESPONSE_HEAD] = head
+        self.sock.sendall(frame)          # one write: no Nagle/delayed-ACK stall
 
-    async def on_Error(self, ev: P.Error) -> None:
+    def on_Error(self, ev: P.Error) -> None:
         log.warning("lazy-pages source: %s: %s: %s", self.peer, ev.code_name, ev.text)
 
-    async def on_other(self, ev) -> None:
+    def on_other(self, ev) -> None:
         self._error(P.Code.PROTOCOL, f"unexpected {type(ev).__name__}")
         raise ConnectionError(f"unexpected {type(ev).__name__}")
 
 
 class LazyServer:
+    """``read(pid, vaddr, nr_pages, into=view)`` fills ``view`` with the
+    pages (LookupError if they are not served here); it is called from the
+    connections' threads at once."""
+
     def __init__(self, read, session: str, address: str, port: int, ssl_context,
                  lanes: int = 2) -> None:
         self.read, self.session = read, session
@@ -96,6 +157,7 @@ class LazyServer:
         self.loop = None
         self.bound_port = None
         self.cancelled = None
+        self._live: list[_Lane] = []
 
     def stop(self, why: str) -> None:
         """From another thread: stop serving (a migration rolled back)."""
@@ -103,25 +165,54 @@ class LazyServer:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.done.set)
 
-    async def _accept(self, reader, writer) -> None:
-        self.opened += 1
+    # from the lanes' threads
+    def _opened(self) -> None:
+        self.loop.call_soon_threadsafe(self._count, 1)
+
+    def _closed(self) -> None:
         try:
-            await _Lane(self, reader, writer).run()
-        finally:
+            self.loop.call_soon_threadsafe(self._count, -1)
+        except RuntimeError:        # the loop is closed: the server is done anyway
+            pass
+
+    def _count(self, d: int) -> None:
+        if d > 0:
+            self.opened += 1
+        else:
             self.closed += 1
             if self.closed >= self.lanes:
                 self.done.set()
 
-    async def run(self, on_listen=None, signals: bool = True) -> int:
-        """Serve until the daemon's lanes are done.  ``on_listen(port)`` once
-        listening; ``signals``: SIGTERM/SIGINT stop it (main thread only)."""
+    async def _accept(self, listener: socket.socket) -> None:
+        while True:
+            raw, peer = await self.loop.sock_accept(listener)
+            lane = _Lane(self, raw, peer)
+            self._live = [x for x in self._live if x.thread.is_alive()] + [lane]
+            lane.thread.start()
+
+    def _listen(self) -> socket.socket:
         try:
-            srv = await asyncio.start_server(self._accept, self.address, self.port,
-                                             ssl=self.ssl, reuse_address=True,
-                                             limit=READ_SIZE)
+            infos = socket.getaddrinfo(self.address, self.port, type=socket.SOCK_STREAM)
+            family = infos[0][0]
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         except OSError as e:
             raise errors.MigrateError(f"lazy-pages: cannot listen on {self.address}:"
                                       f"{self.port}: {e.strerror or e}") from None
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+            s.listen(8)
+        except OSError as e:
+            s.close()
+            raise errors.MigrateError(f"lazy-pages: cannot listen on {self.address}:"
+                                      f"{self.port}: {e.strerror or e}") from None
+        s.setblocking(False)
+        return s
+
+    async def run(self, on_listen=None, signals: bool = True) -> int:
+        """Serve until the daemon's lanes are done.  ``on_listen(port)`` once
+        listening; ``signals``: SIGTERM/SIGINT stop it (main thread only)."""
+        listener = self._listen()
         loop = asyncio.get_running_loop()
         self.loop = loop
         stopped = []
@@ -129,14 +220,32 @@ class LazyServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, lambda s=sig: (stopped.append(s),
                                                             self.done.set()))
-        self.bound_port = srv.sockets[0].getsockname()[1]
+        self.bound_port = listener.getsockname()[1]
         if on_listen is not None:
             on_listen(self.bound_port)
         log.info("lazy-pages: serving session %r on %s:%d (%s)", self.session, self.address,
-                 srv.sockets[0].getsockname()[1], "TLS" if self.ssl else "plaintext")
-        await self.done.wait()
-        srv.close()
-        await srv.wait_closed()
+                 self.bound_port, "TLS" if self.ssl else "plaintext")
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        # The dump's objects stay out of the cyclic GC's full collections
+        # while we serve (one could stall a fault's answer for milliseconds).
+        gc.freeze()
+        accept = asyncio.create_task(self._accept(listener))
+        try:
+            await self.done.wait()
+        finally:
+            accept.cancel()
+            try:
+                await accept
+            except (asyncio.CancelledError, OSError):
+                pass
+            listener.close()
+            for lane in self._live:
+                lane.shutdown()
+            for lane in self._live:
+                lane.thread.join(5)
+            sys.setswitchinterval(switch)
+            gc.unfreeze()
         if self.cancelled:
             log.info("lazy-pages: stopped (%s)", self.cancelled)
             return 1
@@ -149,5 +258,5 @@ class LazyServer:
 
 
 def serve(read, session: str, address: str, port: int, ssl_context) -> int:
-    """Serve ``read(pid, vaddr, nr_pages) -> bytes`` until the daemon is done."""
+    """Serve ``read(pid, vaddr, nr_pages, into)`` until the daemon is done."""
     return asyncio.run(LazyServer(read, session, address, port, ssl_context).run())

@@ -98,9 +98,13 @@ class Code(enum.IntEnum):
 class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
+    # Members are singletons compared by identity: hash them so too (Enum's
+    # own __hash__ is Python code, run several times per frame).
+    __hash__ = object.__hash__
 
 
 class State(enum.Enum):
+    __hash__ = object.__hash__        # as Role's
     AWAIT_HELLO = "AWAIT_HELLO"
     AWAIT_WELCOME_WRITE = "AWAIT_WELCOME_WRITE"
     AWAIT_WELCOME_READ = "AWAIT_WELCOME_READ"
@@ -620,6 +624,7 @@ class ConnectionClosed:
 EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
           ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join)
 _BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
+_EVENT_TYPES = frozenset(EVENTS)
 
 
 # ------------------------------------------------------------------ state table
@@ -911,7 +916,7 @@ class Connection:
         """The frame of ``ev`` as a list of buffers (page data is not copied)."""
         if isinstance(ev, ConnectionClosed):
             raise LocalProtocolError("ConnectionClosed is not sent: close the transport")
-        if type(ev) not in _BY_TYPE.values():
+        if type(ev) not in _EVENT_TYPES:
             raise LocalProtocolError(f"not an event: {ev!r}")
         try:
             ev.check()
@@ -935,22 +940,22 @@ class Connection:
 
     # -- state ---------------------------------------------------------------
     def _transition(self, sender: Role, ev) -> None:
-        key = (self.state, sender, _key(ev))
-        nxt = TRANSITIONS.get(key)
+        cls = type(ev)          # (events are final classes: type, not isinstance)
+        nxt = TRANSITIONS.get((self.state, sender, (cls, ev.mode) if cls is Hello else cls))
         if nxt is None:
-            raise _Bad(f"{type(ev).__name__} from the {sender.value} not allowed in state "
+            raise _Bad(f"{cls.__name__} from the {sender.value} not allowed in state "
                        f"{self.state.value}")
-        if isinstance(ev, Get):
+        if cls is Get:
             if len(self._gets) >= MAX_OUTSTANDING_GETS:
                 raise _Bad(f"more than {MAX_OUTSTANDING_GETS} GETs outstanding")
             self._gets.append(ev.req_id)
-        elif isinstance(ev, PageData):
+        elif cls is PageData:
             if not self._gets or self._gets[0] != ev.req_id:
                 want = self._gets[0] if self._gets else "none"
                 raise _Bad(f"PageData for req_id {ev.req_id}, outstanding: {want}")
             self._gets.popleft()
-        elif isinstance(ev, Hello):
+        elif cls is Hello:
             self.mode = ev.mode
-        elif isinstance(ev, Welcome):
+        elif cls is Welcome:
             self.caps = ev.caps
         self.state = nxt

@@ -15,13 +15,14 @@ PTRACE_O_EXITKILL).  Only pages the dump left lazy are served.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import os
+import signal
+import threading
 
 from migrate import errors
 from migrate.images import pagemap
-import os
-import signal
-
 from migrate.kernel import memory as kmem
 from migrate.kernel import proc, ptrace, remote, sysno
 
@@ -46,17 +47,24 @@ class Keeper:
         self.image_pid = image_pid
         self.pid = pid
         self.lazy = pagemap.normalize(lazy)
+        self._starts = [s for s, _ in self.lazy]
+        self._lock = threading.Lock()
         self.pages_served = 0
 
-    def read(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
-        """The pages, or LookupError (not lazy here) / KernelError."""
+    def read(self, pid: int, vaddr: int, nr_pages: int, into=None):
+        """The pages (in ``into``, a writable buffer of their size, if given),
+        or LookupError (not lazy here) / KernelError.  Thread-safe: the
+        page-server's connections call it at once."""
         end = vaddr + nr_pages * PAGE
-        if pid != self.image_pid or pagemap.subtract([(vaddr, end)], self.lazy):
+        # the lazy ranges are merged: the pages are all lazy if one holds them
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if pid != self.image_pid or i < 0 or end > self.lazy[i][1]:
             raise LookupError(f"pid {pid}: pages {vaddr:#x}-{end:#x} are not lazy pages "
                               f"of pid {self.image_pid}")
-        buf = bytearray(end - vaddr)
-        kmem.vm_read(self.pid, buf, [(vaddr, end - vaddr, 0)])
-        self.pages_served += nr_pages
+        buf = bytearray(end - vaddr) if into is None else into
+        kmem.vm_read_into(self.pid, buf, vaddr)
+        with self._lock:
+            self.pages_served += nr_pages
         return buf
 
     def release(self) -> None:

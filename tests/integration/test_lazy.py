@@ -334,14 +334,18 @@ def test_corrupt_image_is_refused_before_anything_runs(workdir, workloads):
 
 class _FlipProxy:
     """A TCP relay that flips one byte of the first page the server sends
-    on each connection (WELCOME is 20 bytes, then PAGE_DATA: an 8-byte
-    header, 32 bytes of fields, the data)."""
+    on each connection (WELCOME is 36 bytes, then PAGE_DATA: an 8-byte
+    header, 32 bytes of fields, the data).  ``stall``: instead, nothing
+    the server sends after its WELCOME is passed on (a source that stopped
+    answering while the connection stays up)."""
 
-    FLIP_AT = 20 + 8 + 32 + 100
+    WELCOME = 8 + 28
+    FLIP_AT = WELCOME + 8 + 32 + 100
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, stall: bool = False) -> None:
         import threading
         self.target = target_port
+        self.stall = stall
         self.lsock = socket.socket()
         self.lsock.bind((TLS_HOST, 0))
         self.lsock.listen(8)
@@ -367,10 +371,13 @@ class _FlipProxy:
                 data = bytearray(a.recv(65536))
                 if not data:
                     break
-                if flip and off <= self.FLIP_AT < off + len(data):
+                if flip and self.stall:
+                    data = data[:max(0, self.WELCOME - off)]
+                elif flip and off <= self.FLIP_AT < off + len(data):
                     data[self.FLIP_AT - off] ^= 0x01
                 off += len(data)
-                b.sendall(data)
+                if data:
+                    b.sendall(data)
         except OSError:
             pass
         finally:
@@ -428,3 +435,39 @@ def test_tree_sessions_zombies_shared_memory_local(workdir, workloads, daemons):
     _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
     w.assert_pass()
     _check_done(d)
+
+
+def test_daemon_stopped_while_a_fault_waits_on_a_silent_source(workdir, workloads, daemons,
+                                                              dumps):
+    """The source's connection stays up but its answers never come: the
+    fault thread waits on the fault lane.  SIGTERM to the daemon still ends
+    it (the lane is shut down under the waiting thread) and the process
+    that waits on its page is killed, not left to run on with zero pages."""
+    w = _start("lazymem", workdir, workloads, "16")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, ["--no-tls"])
+    dumps.append(src)
+    proxy = _FlipProxy(port, stall=True)
+    try:
+        d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port",
+                   str(proxy.port), "--no-tls", "--no-prefetch")
+        daemons.append(d)
+        p = migrate("restore", "-D", images, "-d", "--lazy-pages")
+        assert p.returncode == 0, p.stderr
+        os.kill(w.pid, signal.SIGTERM)          # its check faults on its first page
+        end = time.monotonic() + 30
+        while "GET" not in d.log() and "pages to supply" not in d.log():
+            assert time.monotonic() < end, d.log()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert alive(w.pid) and "PASS" not in w.log()
+        d.proc.send_signal(signal.SIGTERM)
+        rc, _, err = d.finish(timeout=30)
+    finally:
+        proxy.close()
+    assert rc == 1 and "SIGTERM" in err and f"killed pid {w.pid}" in err, \
+        f"{rc}\n{err}\n{d.log()[-3000:]}"
+    reap_pids([w.pid], 10)
+    assert not alive(w.pid) and "PASS" not in w.log()
+    w.reaped = True
