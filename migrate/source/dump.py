@@ -161,8 +161,9 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
                  ) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
     VMAs registered this round (None: register now; the task is frozen)."""
+    shared = memory.shared_starts(smaps)        # read without unsharing them
     if tracker is None:
-        return memory.scan_pages(pid, entries, tolerant).runs, []
+        return memory.scan_pages(pid, entries, tolerant, shared=shared).runs, []
     t0 = time.perf_counter()
     if untracked is None:
         untracked = {v.start for v in tracker.register(smaps)}
@@ -172,10 +173,10 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     dirty += [(v.start, v.end) for v in trackable if v.start in untracked]
     if tracker.kind == "uffd":
         # Data pages and written pages in one walk, which also re-protects.
-        scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable})
+        scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable}, shared)
         dirty += scan.written + scan.failed
     else:
-        scan = memory.scan_pages(pid, entries, tolerant)
+        scan = memory.scan_pages(pid, entries, tolerant, shared=shared)
         with kmem.PagemapScanner(pid) as sc:
             for v in trackable:
                 w = tracker.written(sc, v)

@@ -87,6 +87,18 @@ def test_tree_restore_failure_leaves_nothing(workdir, workloads):
     w.assert_pass()
 
 
+def test_cow_sharing_survives_leave_running(workdir, workloads):
+    """A dump --leave-running reads the pages a parent and its children
+    share copy-on-write without unsharing them: the tree it leaves still
+    shares them (checked by the program through its pagemap)."""
+    w = Workload.program("cowtree", workdir)
+    workloads.append(w)
+    w.wait_ready()
+    for i in range(2):
+        w.dump(os.path.join(workdir, f"img-{i}"), "--leave-running")
+    w.assert_pass()
+
+
 def test_shell_pipeline_shell_job(workdir, workloads):
     """`sh -c 'sleep 1000 | cat; echo ...'` on a terminal: three processes and
     a pipe between two of them, dumped with --shell-job and restored onto

@@ -18,6 +18,8 @@ Size:               2048 kB
 Rss:                2048 kB
 Anonymous:          2048 kB
 AnonHugePages:      2048 kB
+Shared_Clean:          8 kB
+Shared_Dirty:       1024 kB
 VmFlags: rd wr mr mw me ac hg
 7f0000400000-7f0000401000 rw-s 00000000 00:01 1234    /dev/zero (deleted)
 VmFlags: rd wr sh mr mw me ms
@@ -32,6 +34,7 @@ def test_parse_smaps():
                                     0x7ffd00000000]
     assert v[0].path == "/usr/bin/python3.11" and v[0].is_file and not v[0].writable
     assert v[1].vmflags[-1] == "hg" and v[1].anon_huge_kb == 2048 and v[1].path == ""
+    assert v[1].shared_kb == 1032 and v[0].shared_kb == 0
     assert v[2].deleted and v[2].path == "/dev/zero" and v[2].shared
     assert v[3].path == "[stack]" and "gd" in v[3].vmflags and not v[3].is_file
 
