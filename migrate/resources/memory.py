@@ -26,6 +26,7 @@ import stat as stat_mod
 
 from migrate import errors
 from migrate.images import PE_PRESENT
+from migrate.images import pagemap as pm
 from migrate.images.imgfile import CHUNK_PAGES, chunk_digest, chunk_hasher
 from migrate.images._pb import mm_pb2
 from migrate.images.pagemap import Entry
@@ -269,6 +270,61 @@ def _shmem_runs(pid: int, e) -> list[PageRun]:
     finally:
         os.close(fd)
     return runs
+
+
+# --------------------------------------------------------------------------
+# copy-on-write sharing between a parent and its forked child
+
+COW_KINDS = (K.ANON_PRIVATE, K.HEAP)
+COW_GAP = 64 * PAGE        # pagemap reads: data ranges closer than this are read as one
+
+
+def cow_capable(e) -> bool:
+    """A VMA whose pages a restore can share with the parent's: private
+    anonymous, and mapped by the premap's plain mmap the same way (no
+    MAP_GROWSDOWN; accounted unless MAP_NORESERVE, as mmap(2) does it)."""
+    return (e.kind in COW_KINDS and not e.flags & (MAP_SHARED | MAP_GROWSDOWN)
+            and ("ac" in e.vmflags) == (not e.flags & MAP_NORESERVE))
+
+
+def shared_with_parent(pid: int, ppid: int, entries: list, parent_entries: list,
+                       data: list[tuple[int, int]], candidates: set[int]
+                       ) -> list[tuple[int, int]]:
+    """The data pages (``data``: normalized) of ``pid``'s private anonymous
+    VMAs that map the same physical page as ``ppid`` at the same address:
+    still shared since the fork.  Both are frozen.  ``candidates``: starts
+    of ``pid``'s VMAs with pages mapped more than once (shared_starts): the
+    others are not looked at.  One pagemap read per stretch of data of each
+    process, compared as whole buffers."""
+    mine = pm.normalize((e.start, e.end) for e in entries
+                        if e.start in candidates and cow_capable(e))
+    if not mine:
+        return []
+    if not kmem.frames_visible():
+        log.info("pid %d: pagemap shows no PFNs here: COW sharing is not recorded", pid)
+        return []
+    theirs = pm.normalize((e.start, e.end) for e in parent_entries if cow_capable(e))
+    want = pm.intersect(pm.intersect(mine, theirs), data)
+    # Stretches of data, each with the data ranges it holds: the pages in
+    # between are not data (not present, or the zero page, which two
+    # processes do map at one PFN: dropped by the intersection).
+    spans: list[tuple[int, int, list]] = []
+    for s, e in want:
+        if spans and s - spans[-1][1] <= COW_GAP:    # unmapped pages read as 0
+            spans[-1] = (spans[-1][0], e, spans[-1][2] + [(s, e)])
+        else:
+            spans.append((s, e, [(s, e)]))
+    out: list[tuple[int, int]] = []
+    with kmem.Pagemap(pid) as a, kmem.Pagemap(ppid) as b:
+        for s, e, parts in spans:
+            got = kmem.shared_frames(a, b, s, e)
+            if len(parts) > 1:
+                got = pm.intersect(got, parts)
+            if out and got and out[-1][1] == got[0][0]:
+                out[-1] = (out[-1][0], got[0][1])
+                got = got[1:]
+            out += got
+    return out
 
 
 WINDOW_PAGES = CHUNK_PAGES  # 8 MiB: one checksum chunk of the page file

@@ -96,6 +96,7 @@ class DumpStats:
     tracker: str = ""
     tcp_connections: int = 0
     netlock_us: int = 0
+    pages_shared: int = 0        # pages children share copy-on-write with their parent
 
     def to_pb(self):
         return stats_pb2.stats_entry(**dataclasses.asdict(self))
@@ -727,6 +728,8 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
                 t.hold()
 
         # 3. Memory: present pages only (or only those not in the parent chain).
+        ppid = {p.pid: p.ppid for p in tr.live}
+        by_pid = {d.pid: d for d in dumps}
         for d in dumps:
             phase = Phases(d.pid)
             t = used.get(d.pid)
@@ -740,6 +743,18 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
                                            parent if t else None, t, stats)
             phase("memory scan")
+            par = by_pid.get(ppid[d.pid])
+            if par is not None:
+                data = pm.union(pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE)
+                                             for r in runs), in_parent)
+                cow = memory.shared_with_parent(d.pid, par.pid, d.vma_entries,
+                                                par.vma_entries, data,
+                                                memory.shared_starts(d.vmas))
+                d.mm.shared_with_parent.extend(
+                    mm_pb2.cow_entry(vaddr=a, nr_pages=(b - a) // memory.PAGE)
+                    for a, b in cow)
+                stats.pages_shared += pm.pages(cow)
+                phase("COW with parent", f"{pm.pages(cow)} pages shared with pid {par.pid}")
             if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
                 t.clear()       # the next round starts now
             lazy = []

@@ -126,6 +126,25 @@ def test_pagemap_regions_overlapping_reports_keep_page_precision():
         [(0, 5, C), (5, 6, W), (6, 9, C)]
 
 
+def test_same_frames_on_canned_pagemaps():
+    """Same PFN, present in both: shared, whatever the soft-dirty, exclusive
+    and uffd-wp bits say; absent pages (0 in both), swap entries and other
+    PFNs are not."""
+    from migrate.kernel.memory import same_frames
+    P, PRESENT, SWAP, EXCL, WP, SD = 4096, 1 << 63, 1 << 62, 1 << 56, 1 << 57, 1 << 55
+    a = [PRESENT | 10, PRESENT | 11 | SD, PRESENT | 12, 0, SWAP | 5, PRESENT | 15,
+         PRESENT | 16 | EXCL, PRESENT | 17]
+    b = [PRESENT | 10, PRESENT | 11 | WP, PRESENT | 99, 0, SWAP | 5, PRESENT | 15 | EXCL,
+         PRESENT | 16, PRESENT | 17]
+    raw = lambda xs: struct.pack(f"<{len(xs)}Q", *xs)  # noqa: E731
+    base = 0x7f0000000000
+    got = same_frames(raw(a), raw(b), base)
+    assert [((s - base) // P, (e - base) // P) for s, e in got] == [(0, 2), (5, 8)]
+    assert same_frames(raw(a[:2]), raw(a[:2]), base) == [(base, base + 2 * P)]
+    assert same_frames(raw([0, 0]), raw([0, 0]), base) == []
+    assert same_frames(b"", b"", base) == []
+
+
 TIMERS = """\
 ID: 101
 signal: 12/1234567890abcdef
