@@ -338,6 +338,36 @@ def vm_write(pid: int, buf, ranges: list[tuple[int, int, int]]) -> int:
     return _vm_rw(libc.process_vm_writev, "process_vm_writev", pid, buf, ranges)
 
 
+def madvise_own(ranges: list[tuple[int, int]], advice: int) -> None:
+    """madvise(2) of ranges [start, end) of our own memory, IOV_MAX at a
+    time by process_madvise(2) (any advice on the caller itself since Linux
+    6.13), else one call per range."""
+    from migrate.kernel import syscalls, sysno
+    pidfd = -1
+    try:
+        pidfd = os.pidfd_open(os.getpid())
+        iov = _batch.local
+        for i0 in range(0, len(ranges), IOV_MAX):
+            chunk = ranges[i0:i0 + IOV_MAX]
+            for j, (s, e) in enumerate(chunk):
+                iov[j].iov_base = ffi.cast("void *", s)
+                iov[j].iov_len = e - s
+            want = sum(e - s for s, e in chunk)
+            got, err = syscalls.raw(sysno.process_madvise, pidfd, iov, len(chunk), advice, 0)
+            if got == -1 and err == errno.EINVAL and i0 == 0:
+                break                       # an older kernel: one by one
+            if got != want:
+                raise errors.from_errno("process_madvise", err or errno.EIO, os.getpid(),
+                                        f"at {chunk[0][0]:#x}, {got} of {want} bytes")
+        else:
+            return
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+    for s, e in ranges:
+        syscalls.call(sysno.madvise, s, e - s, advice, detail=f"at {s:#x}")
+
+
 def read_bytes(pid: int, addr: int, size: int) -> bytes:
     buf = bytearray(size)
     vm_read(pid, buf, [(addr, size, 0)])

@@ -107,6 +107,21 @@ def test_cow_sharing_survives_leave_running(workdir, workloads):
     w.assert_pass()
 
 
+def test_cow_sharing_kept(workdir, workloads):
+    """Private pages a parent and its forked children (and a grandchild)
+    still share come back shared: one physical page, checked by the
+    program through its pagemap, and counted by the restore."""
+    w = Workload.program("cowtree", workdir)
+    workloads.append(w)
+    w.wait_ready()
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    r = w.restore(images, "--display-stats")
+    st = json.loads(r.stdout)
+    assert int(st["pages_shared"]) >= COWTREE_SHARED, st
+    w.assert_pass()
+
+
 def test_shell_pipeline_shell_job(workdir, workloads):
     """`sh -c 'sleep 1000 | cat; echo ...'` on a terminal: three processes and
     a pipe between two of them, dumped with --shell-job and restored onto
