@@ -44,7 +44,7 @@ class Vma:
     rss_kb: int = 0
     anon_kb: int = 0
     anon_huge_kb: int = 0
-    shared_kb: int = 0  # Shared_Clean + Shared_Dirty: pages mapped more than once
+    shared_dirty_kb: int = 0  # Shared_Dirty: written pages mapped more than once
 
     @property
     def size(self) -> int:
@@ -117,8 +117,8 @@ def parse_smaps(text: str) -> list[Vma]:
             cur.anon_kb = int(val.split()[0])
         elif key == "AnonHugePages":
             cur.anon_huge_kb = int(val.split()[0])
-        elif key in ("Shared_Clean", "Shared_Dirty"):
-            cur.shared_kb += int(val.split()[0])
+        elif key == "Shared_Dirty":
+            cur.shared_dirty_kb = int(val.split()[0])
     return out
 
 

@@ -213,8 +213,12 @@ def scan_pages(pid: int, entries: list, tolerant: bool = False,
 
 
 def shared_starts(vmas: list[Vma]) -> set[int]:
-    """Starts of the private VMAs (smaps) with pages mapped more than once."""
-    return {v.start for v in vmas if v.shared_kb and not v.shared}
+    """Starts of the private VMAs (smaps) with written pages mapped more
+    than once: anonymous pages shared since a fork.  Shared_Clean is left
+    out: in a private file mapping it counts the page cache every process
+    maps (a clean anonymous page shared after a fork, read back from swap,
+    is missed: the dump unshares it)."""
+    return {v.start for v in vmas if v.shared_dirty_kb and not v.shared}
 
 
 def _add_data(pid: int, runs: list, regions, src: str) -> None:
@@ -278,6 +282,9 @@ def _shmem_runs(pid: int, e) -> list[PageRun]:
 
 COW_KINDS = (K.ANON_PRIVATE, K.HEAP)
 COW_GAP = 64 * PAGE        # pagemap reads: data ranges closer than this are read as one
+# A child sharing fewer pages with its parent gets its own copy: the premap
+# areas cost more time (dump, fork phase) than the memory they would save.
+COW_MIN_PAGES = 64
 
 
 def cow_capable(e) -> bool:
@@ -288,22 +295,27 @@ def cow_capable(e) -> bool:
             and ("ac" in e.vmflags) == (not e.flags & MAP_NORESERVE))
 
 
-def shared_with_parent(pid: int, ppid: int, entries: list, parent_entries: list,
-                       data: list[tuple[int, int]], candidates: set[int]
-                       ) -> list[tuple[int, int]]:
-    """The data pages (``data``: normalized) of ``pid``'s private anonymous
-    VMAs that map the same physical page as ``ppid`` at the same address:
-    still shared since the fork.  Both are frozen.  ``candidates``: starts
-    of ``pid``'s VMAs with pages mapped more than once (shared_starts): the
-    others are not looked at.  One pagemap read per stretch of data of each
-    process, compared as whole buffers."""
-    mine = pm.normalize((e.start, e.end) for e in entries
-                        if e.start in candidates and cow_capable(e))
-    if not mine:
+def cow_candidates(entries: list, smaps: list[Vma]) -> list:
+    """The VMAs (vma_entry) of a process worth comparing with its parent's:
+    private anonymous with written pages mapped more than once (smaps
+    Shared_Dirty); none if they hold fewer than COW_MIN_PAGES of those."""
+    shared = {v.start: v.shared_dirty_kb for v in smaps if v.shared_dirty_kb and not v.shared}
+    out = [e for e in entries if e.start in shared and cow_capable(e)]
+    if sum(shared[e.start] for e in out) * 1024 < COW_MIN_PAGES * PAGE:
         return []
+    return out
+
+
+def shared_with_parent(pid: int, ppid: int, candidates: list, parent_entries: list,
+                       data: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The data pages (``data``: normalized) of ``pid``'s VMAs ``candidates``
+    (cow_candidates) that map the same physical page as ``ppid`` at the same
+    address: still shared since the fork.  Both are frozen.  One pagemap
+    read per stretch of data of each process, compared as whole buffers."""
     if not kmem.frames_visible():
         log.info("pid %d: pagemap shows no PFNs here: COW sharing is not recorded", pid)
         return []
+    mine = pm.normalize((e.start, e.end) for e in candidates)
     theirs = pm.normalize((e.start, e.end) for e in parent_entries if cow_capable(e))
     want = pm.intersect(pm.intersect(mine, theirs), data)
     # Stretches of data, each with the data ranges it holds: the pages in
@@ -745,17 +757,21 @@ class CowPlan:
     the tool before the first fork, so every process and every builder
     knows them.  Empty if nothing is shared."""
 
-    def __init__(self, procs: list[CowProc], taken: list[tuple[int, int]] = ()) -> None:
+    def __init__(self, procs: list[CowProc], taken: list[tuple[int, int]] = (),
+                 min_pages: int = COW_MIN_PAGES) -> None:
         """``procs``: parents first.  ``taken``: address ranges the areas
-        must avoid besides every process's VMAs (the tool's own mappings)."""
+        must avoid besides every process's VMAs (the tool's own mappings).
+        A child sharing fewer than ``min_pages`` with its parent is left out."""
         self.areas: dict[int, list[CowArea]] = {}
         self.drop: dict[int, list] = {}        # inherited areas to unmap before forking
         self.shared: dict[int, int] = {}       # pages shared with the parent, per pid
         by_pid = {p.pid: p for p in procs}
         kids: dict[int, list[CowProc]] = collections.defaultdict(list)
         for p in procs:
-            if p.ppid in by_pid and p.shared:
+            if p.ppid in by_pid and pm.pages(p.shared) >= max(min_pages, 1):
                 kids[p.ppid].append(p)
+            else:
+                p.shared = []
         if not kids:
             return
         size = 0                    # areas are placed from 0, then moved to a free base

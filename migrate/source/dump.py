@@ -744,12 +744,11 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
                                            parent if t else None, t, stats)
             phase("memory scan")
             par = by_pid.get(ppid[d.pid])
-            if par is not None:
+            cand = memory.cow_candidates(d.vma_entries, d.vmas) if par is not None else []
+            if cand:
                 data = pm.union(pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE)
                                              for r in runs), in_parent)
-                cow = memory.shared_with_parent(d.pid, par.pid, d.vma_entries,
-                                                par.vma_entries, data,
-                                                memory.shared_starts(d.vmas))
+                cow = memory.shared_with_parent(d.pid, par.pid, cand, par.vma_entries, data)
                 d.mm.shared_with_parent.extend(
                     mm_pb2.cow_entry(vaddr=a, nr_pages=(b - a) // memory.PAGE)
                     for a, b in cow)

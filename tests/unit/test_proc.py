@@ -34,7 +34,7 @@ def test_parse_smaps():
                                     0x7ffd00000000]
     assert v[0].path == "/usr/bin/python3.11" and v[0].is_file and not v[0].writable
     assert v[1].vmflags[-1] == "hg" and v[1].anon_huge_kb == 2048 and v[1].path == ""
-    assert v[1].shared_kb == 1032 and v[0].shared_kb == 0
+    assert v[1].shared_dirty_kb == 1024 and v[0].shared_dirty_kb == 0
     assert v[2].deleted and v[2].path == "/dev/zero" and v[2].shared
     assert v[3].path == "[stack]" and "gd" in v[3].vmflags and not v[3].is_file
 
