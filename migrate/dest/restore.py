@@ -83,6 +83,7 @@ class RestoreStats:
     forking_us: int = 0
     restore_us: int = 0
     pages_restored: int = 0
+    pages_shared: int = 0           # pages shared copy-on-write with the parent again
     remote_syscalls: int = 0
     peak_rss_kb: int = 0
 
@@ -90,6 +91,7 @@ class RestoreStats:
         return stats_pb2.stats_entry(kind="restore", peak_rss_kb=self.peak_rss_kb, forking_us=self.forking_us,
                                      restore_us=self.restore_us,
                                      pages_restored=self.pages_restored,
+                                     pages_shared=self.pages_shared,
                                      remote_syscalls=self.remote_syscalls,
                                      total_us=self.restore_us,
                                      tcp_connections=self.tcp_connections,
@@ -333,7 +335,7 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
         r, go_w = os.pipe()
         go_r = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, top)
         os.close(r)
-        plan = _Plan(img, opts, opened, tty, ready_w, go_r)
+        plan = _Plan(img, opts, opened, tty, ready_w, go_r, _cow_plan(img, opts))
         tf = time.perf_counter()
         try:
             pid = syscalls.clone3_with_pid(
@@ -373,7 +375,7 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
             if opts.before_release is not None:
                 opts.before_release(pid)
 
-        _build_all(img, opts, plan.keep, shared, stats, created, all_built)
+        _build_all(img, opts, plan.keep, shared, stats, created, all_built, plan.cow)
     except BaseException as exc:
         inets.close()
         _kill_tree(pid, [e.pid for e in img.entries], created)
@@ -403,10 +405,10 @@ def _restore(opts: RestoreOptions, img: Image, t0: float) -> tuple[int, RestoreS
     if opts.pidfile:
         with open(opts.pidfile, "w") as f:
             f.write(f"{pid}\n")
-    log.info("pid %d: restored from %s in %.1f ms (%d process%s, %d pages, %d remote "
-             "syscalls)", pid, opts.images_dir, stats.restore_us / 1000, len(img.entries),
-             "es" if len(img.entries) > 1 else "", stats.pages_restored,
-             stats.remote_syscalls)
+    log.info("pid %d: restored from %s in %.1f ms (%d process%s, %d pages, %d shared "
+             "with the parent, %d remote syscalls)", pid, opts.images_dir,
+             stats.restore_us / 1000, len(img.entries), "es" if len(img.entries) > 1 else "",
+             stats.pages_restored, stats.pages_shared, stats.remote_syscalls)
     return pid, stats
 
 
@@ -486,6 +488,19 @@ def _kill_tree(root: int, pids: list[int], threads: list[int] = ()) -> None:
         time.sleep(0.002)
 
 
+def _cow_plan(img: Image, opts: RestoreOptions) -> memory.CowPlan:
+    """The premap areas that keep COW sharing (resources/memory.py).  Not
+    with --lazy-pages: the lazy-pages daemon fills each process on its own
+    (each gets its own copy, as before)."""
+    if opts.lazy_pages:
+        return memory.CowPlan([])
+    procs = [memory.CowProc(p.pid, p.entry.ppid, p.mm.vmas, p.stored,
+                            pagemap.normalize((c.vaddr, c.vaddr + c.nr_pages * PAGE)
+                                              for c in p.mm.shared_with_parent))
+             for p in img.procs]
+    return memory.CowPlan(procs, [(v.start, v.end) for v in proc.read_maps(os.getpid())])
+
+
 @dataclasses.dataclass
 class _Plan:
     """What every new process needs before it is taken over (inherited by fork)."""
@@ -495,6 +510,7 @@ class _Plan:
     tty: str | None
     ready_w: int
     go_r: int
+    cow: memory.CowPlan
 
     def __post_init__(self) -> None:
         self.keep = (self.go_r, self.ready_w)
@@ -540,6 +556,7 @@ def _child(plan: _Plan, e) -> None:
     w = plan.ready_w
     try:
         _set_group(plan, e)
+        _premap(plan, plan.procs[e.pid])
         for c in plan.img.children(e.pid):
             try:
                 got = syscalls.clone3_with_pid(c.pid)
@@ -561,6 +578,28 @@ def _child(plan: _Plan, e) -> None:
         except BaseException:
             pass
     os._exit(1)
+
+
+def _premap(plan: _Plan, p: ProcImage) -> None:
+    """This new process's premap areas, before it forks its children."""
+    if p.pid not in plan.cow.areas and p.pid not in plan.cow.drop:
+        return
+    phase = Phases(p.pid)
+    readers: list = []
+
+    def parts(within):
+        if not readers:
+            readers.extend(level.pages_reader(p.pid) for level in p.chain)
+        # The deepest parent first: each image overwrites what its parents wrote.
+        return list(reversed(list(zip(readers, p.parts_within(within)))))
+
+    try:
+        memory.premap(plan.cow, p.pid, parts)
+    finally:
+        for r in readers:
+            r.close()
+    phase("premap", f"{plan.cow.pages_filled(p.pid)} pages read in, "
+                    f"{len(plan.cow.areas.get(p.pid, []))} areas")
 
 
 def _zombie(plan: _Plan, e) -> None:
@@ -641,7 +680,8 @@ WORKERS = 2          # processes built at once (this machine has two cores)
 
 
 def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], shared,
-               stats: RestoreStats, created: list[int], all_built) -> None:
+               stats: RestoreStats, created: list[int], all_built,
+               cow: memory.CowPlan) -> None:
     """Take every process over, then (``all_built``) release them all.
 
     With several processes, WORKERS threads build them side by side (the
@@ -653,7 +693,7 @@ def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], share
     # saying so, so they are built one after the other.
     n = 1 if opts.lazy_pages else min(WORKERS, len(img.procs))
     if n <= 1:
-        rels = [_take_over(img, p, opts, ctl_fds, shared, stats, created)
+        rels = [_take_over(img, p, opts, ctl_fds, shared, stats, created, cow)
                 for p in img.procs]
         all_built()
         phase = Phases(img.pid)
@@ -672,7 +712,8 @@ def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], share
         rels = []
         try:
             for p in buckets[i]:
-                rels.append(_take_over(img, p, opts, ctl_fds, shared, part[i], created))
+                rels.append(_take_over(img, p, opts, ctl_fds, shared, part[i], created,
+                                       cow))
         except BaseException as e:
             failed.append(e)
             built.abort()
@@ -711,6 +752,7 @@ def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], share
         t.join()
     for st in part:
         stats.pages_restored += st.pages_restored
+        stats.pages_shared += st.pages_shared
         stats.remote_syscalls += st.remote_syscalls
     if failed:
         raise failed[0]
@@ -736,17 +778,19 @@ class _Release:
 
 
 def _take_over(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, int],
-               shared, stats: RestoreStats, created: list[int]) -> _Release:
+               shared, stats: RestoreStats, created: list[int],
+               cow: memory.CowPlan) -> _Release:
     pages = [level.pages_reader(p.pid) for level in p.chain]
     try:
-        return _build(img, p, opts, ctl_fds, shared, stats, created, pages)
+        return _build(img, p, opts, ctl_fds, shared, stats, created, pages, cow)
     finally:
         for r in pages:
             r.close()
 
 
 def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, int],
-           shared, stats: RestoreStats, created: list[int], pages) -> _Release:
+           shared, stats: RestoreStats, created: list[int], pages,
+           cow: memory.CowPlan) -> _Release:
     pid = p.pid
     phase = Phases(pid)
     ptrace.seize(pid, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD |
@@ -775,10 +819,11 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
         rt.call(sysno.rseq, cfg.rseq_abi_pointer, cfg.rseq_abi_size, RSEQ_FLAG_UNREGISTER,
                 cfg.signature)
 
-    # Clear the address space but the gadget.
+    # Clear the address space but the gadget and the premap areas (COW).
     end_g = g + GADGET_PAGES * PAGE
-    rt.call(sysno.munmap, 0, g)
-    rt.call(sysno.munmap, end_g, TASK_SIZE - end_g)
+    keep = sorted([(g, end_g)] + cow.kept(pid))
+    for s, e in pagemap.subtract([(0, TASK_SIZE)], keep):
+        rt.call(sysno.munmap, s, e - s)
 
     # vdso/vvar at their dumped place.
     specials = [v for v in mm.vmas if v.kind in (mm_pb2.VVAR, mm_pb2.VVAR_VCLOCK, mm_pb2.VDSO)]
@@ -807,17 +852,23 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
 
     # The address space.
     phase("seize and clear")
-    memory.map_vmas(ctl, mm.vmas, shared)
+    memory.map_vmas(ctl, mm.vmas, shared, cow.moves(pid))
     phase("map VMAs", f"{len(mm.vmas)} VMAs")
+    done = cow.valid(pid)
     if opts.lazy_pages:
         _fill_lazy(ctl, p, opts, pages, stats, last=p is img.procs[-1])
     else:
-        # The deepest parent first: each image overwrites what its parents wrote.
+        # The deepest parent first: each image overwrites what its parents
+        # wrote.  Pages already in the premap areas (COW) are right.
         for reader, parts in reversed(list(zip(pages, p.parts))):
-            stats.pages_restored += memory.fill_pages(pid, mm.vmas, parts, reader)
+            stats.pages_restored += memory.fill_pages(pid, mm.vmas,
+                                                      pagemap.parts_outside(parts, done),
+                                                      reader)
             reader.verify()
         memory.protect_vmas(ctl, mm.vmas)
-    phase("pages")
+        stats.pages_shared += cow.pages_shared(pid)
+        stats.pages_restored += cow.pages_filled(pid)
+    phase("pages", f"{cow.pages_shared(pid)} shared with the parent" if done else "")
 
     # Per-task state.
     core = p.core

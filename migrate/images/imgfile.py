@@ -432,6 +432,14 @@ class PagesReader:
         self.accounted += nr_pages
         self.digests.append(digest)
 
+    def offset_of(self, index: int, nr_pages: int) -> int:
+        """File offset of pages [index, index + nr_pages), for a direct
+        read (the restore's premap); unchecked until ``verify``."""
+        if index < 0 or nr_pages < 0 or index + nr_pages > self.nr_pages:
+            raise ImageError(self.path, None, f"pages {index}..{index + nr_pages} needed, "
+                                              f"the file holds {self.nr_pages}")
+        return PAGES_DATA_OFFSET + index * PAGE_SIZE
+
     def verify(self) -> None:
         """Compare with the inventory; chunks not read yet are read here."""
         if self.expect_digest is None:

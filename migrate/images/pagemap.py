@@ -354,6 +354,30 @@ def overlay_within(chain: list, within: list[Range], names: list[str] | None = N
     return out
 
 
+def parts_outside(parts: list[tuple[int, int, int]], skip: list[Range]
+                  ) -> list[tuple[int, int, int]]:
+    """The (file index, vaddr, nr_pages) pieces of ``parts`` (one level's,
+    sorted) outside the normalized ranges ``skip``, still sorted by index."""
+    if not skip:
+        return parts
+    out = []
+    j = 0
+    for idx, addr, n in sorted(parts, key=lambda p: p[1]):
+        end = addr + n * PAGE
+        while j < len(skip) and skip[j][1] <= addr:
+            j += 1
+        cur, k = addr, j
+        while k < len(skip) and skip[k][0] < end:
+            if skip[k][0] > cur:
+                out.append((idx + (cur - addr) // PAGE, cur, (skip[k][0] - cur) // PAGE))
+            cur = max(cur, skip[k][1])
+            k += 1
+        if cur < end:
+            out.append((idx + (cur - addr) // PAGE, cur, (end - cur) // PAGE))
+    out.sort()
+    return out
+
+
 def to_entries(ranges_flags: list[tuple[int, int, int]], entry_cls=Entry) -> list:
     """pagemap entries from (start, end, flags), merging neighbours with equal flags."""
     starts: list[int] = []

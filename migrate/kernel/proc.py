@@ -44,6 +44,7 @@ class Vma:
     rss_kb: int = 0
     anon_kb: int = 0
     anon_huge_kb: int = 0
+    shared_dirty_kb: int = 0  # Shared_Dirty: written pages mapped more than once
 
     @property
     def size(self) -> int:
@@ -116,6 +117,8 @@ def parse_smaps(text: str) -> list[Vma]:
             cur.anon_kb = int(val.split()[0])
         elif key == "AnonHugePages":
             cur.anon_huge_kb = int(val.split()[0])
+        elif key == "Shared_Dirty":
+            cur.shared_dirty_kb = int(val.split()[0])
     return out
 
 

@@ -91,6 +91,7 @@ pidfd_open = 434
 clone3 = 435
 close_range = 436
 pidfd_getfd = 438
+process_madvise = 440
 
 
 _OURS = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and not k.startswith("_")}

@@ -26,6 +26,7 @@ import stat as stat_mod
 
 from migrate import errors
 from migrate.images import PE_PRESENT
+from migrate.images import pagemap as pm
 from migrate.images.imgfile import CHUNK_PAGES, chunk_digest, chunk_hasher
 from migrate.images._pb import mm_pb2
 from migrate.images.pagemap import Entry
@@ -33,7 +34,8 @@ from migrate.kernel import memory as kmem
 from migrate.kernel import syscalls, sysno
 from migrate.kernel.proc import Vma
 from migrate.resources.taskctl import (
-    MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED,
+    MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_GROWSDOWN, MAP_NORESERVE,
+    MAP_PRIVATE, MAP_SHARED,
     O_CLOEXEC, O_RDONLY, O_RDWR, PROT_EXEC, PROT_READ, PROT_WRITE, TaskCtl)
 
 log = logging.getLogger(__name__)
@@ -154,12 +156,21 @@ class Scan:
 
 
 def scan_pages(pid: int, entries: list, tolerant: bool = False,
-               tracked: set[int] | None = None) -> Scan:
+               tracked: set[int] | None = None, shared: set[int] = frozenset()) -> Scan:
     """Which pages of which VMAs hold data that must go into the image.
 
     ``tracked``: starts of VMAs registered with uffd-wp.  Their scan is the
     same pass that tells which pages were written since the last round and
-    write-protects them again (PM_SCAN_WP_MATCHING): one page-table walk."""
+    write-protects them again (PM_SCAN_WP_MATCHING): one page-table walk.
+
+    ``shared``: starts of private VMAs with pages mapped more than once
+    (``shared_starts``).  They are read through /proc/PID/mem: process_vm_readv
+    pins the pages (FOLL_PIN), and pinning an anonymous page shared
+    copy-on-write makes the kernel copy it first (gup_must_unshare(),
+    mm/internal.h): the dump would undo every fork's sharing in the tree it
+    leaves running (more memory), and a migration's pre-dumps would leave
+    nothing shared for its final dump to find.  /proc/PID/mem reads without
+    pinning (about 1.4x slower)."""
     out = Scan([], [], [])
     present = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
     tracked = tracked or set()
@@ -177,7 +188,7 @@ def scan_pages(pid: int, entries: list, tolerant: bool = False,
             exclude = kmem.PAGE_IS_PFNZERO
             if e.kind == K.FILE_PRIVATE:
                 exclude |= kmem.PAGE_IS_FILE  # still the file's page: not ours to copy
-            src = "vm" if e.prot & PROT_READ else "mem"
+            src = "vm" if e.prot & PROT_READ and e.start not in shared else "mem"
             if e.start in tracked:
                 try:
                     regions = sc.scan(e.start, e.end, anyof=present,
@@ -199,6 +210,15 @@ def scan_pages(pid: int, entries: list, tolerant: bool = False,
             _add_data(pid, out.runs, sc.scan(e.start, e.end, anyof=present,
                                              exclude=exclude), src)
     return out
+
+
+def shared_starts(vmas: list[Vma]) -> set[int]:
+    """Starts of the private VMAs (smaps) with written pages mapped more
+    than once: anonymous pages shared since a fork.  Shared_Clean is left
+    out: in a private file mapping it counts the page cache every process
+    maps (a clean anonymous page shared after a fork, read back from swap,
+    is missed: the dump unshares it)."""
+    return {v.start for v in vmas if v.shared_dirty_kb and not v.shared}
 
 
 def _add_data(pid: int, runs: list, regions, src: str) -> None:
@@ -255,6 +275,69 @@ def _shmem_runs(pid: int, e) -> list[PageRun]:
     finally:
         os.close(fd)
     return runs
+
+
+# --------------------------------------------------------------------------
+# copy-on-write sharing between a parent and its forked child
+
+COW_KINDS = (K.ANON_PRIVATE, K.HEAP)
+COW_GAP = 64 * PAGE        # pagemap reads: data ranges closer than this are read as one
+# A child sharing fewer pages with its parent gets its own copy: the premap
+# areas cost more time (dump, fork phase) than the memory they would save.
+COW_MIN_PAGES = 64
+
+
+def cow_capable(e) -> bool:
+    """A VMA whose pages a restore can share with the parent's: private
+    anonymous, and mapped by the premap's plain mmap the same way (no
+    MAP_GROWSDOWN; accounted unless MAP_NORESERVE, as mmap(2) does it)."""
+    return (e.kind in COW_KINDS and not e.flags & (MAP_SHARED | MAP_GROWSDOWN)
+            and ("ac" in e.vmflags) == (not e.flags & MAP_NORESERVE))
+
+
+def cow_candidates(entries: list, smaps: list[Vma]) -> list:
+    """The VMAs (vma_entry) of a process worth comparing with its parent's:
+    private anonymous with written pages mapped more than once (smaps
+    Shared_Dirty); none if they hold fewer than COW_MIN_PAGES of those."""
+    shared = {v.start: v.shared_dirty_kb for v in smaps if v.shared_dirty_kb and not v.shared}
+    out = [e for e in entries if e.start in shared and cow_capable(e)]
+    if sum(shared[e.start] for e in out) * 1024 < COW_MIN_PAGES * PAGE:
+        return []
+    return out
+
+
+def shared_with_parent(pid: int, ppid: int, candidates: list, parent_entries: list,
+                       data: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The data pages (``data``: normalized) of ``pid``'s VMAs ``candidates``
+    (cow_candidates) that map the same physical page as ``ppid`` at the same
+    address: still shared since the fork.  Both are frozen.  One pagemap
+    read per stretch of data of each process, compared as whole buffers."""
+    if not kmem.frames_visible():
+        log.info("pid %d: pagemap shows no PFNs here: COW sharing is not recorded", pid)
+        return []
+    mine = pm.normalize((e.start, e.end) for e in candidates)
+    theirs = pm.normalize((e.start, e.end) for e in parent_entries if cow_capable(e))
+    want = pm.intersect(pm.intersect(mine, theirs), data)
+    # Stretches of data, each with the data ranges it holds: the pages in
+    # between are not data (not present, or the zero page, which two
+    # processes do map at one PFN: dropped by the intersection).
+    spans: list[tuple[int, int, list]] = []
+    for s, e in want:
+        if spans and s - spans[-1][1] <= COW_GAP:    # unmapped pages read as 0
+            spans[-1] = (spans[-1][0], e, spans[-1][2] + [(s, e)])
+        else:
+            spans.append((s, e, [(s, e)]))
+    out: list[tuple[int, int]] = []
+    with kmem.Pagemap(pid) as a, kmem.Pagemap(ppid) as b:
+        for s, e, parts in spans:
+            got = kmem.shared_frames(a, b, s, e)
+            if len(parts) > 1:
+                got = pm.intersect(got, parts)
+            if out and got and out[-1][1] == got[0][0]:
+                out[-1] = (out[-1][0], got[0][1])
+                got = got[1:]
+            out += got
+    return out
 
 
 WINDOW_PAGES = CHUNK_PAGES  # 8 MiB: one checksum chunk of the page file
@@ -394,21 +477,27 @@ def _pieces(parts):
 
 def _copy_from_task(pid: int, view: memoryview, parts, tolerant: bool = False) -> None:
     vm, off = [], 0
-    for addr, n, r in parts:
-        length = n * PAGE
-        try:
-            if r.source == "vm":
-                vm.append((addr, length, off))
-            elif r.source == "mem":
-                with kmem.ProcMem(pid) as mem:
+    mem = None
+    try:
+        for addr, n, r in parts:
+            length = n * PAGE
+            try:
+                if r.source == "vm":
+                    vm.append((addr, length, off))
+                elif r.source == "mem":
+                    if mem is None:
+                        mem = kmem.ProcMem(pid)
                     mem.readinto(addr, view[off:off + length])
-            else:
-                _read_shmem(pid, r, addr, view[off:off + length])
-        except OSError:
-            if not tolerant:
-                raise
-            _salvage(pid, addr, view[off:off + length])
-        off += length
+                else:
+                    _read_shmem(pid, r, addr, view[off:off + length])
+            except OSError:
+                if not tolerant:
+                    raise
+                _salvage(pid, addr, view[off:off + length])
+            off += length
+    finally:
+        if mem is not None:
+            mem.close()
     if not vm:
         return
     try:
@@ -580,10 +669,277 @@ class SharedObjects:
         self.fds = {}
 
 
-def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -> None:
+# -- copy-on-write sharing, restore side --------------------------------
+#
+# Only fork shares private pages.  Before a new process forks its children,
+# it maps each of its private anonymous VMAs whose pages a child shares
+# (mm_entry.shared_with_parent) as a "premap" area at a free address and
+# reads its own content of those pages into it; the children inherit the
+# areas.  Every builder then moves its areas in place (mremap keeps the
+# pages and their sharing) instead of mapping those VMAs, and writes only
+# the pages not already right.  A child that forks children of its own
+# passes them the part of the area it inherited (three generations share
+# one page); the pages it inherited but does not share are dropped
+# (MADV_DONTNEED) before it forks.  Sharing between siblings, or with a
+# grandparent past a parent that wrote the page, is not kept (each gets a
+# copy); nor in a VMA that does not lie inside one VMA of the parent.
+
+PREMAP_FROM = 0x100000000000        # first premap address tried (16 TiB)
+PREMAP_STEP = 0x10000000000
+HUGE = 2 << 20
+PROT_RW = PROT_READ | PROT_WRITE
+MADV_DONTNEED = 4
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+
+
+def premap_flags(e) -> int:
+    """mmap flags of the premap area of VMA ``e``."""
+    return MAP_PRIVATE | MAP_ANONYMOUS | (e.flags & MAP_NORESERVE)
+
+
+@dataclasses.dataclass
+class CowArea:
+    """A VMA's pages as they wait in a new process, until its builder
+    moves them in place.  Ranges are target addresses, normalized."""
+    addr: int                # where the area is in the new process
+    start: int               # the target VMA
+    end: int
+    flags: int               # premap_flags
+    advice: list[int]        # madvise hints of the VMA (THP) for an area made here
+    valid: list              # pages already holding this process's content when built
+    fill: list               # pages this process reads in before it forks
+    clear: list              # inherited pages not its own: dropped before it forks
+    inherited: bool
+
+    def at(self, vaddr: int) -> int:
+        return self.addr + vaddr - self.start
+
+
+@dataclasses.dataclass
+class CowProc:
+    """What the plan needs of one live process of the image."""
+    pid: int
+    ppid: int
+    vmas: list                # vma_entry
+    stored: list              # pages its image chain holds (normalized)
+    shared: list              # pages shared with its parent at dump (normalized)
+
+
+def _by_vma(ranges: list, vmas: list) -> dict[int, list]:
+    """Normalized ``ranges`` split by the VMAs (sorted, disjoint) they fall in."""
+    out: dict[int, list] = {}
+    j = 0
+    for v in vmas:
+        while j < len(ranges) and ranges[j][1] <= v.start:
+            j += 1
+        k = j
+        got = []
+        while k < len(ranges) and ranges[k][0] < v.end:
+            a, b = max(ranges[k][0], v.start), min(ranges[k][1], v.end)
+            if a < b:
+                got.append((a, b))
+            k += 1
+        if got:
+            out[v.start] = got
+    return out
+
+
+def _container(vmas: list, starts: list[int], w, flags: int):
+    """The VMA of ``vmas`` (sorted by start) that holds all of ``w``."""
+    i = bisect.bisect_right(starts, w.start) - 1
+    if i >= 0 and vmas[i].end >= w.end and premap_flags(vmas[i]) == flags:
+        return vmas[i]
+    return None
+
+
+class CowPlan:
+    """Which premap areas each new process holds (see above), made once by
+    the tool before the first fork, so every process and every builder
+    knows them.  Empty if nothing is shared."""
+
+    def __init__(self, procs: list[CowProc], taken: list[tuple[int, int]] = (),
+                 min_pages: int = COW_MIN_PAGES) -> None:
+        """``procs``: parents first.  ``taken``: address ranges the areas
+        must avoid besides every process's VMAs (the tool's own mappings).
+        A child sharing fewer than ``min_pages`` with its parent is left out."""
+        self.areas: dict[int, list[CowArea]] = {}
+        self.drop: dict[int, list] = {}        # inherited areas to unmap before forking
+        self.shared: dict[int, int] = {}       # pages shared with the parent, per pid
+        by_pid = {p.pid: p for p in procs}
+        kids: dict[int, list[CowProc]] = collections.defaultdict(list)
+        for p in procs:
+            if p.ppid in by_pid and pm.pages(p.shared) >= max(min_pages, 1):
+                kids[p.ppid].append(p)
+            else:
+                p.shared = []
+        if not kids:
+            return
+        size = 0                    # areas are placed from 0, then moved to a free base
+        for p in procs:
+            capable = sorted((v for v in p.vmas if cow_capable(v)), key=lambda v: v.start)
+            pareas = self.areas.get(p.ppid, [])
+            mine = self._inherit(p, capable, pareas) if pareas else {}
+            # What the children need from this process.
+            need: dict[int, list] = collections.defaultdict(list)
+            starts = [v.start for v in capable]
+            for c in kids.get(p.pid, []):
+                cap = sorted((v for v in c.vmas if cow_capable(v)), key=lambda v: v.start)
+                want = _by_vma(pm.intersect(pm.intersect(c.shared, c.stored), p.stored), cap)
+                for w in cap:
+                    if w.start in want:
+                        v = _container(capable, starts, w, premap_flags(w))
+                        if v is not None:
+                            need[v.start] += want[w.start]
+            for v in capable:
+                if v.start not in need:
+                    continue
+                u = pm.normalize(need[v.start])
+                a = mine.get(v.start)
+                if a is not None:
+                    a.fill = pm.subtract(u, a.valid)
+                    a.valid = pm.union(a.valid, a.fill)
+                    continue
+                # Same offset in a huge page as the VMA: THPs move whole.
+                size = (size + HUGE - 1) // HUGE * HUGE + v.start % HUGE
+                mine[v.start] = CowArea(size, v.start, v.end, premap_flags(v),
+                                        [MADV_FOR_FLAG[f] for f in ("hg", "nh")
+                                         if f in v.vmflags], u, u, [], False)
+                size += v.end - v.start + PAGE        # a guard page: no merging
+            if mine:
+                self.areas[p.pid] = list(mine.values())
+        base = self._base(size, [(v.start, v.end) for p in procs for v in p.vmas]
+                          + list(taken))
+        for areas in self.areas.values():
+            for a in areas:
+                a.addr += base
+        for pid, ranges in self.drop.items():
+            self.drop[pid] = [(s + base, e + base) for s, e in ranges]
+
+    def _inherit(self, p: CowProc, capable: list, pareas: list[CowArea]) -> dict:
+        """The parts of the parent's areas ``p`` keeps: each of its VMAs that
+        lies in one area gets the pages it shares with the parent and the
+        parent holds.  The rest of the parent's areas is dropped."""
+        out: dict[int, CowArea] = {}
+        pareas = sorted(pareas, key=lambda a: a.start)
+        starts = [a.start for a in pareas]
+        per = _by_vma(pm.intersect(p.shared, p.stored), capable)
+        for w in capable:
+            got = per.get(w.start)
+            if not got:
+                continue
+            i = bisect.bisect_right(starts, w.start) - 1
+            if i < 0 or pareas[i].end < w.end or pareas[i].flags != premap_flags(w):
+                continue
+            pa = pareas[i]
+            mine = pm.intersect(got, pa.valid)
+            if not mine:
+                continue
+            theirs = pm.intersect(pa.valid, [(w.start, w.end)])
+            out[w.start] = CowArea(pa.at(w.start), w.start, w.end, pa.flags, [], mine, [],
+                                   pm.subtract(theirs, mine), True)
+            self.shared[p.pid] = self.shared.get(p.pid, 0) + pm.pages(mine)
+        drop = pm.subtract(
+            pm.normalize((a.addr, a.addr + a.end - a.start) for a in pareas),
+            pm.normalize((a.addr, a.addr + a.end - a.start) for a in out.values()))
+        if drop:
+            self.drop[p.pid] = drop
+        return out
+
+    @staticmethod
+    def _base(size: int, taken: list[tuple[int, int]]) -> int:
+        spans = pm.normalize(taken)
+        base = PREMAP_FROM
+        while pm.intersect(spans, [(base - PAGE, base + size + PAGE)]):
+            base += PREMAP_STEP
+            if base + size > TASK_SIZE:
+                raise errors.RestoreError("no free address range for the COW premap areas "
+                                          f"({size >> 20} MiB)")
+        return base
+
+    def pages_shared(self, pid: int) -> int:
+        return self.shared.get(pid, 0)
+
+    def pages_filled(self, pid: int) -> int:
+        """Pages ``pid`` reads into its areas before it forks."""
+        return sum(pm.pages(a.fill) for a in self.areas.get(pid, []))
+
+    def kept(self, pid: int) -> list[tuple[int, int]]:
+        """Address ranges of ``pid``'s areas (kept by the clear of its builder)."""
+        return sorted((a.addr, a.addr + a.end - a.start) for a in self.areas.get(pid, []))
+
+    def moves(self, pid: int) -> dict[int, "CowArea"]:
+        """``pid``'s areas by the start of their target VMA."""
+        return {a.start: a for a in self.areas.get(pid, [])}
+
+    def valid(self, pid: int) -> list:
+        """Target pages of ``pid`` already right once its areas are moved."""
+        return pm.normalize(r for a in self.areas.get(pid, []) for r in a.valid)
+
+
+TASK_SIZE = 0x7FFFFFFFF000          # 47-bit user address space
+
+
+def premap(plan: CowPlan, pid: int, readers) -> None:
+    """In new process ``pid`` (this process), before it forks: unmap the
+    areas inherited but not used, drop the inherited pages that are not its
+    own, make its own areas and read its content of the pages its children
+    share into them.  ``readers(within)`` gives, deepest level first,
+    (PagesReader, parts) of this process's pages inside ``within``."""
+    for s, e in plan.drop.get(pid, []):
+        syscalls.call(sysno.munmap, s, e - s, pid=pid, detail=f"premap at {s:#x}")
+    clear = []
+    for a in plan.areas.get(pid, []):
+        if a.inherited:
+            clear += [(a.at(s), a.at(e)) for s, e in a.clear]
+            continue
+        size = a.end - a.start
+        got = syscalls.call(sysno.mmap, a.addr, size, PROT_RW, a.flags | MAP_FIXED_NOREPLACE,
+                            -1, 0, pid=pid, detail=f"premap of vma {a.start:#x} at {a.addr:#x}")
+        if got != a.addr:
+            raise errors.RestoreError(f"pid {pid}: premap of vma {a.start:#x} landed at "
+                                      f"{got:#x}, not {a.addr:#x}")
+        for advice in a.advice:
+            syscalls.call(sysno.madvise, a.addr, size, advice, pid=pid)
+    if clear:
+        kmem.madvise_own(clear, MADV_DONTNEED)
+    for a in plan.areas.get(pid, []):
+        if a.fill:
+            for reader, parts in readers(a.fill):
+                _read_in(reader, parts, a.at)
+
+
+def _read_in(reader, parts: list[tuple[int, int, int]], dest) -> None:
+    """Pages (file index, vaddr, nr_pages) of ``reader`` into our own memory
+    at ``dest(vaddr)``: each chunk of the page file mapped, then copied by
+    process_vm_writev to ourselves (IOV_MAX pieces a call).  The checksum
+    is the builder's: it reads the whole file."""
+    me = os.getpid()
+    by_chunk: dict[int, list] = collections.defaultdict(list)
+    for idx, vaddr, n in parts:
+        reader.offset_of(idx, n)                       # in the file, or ImageError
+        while n:
+            c = idx // CHUNK_PAGES
+            k = min(n, (c + 1) * CHUNK_PAGES - idx)
+            by_chunk[c].append((dest(vaddr), k * PAGE, (idx - c * CHUNK_PAGES) * PAGE))
+            idx, vaddr, n = idx + k, vaddr + k * PAGE, n - k
+    for c, ranges in sorted(by_chunk.items()):
+        win = reader.map_chunk(c, min(CHUNK_PAGES, reader.nr_pages - c * CHUNK_PAGES))
+        try:
+            kmem.vm_write(me, win, ranges)
+        finally:
+            try:
+                win.close()
+            except BufferError:
+                pass     # a slice still held by an exception's traceback: GC closes it
+
+
+def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None,
+             moves: dict[int, CowArea] | None = None) -> None:
     """Recreate every VMA at its address (remote mmap with MAP_FIXED).  Each
     file is opened once in the task (a library has four or five VMAs); the
-    mmaps and madvises then go in one batch (TaskCtl.batch)."""
+    mmaps and madvises then go in one batch (TaskCtl.batch).  ``moves``:
+    VMAs whose premap area (CowPlan) is moved in place instead."""
+    moves = moves or {}
     fds: dict[tuple[str, int], int] = {}
 
     def fd_of(path: str, oflags: int) -> int:
@@ -603,7 +959,16 @@ def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None) -
             flags = e.flags | MAP_FIXED
             obj = shared.path(e.shmid) if shared is not None and e.kind == K.ANON_SHARED \
                 else None
-            if obj is not None:
+            area = moves.get(e.start)
+            if area is not None:
+                calls.append((sysno.mremap, (area.addr, length, length,
+                                             MREMAP_MAYMOVE | MREMAP_FIXED, e.start)))
+                wants.append((e.start, f"mremap of the premap at {area.addr:#x} to "
+                                       f"{e.start:#x}"))
+                if prot != PROT_RW:
+                    calls.append((sysno.mprotect, (e.start, length, prot)))
+                    wants.append((0, f"mprotect at {e.start:#x}"))
+            elif obj is not None:
                 calls.append((sysno.mmap, (e.start, length, prot, flags & ~MAP_ANONYMOUS,
                                            fd_of(obj, O_RDWR), e.pgoff)))
                 wants.append((e.start, f"mmap shared {e.path} at {e.start:#x}"))

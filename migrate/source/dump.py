@@ -96,6 +96,7 @@ class DumpStats:
     tracker: str = ""
     tcp_connections: int = 0
     netlock_us: int = 0
+    pages_shared: int = 0        # pages children share copy-on-write with their parent
 
     def to_pb(self):
         return stats_pb2.stats_entry(**dataclasses.asdict(self))
@@ -161,8 +162,9 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
                  ) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
     VMAs registered this round (None: register now; the task is frozen)."""
+    shared = memory.shared_starts(smaps)        # read without unsharing them
     if tracker is None:
-        return memory.scan_pages(pid, entries, tolerant).runs, []
+        return memory.scan_pages(pid, entries, tolerant, shared=shared).runs, []
     t0 = time.perf_counter()
     if untracked is None:
         untracked = {v.start for v in tracker.register(smaps)}
@@ -172,10 +174,10 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     dirty += [(v.start, v.end) for v in trackable if v.start in untracked]
     if tracker.kind == "uffd":
         # Data pages and written pages in one walk, which also re-protects.
-        scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable})
+        scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable}, shared)
         dirty += scan.written + scan.failed
     else:
-        scan = memory.scan_pages(pid, entries, tolerant)
+        scan = memory.scan_pages(pid, entries, tolerant, shared=shared)
         with kmem.PagemapScanner(pid) as sc:
             for v in trackable:
                 w = tracker.written(sc, v)
@@ -726,6 +728,8 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
                 t.hold()
 
         # 3. Memory: present pages only (or only those not in the parent chain).
+        ppid = {p.pid: p.ppid for p in tr.live}
+        by_pid = {d.pid: d for d in dumps}
         for d in dumps:
             phase = Phases(d.pid)
             t = used.get(d.pid)
@@ -739,6 +743,17 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
                                            parent if t else None, t, stats)
             phase("memory scan")
+            par = by_pid.get(ppid[d.pid])
+            cand = memory.cow_candidates(d.vma_entries, d.vmas) if par is not None else []
+            if cand:
+                data = pm.union(pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE)
+                                             for r in runs), in_parent)
+                cow = memory.shared_with_parent(d.pid, par.pid, cand, par.vma_entries, data)
+                d.mm.shared_with_parent.extend(
+                    mm_pb2.cow_entry(vaddr=a, nr_pages=(b - a) // memory.PAGE)
+                    for a, b in cow)
+                stats.pages_shared += pm.pages(cow)
+                phase("COW with parent", f"{pm.pages(cow)} pages shared with pid {par.pid}")
             if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
                 t.clear()       # the next round starts now
             lazy = []

@@ -127,6 +127,16 @@ def test_lazymem_local_every_page_by_fault(workdir, workloads, daemons):
     assert stats["blocktime_max_us"] > 0, stats
 
 
+def test_cow_tree_local(workdir, workloads, daemons):
+    """A tree whose children share pages with their parent: the lazy restore
+    gives each process its own copy (COW sharing is not kept with
+    --lazy-pages), with the right content in every page."""
+    w = _start("cowtree", workdir, workloads, "8", "content")
+    _, d = _lazy_local(w, workdir, daemons)
+    w.assert_pass()
+    _check_done(d, processes=4)
+
+
 def test_threads_local(workdir, workloads, daemons):
     w = _start("threads", workdir, workloads)
     _, d = _lazy_local(w, workdir, daemons, "--no-prefetch")

@@ -76,7 +76,7 @@ def test_dirtier_through_five_pre_dumps(tracker, workdir, workloads):
 
 
 @pytest.mark.parametrize("name", ["mem_vmas", "signals", "fds", "threads", "seccomp",
-                                  "timers", "tree", "forest"])
+                                  "timers", "tree", "forest", "cowtree"])
 def test_other_workloads_through_pre_dumps(name, workdir, workloads):
     w = _start(name, workdir, workloads)
     for i in range(3):

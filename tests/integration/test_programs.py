@@ -16,7 +16,7 @@ from tests.integration.harness import Workload, cycles
 PROGRAMS = ["counter", "mem_vmas", "fpu", "signals", "fds", "fsstate", "sleeper",
             "busyloop", "vdso_clock", "creds", "threads", "pipes", "eventobjs", "socks",
             "dirtier", "pyloop.py", "timers", "caps", "seccomp",
-            "seccomp_strict", "tree", "usocks", "locks", "oddfiles", "inotify", "scm", "fanotify", "halfpipe.py"]
+            "seccomp_strict", "tree", "usocks", "locks", "oddfiles", "inotify", "scm", "fanotify", "halfpipe.py", "cowtree"]
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,40 @@ def test_tree_restore_failure_leaves_nothing(workdir, workloads):
     for pid in pids:
         assert not alive(pid), f"pid {pid} of the failed restore is still running"
     w.restore(good)
+    w.assert_pass()
+
+
+# cowtree (64 MiB): pages shared parent -> child (R-C, R-D, C-G)
+COWTREE_SHARED = 8960 + 10752 + 11264
+
+
+def test_cow_sharing_survives_leave_running(workdir, workloads):
+    """A dump --leave-running reads the pages a parent and its children
+    share copy-on-write without unsharing them: the tree it leaves still
+    shares them (checked by the program through its pagemap), and each
+    dump records them (mm_entry.shared_with_parent)."""
+    w = Workload.program("cowtree", workdir)
+    workloads.append(w)
+    w.wait_ready()
+    for i in range(2):
+        d = w.dump(os.path.join(workdir, f"img-{i}"), "--leave-running", "--display-stats")
+        # Found again by each dump: the pages of R-C, R-D and C-G.
+        assert int(json.loads(d.stdout)["pages_shared"]) >= COWTREE_SHARED, d.stdout
+    w.assert_pass()
+
+
+def test_cow_sharing_kept(workdir, workloads):
+    """Private pages a parent and its forked children (and a grandchild)
+    still share come back shared: one physical page, checked by the
+    program through its pagemap, and counted by the restore."""
+    w = Workload.program("cowtree", workdir)
+    workloads.append(w)
+    w.wait_ready()
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    r = w.restore(images, "--display-stats")
+    st = json.loads(r.stdout)
+    assert int(st["pages_shared"]) >= COWTREE_SHARED, st
     w.assert_pass()
 
 

@@ -177,3 +177,34 @@ def test_resolve_sweep_agrees_with_levels(levels):
             pm.resolve(chain)
         return
     assert pm.resolve(chain) == want
+
+
+def test_parts_outside():
+    P = pm.PAGE
+    parts = [(0, 10 * P, 4), (4, 20 * P, 3), (7, 30 * P, 1)]
+    assert pm.parts_outside(parts, []) == parts
+    assert pm.parts_outside(parts, [(11 * P, 12 * P), (13 * P, 21 * P), (30 * P, 31 * P)]) \
+        == [(0, 10 * P, 1), (2, 12 * P, 1), (5, 21 * P, 2)]
+    assert pm.parts_outside(parts, [(0, 40 * P)]) == []
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 6)), max_size=8),
+       st.lists(st.tuples(st.integers(0, 50), st.integers(1, 6)), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_parts_outside_matches_sets(raw_parts, raw_skip):
+    P = pm.PAGE
+    parts, idx, used = [], 0, set()
+    for a, n in sorted(raw_parts):
+        pages_ = set(range(a, a + n))
+        if pages_ & used:
+            continue
+        used |= pages_
+        parts.append((idx, a * P, n))
+        idx += n
+    skip = pm.normalize((a * P, (a + n) * P) for a, n in raw_skip)
+    skipped = {p for s, e in skip for p in range(s // P, e // P)}
+    want = {(i + k, (a // P) + k) for i, a, n in parts for k in range(n)
+            if (a // P) + k not in skipped}
+    got = pm.parts_outside(parts, skip)
+    assert {(i + k, a // P + k) for i, a, n in got for k in range(n)} == want
+    assert got == sorted(got)

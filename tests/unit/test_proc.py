@@ -18,6 +18,8 @@ Size:               2048 kB
 Rss:                2048 kB
 Anonymous:          2048 kB
 AnonHugePages:      2048 kB
+Shared_Clean:          8 kB
+Shared_Dirty:       1024 kB
 VmFlags: rd wr mr mw me ac hg
 7f0000400000-7f0000401000 rw-s 00000000 00:01 1234    /dev/zero (deleted)
 VmFlags: rd wr sh mr mw me ms
@@ -32,6 +34,7 @@ def test_parse_smaps():
                                     0x7ffd00000000]
     assert v[0].path == "/usr/bin/python3.11" and v[0].is_file and not v[0].writable
     assert v[1].vmflags[-1] == "hg" and v[1].anon_huge_kb == 2048 and v[1].path == ""
+    assert v[1].shared_dirty_kb == 1024 and v[0].shared_dirty_kb == 0
     assert v[2].deleted and v[2].path == "/dev/zero" and v[2].shared
     assert v[3].path == "[stack]" and "gd" in v[3].vmflags and not v[3].is_file
 
@@ -121,6 +124,25 @@ def test_pagemap_regions_overlapping_reports_keep_page_precision():
                   PageRegion(3 * P, 9 * P, C)])        # re-report from walk_end = 3
     assert [(r.start // P, r.end // P, r.categories) for r in got] == \
         [(0, 5, C), (5, 6, W), (6, 9, C)]
+
+
+def test_same_frames_on_canned_pagemaps():
+    """Same PFN, present in both: shared, whatever the soft-dirty, exclusive
+    and uffd-wp bits say; absent pages (0 in both), swap entries and other
+    PFNs are not."""
+    from migrate.kernel.memory import same_frames
+    P, PRESENT, SWAP, EXCL, WP, SD = 4096, 1 << 63, 1 << 62, 1 << 56, 1 << 57, 1 << 55
+    a = [PRESENT | 10, PRESENT | 11 | SD, PRESENT | 12, 0, SWAP | 5, PRESENT | 15,
+         PRESENT | 16 | EXCL, PRESENT | 17]
+    b = [PRESENT | 10, PRESENT | 11 | WP, PRESENT | 99, 0, SWAP | 5, PRESENT | 15 | EXCL,
+         PRESENT | 16, PRESENT | 17]
+    raw = lambda xs: struct.pack(f"<{len(xs)}Q", *xs)  # noqa: E731
+    base = 0x7f0000000000
+    got = same_frames(raw(a), raw(b), base)
+    assert [((s - base) // P, (e - base) // P) for s, e in got] == [(0, 2), (5, 8)]
+    assert same_frames(raw(a[:2]), raw(a[:2]), base) == [(base, base + 2 * P)]
+    assert same_frames(raw([0, 0]), raw([0, 0]), base) == []
+    assert same_frames(b"", b"", base) == []
 
 
 TIMERS = """\
