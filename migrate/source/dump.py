@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
 import time
 
 from migrate import __version__, errors
@@ -280,7 +279,7 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
         if opts.prev_images_dir:
             images.set_parent(opts.prev_images_dir)
         images.commit(inventory_pb2.inventory_entry(
-            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            tool_version=__version__, kernel=os.uname().release, arch=os.uname().machine,
             kind=inventory_pb2.PRE_DUMP, root_pid=root, root_start_time=st.start_time,
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
@@ -780,7 +779,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         if opts.prev_images_dir:
             images.set_parent(opts.prev_images_dir)
         images.commit(inventory_pb2.inventory_entry(
-            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            tool_version=__version__, kernel=os.uname().release, arch=os.uname().machine,
             kind=inventory_pb2.DUMP, root_pid=tr.root.pid, root_start_time=start_time,
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
