@@ -137,6 +137,9 @@ def _set_fsids(q: CallBatch, c) -> None:
         q.add(nr, 0xFFFFFFFF, check=False, then=check)
 
 
+GROUPS_IN_BATCH = 1024      # bytes of supplementary groups that go in a CallBatch
+
+
 def restore_creds(q: CallBatch, c, now: dict[str, str]) -> None:
     """Last of the privileged steps, in each thread (credentials are per
     thread; queued in ``q``, of that thread): bounding set, groups, gids,
@@ -175,7 +178,11 @@ def restore_creds(q: CallBatch, c, now: dict[str, str]) -> None:
         q.add(sysno.prctl, PR_SET_KEEPCAPS, 1, 0, 0, 0, what="prctl(PR_SET_KEEPCAPS)")
 
     blob = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    q.add(sysno.setgroups, len(c.groups), q.put(blob) if blob else 0)
+    if len(blob) <= GROUPS_IN_BATCH:
+        q.add(sysno.setgroups, len(c.groups), q.put(blob) if blob else 0)
+    else:       # more than the batch's room: on its own, in the whole scratch area
+        q.run()
+        q.ctl.call(sysno.setgroups, len(c.groups), q.ctl.put(blob))
     if any(c.gid[:3]):
         q.add(sysno.setresgid, c.gid[0], c.gid[1], c.gid[2])
     if nonroot:
