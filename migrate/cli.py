@@ -341,10 +341,13 @@ def _setup_logging(args) -> None:
 
 
 def _print_stats(st) -> None:
-    from google.protobuf import json_format
-    print(json.dumps(json_format.MessageToDict(st.to_pb(), preserving_proto_field_name=True,
-                                               always_print_fields_with_no_presence=True),
-                     indent=2))
+    """The stats_entry in its proto3 JSON form (every field, 64-bit integers
+    as strings), as json_format.MessageToDict gives it: the message is flat,
+    and that module is a 16 ms import of every dump and restore."""
+    m = st.to_pb()
+    wide = (m.DESCRIPTOR.fields[0].CPPTYPE_INT64, m.DESCRIPTOR.fields[0].CPPTYPE_UINT64)
+    print(json.dumps({f.name: str(getattr(m, f.name)) if f.cpp_type in wide
+                      else getattr(m, f.name) for f in m.DESCRIPTOR.fields}, indent=2))
 
 
 def _tls_context(args, server: bool):

@@ -870,41 +870,60 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
         stats.pages_restored += cow.pages_filled(pid)
     phase("pages", f"{cow.pages_shared(pid)} shared with the parent" if done else "")
 
-    # Per-task state.
+    # Per-task state, in one batch (TaskCtl.batch; nothing queued in the
+    # task yet, no SIGCONT its closing SIGSTOP could drop).
     core = p.core
-    task.restore_task(ctl, core)
-    signals.restore_sigactions(ctl, core.sigactions, proc.read_status(pid))
-    signals.restore_itimers(ctl, core.itimers, timers.elapsed_ns(core.dump_realtime_ns))
-    _restore_thread_state(ctl, thread)
+    status = proc.read_status(pid)       # the tool's creds and actions, inherited
+    q = ctl.queue()
+    task.restore_task(q, core)
+    signals.restore_sigactions(q, core.sigactions, status)
+    signals.restore_itimers(q, core.itimers, timers.elapsed_ns(core.dump_realtime_ns))
+    _restore_thread_state(q, thread)
+    for fd in ctl_fds:
+        q.add(sysno.close, fd)
+    want = p.entry.pgid if p.entry.pgid in {e.pid for e in img.entries} else 0
+    if want and proc.read_stat(pid).pgrp != want:
+        q.add(sysno.setpgid, 0, want, what=f"setpgid(0, {want})")
+    if p.fs.root != "/":                 # after every open by path (VMAs, exe)
+        q.add(sysno.chroot, q.put_str(p.fs.root), what=f"chroot({p.fs.root!r})")
+    q.run()
     phase("task state")
-    # The other threads: remote clone3 at their TIDs, from the leader.
+    # The other threads: remote clone3 at their TIDs, from the leader, each
+    # then set up by one batch of its own; with no seccomp state to install
+    # first (below), that batch gives it its credentials too.
     others = []
+    creds_now = not core.seccomp
     for t in core.threads:
         if t.tid != pid:
-            others.append((t, _clone_thread(ctl, pid, t.tid, created)))
-            _restore_thread_state(others[-1][1], t, new_thread_of=thread)
+            tctl = _clone_thread(ctl, pid, t.tid, created)
+            others.append((t, tctl))
+            tq = tctl.queue()
+            _restore_thread_state(tq, t, new_thread_of=thread)
+            if creds_now:
+                task.restore_creds(tq, core.creds, status)
+            tq.run()
     for t in core.threads:
         task.restore_sched(t.tid, t.sched_policy, t.sched_priority, t.nice)
-        signals.restore_pending(ctl, pid, t.tid, list(t.pending),
-                                list(core.shared_pending) if t.tid == pid else [])
-    timers.restore(ctl, core)            # after the threads: SIGEV_THREAD_ID
     phase("threads", f"{len(core.threads)} threads")
     task.restore_rlimits(pid, core.rlimits)
     if core.oom_score_adj:
         task.restore_oom_score_adj(pid, core.oom_score_adj)
-    for fd in ctl_fds:
-        rt.call(sysno.close, fd)
-    want = p.entry.pgid if p.entry.pgid in {e.pid for e in img.entries} else 0
-    if want and proc.read_stat(pid).pgrp != want:
-        rt.call(sysno.setpgid, 0, want, what=f"setpgid(0, {want})")
-    if p.fs.root != "/":
-        rt.call(sysno.chroot, ctl.put_str(p.fs.root))
     seccomp.restore(ctl, [tctl for _, tctl in others], core.seccomp, ptrace.PTRACE_O_EXITKILL |
                     ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_TRACECLONE)  # as seized
-    for _, tctl in others:                # credentials are per thread
-        task.restore_creds(tctl, core.creds)
-    task.restore_creds(ctl, core.creds)
-    task.restore_after_creds(ctl, core)
+    if not creds_now:
+        for _, tctl in others:            # credentials are per thread
+            tq = tctl.queue()
+            task.restore_creds(tq, core.creds, status)
+            tq.run()
+    task.restore_creds(q, core.creds, status)
+    task.restore_after_creds(q, core)
+    q.run()
+    # Queued signals and POSIX timers last, one call at a time: the closing
+    # SIGSTOP of a batch would drop a SIGCONT among them.
+    for t in core.threads:
+        signals.restore_pending(ctl, pid, t.tid, list(t.pending),
+                                list(core.shared_pending) if t.tid == pid else [])
+    timers.restore(ctl, core)            # after the threads: SIGEV_THREAD_ID
 
     # The swap: unmap the gadget; at that syscall-exit stop the task gets its
     # registers and never runs another instruction of ours.
@@ -956,23 +975,25 @@ def _clone_thread(ctl: TaskCtl, pid: int, tid: int, created: list[int]) -> TaskC
             break
         ptrace.cont(tid, 0)
     ptrace.set_sigmask(tid, ALL_SIGNALS)
-    return TaskCtl(remote.RemoteTask(tid, ctl.remote.gadget), ctl.scratch, ctl.scratch_size)
+    return ctl.thread(remote.RemoteTask(tid, ctl.remote.gadget))
 
 
-def _restore_thread_state(ctl: TaskCtl, t, new_thread_of=None) -> None:
-    """What each thread has of its own, by remote syscalls in that thread.
-    A thread just made by our clone3 (``new_thread_of``: the leader's entry)
-    starts with no altstack (CLONE_VM clears it), no tid address, and the
-    leader's name: what already matches is not set again."""
+def _restore_thread_state(q, t, new_thread_of=None) -> None:
+    """What each thread has of its own, by remote syscalls in that thread
+    (queued in its ``q``).  A thread just made by our clone3
+    (``new_thread_of``: the leader's entry) starts with no altstack (CLONE_VM
+    clears it), no tid address, and the leader's name: what already matches
+    is not set again."""
     fresh = new_thread_of is not None
     if not (fresh and t.sigaltstack.ss_flags & signals.SS_DISABLE):
-        signals.restore_sigaltstack(ctl, t.sigaltstack)
+        signals.restore_sigaltstack(q, t.sigaltstack)
     if not (fresh and t.clear_child_tid == 0):
-        ctl.call(sysno.set_tid_address, t.clear_child_tid)
+        q.add(sysno.set_tid_address, t.clear_child_tid)
     if t.robust_list:
-        ctl.call(sysno.set_robust_list, t.robust_list, t.robust_list_len)
+        q.add(sysno.set_robust_list, t.robust_list, t.robust_list_len)
     if t.rseq.rseq_abi_pointer:
-        ctl.call(sysno.rseq, t.rseq.rseq_abi_pointer, t.rseq.rseq_abi_size, 0,
-                 t.rseq.signature)
+        q.add(sysno.rseq, t.rseq.rseq_abi_pointer, t.rseq.rseq_abi_size, 0,
+              t.rseq.signature)
     if t.comm and not (fresh and t.comm[:15] == new_thread_of.comm[:15]):
-        ctl.call(sysno.prctl, syscalls.PR_SET_NAME, ctl.put_str(t.comm[:15]), 0, 0, 0)
+        q.add(sysno.prctl, syscalls.PR_SET_NAME, q.put_str(t.comm[:15]), 0, 0, 0,
+              what="prctl(PR_SET_NAME)")

@@ -27,7 +27,6 @@ import struct
 import time
 
 import xxhash
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from migrate.errors import ImageError
@@ -768,6 +767,7 @@ def decode_file(path: str, max_pages: int = 0) -> dict:
     except IsADirectoryError:
         raise ImageError(path, None, "is a directory") from None
     kind, msgs = decode_records(data, path)
+    from google.protobuf import json_format     # `migrate show` only: a slow import
     # pagemap entries (read packed): the fields of pagemap_entry
     entries = [m._asdict() if isinstance(m, Entry) else
                json_format.MessageToDict(m, preserving_proto_field_name=True,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 
 from migrate import errors
 from migrate.kernel import memory, ptrace, sysno
@@ -40,6 +41,9 @@ BATCH_CODE = bytes.fromhex(
     "498b04244883f8ff742b498b7c2408498b742410498b5424184d8b5424204d8b4424284d8b4c2430"
     "0f0549894424384983c440ebcbb8ea0000004c89ef4c89f6ba130000000f05ebec")
 BATCH_ENTRY = 64
+_ENTRY = struct.Struct("<8Q")      # nr, six arguments, result
+_END = struct.Struct("<Q")
+_RESULT = struct.Struct("<Q")
 SIGSTOP = 19
 _MASK64 = (1 << 64) - 1
 MAX_ERRNO = 4095
@@ -75,10 +79,12 @@ def find_syscall_insn(pid: int, vmas: list[Vma]) -> int:
 class RemoteTask:
     """Issue system calls inside a seized task that is in a ptrace stop."""
 
-    def __init__(self, pid: int, gadget: int) -> None:
+    def __init__(self, pid: int, gadget: int, saved: ptrace.Regs | None = None) -> None:
+        """``saved``: the task's registers in this stop, if the caller has
+        them (they are put back by ``finish``)."""
         self.pid = pid
         self.gadget = gadget
-        self.saved = ptrace.getregs(pid)
+        self.saved = saved.copy() if saved is not None else ptrace.getregs(pid)
         self.calls = 0
         self.at_syscall_exit = False
         self._work = ffi.new("struct user_regs_struct *")
@@ -90,6 +96,7 @@ class RemoteTask:
         self._status = ffi.new("int *")
         self._long = ffi.typeof("long")
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._batch_regs = None
 
     def set_gadget(self, gadget: int) -> None:
         """Use another ``syscall`` instruction from now on."""
@@ -145,25 +152,31 @@ class RemoteTask:
 
     def batch(self, code: int, table: int, calls: list[tuple[int, tuple]],
               tgid: int | None = None) -> list[int]:
-        """Run ``calls`` [(nr, args)] in one go: BATCH_CODE is at ``code`` in
-        the task, ``table`` has room for len(calls) + 1 entries; returns the
-        results (-errno on failure).  Calls must not fork or clone."""
-        import struct
+        """Run ``calls`` [(nr, args)] in one go, in order: BATCH_CODE is at
+        ``code`` in the task, ``table`` has room for len(calls) + 1 entries;
+        returns the results (-errno on failure: a failed call does not stop
+        the next ones).  ``tgid``: the thread group of this task, when it is
+        not its leader (the closing tgkill names both).  Calls must not fork
+        or clone.  The closing SIGSTOP drops any SIGCONT queued in the
+        thread group (kernel/signal.c prepare_signal): the caller makes sure
+        there is none to lose."""
         if not calls:
             return []
-        rows = []
-        for nr, args in calls:
+        rows = bytearray(BATCH_ENTRY * len(calls) + 8)
+        for i, (nr, args) in enumerate(calls):
             a = [x & _MASK64 for x in args] + [0] * (6 - len(args))
-            rows.append(struct.pack("<8Q", nr, *a, 0))
-        rows.append(struct.pack("<Q", _MASK64))
-        memory.write_bytes(self.pid, table, b"".join(rows))
-        w = ffi.new("struct user_regs_struct *")
-        ffi.memmove(w, self._work, ffi.sizeof(w[0]))
+            _ENTRY.pack_into(rows, i * BATCH_ENTRY, nr, *a, 0)
+        _END.pack_into(rows, BATCH_ENTRY * len(calls), _MASK64)
+        memory.write_bytes(self.pid, table, bytes(rows))
+        w = self._batch_regs
+        if w is None:
+            w = self._batch_regs = ffi.new("struct user_regs_struct *")
+            ffi.memmove(w, self._work, ffi.sizeof(w[0]))
+            w.orig_rax = _MASK64
         w.rip = code
         w.r12 = table
         w.r13 = self.pid if tgid is None else tgid
         w.r14 = self.pid
-        w.orig_rax = _MASK64
         self._pt(ptrace.PTRACE_SETREGS, 0, w)
         self._pt(ptrace.PTRACE_CONT, 0, 0)
         while True:
@@ -175,22 +188,24 @@ class RemoteTask:
                 break           # our SIGSTOP: dropped by the next resume
             raise RemoteSyscallError("remote batch", errno.EFAULT, self.pid,
                                      f"expected our SIGSTOP, task {st.describe()}")
-        self.at_syscall_exit = True
+        self.at_syscall_exit = False     # in the signal-delivery stop of our SIGSTOP
         self.calls += len(calls)
         data = memory.read_bytes(self.pid, table, BATCH_ENTRY * len(calls))
         out = []
-        for i, (nr, args) in enumerate(calls):
-            res = struct.unpack_from("<Q", data, i * BATCH_ENTRY + 56)[0]
-            if res > _MASK64 >> 1:
-                res -= 1 << 64
-            out.append(res)
-            if self._debug:
-                log.debug("pid %d: remote %s%s = %#x (batch)", self.pid, sysno.name(nr),
-                          tuple(hex(x) for x in args), res & _MASK64)
+        for i in range(len(calls)):
+            res = _RESULT.unpack_from(data, i * BATCH_ENTRY + 56)[0]
+            out.append(res - (1 << 64) if res > _MASK64 >> 1 else res)
+        if self._debug:     # one line per batch
+            log.debug("pid %d: remote batch of %d: %s", self.pid, len(calls), ", ".join(
+                f"{sysno.name(nr)}{tuple(hex(x) for x in args)}={res & _MASK64:#x}"
+                for (nr, args), res in zip(calls, out)))
         return out
 
     def finish(self) -> None:
-        """Put the saved registers back from an interrupt stop (see module doc)."""
+        """Put the saved registers back from an interrupt stop (see module
+        doc).  After a batch the task sits in the signal-delivery stop of its
+        closing SIGSTOP, inside get_signal(), where the restart logic runs on
+        the registers as well when it resumes: they are put back there."""
         if self.at_syscall_exit:
             ptrace.interrupt_and_wait_from_stop(self.pid)
             self.at_syscall_exit = False

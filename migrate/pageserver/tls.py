@@ -14,9 +14,12 @@ with our own directory (``migrate certs`` makes these files)::
 from __future__ import annotations
 
 import os
-import ssl
+import typing
 
 from migrate import errors
+
+if typing.TYPE_CHECKING:
+    import ssl
 
 DEFAULT_CACERT = "/etc/pki/CA/cacert.pem"
 DEFAULT_CACRL = "/etc/pki/CA/cacrl.pem"
@@ -37,6 +40,7 @@ def _need(path: str, flag: str) -> str:
 
 
 def _context(purpose: int, cacert, cert, key, cacrl) -> ssl.SSLContext:
+    import ssl        # here: `migrate dump` without --page-server never needs it
     proto = ssl.PROTOCOL_TLS_SERVER if purpose == 0 else ssl.PROTOCOL_TLS_CLIENT
     ctx = ssl.SSLContext(proto)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -43,8 +43,10 @@ SECCOMP_RET_ACTION_FULL = 0xFFFF0000
 SECCOMP_RET_USER_NOTIF = 0x7FC00000
 
 
-def _mode(pid: int, tid: int) -> int:
-    st = proc.parse_status(proc.read_text(pid, f"task/{tid}/status"))
+def _mode(pid: int, tid: int, statuses: dict | None = None) -> int:
+    """``statuses``: each thread's parsed /proc status, if read already."""
+    st = statuses[tid] if statuses is not None else \
+        proc.parse_status(proc.read_text(pid, f"task/{tid}/status"))
     return int(st.get("Seccomp", "0"))
 
 
@@ -57,20 +59,22 @@ def returns_user_notif(prog: bytes) -> bool:
     return False
 
 
-def suspend(pid: int, tids: list[int], seize_options: int) -> None:
+def suspend(pid: int, tids: list[int], seize_options: int,
+            statuses: dict | None = None) -> None:
     """Suspend seccomp in every thread that has it, before any remote
     syscall.  ``seize_options``: the options the threads were seized with
     (PTRACE_SETOPTIONS replaces them all)."""
     for tid in tids:
-        if _mode(pid, tid):
+        if _mode(pid, tid, statuses):
             ptrace.set_options(tid, seize_options | ptrace.PTRACE_O_SUSPEND_SECCOMP)
 
 
-def dump(pid: int, tids: list[int], seize_options: int) -> list:
-    """Read every thread's seccomp state, then suspend it (``suspend``)."""
+def dump(pid: int, tids: list[int], seize_options: int, statuses: dict | None = None) -> list:
+    """Read every thread's seccomp state, then suspend it (``suspend``).
+    ``statuses``: each thread's parsed /proc status, if read already."""
     out = []
     for tid in tids:
-        mode = _mode(pid, tid)
+        mode = _mode(pid, tid, statuses)
         if not mode:
             continue
         e = core_pb2.seccomp_entry(tid=tid, mode=mode)
@@ -97,7 +101,7 @@ def dump(pid: int, tids: list[int], seize_options: int) -> list:
         out.append(e)
         log.debug("pid %d: thread %d in seccomp mode %d, %d filters", pid, tid, mode,
                   len(e.filters))
-    suspend(pid, [e.tid for e in out], seize_options)
+    suspend(pid, [e.tid for e in out], seize_options, statuses)
     return out
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import struct
 
-from migrate import errors
 from migrate.images._pb import core_pb2
 from migrate.kernel import ptrace, sysno
-from migrate.resources.taskctl import TaskCtl
+from migrate.resources.taskctl import CallBatch, TaskCtl
 
 NSIG = 64
 SIGKILL, SIGSTOP = 9, 19
 KSIGACTION = struct.Struct("<QQQQ")   # handler, flags, restorer, mask (kernel layout)
-SIGACTIONS_AT = 8448                  # scratch offset: after a batch table (taskctl.BATCH_MAX)
 STACK_T = struct.Struct("<QiiQ")      # ss_sp, ss_flags, pad, ss_size
 ITIMERVAL = struct.Struct("<qqqq")    # it_interval {sec, usec}, it_value {sec, usec}
 SS_DISABLE = 2
@@ -23,67 +21,80 @@ def _set_in(status: dict, key: str) -> int:
     return int(status.get(key, "0"), 16)
 
 
-def dump_sigactions(ctl: TaskCtl, status: dict | None = None) -> list:
-    """Every signal's action.  With /proc/PID/status: only the signals it
-    shows caught or ignored are read by remote rt_sigaction; the others
-    are SIG_DFL (their sa_flags, meaningless for SIG_DFL, are not kept)."""
+def dump_sigactions(q: CallBatch, status: dict | None = None) -> list:
+    """Every signal's action, complete once ``q`` ran.  With
+    /proc/PID/status: only the signals it shows caught or ignored are read
+    by remote rt_sigaction; the others are SIG_DFL (their sa_flags,
+    meaningless for SIG_DFL, are not kept)."""
     out = []
     asked = ~0 if status is None else _set_in(status, "SigIgn") | _set_in(status, "SigCgt")
     for sig in range(1, NSIG + 1):
         if sig in (SIGKILL, SIGSTOP):
             continue
+        e = core_pb2.sigaction_entry(sig=sig)
+        out.append(e)
         if not asked >> (sig - 1) & 1:
-            out.append(core_pb2.sigaction_entry(sig=sig))
             continue
-        ctl.call(sysno.rt_sigaction, sig, 0, ctl.scratch, 8)
-        h, fl, rest, mask = KSIGACTION.unpack(ctl.get(KSIGACTION.size))
-        out.append(core_pb2.sigaction_entry(sig=sig, handler=h, flags=fl, restorer=rest,
-                                            mask=mask))
+        addr = q.out(KSIGACTION.size)
+
+        def fill(_, e=e, addr=addr):
+            e.handler, e.flags, e.restorer, e.mask = KSIGACTION.unpack(
+                q.read(addr, KSIGACTION.size))
+        q.add(sysno.rt_sigaction, sig, 0, addr, 8, then=fill)
     return out
 
 
-def restore_sigactions(ctl: TaskCtl, entries, status: dict | None = None) -> None:
-    """Set every action; with the new task's /proc/PID/status, a SIG_DFL
-    action is only set where the task has another one now."""
+def restore_sigactions(q: CallBatch, entries, status: dict | None = None) -> None:
+    """Set every action (queued in ``q``); with the new task's
+    /proc/PID/status, a SIG_DFL action is only set where the task has
+    another one now."""
     now = ~0 if status is None else _set_in(status, "SigIgn") | _set_in(status, "SigCgt")
     todo = [e for e in entries
             if e.handler or e.flags or e.mask or e.restorer or now >> (e.sig - 1) & 1]
-    # One buffer with every sigaction (after the batch table), then one batch.
+    # One buffer with every sigaction.
     blob = b"".join(KSIGACTION.pack(e.handler, e.flags, e.restorer, e.mask) for e in todo)
-    base = ctl.put(blob, SIGACTIONS_AT) if blob else 0
-    got = ctl.batch([(sysno.rt_sigaction, (e.sig, base + i * KSIGACTION.size, 0, 8))
-                     for i, e in enumerate(todo)])
-    for e, res in zip(todo, got):
-        if res < 0:
-            raise errors.from_errno(f"remote rt_sigaction({e.sig})", -res, ctl.pid)
+    base = q.put(blob) if blob else 0
+    for i, e in enumerate(todo):
+        q.add(sysno.rt_sigaction, e.sig, base + i * KSIGACTION.size, 0, 8,
+              what=f"rt_sigaction({e.sig})")
 
 
-def dump_sigaltstack(ctl: TaskCtl):
-    ctl.call(sysno.sigaltstack, 0, ctl.scratch)
-    sp, flags, _, size = STACK_T.unpack(ctl.get(STACK_T.size))
-    return core_pb2.sigaltstack_entry(ss_sp=sp, ss_flags=flags, ss_size=size)
+def dump_sigaltstack(q: CallBatch, t) -> None:
+    """``t.sigaltstack`` (a thread_core_entry), once ``q`` (in that thread) ran."""
+    addr = q.out(STACK_T.size)
+
+    def fill(_):
+        sp, flags, _pad, size = STACK_T.unpack(q.read(addr, STACK_T.size))
+        t.sigaltstack.CopyFrom(core_pb2.sigaltstack_entry(ss_sp=sp, ss_flags=flags,
+                                                          ss_size=size))
+    q.add(sysno.sigaltstack, 0, addr, then=fill)
 
 
-def restore_sigaltstack(ctl: TaskCtl, e) -> None:
+def restore_sigaltstack(q: CallBatch, e) -> None:
     flags = e.ss_flags & ~1  # SS_ONSTACK is a state, not a setting
     if flags & SS_DISABLE:
-        addr = ctl.put(STACK_T.pack(0, SS_DISABLE, 0, 0))
+        addr = q.put(STACK_T.pack(0, SS_DISABLE, 0, 0))
     else:
-        addr = ctl.put(STACK_T.pack(e.ss_sp, flags, 0, e.ss_size))
-    ctl.call(sysno.sigaltstack, addr, 0)
+        addr = q.put(STACK_T.pack(e.ss_sp, flags, 0, e.ss_size))
+    q.add(sysno.sigaltstack, addr, 0)
 
 
-def dump_itimers(ctl: TaskCtl) -> list:
+def dump_itimers(q: CallBatch) -> list:
+    """ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, complete once ``q`` ran."""
     out = []
-    for which in range(3):  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
-        ctl.call(sysno.getitimer, which, ctl.scratch)
-        isec, iusec, vsec, vusec = ITIMERVAL.unpack(ctl.get(ITIMERVAL.size))
-        out.append(core_pb2.itimer_entry(interval_sec=isec, interval_usec=iusec,
-                                         value_sec=vsec, value_usec=vusec))
+    for which in range(3):
+        e = core_pb2.itimer_entry()
+        out.append(e)
+        addr = q.out(ITIMERVAL.size)
+
+        def fill(_, e=e, addr=addr):
+            e.interval_sec, e.interval_usec, e.value_sec, e.value_usec = ITIMERVAL.unpack(
+                q.read(addr, ITIMERVAL.size))
+        q.add(sysno.getitimer, which, addr, then=fill)
     return out
 
 
-def restore_itimers(ctl: TaskCtl, entries, elapsed_ns: int = 0) -> None:
+def restore_itimers(q: CallBatch, entries, elapsed_ns: int = 0) -> None:
     """``elapsed_ns``: time since the dump (resources/timers.py), taken off
     ITIMER_REAL, which counts wall time; VIRTUAL and PROF count the task's
     CPU time, which did not run meanwhile.  A timer whose time has passed
@@ -94,9 +105,9 @@ def restore_itimers(ctl: TaskCtl, entries, elapsed_ns: int = 0) -> None:
             continue  # disarmed: nothing to set in a fresh task
         if which == ITIMER_REAL:
             value = max(1, value - elapsed_ns // 1000)
-        addr = ctl.put(ITIMERVAL.pack(e.interval_sec, e.interval_usec,
-                                      value // 1_000_000, value % 1_000_000))
-        ctl.call(sysno.setitimer, which, addr, 0)
+        addr = q.put(ITIMERVAL.pack(e.interval_sec, e.interval_usec,
+                                    value // 1_000_000, value % 1_000_000))
+        q.add(sysno.setitimer, which, addr, 0)
 
 
 SIGCONT = 18

@@ -12,7 +12,7 @@ from migrate import errors
 from migrate.images._pb import core_pb2
 from migrate.kernel import proc, syscalls, sysno
 from migrate.resources import timers
-from migrate.resources.taskctl import TaskCtl
+from migrate.resources.taskctl import CallBatch
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,15 @@ CRED_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "
                "NoNewPrivs")
 
 
-def check_thread_creds(pid: int, tids: list[int], status: dict[str, str]) -> None:
+def check_thread_creds(pid: int, tids: list[int], status: dict[str, str],
+                       thread_status: dict[int, dict[str, str]] | None = None) -> None:
     """Credentials are per thread, the image holds one set: refuse threads
     whose credentials differ from the leader's (a capset(2) in one thread)."""
     for tid in tids:
         if tid == pid:
             continue
-        st = proc.parse_status(proc.read_text(pid, f"task/{tid}/status"))
+        st = thread_status[tid] if thread_status is not None else \
+            proc.parse_status(proc.read_text(pid, f"task/{tid}/status"))
         for k in CRED_FIELDS:
             if st.get(k) != status.get(k):
                 raise errors.UnsupportedResource(
@@ -111,30 +113,39 @@ PR_GET_CHILD_SUBREAPER = 37
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
 
 
-def _capset(ctl: TaskCtl, eff: int, prm: int, inh: int) -> None:
-    hdr = ctl.put(CAP_HEADER.pack(CAP_VERSION_3, 0), 512)
-    data = ctl.put(CAP_DATA.pack(eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, inh & 0xFFFFFFFF) +
-                   CAP_DATA.pack(eff >> 32, prm >> 32, inh >> 32), 520)
-    ctl.call(sysno.capset, hdr, data, what=f"capset(eff {eff:#x}, prm {prm:#x}, inh {inh:#x})")
+def _capset(q: CallBatch, eff: int, prm: int, inh: int) -> None:
+    hdr = q.put(CAP_HEADER.pack(CAP_VERSION_3, 0) +
+                CAP_DATA.pack(eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, inh & 0xFFFFFFFF) +
+                CAP_DATA.pack(eff >> 32, prm >> 32, inh >> 32))
+    q.add(sysno.capset, hdr, hdr + CAP_HEADER.size,
+          what=f"capset(eff {eff:#x}, prm {prm:#x}, inh {inh:#x})")
 
 
-def _set_fsids(ctl: TaskCtl, c) -> None:
+def _set_fsids(q: CallBatch, c) -> None:
     """setresuid/setresgid made fsuid/fsgid the effective ids; put back
     others.  setfsuid(2) never fails, it returns the previous id: ask again
     with -1 to see whether the change took."""
+    tid = q.ctl.pid
     for nr, ids, what in ((sysno.setfsgid, c.gid, "fsgid"), (sysno.setfsuid, c.uid, "fsuid")):
         if len(ids) < 4 or ids[3] == ids[1]:
             continue
-        ctl.call(nr, ids[3])
-        got = ctl.call(nr, 0xFFFFFFFF)
-        if got != ids[3]:
-            raise errors.RestoreError(f"thread {ctl.pid}: {what} is {got}, cannot set {ids[3]}")
+
+        def check(got, want=ids[3], what=what):
+            if got != want:
+                raise errors.RestoreError(f"thread {tid}: {what} is {got}, cannot set {want}")
+        q.add(nr, ids[3], check=False)
+        q.add(nr, 0xFFFFFFFF, check=False, then=check)
 
 
-def restore_creds(ctl: TaskCtl, c) -> None:
+GROUPS_IN_BATCH = 1024      # bytes of supplementary groups that go in a CallBatch
+
+
+def restore_creds(q: CallBatch, c, now: dict[str, str]) -> None:
     """Last of the privileged steps, in each thread (credentials are per
-    thread): bounding set, groups, gids, uids, then the capability sets,
-    ambient set and securebits, then no_new_privs.
+    thread; queued in ``q``, of that thread): bounding set, groups, gids,
+    uids, then the capability sets, ambient set and securebits, then
+    no_new_privs.  ``now``: the thread's /proc status before the change
+    (the threads of a new process have the creds of the tool that forked it).
 
     man 7 capabilities: setresuid from uid 0 to non-zero uids clears the
     permitted and effective sets unless SECBIT_KEEP_CAPS is set, so keep_caps
@@ -143,9 +154,10 @@ def restore_creds(ctl: TaskCtl, c) -> None:
     raised while they are in permitted and inheritable and before
     SECBIT_NO_CAP_AMBIENT_RAISE may be set; the final capset lowers
     everything to the image.  Caps this tool lacks (here CAP_SYS_RESOURCE)
-    cannot be given: they are left out with a warning."""
-    tid = ctl.pid
-    now = proc.parse_status(proc.read_text(tid, "status"))
+    cannot be given: they are left out with a warning.  A failed step raises
+    when ``q`` runs (the steps after it ran too: the restore kills the
+    process)."""
+    tid = q.ctl.pid
     have_prm = int(now["CapPrm"], 16)
     have_bnd = int(now["CapBnd"], 16)
     missing = (c.cap_prm | c.cap_eff | c.cap_amb) & ~have_prm
@@ -157,55 +169,71 @@ def restore_creds(ctl: TaskCtl, c) -> None:
     bnd = c.cap_bnd
     for cap in range(64):
         if have_bnd >> cap & 1 and not bnd >> cap & 1:
-            ctl.call(sysno.prctl, PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"CAPBSET_DROP({cap})")
+            q.add(sysno.prctl, PR_CAPBSET_DROP, cap, 0, 0, 0, what=f"CAPBSET_DROP({cap})")
     nonroot = any(c.uid[:3])
     # Anything but "root with all our caps" needs the caps back after the uid change.
     caps_work = ((eff, prm, inh, amb, c.securebits) !=
                  (have_prm, have_prm, int(now["CapInh"], 16), 0, 0))
     if nonroot and caps_work:
-        ctl.call(sysno.prctl, PR_SET_KEEPCAPS, 1, 0, 0, 0)
+        q.add(sysno.prctl, PR_SET_KEEPCAPS, 1, 0, 0, 0, what="prctl(PR_SET_KEEPCAPS)")
 
     blob = struct.pack(f"<{len(c.groups)}I", *c.groups)
-    ctl.call(sysno.setgroups, len(c.groups), ctl.put(blob) if blob else 0)
+    if len(blob) <= GROUPS_IN_BATCH:
+        q.add(sysno.setgroups, len(c.groups), q.put(blob) if blob else 0)
+    else:       # more than the batch's room: on its own, in the whole scratch area
+        q.run()
+        q.ctl.call(sysno.setgroups, len(c.groups), q.ctl.put(blob))
     if any(c.gid[:3]):
-        ctl.call(sysno.setresgid, c.gid[0], c.gid[1], c.gid[2])
+        q.add(sysno.setresgid, c.gid[0], c.gid[1], c.gid[2])
     if nonroot:
-        ctl.call(sysno.setresuid, c.uid[0], c.uid[1], c.uid[2])
+        q.add(sysno.setresuid, c.uid[0], c.uid[1], c.uid[2])
 
     if caps_work:
-        _capset(ctl, have_prm, have_prm, inh)          # effective back: CAP_SETPCAP
-        _set_fsids(ctl, c)
+        _capset(q, have_prm, have_prm, inh)          # effective back: CAP_SETPCAP
+        _set_fsids(q, c)
         for cap in range(64):
             if amb >> cap & 1:
-                ctl.call(sysno.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
-                         what=f"PR_CAP_AMBIENT_RAISE({cap})")
-        if ctl.call(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0) != c.securebits:
-            ctl.call(sysno.prctl, PR_SET_SECUREBITS, c.securebits, 0, 0, 0,
-                     what=f"PR_SET_SECUREBITS({c.securebits:#x})")
-        _capset(ctl, eff, prm, inh)
+                q.add(sysno.prctl, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0,
+                      what=f"PR_CAP_AMBIENT_RAISE({cap})")
+        bits: list[int] = []
+        q.add(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, then=bits.append)
+        q.run()
+        if bits[0] != c.securebits:
+            q.add(sysno.prctl, PR_SET_SECUREBITS, c.securebits, 0, 0, 0,
+                  what=f"PR_SET_SECUREBITS({c.securebits:#x})")
+        _capset(q, eff, prm, inh)
     else:
-        _set_fsids(ctl, c)
+        _set_fsids(q, c)
     if c.no_new_privs:
-        ctl.call(sysno.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        q.add(sysno.prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def dump_task(ctl: TaskCtl, pid: int, status: dict[str, str]) -> core_pb2.task_core_entry:
-    st = proc.read_stat(pid)
+def dump_task(q: CallBatch, pid: int, status: dict[str, str],
+              st: proc.Stat | None = None) -> core_pb2.task_core_entry:
+    """The process's attributes; the prctl queries go in ``q`` (the entry
+    is complete once it ran).  ``st``: /proc/PID/stat, if read already."""
+    st = st or proc.read_stat(pid)
     t = core_pb2.task_core_entry(pid=pid, comm=st.comm, state=st.state)
     t.personality = int(proc.read_text(pid, "personality").strip(), 16)
     t.umask = int(status.get("Umask", "0022"), 8)
     t.rlimits.extend(dump_rlimits(pid))
     t.creds.CopyFrom(dump_creds(status))
-    ctl.call(sysno.prctl, syscalls.PR_GET_PDEATHSIG, ctl.scratch, 0, 0, 0)
-    t.pdeath_sig = struct.unpack("<i", ctl.get(4))[0]
-    t.dumpable = ctl.call(sysno.prctl, syscalls.PR_GET_DUMPABLE, 0, 0, 0, 0)
-    t.thp_disabled = ctl.call(sysno.prctl, syscalls.PR_GET_THP_DISABLE, 0, 0, 0, 0)
-    t.creds.securebits = ctl.call(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0)
-    ctl.call(sysno.prctl, PR_GET_CHILD_SUBREAPER, ctl.scratch, 0, 0, 0)
-    t.child_subreaper = struct.unpack("<i", ctl.get(4))[0] != 0
-    t.timerslack_ns = ctl.call(sysno.prctl, PR_GET_TIMERSLACK, 0, 0, 0, 0)
-    mdwe = ctl.call(sysno.prctl, PR_GET_MDWE, 0, 0, 0, 0, check=False)
-    t.mdwe_flags = max(mdwe, 0)          # -EINVAL: a kernel without MDWE
+    pdeath, subreaper = q.out(4), q.out(4)
+
+    def set_(field):
+        return lambda res: setattr(t, field, res)
+    q.add(sysno.prctl, syscalls.PR_GET_PDEATHSIG, pdeath, 0, 0, 0, then=lambda _: setattr(
+        t, "pdeath_sig", struct.unpack("<i", q.read(pdeath, 4))[0]))
+    q.add(sysno.prctl, syscalls.PR_GET_DUMPABLE, 0, 0, 0, 0, then=set_("dumpable"))
+    q.add(sysno.prctl, syscalls.PR_GET_THP_DISABLE, 0, 0, 0, 0, then=set_("thp_disabled"))
+    q.add(sysno.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0,
+          then=lambda res: setattr(t.creds, "securebits", res))
+    q.add(sysno.prctl, PR_GET_CHILD_SUBREAPER, subreaper, 0, 0, 0, then=lambda _: setattr(
+        t, "child_subreaper", struct.unpack("<i", q.read(subreaper, 4))[0] != 0))
+    q.add(sysno.prctl, PR_GET_TIMERSLACK, 0, 0, 0, 0, then=set_("timerslack_ns"))
+    # -EINVAL: a kernel without MDWE
+    q.add(sysno.prctl, PR_GET_MDWE, 0, 0, 0, 0, check=False,
+          then=lambda res: setattr(t, "mdwe_flags", max(res, 0)))
     try:
         t.oom_score_adj = int(proc.read_text(pid, "oom_score_adj").strip())
     except errors.KernelError:
@@ -213,18 +241,22 @@ def dump_task(ctl: TaskCtl, pid: int, status: dict[str, str]) -> core_pb2.task_c
     return t
 
 
-def restore_task(ctl: TaskCtl, t) -> None:
-    """Per-process prctl state, by remote syscalls in the new task."""
-    ctl.call(sysno.personality, t.personality)
-    ctl.call(sysno.prctl, syscalls.PR_SET_NAME, ctl.put_str(t.comm[:15]), 0, 0, 0)
-    ctl.call(sysno.umask, t.umask)
+def restore_task(q: CallBatch, t) -> None:
+    """Per-process prctl state, by remote syscalls in the new task (queued in ``q``)."""
+    q.add(sysno.personality, t.personality)
+    q.add(sysno.prctl, syscalls.PR_SET_NAME, q.put_str(t.comm[:15]), 0, 0, 0,
+          what="prctl(PR_SET_NAME)")
+    q.add(sysno.umask, t.umask)
     if t.thp_disabled:
         # Linux 6.18: PR_GET_THP_DISABLE returns 1 | flags (PR_THP_DISABLE_EXCEPT_ADVISED 2)
-        ctl.call(sysno.prctl, syscalls.PR_SET_THP_DISABLE, 1, t.thp_disabled & ~1, 0, 0)
+        q.add(sysno.prctl, syscalls.PR_SET_THP_DISABLE, 1, t.thp_disabled & ~1, 0, 0,
+              what="prctl(PR_SET_THP_DISABLE)")
     if t.child_subreaper:
-        ctl.call(sysno.prctl, syscalls.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        q.add(sysno.prctl, syscalls.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0,
+              what="prctl(PR_SET_CHILD_SUBREAPER)")
     if t.timerslack_ns:
-        ctl.call(sysno.prctl, PR_SET_TIMERSLACK, t.timerslack_ns, 0, 0, 0)
+        q.add(sysno.prctl, PR_SET_TIMERSLACK, t.timerslack_ns, 0, 0, 0,
+              what="prctl(PR_SET_TIMERSLACK)")
 
 
 CLONE_PARENT = 0x8000
@@ -242,18 +274,19 @@ def root_clone_args(t, detach: bool) -> dict:
     return {}
 
 
-def restore_after_creds(ctl: TaskCtl, t) -> None:
+def restore_after_creds(q: CallBatch, t) -> None:
     """What a credential change resets (kernel/cred.c commit_creds: a new
     euid/egid/fsuid/fsgid or fewer caps set dumpable to suid_dumpable and
     clear pdeath_signal), so set after every thread's creds; and MDWE, which
-    can never be cleared again, last.  In the leader."""
-    if t.dumpable in (0, 1) and ctl.call(sysno.prctl, syscalls.PR_GET_DUMPABLE,
-                                         0, 0, 0, 0) != t.dumpable:
-        ctl.call(sysno.prctl, syscalls.PR_SET_DUMPABLE, t.dumpable, 0, 0, 0)
+    can never be cleared again, last.  In the leader (queued in its ``q``)."""
+    if t.dumpable in (0, 1):     # set even where it did not change: it takes no privilege
+        q.add(sysno.prctl, syscalls.PR_SET_DUMPABLE, t.dumpable, 0, 0, 0,
+              what="prctl(PR_SET_DUMPABLE)")
     if t.pdeath_sig:
-        ctl.call(sysno.prctl, syscalls.PR_SET_PDEATHSIG, t.pdeath_sig, 0, 0, 0)
+        q.add(sysno.prctl, syscalls.PR_SET_PDEATHSIG, t.pdeath_sig, 0, 0, 0,
+              what="prctl(PR_SET_PDEATHSIG)")
     if t.mdwe_flags:
-        ctl.call(sysno.prctl, PR_SET_MDWE, t.mdwe_flags, 0, 0, 0)
+        q.add(sysno.prctl, PR_SET_MDWE, t.mdwe_flags, 0, 0, 0, what="prctl(PR_SET_MDWE)")
 
 
 def restore_oom_score_adj(pid: int, value: int) -> None:
@@ -270,18 +303,34 @@ def restore_oom_score_adj(pid: int, value: int) -> None:
 NAMESPACES = ("mnt", "net", "pid", "ipc", "uts", "user", "cgroup", "time")
 
 
-def check_unsupported(pid: int, status: dict[str, str]) -> None:
-    """State this version cannot bring back, refused instead of lost silently."""
-    tids = proc.list_threads(pid)
-    timers.check(pid, tids)
-    check_thread_creds(pid, tids, status)
+_OUR_NS: dict[str, int | None] = {}
+
+
+def _our_ns(ns: str) -> int | None:
+    if ns not in _OUR_NS:
+        try:
+            _OUR_NS[ns] = os.stat(f"/proc/self/ns/{ns}").st_ino
+        except FileNotFoundError:
+            _OUR_NS[ns] = None
+    return _OUR_NS[ns]
+
+
+def check_unsupported(pid: int, status: dict[str, str], tids: list[int] | None = None,
+                      thread_status: dict[int, dict[str, str]] | None = None) -> list:
+    """State this version cannot bring back, refused instead of lost silently.
+    ``tids`` and each thread's parsed status, when the caller has them (a
+    frozen process).  Returns the POSIX timers (timers.check)."""
+    tids = proc.list_threads(pid) if tids is None else tids
+    found = timers.check(pid, tids)
+    check_thread_creds(pid, tids, status, thread_status)
     for ns in NAMESPACES:
+        ours = _our_ns(ns)
         try:
             theirs = os.stat(f"/proc/{pid}/ns/{ns}").st_ino
-            ours = os.stat(f"/proc/self/ns/{ns}").st_ino
         except FileNotFoundError:
             continue
-        if theirs != ours:
+        if ours is not None and theirs != ours:
             raise errors.UnsupportedResource(pid, "namespace", f"the process is in another "
                                                                f"{ns} namespace")
+    return found
     # File locks: fdinfo shows every lock of each fd (resources/locks.py).

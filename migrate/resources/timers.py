@@ -26,7 +26,7 @@ import time
 
 from migrate import errors
 from migrate.kernel import proc, sysno
-from migrate.resources.taskctl import TaskCtl
+from migrate.resources.taskctl import CallBatch, TaskCtl
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,17 @@ def check(pid: int, tids: list[int]) -> list[proc.PosixTimer]:
     return found
 
 
-def remaining(ctl: TaskCtl, ids) -> dict[int, int]:
-    """Each timer's time left (ns, 0: disarmed), as timer_gettime says."""
-    out = {}
+def remaining(q: CallBatch, ids) -> dict[int, int]:
+    """Each timer's time left (ns, 0: disarmed), as timer_gettime says:
+    the dict is filled once ``q`` ran."""
+    out: dict[int, int] = {}
     for i in ids:
-        ctl.call(sysno.timer_gettime, i, ctl.scratch, what=f"timer_gettime({i})")
-        _, _, vsec, vnsec = ITIMERSPEC.unpack(ctl.get(ITIMERSPEC.size))
-        out[i] = vsec * NSEC + vnsec
+        addr = q.out(ITIMERSPEC.size)
+
+        def got(_, i=i, addr=addr):
+            _, _, vsec, vnsec = ITIMERSPEC.unpack(q.read(addr, ITIMERSPEC.size))
+            out[i] = vsec * NSEC + vnsec
+        q.add(sysno.timer_gettime, i, addr, then=got, what=f"timer_gettime({i})")
     return out
 
 
@@ -110,30 +114,38 @@ def expired_between(before: dict[int, int], after: dict[int, int]) -> list[int]:
             if v and (after.get(i, 0) > v or after.get(i, 0) == 0)]
 
 
-def dump(ctl: TaskCtl, core, tids: list[int]) -> dict[int, int]:
-    """Fill ``core.posix_timers`` and ``core.dump_realtime_ns``; remote
-    timer_gettime/timer_getoverrun in the frozen task (they change nothing).
-    Returns each timer's time left as read (``remaining``'s form)."""
+def dump(q: CallBatch, core, tids: list[int],
+         found: list[proc.PosixTimer] | None = None) -> dict[int, int]:
+    """Fill ``core.posix_timers`` and ``core.dump_realtime_ns``, once ``q``
+    ran: remote timer_gettime/timer_getoverrun in the frozen task (they
+    change nothing).  ``found``: ``check``'s list, if it ran.  Returns each
+    timer's time left as read (``remaining``'s form; filled by the run)."""
     core.dump_realtime_ns = now_realtime_ns()
-    raw = {}
-    for t in check(ctl.pid, tids):
-        ctl.call(sysno.timer_gettime, t.id, ctl.scratch, what=f"timer_gettime({t.id})")
-        isec, insec, vsec, vnsec = ITIMERSPEC.unpack(ctl.get(ITIMERSPEC.size))
-        value = vsec * NSEC + vnsec
-        raw[t.id] = value
-        if value and t.clockid in RUNNING_CLOCKS:
-            # Read after dump_realtime_ns: count the time since, or the
-            # restored timer would fire early by it (never fire early).
-            value += now_realtime_ns() - core.dump_realtime_ns
-            vsec, vnsec = divmod(value, NSEC)
-        overrun = ctl.call(sysno.timer_getoverrun, t.id, what=f"timer_getoverrun({t.id})")
-        notify = NOTIFY[t.notify] | (SIGEV_THREAD_ID if t.to_thread else 0)
-        core.posix_timers.add(id=t.id, clockid=t.clockid, notify=notify, signo=t.signo,
-                              sival=t.sival, notify_tid=t.notify_pid, interval_sec=isec,
-                              interval_nsec=insec, value_sec=vsec, value_nsec=vnsec,
-                              overrun=overrun)
-    if core.posix_timers:
-        log.debug("pid %d: %d posix timers", ctl.pid, len(core.posix_timers))
+    raw: dict[int, int] = {}
+    for t in (check(q.ctl.pid, tids) if found is None else found):
+        addr = q.out(ITIMERSPEC.size)
+        setting: list[int] = []
+
+        def got(_, t=t, addr=addr, setting=setting):
+            isec, insec, vsec, vnsec = ITIMERSPEC.unpack(q.read(addr, ITIMERSPEC.size))
+            value = vsec * NSEC + vnsec
+            raw[t.id] = value
+            if value and t.clockid in RUNNING_CLOCKS:
+                # Read after dump_realtime_ns: count the time since, or the
+                # restored timer would fire early by it (never fire early).
+                value += now_realtime_ns() - core.dump_realtime_ns
+                vsec, vnsec = divmod(value, NSEC)
+            setting[:] = [isec, insec, vsec, vnsec]
+
+        def add(overrun, t=t, setting=setting):
+            isec, insec, vsec, vnsec = setting
+            notify = NOTIFY[t.notify] | (SIGEV_THREAD_ID if t.to_thread else 0)
+            core.posix_timers.add(id=t.id, clockid=t.clockid, notify=notify, signo=t.signo,
+                                  sival=t.sival, notify_tid=t.notify_pid, interval_sec=isec,
+                                  interval_nsec=insec, value_sec=vsec, value_nsec=vnsec,
+                                  overrun=overrun)
+        q.add(sysno.timer_gettime, t.id, addr, then=got, what=f"timer_gettime({t.id})")
+        q.add(sysno.timer_getoverrun, t.id, then=add, what=f"timer_getoverrun({t.id})")
     return raw
 
 

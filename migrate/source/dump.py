@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import platform
+import signal
 import time
 
 from migrate import __version__, errors
@@ -280,7 +280,7 @@ def pre_dump(opts: DumpOptions, sink=None) -> DumpStats:
         if opts.prev_images_dir:
             images.set_parent(opts.prev_images_dir)
         images.commit(inventory_pb2.inventory_entry(
-            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            tool_version=__version__, kernel=os.uname().release, arch=os.uname().machine,
             kind=inventory_pb2.PRE_DUMP, root_pid=root, root_start_time=st.start_time,
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
@@ -505,28 +505,55 @@ def _lock_network(opts: DumpOptions, tr: ptree.Tree, stats: DumpStats):
     return lk
 
 
-def _remote(pid: int, fr: freezer.Frozen, vmas=None) -> TaskCtl:
-    """Remote syscalls in the frozen task, every signal blocked meanwhile."""
+def _remote(pid: int, fr: freezer.Frozen, vmas=None, batch: bool = False) -> TaskCtl:
+    """Remote syscalls in the frozen task, every signal blocked meanwhile.
+    ``batch``: with the batch code in the scratch area (TaskCtl.batch), for
+    a task with no SIGCONT queued (``_sigcont_queued``)."""
     vmas = vmas if vmas is not None else proc.read_maps(pid)
-    rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, vmas))
+    rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, vmas), fr.regs.get(pid))
     ctl = TaskCtl(rt)
     ctl.saved_mask = ptrace.get_sigmask(pid)
     ctl.open_threads = []
     ctl.thread_calls = 0
     ptrace.set_sigmask(pid, ALL_SIGNALS)
-    ctl.map_scratch()
+    try:
+        ctl.map_scratch(code=batch)
+    except BaseException:
+        try:
+            rt.finish()
+        finally:
+            ptrace.set_sigmask(pid, ctl.saved_mask)
+        raise
     return ctl
 
 
-def _remote_thread(leader: TaskCtl, tid: int) -> TaskCtl:
+def _remote_thread(leader: TaskCtl, tid: int, fr: freezer.Frozen, mask: int) -> TaskCtl:
     """Remote syscalls in another thread, sharing the leader's scratch area
-    (one address space).  The leader's ctl remembers it for a rollback."""
-    ctl = TaskCtl(remote.RemoteTask(tid, leader.remote.gadget), leader.scratch,
-                  leader.scratch_size)
-    ctl.saved_mask = ptrace.get_sigmask(tid)
+    and batch code (one address space); ``mask``: its blocked signals now.
+    The leader's ctl remembers it for a rollback."""
+    ctl = leader.thread(remote.RemoteTask(tid, leader.remote.gadget, fr.regs.get(tid)))
+    ctl.saved_mask = mask
     ptrace.set_sigmask(tid, ALL_SIGNALS)
     leader.open_threads.append(ctl)
     return ctl
+
+
+SIGCONT_BIT = 1 << (signal.SIGCONT - 1)
+
+
+def _sigcont_queued(statuses: dict[int, dict[str, str]]) -> bool:
+    """Is a SIGCONT queued for the process or one of its threads?  The
+    closing SIGSTOP of a remote batch would drop it (remote.RemoteTask.batch)."""
+    return any((int(st.get("ShdPnd", "0"), 16) | int(st.get("SigPnd", "0"), 16))
+               & SIGCONT_BIT for st in statuses.values())
+
+
+def _dump_tid_address(q, t) -> None:
+    """``t.clear_child_tid`` (set_tid_address(2)), once ``q`` (in that thread) ran."""
+    addr = q.out(8)
+    q.add(sysno.prctl, 40, addr, 0, 0, 0, what="prctl(PR_GET_TID_ADDRESS)",
+          then=lambda _: setattr(t, "clear_child_tid",
+                                 int.from_bytes(q.read(addr, 8), "little")))
 
 
 def _end_remote_thread(leader: TaskCtl, ctl: TaskCtl) -> None:
@@ -592,9 +619,11 @@ class _ProcDump:
 
 
 def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
-             opened: _Open, early: list | None, want_tracking: bool, start_time: int):
-    """Everything of one frozen process but its pages; (_ProcDump, tracker)."""
+             opened: _Open, early: list | None, want_tracking: bool, st: proc.Stat):
+    """Everything of one frozen process but its pages; (_ProcDump, tracker).
+    ``st``: its /proc/PID/stat, read once frozen."""
     pid = fr.pid
+    start_time = st.start_time
     phase = Phases(pid)
     # 1. Everything that can refuse, before any change to the task.
     vmas = _frozen_vmas(pid, early)
@@ -606,34 +635,53 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
     exe = proc.readlink(pid, "exe")
     if exe.endswith(" (deleted)"):
         raise errors.UnsupportedResource(pid, "exe", f"executable {exe} was removed")
-    st = proc.read_stat(pid)
-    status = proc.read_status(pid)
-    task.check_unsupported(pid, status)
-    seccomp_state = seccomp.dump(pid, fr.tids, ptrace.PTRACE_O_TRACESYSGOOD)  # as freeze seized
+    # Each thread's status, read once: name, credentials, seccomp, queued signals.
+    raw = {tid: proc.read_text(pid, "status" if tid == pid else f"task/{tid}/status")
+           for tid in fr.tids}
+    statuses = {tid: proc.parse_status(text) for tid, text in raw.items()}
+    status = statuses[pid]
+    found_timers = task.check_unsupported(pid, status, fr.tids, statuses)
+    seccomp_state = seccomp.dump(pid, fr.tids, ptrace.PTRACE_O_TRACESYSGOOD,  # as seized
+                                 statuses)
     threads = []
     for tid in fr.tids:                 # the leader first
         t = regs.dump_thread(pid, tid, fr.regs[tid])
         t.robust_list, t.robust_list_len = _robust_list(tid)
-        t.comm = proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
+        # "Name:\t" and the comm, where only a \\ makes it differ (an escape)
+        name = raw[tid].partition("\n")[0]
+        t.comm = name[6:] if name.startswith("Name:\t") and "\\" not in name else \
+            proc.read_text(pid, f"task/{tid}/comm").rstrip("\n")
         t.sched_policy, t.sched_priority, t.nice = task.dump_sched(tid)
         threads.append(t)
     phase("task and threads", f"{len(threads)} threads")
 
-    # 2. Remote syscalls: read-only queries, every signal blocked meanwhile.
+    # 2. Remote syscalls: read-only queries, every signal blocked meanwhile;
+    # in one batch per thread (unless a SIGCONT is queued, see _remote).
     opened.fr = fr
-    opened.ctl = ctl = _remote(pid, fr, vmas)
-    core = task.dump_task(ctl, pid, status)
-    core.sigactions.extend(signals.dump_sigactions(ctl, status))
-    core.itimers.extend(signals.dump_itimers(ctl))
+    opened.ctl = ctl = _remote(pid, fr, vmas, batch=not _sigcont_queued(statuses))
+    q = ctl.queue()
+    core = task.dump_task(q, pid, status, st)
+    sigactions = signals.dump_sigactions(q, status)
+    itimers = signals.dump_itimers(q)
+    brk: list[int] = []
+    q.add(sysno.brk, 0, then=brk.append)
+    signals.dump_sigaltstack(q, threads[0])      # per thread: its own altstack and
+    _dump_tid_address(q, threads[0])             # tid address
     # Pending signals right after the timers: the timers run while the task
     # is frozen.  A timer that expires between the two reads would be lost
     # (read first as disarmed, its signal not yet queued) or counted twice
     # (its signal read, and the time left before it fired dumped too): the
     # timers are read again after the signals, and the pair is read again
     # until no timer expired in between.
+    before = timers.dump(q, core, fr.tids, found_timers)
+    q.run()
+    core.sigactions.extend(sigactions)
+    core.itimers.extend(itimers)
     for attempt in range(TIMER_READS):
-        del core.posix_timers[:]
-        before = timers.dump(ctl, core, fr.tids)
+        if attempt:
+            del core.posix_timers[:]
+            before = timers.dump(q, core, fr.tids, found_timers)
+            q.run()
         shared_pending = signals.dump_pending(
             pid, shared=True, drop_sigcont_from=os.getpid() if fr.stopped else None)
         for t in threads:
@@ -641,19 +689,20 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
             t.pending.extend(signals.dump_pending(t.tid, shared=False))
         if not before:
             break
-        fired = timers.expired_between(before, timers.remaining(ctl, before))
+        after = timers.remaining(q, before)
+        q.run()
+        fired = timers.expired_between(before, after)
         if not fired:
             break
         log.debug("pid %d: posix timer(s) %s expired while being read: again", pid, fired)
     core.seccomp.extend(seccomp_state)
-    brk = ctl.call(sysno.brk, 0)
-    for t in threads:                   # per thread: its own altstack and tid address
-        tctl = ctl if t.tid == pid else _remote_thread(ctl, t.tid)
-        t.sigaltstack.CopyFrom(signals.dump_sigaltstack(tctl))
-        tctl.call(sysno.prctl, 40, tctl.scratch, 0, 0, 0)  # PR_GET_TID_ADDRESS
-        t.clear_child_tid = int.from_bytes(tctl.get(8), "little")
-        if tctl is not ctl:
-            _end_remote_thread(ctl, tctl)
+    for t in threads[1:]:
+        tctl = _remote_thread(ctl, t.tid, fr, t.blocked)
+        tq = tctl.queue()
+        signals.dump_sigaltstack(tq, t)
+        _dump_tid_address(tq, t)
+        tq.run()
+        _end_remote_thread(ctl, tctl)
     keeps_running = opts.leave_running or opts.leave_stopped
     # A new tracker is only worth starting if the task lives on.
     tracker = _get_tracker(opts, pid, start_time, ctl if keeps_running else None,
@@ -672,7 +721,7 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 
     mm = mm_pb2.mm_entry(start_code=st.start_code, end_code=st.end_code,
                          start_data=st.start_data, end_data=st.end_data,
-                         start_brk=st.start_brk, brk=brk, start_stack=st.start_stack,
+                         start_brk=st.start_brk, brk=brk[0], start_stack=st.start_stack,
                          arg_start=st.arg_start, arg_end=st.arg_end,
                          env_start=st.env_start, env_end=st.env_end, exe=exe)
     for t_, v in proc.read_auxv(pid):
@@ -704,7 +753,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
                 parents[p.pid] = _open_parent(opts, p.pid, pst.start_time, tr.root.pid)
             want = parents[p.pid] is not None or (opts.track_mem and keeps_running)
             d, t = _collect(opts, p.frozen, table, opened, early if is_root else None,
-                            want, pst.start_time)
+                            want, pst)
             dumps.append(d)
             stats.remote_syscalls += d.remote_syscalls
             if t is not None:
@@ -780,7 +829,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
         if opts.prev_images_dir:
             images.set_parent(opts.prev_images_dir)
         images.commit(inventory_pb2.inventory_entry(
-            tool_version=__version__, kernel=platform.release(), arch=platform.machine(),
+            tool_version=__version__, kernel=os.uname().release, arch=os.uname().machine,
             kind=inventory_pb2.DUMP, root_pid=tr.root.pid, root_start_time=start_time,
             shell_job=opts.shell_job, parent=opts.prev_images_dir or "",
             tracker=stats.tracker))
