@@ -11,6 +11,7 @@ to the old host until their entry goes stale.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import logging
@@ -122,18 +123,25 @@ def remove(ip: str, iface: str | None = None) -> bool:
     return False
 
 
+SIOCGIFHWADDR = 0x8927    # include/uapi/linux/sockios.h
+
+
 def _mac(iface: str) -> bytes:
+    """``iface``'s hardware address, in this process's network namespace
+    (SIOCGIFHWADDR, man 7 netdevice; not /sys/class/net, which shows the
+    devices of the namespace that mounted /sys: another host's on the rig)."""
     try:
-        with open(f"/sys/class/net/{iface}/address") as f:
-            text = f.read().strip()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            req = struct.pack("16s16x", iface.encode()[:15])
+            res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, req)
+        mac = res[18:24]
     except OSError:
         out = json.loads(_ip(["-j", "link", "show", "dev", iface]) or "[]")
         if not out or "address" not in out[0]:
             raise AddressError(f"{iface}: no hardware address") from None
-        text = out[0]["address"]
-    mac = bytes.fromhex(text.replace(":", ""))
-    if len(mac) != 6:
-        raise AddressError(f"{iface}: hardware address {text!r} is not Ethernet")
+        mac = bytes.fromhex(out[0]["address"].replace(":", ""))
+    if len(mac) != 6 or mac == bytes(6):
+        raise AddressError(f"{iface}: no Ethernet hardware address ({mac.hex(':')})")
     return mac
 
 

@@ -288,16 +288,12 @@ def test_provision_files(tmp_path):
     assert (root / "var" / "lib" / "migrate" / "work").is_dir()
 
 
-# An ARP announcement (RFC 5227 section 2.3): a broadcast request whose sender
-# and target are both the moved address. Run inside the host that took it.
+# The announcement --move-address sends (orchestrator/address.announce), run
+# inside the host that took the address: its MAC must be that host's own.
 ANNOUNCE = """
-import socket, struct, sys
-ifname, ip = sys.argv[1], socket.inet_aton(sys.argv[2])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-s.bind((ifname, 0))
-mac = s.getsockname()[4]
-arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac, ip, bytes(6), ip)
-s.send(b"\\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp)
+import sys
+from migrate.orchestrator import address
+address.announce(sys.argv[2], sys.argv[1])
 """
 
 
