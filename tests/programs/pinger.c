@@ -31,6 +31,8 @@ static double now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+#define STALLED_S 5.0
+
 int main(int argc, char **argv)
 {
 	struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST };
@@ -122,5 +124,10 @@ int main(int argc, char **argv)
 	snprintf(msg, sizeof(msg), "%llu requests, %llu answers, longest gap %.1f ms at %.3f s\n",
 		 (unsigned long long)sent, (unsigned long long)got, max_gap * 1e3, t_max);
 	test_msg(msg);
+	/* a service that stopped answering for good shows no long gap: the
+	 * gap is only measured when an answer comes */
+	if (now() - (t_last ? t_last : t0) > STALLED_S)
+		fail("no answer for the last %.1f s (%llu requests unanswered)",
+		     now() - (t_last ? t_last : t0), (unsigned long long)(sent - got));
 	pass();
 }
