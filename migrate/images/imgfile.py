@@ -261,6 +261,16 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 MAP_OVER = 1 << 20      # records images from this size on are mapped to be read
 
 
+def _sync_close(fd: int, path: str) -> None:
+    """fsync, then close whatever happened (a written image file's end)."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise ImageError(path, None, f"fsync failed: {os.strerror(e.errno)}") from e
+    finally:
+        os.close(fd)
+
+
 class PagesWriter:
     """Writes pages-PID.img chunk by chunk; chunks may be written from several
     threads (pwrite at their offset), and are accounted in order."""
@@ -308,12 +318,7 @@ class PagesWriter:
         self.digests.append(digest)
 
     def close(self) -> tuple[int, str]:
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
-        finally:
-            os.close(self.fd)
+        _sync_close(self.fd, self.path)
         return self.size, pages_digest(self.header_digest, self.digests)
 
     def abort(self) -> None:
@@ -353,13 +358,8 @@ class RawWriter:
         return off
 
     def close(self) -> tuple[int, str]:
-        try:
-            os.fsync(self.fd)
-        except OSError as e:
-            raise ImageError(self.path, None, f"fsync failed: {os.strerror(e.errno)}") from e
-        finally:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        _sync_close(fd, self.path)
         return HEADER.size + self.size, self.hasher.hexdigest()
 
     def abort(self) -> None:

@@ -399,6 +399,14 @@ def _pipeline(windows, job, consume) -> None:
             raise
 
 
+def _close_window(win) -> None:
+    """Unmap a page file's chunk window."""
+    try:
+        win.close()
+    except BufferError:
+        pass     # a slice still held by an exception's traceback: GC closes it
+
+
 def split_runs(runs: list[PageRun], keep: list[tuple[int, int]]) -> list[PageRun]:
     """The parts of ``runs`` inside the normalized byte ranges ``keep``."""
     out = []
@@ -927,10 +935,7 @@ def _read_in(reader, parts: list[tuple[int, int, int]], dest) -> None:
         try:
             kmem.vm_write(me, win, ranges)
         finally:
-            try:
-                win.close()
-            except BufferError:
-                pass     # a slice still held by an exception's traceback: GC closes it
+            _close_window(win)
 
 
 def map_vmas(ctl: TaskCtl, entries: list, shared: SharedObjects | None = None,
@@ -1050,10 +1055,7 @@ def fill_pages(pid: int, entries: list, parts: list[tuple[int, int, int]], reade
             if vm:
                 kmem.vm_write(pid, win, vm)
         finally:
-            try:
-                win.close()
-            except BufferError:
-                pass     # a slice still held by an exception's traceback: GC closes it
+            _close_window(win)
         return n, digest
 
     _pipeline(windows, job, reader.account)
