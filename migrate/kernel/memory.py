@@ -42,10 +42,8 @@ _REGION = ffi.sizeof("struct page_region")
 assert _REGION == 24
 
 
-class PagemapScanner:
-    """ioctl(PAGEMAP_SCAN) on /proc/PID/pagemap: page ranges, not a u64 per page."""
-
-    VEC_LEN = 16384
+class _PagemapFile:
+    """/proc/PID/pagemap, opened once; closed by close() or ``with``."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -53,19 +51,28 @@ class PagemapScanner:
             self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise errors.from_errno("open pagemap", e.errno, pid) from e
-        self._vec = ffi.new("struct page_region[]", self.VEC_LEN)
-        self._arg = ffi.new("struct pm_scan_arg *")
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "PagemapScanner":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PagemapScanner(_PagemapFile):
+    """ioctl(PAGEMAP_SCAN) on /proc/PID/pagemap: page ranges, not a u64 per page."""
+
+    VEC_LEN = 16384
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self._vec = ffi.new("struct page_region[]", self.VEC_LEN)
+        self._arg = ffi.new("struct pm_scan_arg *")
 
     def scan(self, start: int, end: int, *, require: int = 0, exclude: int = 0,
              anyof: int = 0, return_mask: int | None = None,
@@ -200,16 +207,9 @@ _BYTE7_B = bytes(b & 0xFC for b in range(256))
 PFN_MASK = (1 << 55) - 1
 
 
-class Pagemap:
+class Pagemap(_PagemapFile):
     """/proc/PID/pagemap, read in ranges (Documentation/admin-guide/mm/pagemap.rst).
     PFNs read as zero without CAP_SYS_ADMIN (``frames_visible``)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise errors.from_errno("open pagemap", e.errno, pid) from e
 
     def read(self, start: int, end: int) -> bytes:
         """The raw u64 entries of the pages in [start, end)."""
@@ -222,17 +222,6 @@ class Pagemap:
             raise errors.KernelError("pread pagemap", errno.EIO, self.pid,
                                      f"short read at {start:#x}")
         return raw
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> "Pagemap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _reduced(raw: bytes, byte7: bytes) -> bytearray:
