@@ -13,7 +13,8 @@ resume (--restore-fill eager), and post-copy (--post-copy on: one pre-copy
 pass, then the process resumes on the destination and the pages dirtied
 since come from the frozen source).
 
-    python3 bench/migrate.py [--mib 1024] [--rate 20] [--runs 2]
+    python3 bench/migrate.py [--mib 1024] [--rate 20] [--runs 2] [--modes lazy,eager,post]
+                              [--keep-logs]     (env MIGRATE_BENCH_RIG_PREFIX)
 
 Targets (issue 9): downtime <= 300 ms with pre-copy only, <= 50 ms with
 post-copy; bytes sent <= 1.3 x the process size.
@@ -47,10 +48,14 @@ def main() -> int:
     ap.add_argument("--mib", default="1024")
     ap.add_argument("--rate", default="20", help="MB/s the service rewrites")
     ap.add_argument("--runs", type=int, default=2, help="migrations per mode")
+    ap.add_argument("--modes", default="lazy,eager,post",
+                    help="which modes, comma-separated: lazy, eager, post")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the agents' logs (printed: where they are)")
     args = ap.parse_args()
     logdir = tempfile.mkdtemp(prefix="migrate-bench-")
     r = Rig(os.path.join(logdir, "rig"))
-    r.env["MIGRATE_RIG_PREFIX"] = "migbench"
+    r.env["MIGRATE_RIG_PREFIX"] = os.environ.get("MIGRATE_BENCH_RIG_PREFIX", "migbench")
     rows = []
     service = client = None
     try:
@@ -63,9 +68,14 @@ def main() -> int:
         client.wait_ready()
         time.sleep(2)
         where = "A"
-        for mode, extra in (("pre-copy, lazy fill", []),
-                            ("pre-copy, eager fill", ["--restore-fill", "eager"]),
-                            ("post-copy", ["--post-copy", "on"])):
+        modes = {"lazy": ("pre-copy, lazy fill", []),
+                 "eager": ("pre-copy, eager fill", ["--restore-fill", "eager"]),
+                 "post": ("post-copy", ["--post-copy", "on"])}
+        want = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in want if m not in modes]
+        if bad:
+            ap.error(f"unknown mode(s): {', '.join(bad)} (lazy, eager, post)")
+        for mode, extra in (modes[m] for m in want):
             for _ in range(args.runs):
                 to = "B" if where == "A" else "A"
                 before = len(waits(client.log()))
@@ -89,6 +99,18 @@ def main() -> int:
                     w.kill()
                 except Exception:      # noqa: BLE001
                     pass
+        if args.keep_logs:
+            import shutil
+            for h in ("A", "B"):
+                for sub in ("agent.log", "work/logs"):
+                    src = os.path.join(logdir, "rig", h, sub)
+                    dst = os.path.join(logdir, "agents", h, sub)
+                    if os.path.isdir(src):
+                        shutil.copytree(src, dst, dirs_exist_ok=True)
+                    elif os.path.exists(src):
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copy(src, dst)
+            print(f"agents' logs: {os.path.join(logdir, 'agents')}")
         r.down()
     print(f"\nbench/migrate.py: a {args.mib} MiB service rewriting {args.rate} MB/s, a "
           f"client every 1 ms over TCP, --tcp-established --move-address, on the rig "
