@@ -33,6 +33,7 @@ __all__ = [
     "MAX_GET_PAGES", "MAX_CHUNK_INDEX", "MAX_SESSION_NAME", "MAX_FILE_NAME", "MAX_LINK",
     "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
     "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
+    "CAP_MAP", "MAP_REMOTE", "MAP_LOCAL", "MAP_ZERO", "MAX_MAP_RUNS", "GetMap", "PageMap",
     "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
     "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
     "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
@@ -64,6 +65,7 @@ MODE_READ = 2
 CAP_GET = 1
 CAP_ZSTD = 2                             # PAGE_CHUNK may carry FLAG_ZSTD
 CAP_STREAMS = 4                          # JOIN: more TCP streams for one session
+CAP_MAP = 8                              # read sessions: GET_MAP answered (a post-copy source)
 FLAG_LAST = 1                            # FILE_PART: the file is complete
 FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 
@@ -79,6 +81,11 @@ _COMMITTED = struct.Struct("<IIQ")
 _GET = struct.Struct("<IIQII")
 _DATA = struct.Struct("<IIQ16s")
 _ERROR = struct.Struct("<H")
+_GET_MAP = struct.Struct("<II")
+_MAP = struct.Struct("<IIII")
+_MAP_RUN = struct.Struct("<QII")
+MAP_REMOTE, MAP_LOCAL, MAP_ZERO = 1, 2, 3     # PAGE_MAP run kinds
+MAX_MAP_RUNS = (MAX_FRAME - _MAP.size) // _MAP_RUN.size
 
 
 class Code(enum.IntEnum):
@@ -557,6 +564,81 @@ class PageData:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class GetMap:
+    """C->S (read sessions, once CAP_MAP is granted): which of pid's lazy
+    pages (PE_LAZY in the image) the server holds, which the client's own
+    image chain holds, and which are zero.  Answered in order, like a GET,
+    by one or more PAGE_MAP frames."""
+    req_id: int
+    pid: int
+    TYPE = 16
+    BOUNDS = (_GET_MAP.size, _GET_MAP.size)
+
+    def check(self) -> None:
+        if not 0 <= self.req_id <= 0xFFFFFFFF:
+            raise _Bad(f"req_id {self.req_id}")
+        _check_pid(self.pid)
+
+    def encode(self):
+        return 0, [_GET_MAP.pack(self.req_id, self.pid)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls(*_GET_MAP.unpack(p))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PageMap:
+    """S->C, (part of) the answer to a GetMap: runs (vaddr, nr_pages, kind)
+    in address order, kind MAP_REMOTE (GET it from this server), MAP_LOCAL
+    (the client's image chain holds it as it is now) or MAP_ZERO (no data:
+    the zero page).  Flag LAST on the answer's last frame."""
+    req_id: int
+    pid: int
+    runs: tuple
+    last: bool = True
+    TYPE = 17
+    FLAGS = FLAG_LAST
+    BOUNDS = (_MAP.size, _MAP.size + MAX_MAP_RUNS * _MAP_RUN.size)
+
+    def check(self) -> None:
+        if not 0 <= self.req_id <= 0xFFFFFFFF:
+            raise _Bad(f"req_id {self.req_id}")
+        _check_pid(self.pid)
+        if len(self.runs) > MAX_MAP_RUNS:
+            raise _Bad(f"{len(self.runs)} runs (at most {MAX_MAP_RUNS})", 8)
+        end = 0
+        for i, (vaddr, nr, kind) in enumerate(self.runs):
+            at = _MAP.size + i * _MAP_RUN.size
+            if vaddr % PAGE_SIZE or vaddr < end or not 0 < nr <= 0xFFFFFFFF \
+                    or vaddr + nr * PAGE_SIZE > 1 << 64:
+                raise _Bad(f"run {i} ({vaddr:#x}, {nr} pages): not page aligned, empty, "
+                           "wrapping or not after the run before it", at)
+            if kind not in (MAP_REMOTE, MAP_LOCAL, MAP_ZERO):
+                raise _Bad(f"run {i}: kind {kind}", at + 12)
+            end = vaddr + nr * PAGE_SIZE
+
+    def encode(self):
+        body = bytearray(_MAP.size + len(self.runs) * _MAP_RUN.size)
+        _MAP.pack_into(body, 0, self.req_id, self.pid, len(self.runs), 0)
+        off = _MAP.size
+        for r in self.runs:
+            _MAP_RUN.pack_into(body, off, *r)
+            off += _MAP_RUN.size
+        return (FLAG_LAST if self.last else 0), [bytes(body)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        req, pid, n, res = _MAP.unpack_from(p)
+        if res:
+            raise _Bad("reserved field is not 0", 12)
+        if len(p) != _MAP.size + n * _MAP_RUN.size:
+            raise _Bad(f"{n} runs do not fill the payload of {len(p)} bytes", 8)
+        runs = tuple(_MAP_RUN.iter_unpack(memoryview(p)[_MAP.size:]))
+        return cls(req, pid, runs, bool(flags & FLAG_LAST))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Error:
     """Either way: what went wrong; the connection closes after it."""
     code: int
@@ -622,7 +704,7 @@ class ConnectionClosed:
 
 
 EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
-          ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join)
+          ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join, GetMap, PageMap)
 _BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
 _EVENT_TYPES = frozenset(EVENTS)
 
@@ -646,6 +728,8 @@ TRANSITIONS: dict = {
     (_ST.COMMITTING, S, Committed): _ST.DONE,
     (_ST.READ, C, Get): _ST.READ,
     (_ST.READ, S, PageData): _ST.READ,
+    (_ST.READ, C, GetMap): _ST.READ,
+    (_ST.READ, S, PageMap): _ST.READ,
     **{(st, who, Error): _ST.CLOSED for st in State if st is not _ST.CLOSED
        for who in (C, S)},
 }
@@ -893,6 +977,8 @@ class Connection:
             raise self._remote(f"{cls.__name__}: flags {flags:#x} not allowed", at + 1)
         if flags & FLAG_ZSTD and cls is PageChunk and not self.caps & CAP_ZSTD:
             raise self._remote("PageChunk: compressed, but CAP_ZSTD was not granted", at + 1)
+        if cls is GetMap and not self.caps & CAP_MAP:
+            raise self._remote("GetMap: CAP_MAP was not granted", at)
         if res:
             raise self._remote(f"{cls.__name__}: reserved header field {res:#x} is not 0",
                                at + 2)
@@ -922,6 +1008,8 @@ class Connection:
             ev.check()
             if isinstance(ev, PageChunk) and ev.compressed and not self.caps & CAP_ZSTD:
                 raise _Bad("compressed, but CAP_ZSTD was not granted")
+            if isinstance(ev, GetMap) and not self.caps & CAP_MAP:
+                raise _Bad("CAP_MAP was not granted")
             self._transition(self.our_role, ev)
         except _Bad as e:
             raise LocalProtocolError(f"{type(ev).__name__}: {e.why}") from None
@@ -945,15 +1033,18 @@ class Connection:
         if nxt is None:
             raise _Bad(f"{cls.__name__} from the {sender.value} not allowed in state "
                        f"{self.state.value}")
-        if cls is Get:
+        if cls is Get or cls is GetMap:
             if len(self._gets) >= MAX_OUTSTANDING_GETS:
                 raise _Bad(f"more than {MAX_OUTSTANDING_GETS} GETs outstanding")
-            self._gets.append(ev.req_id)
-        elif cls is PageData:
-            if not self._gets or self._gets[0] != ev.req_id:
-                want = self._gets[0] if self._gets else "none"
-                raise _Bad(f"PageData for req_id {ev.req_id}, outstanding: {want}")
-            self._gets.popleft()
+            self._gets.append((ev.req_id, cls))
+        elif cls is PageData or cls is PageMap:
+            asked = Get if cls is PageData else GetMap
+            if not self._gets or self._gets[0] != (ev.req_id, asked):
+                want = (f"{self._gets[0][1].__name__} {self._gets[0][0]}" if self._gets
+                        else "none")
+                raise _Bad(f"{cls.__name__} for req_id {ev.req_id}, outstanding: {want}")
+            if cls is PageData or ev.last:
+                self._gets.popleft()
         elif cls is Hello:
             self.mode = ev.mode
         elif cls is Welcome:

@@ -45,12 +45,12 @@ def events_of(conn, data, splits=()):
     return out
 
 
-def opened(mode=P.MODE_WRITE):
+def opened(mode=P.MODE_WRITE, caps=P.CAP_GET):
     """A client and a server past HELLO/WELCOME."""
     c, s = pair()
     s.receive_data(c.send(P.Hello("sess", mode)))
     assert isinstance(s.next_event(), P.Hello)
-    c.receive_data(s.send(P.Welcome(caps=P.CAP_GET)))
+    c.receive_data(s.send(P.Welcome(caps=caps)))
     assert isinstance(c.next_event(), P.Welcome)
     return c, s
 
@@ -104,6 +104,53 @@ def test_read_session_gets_answered_in_order():
         assert c.next_event() == d
     with pytest.raises(P.LocalProtocolError, match="req_id 5, outstanding: none"):
         s.send(P.PageData(5, 0, 1, b"x" * 16, b"p" * 4096))
+
+
+def test_page_map_answers_get_map_in_order_over_frames():
+    c, s = opened(P.MODE_READ, P.CAP_GET | P.CAP_MAP)
+    s.receive_data(c.send(P.GetMap(1, 7)) + c.send(P.Get(2, 7, 0x1000, 1)))
+    assert s.next_event() == P.GetMap(1, 7)
+    assert isinstance(s.next_event(), P.Get)
+    first = ((0x1000, 2, P.MAP_REMOTE), (0x3000, 5, P.MAP_LOCAL))
+    last = ((0x10000, 1, P.MAP_ZERO),)
+    c.receive_data(s.send(P.PageMap(1, 7, first, last=False)) + s.send(P.PageMap(1, 7, last)))
+    ev = c.next_event()
+    assert ev.runs == first and not ev.last
+    ev = c.next_event()
+    assert ev.runs == last and ev.last
+    # the GET is answered after the map's last frame, not between its frames
+    c.receive_data(s.send(P.PageData(2, 0x1000, 1, b"d" * 16, bytes(P.PAGE_SIZE))))
+    assert isinstance(c.next_event(), P.PageData)
+
+
+def test_get_map_needs_cap_map_and_a_sane_map():
+    c, s = opened(P.MODE_READ)
+    with pytest.raises(P.LocalProtocolError, match="CAP_MAP"):
+        c.send(P.GetMap(1, 7))
+    frame = P.HEADER.pack(P.GetMap.TYPE, 0, 0, 8) + struct.pack("<II", 1, 7)
+    s.receive_data(frame)
+    with pytest.raises(P.RemoteProtocolError, match="CAP_MAP"):
+        s.next_event()
+    c, s = opened(P.MODE_READ, P.CAP_GET | P.CAP_MAP)
+    with pytest.raises(P.LocalProtocolError, match="outstanding"):
+        s.send(P.PageMap(1, 7, ()))                     # nothing asked
+    s.receive_data(c.send(P.GetMap(1, 7)))
+    s.next_event()
+    for runs, why in ((((0x1001, 1, P.MAP_REMOTE),), "not page aligned"),
+                      (((0x2000, 1, P.MAP_REMOTE), (0x1000, 1, P.MAP_LOCAL)), "after"),
+                      (((0x1000, 0, P.MAP_ZERO),), "empty"),
+                      (((0x1000, 1, 9),), "kind 9")):
+        with pytest.raises(P.LocalProtocolError, match=why):
+            s.send(P.PageMap(1, 7, runs))
+        # and from the wire: the run is refused with its offset
+        body = struct.pack("<IIII", 1, 7, len(runs), 0) + b"".join(
+            struct.pack("<QII", *r) for r in runs)
+        c2, s2 = opened(P.MODE_READ, P.CAP_GET | P.CAP_MAP)
+        s2.receive_data(c2.send(P.GetMap(1, 7)))
+        s2.next_event()
+        c2.receive_data(P.HEADER.pack(P.PageMap.TYPE, 1, 0, len(body)) + body)
+        with pytest.raises(P.RemoteProtocolError, match=why):
+            c2.next_event()
 
 
 def test_out_of_order_is_refused_both_ways():
