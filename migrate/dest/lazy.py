@@ -63,7 +63,8 @@ class LazyPlan:
     left out (PE_LAZY, served by the source)."""
 
     def __init__(self, vmas: list, threads: list, stored: list[pagemap.Range],
-                 flagged: list[pagemap.Range] = ()) -> None:
+                 flagged: list[pagemap.Range] = (), lazy_map: bool = False) -> None:
+        self.lazy_map = lazy_map        # the source says later which flagged pages it has
         self.vmas = imglazy.lazy_vmas(vmas)
         self.eager = imglazy.eager_ranges(threads)
         self.flagged = pagemap.normalize(flagged)
@@ -86,7 +87,8 @@ class LazyPlan:
 
 def plan(p) -> LazyPlan:
     """The plan for a ProcImage (dest.restore)."""
-    return LazyPlan(p.mm.vmas, list(p.core.threads), p.stored, flagged(p.pagemap))
+    return LazyPlan(p.mm.vmas, list(p.core.threads), p.stored, flagged(p.pagemap),
+                    p.pagemap_head.lazy_map)
 
 
 def flagged(entries) -> list[pagemap.Range]:
@@ -157,7 +159,7 @@ def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str,
         for s, e in lp.vmas:
             userfaultfd.register(uffd, s, e - s, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
         msg = json.dumps({"pid": pid, "image_pid": image_pid, "vmas": lp.vmas,
-                          "lazy": lp.lazy, "last": last}).encode()
+                          "lazy": lp.lazy, "last": last, "map": lp.lazy_map}).encode()
         _send(sock_path, msg, uffd, pid)
     finally:
         os.close(uffd)

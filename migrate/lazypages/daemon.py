@@ -60,6 +60,7 @@ from migrate import errors
 from migrate.kernel import proc as kproc
 from migrate.kernel import syscalls, userfaultfd as U
 from migrate.lazypages.ranges import PAGE, RangeMap
+from migrate.pageserver.protocol import MAP_LOCAL, MAP_ZERO
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class Stats:
     blocktime_max_us: float = 0.0
     latencies_us: list = dataclasses.field(default_factory=list)
     first_handover: float = 0.0
+    map_s: float = 0.0           # remote mode: the source's map applied, after the hand-over
+    pages_map_zero: int = 0      # remote mode: lazy pages the map says are zero
     all_in_s: float = 0.0
     done_monotonic: float = 0.0  # CLOCK_MONOTONIC when the last page was in (benches)
     processes: int = 0
@@ -112,6 +115,7 @@ class Stats:
                 "pages_zero": self.pages_zero, "pages_dropped": self.pages_dropped,
                 "pages_local": self.pages_local, "pages_remote": self.pages_remote,
                 "faults": self.faults, "processes": self.processes,
+                "map_s": round(self.map_s, 4), "pages_map_zero": self.pages_map_zero,
                 "blocktime_total_us": round(self.blocktime_total_us, 1),
                 "blocktime_max_us": round(self.blocktime_max_us, 1),
                 "fault_latency_p50_us": pct(0.50), "fault_latency_p99_us": pct(0.99),
@@ -135,6 +139,7 @@ class Proc:
         self.cursor = 0                 # prefetch goes on from here
         self.pidfd = -1
         self.alive = True
+        self.map_pending = False        # its source's map (GET_MAP) is not here yet
 
     def __repr__(self) -> str:
         return f"pid {self.pid}" if self.pid else f"child of pid {self.image_pid} (uffd {self.uffd})"
@@ -172,6 +177,7 @@ class LazyPages:
         self._gets: list[tuple[Proc, int, int]] = []   # fault GETs sent, unanswered
         self._unsent: list[tuple[Proc, int, int]] = []  # and waiting for room
         self._poked = False
+        self._maps: dict[int, list | None] = {}   # image pid -> zero ranges (None: asked)
         self._wakefd = -1
         self._loop_tid = 0
         self.fault_thread: threading.Thread | None = None
@@ -407,6 +413,11 @@ class LazyPages:
             missing = RangeMap((int(s), int(e)) for s, e in msg["lazy"])
             os.set_blocking(uffd, False)
             p = Proc(uffd, pid, image_pid, missing)
+            if msg.get("map"):
+                if not self.source.remote:
+                    raise ValueError(f"pid {pid}: its image leaves its lazy pages to their "
+                                     "source: serve it with --page-server")
+                p.map_pending = True
             if self.source.remote is False:
                 with self.mu:
                     self.source.pieces(image_pid, 0, 0)      # load its index now
@@ -415,6 +426,15 @@ class LazyPages:
             os.close(uffd)
             raise
         with self.mu:
+            if p.map_pending:
+                if image_pid not in self._maps:
+                    self.source.expect_map(image_pid)
+                    self._maps[image_pid] = None
+                    t = asyncio.create_task(self._take_map(image_pid))
+                    self.tasks.add(t)
+                    t.add_done_callback(self.tasks.discard)
+                elif self._maps[image_pid] is not None:
+                    self._apply_map(p, self._maps[image_pid])
             self._add(p)
             self.last_seen = self.last_seen or last
             if not self.stats.first_handover:
@@ -424,6 +444,49 @@ class LazyPages:
         log.info("lazy-pages: pid %d: %d pages to supply over %d ranges", pid,
                  p.missing.pages, len(p.missing.items()))
         self._check_finished()
+
+    async def _take_map(self, image_pid: int) -> None:
+        """GET_MAP: which of the lazy pages of ``image_pid`` the local chain
+        holds as they are now, which are zero; the rest is the source's.
+        Until it comes every fault is a GET (the frozen source holds every
+        page) and the prefetch leaves these processes alone."""
+        try:
+            runs = await self.source.prefetch.get_map(image_pid)
+        except errors.PageSourceError as e:
+            self.fail(e)
+            return
+        if runs is None:
+            log.warning("lazy-pages: the source does not answer GET_MAP: every lazy page of "
+                        "pid %d comes from it", image_pid)
+            runs = []
+        local = [(a, a + n * PAGE) for a, n, kind in runs if kind == MAP_LOCAL]
+        zero = [(a, a + n * PAGE) for a, n, kind in runs if kind == MAP_ZERO]
+        with self.mu:
+            try:
+                self.source.set_local(image_pid, local)
+            except errors.ImageError as e:
+                self.fail(errors.PageSourceError(self.source.name, str(e)))
+                return
+            self._maps[image_pid] = zero
+            for p in self.procs:
+                if p.alive and p.image_pid == image_pid and p.map_pending:
+                    self._apply_map(p, zero)
+            self.stats.map_s = time.perf_counter() - self.stats.first_handover
+        log.info("lazy-pages: pid %d: the source's map: %d runs, %d pages local, %d zero, "
+                 "%.1f ms after the hand-over", image_pid, len(runs),
+                 sum((b - a) // PAGE for a, b in local), sum((b - a) // PAGE for a, b in zero),
+                 self.stats.map_s * 1e3)
+        self.work.set()
+        self._check_finished()
+
+    def _apply_map(self, p: Proc, zero: list[tuple[int, int]]) -> None:
+        """Under mu: ``p``'s zero pages are no longer missing (a touch maps
+        the zero page); the prefetch may take the rest."""
+        n = 0
+        for a, b in zero:
+            n += sum(e - s for s, e, _ in p.missing.pop(a, b))
+        self.stats.pages_map_zero += n // PAGE
+        p.map_pending = False
 
     async def _watch_children(self) -> None:
         """Forked children come without a pid (no pidfd): probe their mm."""
@@ -631,6 +694,7 @@ class LazyPages:
         missing = p.missing.copy()
         missing.update(p.inflight)
         child = Proc(m.ufd, 0, p.image_pid, missing)
+        child.map_pending = p.map_pending
         os.set_blocking(m.ufd, False)
         self._add(child)
         log.info("lazy-pages: %r forked (uffd %d): %d pages to supply", p, m.ufd,
@@ -828,7 +892,8 @@ class LazyPages:
                 while len(self.tasks) >= REMOTE_DEPTH:
                     await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
             with self.mu:
-                p = next((q for q in self.procs if q.alive and q.missing), None)
+                p = next((q for q in self.procs if q.alive and q.missing and
+                          not q.map_pending), None)
                 if p is None:
                     self.work.clear()
                 else:

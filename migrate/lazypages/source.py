@@ -90,8 +90,16 @@ class LocalSource:
         return ix
 
     def stored(self, pid: int) -> list[tuple[int, int]]:
-        """The pages of ``pid`` the chain holds (normalized)."""
+        """The pages of ``pid`` the image needs from the chain (normalized)."""
         return self._open(pid)[1]
+
+    def held(self, pid: int) -> list[tuple[int, int]]:
+        """Every page of ``pid`` some level of the chain stores (normalized)."""
+        levels, _ = self._open(pid)
+        out: list[tuple[int, int]] = []
+        for _, present in levels:
+            out = pagemap.union(out, pagemap.normalize((s, e) for s, e, _ in present))
+        return out
 
     def pieces(self, pid: int, src: int, end: int) -> list[tuple[int, object, int, int]]:
         """(src address, buffer, offset in buffer, length) covering [src, end)."""
@@ -144,6 +152,7 @@ class _Lane:
         self.reader = self.writer = None
         self.task: asyncio.Task | None = None
         self.slots = asyncio.Semaphore(P.MAX_OUTSTANDING_GETS)
+        self.caps = 0
 
     async def open(self) -> None:
         s = self.src
@@ -153,10 +162,12 @@ class _Lane:
                 limit=READ_SIZE), 30)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
-        self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ, P.CAP_GET)))
+        self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ,
+                                                 P.CAP_GET | P.CAP_MAP)))
         ev = await self._next()
         if not isinstance(ev, P.Welcome):
             raise self._error(ev, "HELLO")
+        self.caps = ev.caps
         self.task = asyncio.create_task(self._read_loop())
 
     def _error(self, ev, when: str) -> errors.PageSourceError:
@@ -183,6 +194,14 @@ class _Lane:
         try:
             while True:
                 ev = await self._next()
+                if isinstance(ev, P.PageMap):
+                    fut, runs = self.waiting[0]
+                    runs.extend(ev.runs)
+                    if ev.last:
+                        self.waiting.popleft()
+                        if not fut.done():
+                            fut.set_result(runs)
+                    continue
                 if isinstance(ev, P.PageData):
                     fut, want = self.waiting.popleft()
                     if chunk_digest(ev.data) != ev.digest:
@@ -223,6 +242,24 @@ class _Lane:
                 raise errors.PageSourceError(self.src.name, str(e)) from None
             self.waiting.append((fut, nr_pages))
             self.writer.write(b"".join(bytes(d) for d in data))
+            return await fut
+
+    async def get_map(self, pid: int) -> list[tuple[int, int, int]] | None:
+        """The (vaddr, nr_pages, kind) runs of pid's lazy area (GET_MAP), or
+        None if the server does not answer GET_MAP (no CAP_MAP)."""
+        if self.src.failed:
+            raise self.src.failed
+        if not self.caps & P.CAP_MAP:
+            return None
+        async with self.slots:
+            self.req = (self.req + 1) & 0xFFFFFFFF
+            fut = asyncio.get_running_loop().create_future()
+            try:
+                data = self.conn.send(P.GetMap(self.req, pid))
+            except P.ProtocolError as e:
+                raise errors.PageSourceError(self.src.name, str(e)) from None
+            self.waiting.append((fut, []))
+            self.writer.write(data)
             return await fut
 
     async def close(self) -> None:
@@ -315,6 +352,30 @@ class RemoteSource:
         self.local = local
         self._stored: dict[int, list[tuple[int, int]]] = {}
         self._starts: dict[int, list[int]] = {}
+
+    def expect_map(self, pid: int) -> None:
+        """``pid``'s image leaves its whole lazy area to the source, which
+        says later (GET_MAP) which pages the local chain holds as they are:
+        until ``set_local``, every page is fetched."""
+        self._stored[pid], self._starts[pid] = [], []
+
+    def set_local(self, pid: int, local: list[tuple[int, int]]) -> None:
+        """The map came: these pages of ``pid`` are taken from the local chain
+        (ImageError if it does not store them all: never zeros instead)."""
+        local = pagemap.normalize(local)
+        if self.local is None:
+            if local:
+                raise errors.ImageError(self.name, None, f"pid {pid}: the source says "
+                                        f"{pagemap.pages(local)} pages are in the local "
+                                        "image, and there is none")
+            return
+        missing = pagemap.subtract(local, self.local.held(pid))
+        if missing:
+            raise errors.ImageError(self.local.name, None, f"pid {pid}: the source says pages "
+                                    f"{missing[0][0]:#x}-{missing[0][1]:#x} are in the local "
+                                    f"image chain, which does not store them "
+                                    f"({pagemap.pages(missing)} pages)")
+        self._stored[pid], self._starts[pid] = local, [a for a, _ in local]
 
     def split(self, pid: int, src: int, end: int
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -126,46 +126,51 @@ def dump(job: dict) -> dict:
     frozen = [t0]
     post = job.get("post_copy")
     lazy: list = []
+    maps: list = []
     peer = _open_peer(job.get("resume"))
+    # Post-copy: the server of the pages left at the source listens before
+    # the freeze (its start is no part of the downtime).
+    source = _LazySource(job["pid"], post) if post else None
 
     def on_freeze() -> None:
         frozen[0] = time.monotonic()
 
     def before_release(stats) -> None:
-        server = None
-        if post:
-            server = _serve_lazy(job["pid"], lazy, post)
+        if source is not None:
+            source.serve(lazy, maps)
         now = time.monotonic()
         _out({"event": "frozen", "stats": dataclasses.asdict(stats),
               "bytes": sink.bytes_sent, "seconds": now - t0, "frozen_for": now - frozen[0],
-              "lazy": None if server is None else {
-                  "port": server.bound_port, "pages": sum(e - s for s, e in lazy) // 4096}})
+              "lazy": None if source is None else {
+                  "port": source.server.bound_port,
+                  "pages": sum(e - s for s, e in lazy) // 4096}})
         msg = _in()
         answer.update(msg or {"action": "rollback", "reason": "the agent went away"})
         if answer.get("action") == "resume":
             # From here on this worker decides, even if its agent dies: the
             # tree is killed here only once the destination runs it.
             if not _resume_there(answer["resume"], peer):
-                if server is not None:
-                    server.stop("the destination did not resume")
+                if source is not None:
+                    source.stop("the destination did not resume")
                 raise Released(answer.get("reason") or "the destination did not resume")
-            if server is not None:
+            if source is not None:
                 # Post-copy: the frozen tree is the page source until the
                 # destination has every page it left here.
                 t = time.monotonic()
-                server.thread.join()
+                source.server.thread.join()
                 _out({"event": "served", "seconds": time.monotonic() - t,
-                      "rc": server.rc, "error": server.error})
+                      "rc": source.server.rc, "error": source.server.error,
+                      "map_seconds": source.map_seconds})
             return
-        if server is not None:
-            server.stop(answer.get("reason") or "rollback")
-            server.thread.join(10)
+        if source is not None:
+            source.stop(answer.get("reason") or "rollback")
         if answer.get("action") != "kill":
             raise Released(answer.get("reason") or "rollback asked")
 
     opts = _options(job, tcp_established=job.get("tcp_established", False),
                     network_lock=job.get("network_lock"), before_release=before_release,
-                    on_freeze=on_freeze, leave_lazy=bool(post), lazy_out=lazy)
+                    on_freeze=on_freeze, leave_lazy=bool(post), lazy_out=lazy,
+                    defer_lazy=bool(post), lazy_map_out=maps)
     try:
         st = _run_sink(run, opts, sink)
     except errors.MigrateError as e:
@@ -175,6 +180,8 @@ def dump(job: dict) -> dict:
     finally:
         if peer is not None:
             peer.close()
+        if source is not None and source.server.thread.is_alive():
+            source.stop("the dump ended")
     res = {"ok": True, "stats": dataclasses.asdict(st), "bytes": sink.bytes_sent}
     if job.get("unlock_after"):
         # Killed here, running there: our lock goes (the destination lifted
@@ -187,38 +194,85 @@ def dump(job: dict) -> dict:
     return res
 
 
-def _serve_lazy(pid: int, lazy: list, post: dict):
-    """Serve the root's lazy pages from the frozen tree (GETs of the
-    destination's lazy-pages daemon), in a thread of its own: returns the
-    server once it listens."""
-    import threading
-    from migrate.pageserver import lazyserve, tls
-    from migrate.source import lazy as srclazy
-    reader = srclazy.Keeper(pid, pid, lazy)        # the frozen root is its own keeper
-    ctx = None
-    if post.get("tls"):
-        t = post["tls"]
-        ctx = tls.server_context(t["cacert"], t["cert"], t["key"], t.get("cacrl"))
-    server = lazyserve.LazyServer(reader.read, post["session"], post["address"], 0, ctx)
-    server.rc, server.error = None, None
-    listening = threading.Event()
+class _LazySource:
+    """Post-copy: the server of the root's pages left at the source (GETs of
+    the destination's lazy-pages daemon, read from the frozen root) and of
+    their map (GET_MAP: which the destination's image holds already, which
+    are zero), on threads of its own.  Listening from the start of the job;
+    serving once the image is committed (``serve``)."""
 
-    def run() -> None:
-        import asyncio
-        try:
-            server.rc = asyncio.run(server.run(on_listen=lambda port: listening.set(),
-                                               signals=False))
-        except Exception as e:     # noqa: BLE001 - reported in the "served" event
-            server.error = str(e)
-            log.exception("lazy pages server")
-        finally:
-            listening.set()
-    server.thread = threading.Thread(target=run, name="lazy-serve", daemon=True)
-    server.thread.start()
-    listening.wait(30)
-    if server.bound_port is None:
-        raise errors.DumpError(f"post-copy: cannot serve the lazy pages: {server.error}")
-    return server
+    def __init__(self, pid: int, post: dict) -> None:
+        import threading
+        from migrate.pageserver import lazyserve, tls
+        from migrate.source import lazy as srclazy
+        self.keeper = srclazy.Keeper(pid, pid, [])    # the frozen root is its own keeper
+        self.maps: dict[int, list] = {}
+        self.map_error: BaseException | None = None
+        self.map_seconds: float | None = None
+        self.mapped = threading.Event()
+        ctx = None
+        if post.get("tls"):
+            t = post["tls"]
+            ctx = tls.server_context(t["cacert"], t["cert"], t["key"], t.get("cacrl"))
+        server = lazyserve.LazyServer(self.keeper.read, post["session"], post["address"], 0,
+                                      ctx, map_of=self.map_of)
+        server.rc, server.error = None, None
+        self.server = server
+        listening = threading.Event()
+
+        def run() -> None:
+            import asyncio
+            try:
+                server.rc = asyncio.run(server.run(on_listen=lambda port: listening.set(),
+                                                   signals=False))
+            except Exception as e:     # noqa: BLE001 - reported in the "served" event
+                server.error = str(e)
+                log.exception("lazy pages server")
+            finally:
+                listening.set()
+        server.thread = threading.Thread(target=run, name="lazy-serve", daemon=True)
+        server.thread.start()
+        listening.wait(30)
+        if server.bound_port is None:
+            raise errors.DumpError(f"post-copy: cannot serve the lazy pages: {server.error}")
+
+    def serve(self, lazy: list, maps: list) -> None:
+        """The image is committed: serve ``lazy`` (ranges of the root), and
+        compute the maps (``dump.LazyMap``) in a thread meanwhile."""
+        import threading
+        self.keeper.serve(lazy)
+        if not maps:
+            self.mapped.set()
+            return
+
+        def compute() -> None:
+            t = time.monotonic()
+            try:
+                for m in maps:
+                    self.maps[m.pid] = m.compute()
+            except BaseException as e:   # noqa: BLE001 - the GET_MAP answers it
+                log.exception("post-copy: the lazy map")
+                self.map_error = e
+            finally:
+                self.map_seconds = time.monotonic() - t
+                self.mapped.set()
+        threading.Thread(target=compute, name="lazy-map", daemon=True).start()
+
+    def map_of(self, pid: int) -> list:
+        """(vaddr, nr_pages, kind) runs of ``pid``'s lazy area, once known
+        (called on a connection's thread: it waits)."""
+        if not self.mapped.wait(120):
+            raise LookupError(f"pid {pid}: the lazy map is not ready after 120 s")
+        if self.map_error is not None:
+            raise LookupError(f"pid {pid}: the lazy map failed: {self.map_error}")
+        runs = self.maps.get(pid)
+        if runs is None:
+            raise LookupError(f"pid {pid}: no lazy map here")
+        return runs
+
+    def stop(self, why: str) -> None:
+        self.server.stop(why)
+        self.server.thread.join(10)
 
 
 RESUME_TIMEOUT_S = 120.0

@@ -51,7 +51,8 @@ class _Lane:
         self.conn = P.Connection(P.Role.SERVER)
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.out = bytearray()            # the response frame, reused
-        self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.Error: self.on_Error}
+        self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.GetMap: self.on_GetMap,
+                         P.Error: self.on_Error}
         self.thread = threading.Thread(target=self.run, name=f"lazy-serve {self.peer}",
                                        daemon=True)
 
@@ -114,7 +115,8 @@ class _Lane:
             self._error(P.Code.NOT_FOUND, f"this source serves read session "
                                           f"{self.srv.session!r} only")
             raise ConnectionError(f"refused session {ev.name!r} mode {ev.mode}")
-        self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, P.CAP_GET)))
+        caps = P.CAP_GET | (P.CAP_MAP if self.srv.map_of is not None else 0)
+        self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, caps & (ev.caps | P.CAP_GET))))
         log.info("lazy-pages source: %s: read session %r", self.peer, ev.name)
 
     def on_Get(self, ev: P.Get) -> None:
@@ -134,6 +136,22 @@ class _Lane:
         frame[:RESPONSE_HEAD] = head
         self.sock.sendall(frame)          # one write: no Nagle/delayed-ACK stall
 
+    def on_GetMap(self, ev: P.GetMap) -> None:
+        """The map of pid's lazy area, once computed (this thread waits for
+        it; the connection's GETs after it wait too: answers go in order)."""
+        try:
+            runs = self.srv.map_of(ev.pid)
+        except LookupError as e:
+            self._error(P.Code.NOT_FOUND, str(e))
+            raise ConnectionError(str(e)) from None
+        step = P.MAX_MAP_RUNS
+        for i in range(0, max(len(runs), 1), step):
+            part = tuple(runs[i:i + step])
+            self.sock.sendall(self.conn.send(P.PageMap(ev.req_id, ev.pid, part,
+                                                       last=i + step >= len(runs))))
+        log.info("lazy-pages source: %s: map of pid %d sent (%d runs)", self.peer, ev.pid,
+                 len(runs))
+
     def on_Error(self, ev: P.Error) -> None:
         log.warning("lazy-pages source: %s: %s: %s", self.peer, ev.code_name, ev.text)
 
@@ -145,11 +163,13 @@ class _Lane:
 class LazyServer:
     """``read(pid, vaddr, nr_pages, into=view)`` fills ``view`` with the
     pages (LookupError if they are not served here); it is called from the
-    connections' threads at once."""
+    connections' threads at once.  ``map_of(pid)``, if given, answers
+    GET_MAP (CAP_MAP): (vaddr, nr_pages, kind) runs, or LookupError."""
 
     def __init__(self, read, session: str, address: str, port: int, ssl_context,
-                 lanes: int = 2) -> None:
+                 lanes: int = 2, map_of=None) -> None:
         self.read, self.session = read, session
+        self.map_of = map_of
         self.address, self.port, self.ssl = address, port, ssl_context
         self.lanes = lanes
         self.opened = self.closed = 0

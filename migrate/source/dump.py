@@ -75,6 +75,13 @@ class DumpOptions:
     # serves them from the frozen tree (in ``before_release``).
     leave_lazy: bool = False
     lazy_out: list | None = None
+    # ... and with ``defer_lazy`` the root's lazy area is not even scanned
+    # at the stop: all of it is flagged PE_LAZY (pagemap_head.lazy_map) and
+    # a ``LazyMap`` is appended to ``lazy_map_out``, whose ``compute()``
+    # (called later, the tree still frozen) says which of those pages are
+    # new since the parent image, unchanged there, or zero (GET_MAP).
+    defer_lazy: bool = False
+    lazy_map_out: list | None = None
 
     def inet_opts(self) -> dict:
         return {"tcp_established": self.tcp_established, "tcp_close": self.tcp_close,
@@ -191,6 +198,78 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     return memory.split_runs(runs, copy), pm.subtract(data, copy)
 
 
+class LazyMap:
+    """The root's lazy area as the final dump of a post-copy migration left
+    it (whole, unscanned), and how to say later which of its pages are
+    REMOTE (written since the parent image, or not in it), LOCAL (as the
+    parent chain holds them) or ZERO: the scan ``_plan_memory`` does at a
+    stop, done after the stop (the tree frozen until every page is taken)."""
+
+    def __init__(self, pid: int, area: list[tuple[int, int]], smaps: list, entries: list,
+                 parent: Parent | None, tracker, untracked: set[int]) -> None:
+        self.pid = pid
+        self.area = area
+        self.smaps, self.entries = smaps, entries
+        self.parent, self.tracker, self.untracked = parent, tracker, untracked
+
+    def compute(self) -> list[tuple[int, int, int]]:
+        """(vaddr, nr_pages, kind) runs covering ``area`` in address order,
+        kind MAP_REMOTE / MAP_LOCAL / MAP_ZERO (pageserver.protocol)."""
+        t0 = time.perf_counter()
+        runs, local = _plan_memory(self.pid, self.smaps, self.entries,
+                                   self.parent if self.tracker else None, self.tracker,
+                                   DumpStats(), untracked=self.untracked)
+        remote = pm.intersect(pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE)
+                                           for r in runs), self.area)
+        local = pm.intersect(local, self.area)
+        zero = pm.subtract(self.area, pm.union(remote, local))
+        out = sorted([(s, (e - s) // memory.PAGE, MAP_REMOTE) for s, e in remote] +
+                     [(s, (e - s) // memory.PAGE, MAP_LOCAL) for s, e in local] +
+                     [(s, (e - s) // memory.PAGE, MAP_ZERO) for s, e in zero])
+        log.info("pid %d: lazy map: %d pages remote, %d local, %d zero (%d runs) in %.1f ms",
+                 self.pid, pm.pages(remote), pm.pages(local), pm.pages(zero), len(out),
+                 (time.perf_counter() - t0) * 1e3)
+        return out
+
+
+MAP_REMOTE, MAP_LOCAL, MAP_ZERO = 1, 2, 3       # = pageserver.protocol's run kinds
+
+
+def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats
+                ) -> tuple[list, list[tuple[int, int]], list[tuple[int, int]], LazyMap]:
+    """The root at a post-copy stop: (runs to copy, ranges IN_PARENT,
+    lazy area, its LazyMap).  Only the VMAs outside the lazy area and the
+    eager pages inside it are scanned now."""
+    vmas = imglazy.lazy_vmas(d.vma_entries)
+    eager = imglazy.eager_ranges(d.core.threads)
+    area = pm.subtract(vmas, eager)
+    inside = {e.start for e in d.vma_entries if pm.intersect([(e.start, e.end)], vmas)}
+    entries = [e for e in d.vma_entries if e.start not in inside]
+    smaps = [v for v in d.vmas if v.start not in inside]
+    # VMAs not tracked before this stop: every page of them is new
+    untracked = {v.start for v in tracker.register(d.vmas)} if tracker else set()
+    runs, in_parent = _plan_memory(d.pid, smaps, entries, parent if tracker else None,
+                                   tracker, stats, untracked=untracked)
+    # the eager pages inside the area: copied whole (a few pages)
+    lazy_entries = [e for e in d.vma_entries if e.start in inside]
+    shared = memory.shared_starts(d.vmas)
+    pieces, pieces_shared = [], set()
+    for v in lazy_entries:
+        for s, e in pm.intersect([(v.start, v.end)], eager):
+            piece = mm_pb2.vma_entry()
+            piece.CopyFrom(v)
+            piece.start, piece.end = s, e
+            pieces.append(piece)
+            if v.start in shared:
+                pieces_shared.add(s)
+    if pieces:
+        runs = sorted(runs + memory.scan_pages(d.pid, pieces, shared=pieces_shared).runs,
+                      key=lambda r: r.addr)
+    lazy_smaps = [v for v in d.vmas if v.start in inside]
+    return runs, in_parent, area, LazyMap(d.pid, area, lazy_smaps, lazy_entries, parent,
+                                          tracker, untracked)
+
+
 def _leave_lazy(d, runs) -> tuple[list, list[tuple[int, int]]]:
     """(runs still to copy, lazy ranges) for dump --lazy-pages."""
     data = pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE) for r in runs)
@@ -199,7 +278,8 @@ def _leave_lazy(d, runs) -> tuple[list, list[tuple[int, int]]]:
 
 
 def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
-                  tolerant: bool, lazy: list[tuple[int, int]] = ()) -> None:
+                  tolerant: bool, lazy: list[tuple[int, int]] = (),
+                  lazy_map: bool = False) -> None:
     t0 = time.perf_counter()
     pw = images.pages_writer(pid)
     try:
@@ -216,7 +296,8 @@ def _write_memory(pid: int, images, runs, in_parent, stats: DumpStats,
     # PRESENT entries must stay in page-file order (address order here).
     entries = pm.to_entries(flags)
     images.write_image(f"pagemap-{pid}.img",
-                       [pagemap_pb2.pagemap_head(pid=pid, nr_pages=pw.nr_pages),
+                       [pagemap_pb2.pagemap_head(pid=pid, nr_pages=pw.nr_pages,
+                                                 lazy_map=lazy_map),
                         *entries])
     stats.memdump_us += _us(t0, time.perf_counter())
 
@@ -789,8 +870,14 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             if t is not None and parent is None:
                 t.fresh = True
             # The task is frozen: the VMAs read above are still the VMAs.
-            runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
-                                           parent if t else None, t, stats)
+            deferred = None
+            if opts.defer_lazy and d.pid == tr.root.pid:
+                runs, in_parent, area, deferred = _defer_lazy(d, parent, t, stats)
+                if opts.lazy_map_out is not None:
+                    opts.lazy_map_out.append(deferred)
+            else:
+                runs, in_parent = _plan_memory(d.pid, d.vmas, d.vma_entries,
+                                               parent if t else None, t, stats)
             phase("memory scan")
             par = by_pid.get(ppid[d.pid])
             cand = memory.cow_candidates(d.vma_entries, d.vmas) if par is not None else []
@@ -806,11 +893,16 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             if isinstance(t, trackers.SoftDirtyTracker) and keeps_running:
                 t.clear()       # the next round starts now
             lazy = []
-            if (opts.serve_lazy is not None or opts.leave_lazy) and d.pid == tr.root.pid:
+            if deferred is not None:
+                lazy = area
+                if lazy_out is not None:
+                    lazy_out.extend(lazy)
+            elif (opts.serve_lazy is not None or opts.leave_lazy) and d.pid == tr.root.pid:
                 runs, lazy = _leave_lazy(d, runs)
                 if lazy_out is not None:
                     lazy_out.extend(lazy)
-            _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False, lazy=lazy)
+            _write_memory(d.pid, images, runs, in_parent, stats, tolerant=False, lazy=lazy,
+                          lazy_map=deferred is not None)
             phase("memory copy")
         stats.tracker = ",".join(sorted({t.kind for t in used.values()}))
 

@@ -46,10 +46,14 @@ class Keeper:
     def __init__(self, image_pid: int, pid: int, lazy: list[tuple[int, int]]) -> None:
         self.image_pid = image_pid
         self.pid = pid
-        self.lazy = pagemap.normalize(lazy)
-        self._starts = [s for s, _ in self.lazy]
         self._lock = threading.Lock()
         self.pages_served = 0
+        self.serve(lazy)
+
+    def serve(self, lazy: list[tuple[int, int]]) -> None:
+        """Serve these ranges (a server started before the dump knew them)."""
+        ranges = pagemap.normalize(lazy)
+        self.lazy, self._starts = ranges, [s for s, _ in ranges]
 
     def read(self, pid: int, vaddr: int, nr_pages: int, into=None):
         """The pages (in ``into``, a writable buffer of their size, if given),
@@ -57,8 +61,9 @@ class Keeper:
         page-server's connections call it at once."""
         end = vaddr + nr_pages * PAGE
         # the lazy ranges are merged: the pages are all lazy if one holds them
-        i = bisect.bisect_right(self._starts, vaddr) - 1
-        if pid != self.image_pid or i < 0 or end > self.lazy[i][1]:
+        lazy, starts = self.lazy, self._starts
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if pid != self.image_pid or i < 0 or end > lazy[i][1]:
             raise LookupError(f"pid {pid}: pages {vaddr:#x}-{end:#x} are not lazy pages "
                               f"of pid {self.image_pid}")
         buf = bytearray(end - vaddr) if into is None else into
