@@ -481,3 +481,82 @@ def test_daemon_stopped_while_a_fault_waits_on_a_silent_source(workdir, workload
     reap_pids([w.pid], 10)
     assert not alive(w.pid) and "PASS" not in w.log()
     w.reaped = True
+
+
+def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
+    """A post-copy stop (dump.defer_lazy, as a migration's worker does it)
+    leaves the root's lazy area unscanned and whole in the image; the map
+    computed afterwards, the process still frozen, must be exact: every
+    LOCAL page is in the pre-dump image as it is in the process now, every
+    ZERO page reads as zeros, the pages written since the pre-dump are
+    REMOTE, and together they cover the area.  Then the stop is rolled back:
+    the process runs on as before (its own check says PASS)."""
+    from migrate import errors
+    from migrate.images import ImageDir, pagemap
+    from migrate.kernel import memory as kmem
+    from migrate.lazypages.source import LocalSource
+    from migrate.source import dump as dumpmod
+
+    w = _start("memhog", workdir, workloads, "32")
+    pre = os.path.join(workdir, "1")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
+    assert p.returncode == 0, p.stderr
+    os.kill(w.pid, signal.SIGUSR1)               # memhog rewrites 1% of its pages
+    end = time.monotonic() + 30
+    while "DIRTIED" not in w.log():
+        assert time.monotonic() < end, w.log()
+        time.sleep(0.02)
+    lazy: list = []
+    maps: list = []
+    seen: dict = {}
+
+    def check(stats) -> None:
+        runs = maps[0].compute()
+        seen["runs"] = runs
+        covered = pagemap.normalize((a, a + n * 4096) for a, n, _ in runs)
+        assert covered == pagemap.normalize(lazy), "the map does not cover the lazy area"
+        assert all(a + n * 4096 <= b for (a, n, _), (b, _, _) in zip(runs, runs[1:]))
+        chain = LocalSource(pre)
+        with kmem.ProcMem(w.pid) as mem:
+            for a, n, kind in runs:
+                now = mem.read(a, n * 4096)
+                if kind == dumpmod.MAP_ZERO:
+                    assert now == bytes(n * 4096), f"zero run {a:#x} holds data"
+                elif kind == dumpmod.MAP_LOCAL:
+                    got = b"".join(bytes(memoryview(buf)[off:off + ln])
+                                   for _, buf, off, ln in chain.pieces(w.pid, a, a + n * 4096))
+                    assert got == now, f"local run {a:#x} ({n} pages) changed since the pre-dump"
+        chain.close()
+        # the image flags the whole area lazy and says its map comes later
+        rec = ImageDir.open(os.path.join(workdir, "2")).read_image(f"pagemap-{w.pid}.img")
+        seen["head"] = rec[0]
+        seen["flagged"] = pagemap.ranges_of(rec[1:], pagemap.PE_LAZY)
+        raise RuntimeError("rolled back by the test")
+
+    opts = dumpmod.DumpOptions(pid=w.pid, images_dir=os.path.join(workdir, "2"),
+                               prev_images_dir="../1", track_mem=True, leave_lazy=True,
+                               lazy_out=lazy, defer_lazy=True, lazy_map_out=maps,
+                               before_release=check)
+    with pytest.raises(RuntimeError, match="rolled back by the test"):
+        dumpmod.dump(opts)
+    runs = seen["runs"]
+    remote = sum(n for _, n, k in runs if k == dumpmod.MAP_REMOTE)
+    local = sum(n for _, n, k in runs if k == dumpmod.MAP_LOCAL)
+    dirtied = int(w.log().split("DIRTIED")[1].split()[0])
+    assert dirtied <= remote <= dirtied + 200, (dirtied, remote)   # + stack, heap, ...
+    assert local >= 8000, local
+    assert seen["head"].lazy_map and seen["flagged"] == pagemap.normalize(lazy)
+    w.assert_pass()
+    # A map that says LOCAL where the daemon's chain stores nothing is
+    # refused (never zeros instead); one within it is taken.
+    from migrate.lazypages.source import RemoteSource
+    src = RemoteSource(TLS_HOST, 1, "s", None, local=LocalSource(pre))
+    src.expect_map(w.pid)
+    assert src.split(w.pid, 0x10000, 0x12000) == ([], [(0x10000, 0x12000)])
+    held = src.local.held(w.pid)
+    with pytest.raises(errors.ImageError, match="does not store them"):
+        src.set_local(w.pid, [(held[-1][1], held[-1][1] + 4096)])
+    a = held[0][0]
+    src.set_local(w.pid, [(a, a + 8192)])
+    assert src.split(w.pid, a, a + 12288) == ([(a, a + 8192)], [(a + 8192, a + 12288)])
+    src.local.close()
