@@ -60,6 +60,7 @@ from migrate import errors
 from migrate.kernel import proc as kproc
 from migrate.kernel import syscalls, userfaultfd as U
 from migrate.lazypages.ranges import PAGE, RangeMap
+from migrate.pageserver import protocol as P
 from migrate.pageserver.protocol import MAP_LOCAL, MAP_ZERO
 
 log = logging.getLogger(__name__)
@@ -771,14 +772,28 @@ class LazyPages:
         here, there = self.source.split(p.image_pid, src, end)
         for a, b in here:
             self._place_local(p, a, b, kind)
-        for a, b in there:
-            if kind == "fault":
+        if kind == "fault":
+            for a, b in there:
                 self._send_fault(p, a, b)
-                continue
-            self.stats.pages_remote += (b - a) // PAGE
-            t = asyncio.create_task(self._fetch_remote(p, a, b, kind))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
+            return
+        # prefetch: the scattered runs of a batch in one GET_RUNS
+        group: list[tuple[int, int]] = []
+        pages = 0
+        for a, b in there:
+            n = (b - a) // PAGE
+            if group and (pages + n > P.MAX_GET_PAGES or len(group) >= P.MAX_GET_RUNS):
+                self._fetch_runs(p, group, kind)
+                group, pages = [], 0
+            group.append((a, n))
+            pages += n
+        if group:
+            self._fetch_runs(p, group, kind)
+
+    def _fetch_runs(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
+        self.stats.pages_remote += sum(n for _, n in runs)
+        t = asyncio.create_task(self._fetch_remote(p, runs, kind))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
 
     def _place_local(self, p: Proc, a: int, b: int, kind: str) -> None:
         """Remote mode: image pages [a, b) held by the local chain (pre-copy)."""
@@ -805,14 +820,21 @@ class LazyPages:
             return
         self._gets.append((p, a, b))
 
-    async def _fetch_remote(self, p: Proc, src: int, end: int, kind: str) -> None:
+    async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
         try:
-            data = await self.source.prefetch.get(p.image_pid, src, (end - src) // PAGE)
+            if len(runs) == 1:
+                data = await self.source.prefetch.get(p.image_pid, *runs[0])
+            else:
+                data = await self.source.prefetch.get_runs(p.image_pid, runs)
         except errors.PageSourceError as e:
             self.fail(e)
             return
+        pieces, off = [], 0
+        for a, n in runs:
+            pieces.append((a, data, off, n * PAGE))
+            off += n * PAGE
         with self.mu:
-            self._place(p, [(src, data, 0, end - src)], kind)
+            self._place(p, pieces, kind)
         self._check_finished()
 
     def _place(self, p: Proc, pieces, kind: str) -> None:

@@ -163,7 +163,7 @@ class _Lane:
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
         self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ,
-                                                 P.CAP_GET | P.CAP_MAP)))
+                                                 P.CAP_GET | P.CAP_MAP | P.CAP_RUNS)))
         ev = await self._next()
         if not isinstance(ev, P.Welcome):
             raise self._error(ev, "HELLO")
@@ -242,6 +242,25 @@ class _Lane:
                 raise errors.PageSourceError(self.src.name, str(e)) from None
             self.waiting.append((fut, nr_pages))
             self.writer.write(b"".join(bytes(d) for d in data))
+            return await fut
+
+    async def get_runs(self, pid: int, runs: list[tuple[int, int]]):
+        """The pages of ``runs`` (vaddr, nr_pages), one after the other: one
+        GET_RUNS where the server answers it (CAP_RUNS), else a GET each."""
+        if not self.caps & P.CAP_RUNS:
+            parts = [await self.get(pid, a, n) for a, n in runs]
+            return b"".join(bytes(x) for x in parts)
+        if self.src.failed:
+            raise self.src.failed
+        async with self.slots:
+            self.req = (self.req + 1) & 0xFFFFFFFF
+            fut = asyncio.get_running_loop().create_future()
+            try:
+                data = self.conn.send(P.GetRuns(self.req, pid, tuple(runs)))
+            except P.ProtocolError as e:
+                raise errors.PageSourceError(self.src.name, str(e)) from None
+            self.waiting.append((fut, sum(n for _, n in runs)))
+            self.writer.write(data)
             return await fut
 
     async def get_map(self, pid: int) -> list[tuple[int, int, int]] | None:

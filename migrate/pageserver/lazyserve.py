@@ -52,7 +52,7 @@ class _Lane:
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.out = bytearray()            # the response frame, reused
         self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.GetMap: self.on_GetMap,
-                         P.Error: self.on_Error}
+                         P.GetRuns: self.on_GetRuns, P.Error: self.on_Error}
         self.thread = threading.Thread(target=self.run, name=f"lazy-serve {self.peer}",
                                        daemon=True)
 
@@ -115,23 +115,33 @@ class _Lane:
             self._error(P.Code.NOT_FOUND, f"this source serves read session "
                                           f"{self.srv.session!r} only")
             raise ConnectionError(f"refused session {ev.name!r} mode {ev.mode}")
-        caps = P.CAP_GET | (P.CAP_MAP if self.srv.map_of is not None else 0)
+        caps = P.CAP_GET | P.CAP_RUNS | (P.CAP_MAP if self.srv.map_of is not None else 0)
         self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, caps & (ev.caps | P.CAP_GET))))
         log.info("lazy-pages source: %s: read session %r", self.peer, ev.name)
 
     def on_Get(self, ev: P.Get) -> None:
-        n = ev.nr_pages * PAGE
+        self._answer(ev.req_id, ev.pid, ((ev.vaddr, ev.nr_pages),), ev.nr_pages)
+
+    def on_GetRuns(self, ev: P.GetRuns) -> None:
+        self._answer(ev.req_id, ev.pid, ev.runs, ev.nr_pages)
+
+    def _answer(self, req_id: int, pid: int, runs, nr_pages: int) -> None:
+        """One PAGE_DATA: the runs' pages one after the other."""
+        n = nr_pages * PAGE
         if len(self.out) < RESPONSE_HEAD + n:
             self.out = bytearray(RESPONSE_HEAD + n)
         frame = memoryview(self.out)[:RESPONSE_HEAD + n]
         data = frame[RESPONSE_HEAD:]
+        off = 0
         try:
-            self.srv.read(ev.pid, ev.vaddr, ev.nr_pages, into=data)
+            for vaddr, nr in runs:
+                self.srv.read(pid, vaddr, nr, into=data[off:off + nr * PAGE])
+                off += nr * PAGE
         except (LookupError, errors.MigrateError) as e:
             self._error(P.Code.NOT_FOUND, str(e))
             raise ConnectionError(str(e)) from None
         head, body = self.conn.send_parts(
-            P.PageData(ev.req_id, ev.vaddr, ev.nr_pages, chunk_digest(data), data))
+            P.PageData(req_id, runs[0][0], nr_pages, chunk_digest(data), data))
         assert len(head) == RESPONSE_HEAD and body is data
         frame[:RESPONSE_HEAD] = head
         self.sock.sendall(frame)          # one write: no Nagle/delayed-ACK stall

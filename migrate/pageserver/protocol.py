@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import re
 import struct
 
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
     "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
     "CAP_MAP", "MAP_REMOTE", "MAP_LOCAL", "MAP_ZERO", "MAX_MAP_RUNS", "GetMap", "PageMap",
+    "CAP_RUNS", "MAX_GET_RUNS", "GetRuns",
     "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
     "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
     "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
@@ -66,6 +68,7 @@ CAP_GET = 1
 CAP_ZSTD = 2                             # PAGE_CHUNK may carry FLAG_ZSTD
 CAP_STREAMS = 4                          # JOIN: more TCP streams for one session
 CAP_MAP = 8                              # read sessions: GET_MAP answered (a post-copy source)
+CAP_RUNS = 16                            # read sessions: GET_RUNS answered
 FLAG_LAST = 1                            # FILE_PART: the file is complete
 FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 
@@ -86,6 +89,7 @@ _MAP = struct.Struct("<IIII")
 _MAP_RUN = struct.Struct("<QII")
 MAP_REMOTE, MAP_LOCAL, MAP_ZERO = 1, 2, 3     # PAGE_MAP run kinds
 MAX_MAP_RUNS = (MAX_FRAME - _MAP.size) // _MAP_RUN.size
+MAX_GET_RUNS = 512                       # runs in one GET_RUNS
 
 
 class Code(enum.IntEnum):
@@ -608,24 +612,30 @@ class PageMap:
         if len(self.runs) > MAX_MAP_RUNS:
             raise _Bad(f"{len(self.runs)} runs (at most {MAX_MAP_RUNS})", 8)
         end = 0
-        for i, (vaddr, nr, kind) in enumerate(self.runs):
+        kinds = (MAP_REMOTE, MAP_LOCAL, MAP_ZERO)
+        for vaddr, nr, kind in self.runs:      # (one loop, no calls: maps are long)
+            if vaddr & 0xFFF or vaddr < end or nr <= 0 or nr > 0xFFFFFFFF \
+                    or kind not in kinds:
+                break
+            end = vaddr + nr * PAGE_SIZE
+        else:
+            if end <= 1 << 64:
+                return
+        for i, (vaddr, nr, kind) in enumerate(self.runs):   # say which, and where
             at = _MAP.size + i * _MAP_RUN.size
-            if vaddr % PAGE_SIZE or vaddr < end or not 0 < nr <= 0xFFFFFFFF \
-                    or vaddr + nr * PAGE_SIZE > 1 << 64:
+            if vaddr % PAGE_SIZE or not 0 < nr <= 0xFFFFFFFF \
+                    or vaddr + nr * PAGE_SIZE > 1 << 64 or \
+                    (i and vaddr < self.runs[i - 1][0] + self.runs[i - 1][1] * PAGE_SIZE):
                 raise _Bad(f"run {i} ({vaddr:#x}, {nr} pages): not page aligned, empty, "
                            "wrapping or not after the run before it", at)
-            if kind not in (MAP_REMOTE, MAP_LOCAL, MAP_ZERO):
+            if kind not in kinds:
                 raise _Bad(f"run {i}: kind {kind}", at + 12)
-            end = vaddr + nr * PAGE_SIZE
 
     def encode(self):
-        body = bytearray(_MAP.size + len(self.runs) * _MAP_RUN.size)
-        _MAP.pack_into(body, 0, self.req_id, self.pid, len(self.runs), 0)
-        off = _MAP.size
-        for r in self.runs:
-            _MAP_RUN.pack_into(body, off, *r)
-            off += _MAP_RUN.size
-        return (FLAG_LAST if self.last else 0), [bytes(body)]
+        n = len(self.runs)
+        body = struct.pack(f"<IIII{'QII' * n}", self.req_id, self.pid, n, 0,
+                           *itertools.chain.from_iterable(self.runs))
+        return (FLAG_LAST if self.last else 0), [body]
 
     @classmethod
     def decode(cls, flags, p):
@@ -636,6 +646,65 @@ class PageMap:
             raise _Bad(f"{n} runs do not fill the payload of {len(p)} bytes", 8)
         runs = tuple(_MAP_RUN.iter_unpack(memoryview(p)[_MAP.size:]))
         return cls(req, pid, runs, bool(flags & FLAG_LAST))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GetRuns:
+    """C->S (read sessions, once CAP_RUNS is granted): several runs of pid's
+    pages, (vaddr, nr_pages) in address order, not overlapping, at most
+    MAX_GET_PAGES pages in all.  Answered in order by one PAGE_DATA whose
+    data is the runs' pages one after the other (its vaddr: the first
+    run's): scattered pages for the price of one GET."""
+    req_id: int
+    pid: int
+    runs: tuple
+    TYPE = 18
+    BOUNDS = (_MAP.size + _MAP_RUN.size, _MAP.size + MAX_GET_RUNS * _MAP_RUN.size)
+
+    @property
+    def nr_pages(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    def check(self) -> None:
+        if not 0 <= self.req_id <= 0xFFFFFFFF:
+            raise _Bad(f"req_id {self.req_id}")
+        _check_pid(self.pid)
+        if not 1 <= len(self.runs) <= MAX_GET_RUNS:
+            raise _Bad(f"{len(self.runs)} runs (1..{MAX_GET_RUNS})", 8)
+        end = total = 0
+        for i, (vaddr, nr) in enumerate(self.runs):
+            at = _MAP.size + i * _MAP_RUN.size
+            if vaddr % PAGE_SIZE or vaddr < end or not 0 < nr <= MAX_GET_PAGES \
+                    or vaddr + nr * PAGE_SIZE > 1 << 64:
+                raise _Bad(f"run {i} ({vaddr:#x}, {nr} pages): not page aligned, empty, "
+                           "too long, wrapping or not after the run before it", at)
+            end = vaddr + nr * PAGE_SIZE
+            total += nr
+        if total > MAX_GET_PAGES:
+            raise _Bad(f"{total} pages in all (at most {MAX_GET_PAGES})", 8)
+
+    def encode(self):
+        body = bytearray(_MAP.size + len(self.runs) * _MAP_RUN.size)
+        _MAP.pack_into(body, 0, self.req_id, self.pid, len(self.runs), 0)
+        off = _MAP.size
+        for vaddr, nr in self.runs:
+            _MAP_RUN.pack_into(body, off, vaddr, nr, 0)
+            off += _MAP_RUN.size
+        return 0, [bytes(body)]
+
+    @classmethod
+    def decode(cls, flags, p):
+        req, pid, n, res = _MAP.unpack_from(p)
+        if res:
+            raise _Bad("reserved field is not 0", 12)
+        if len(p) != _MAP.size + n * _MAP_RUN.size:
+            raise _Bad(f"{n} runs do not fill the payload of {len(p)} bytes", 8)
+        runs = []
+        for i, (vaddr, nr, r) in enumerate(_MAP_RUN.iter_unpack(memoryview(p)[_MAP.size:])):
+            if r:
+                raise _Bad(f"run {i}: reserved field is not 0", _MAP.size + i * 16 + 12)
+            runs.append((vaddr, nr))
+        return cls(req, pid, tuple(runs))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -704,7 +773,8 @@ class ConnectionClosed:
 
 
 EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
-          ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join, GetMap, PageMap)
+          ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join, GetMap, PageMap,
+          GetRuns)
 _BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
 _EVENT_TYPES = frozenset(EVENTS)
 
@@ -729,6 +799,7 @@ TRANSITIONS: dict = {
     (_ST.READ, C, Get): _ST.READ,
     (_ST.READ, S, PageData): _ST.READ,
     (_ST.READ, C, GetMap): _ST.READ,
+    (_ST.READ, C, GetRuns): _ST.READ,
     (_ST.READ, S, PageMap): _ST.READ,
     **{(st, who, Error): _ST.CLOSED for st in State if st is not _ST.CLOSED
        for who in (C, S)},
@@ -979,6 +1050,8 @@ class Connection:
             raise self._remote("PageChunk: compressed, but CAP_ZSTD was not granted", at + 1)
         if cls is GetMap and not self.caps & CAP_MAP:
             raise self._remote("GetMap: CAP_MAP was not granted", at)
+        if cls is GetRuns and not self.caps & CAP_RUNS:
+            raise self._remote("GetRuns: CAP_RUNS was not granted", at)
         if res:
             raise self._remote(f"{cls.__name__}: reserved header field {res:#x} is not 0",
                                at + 2)
@@ -1010,6 +1083,8 @@ class Connection:
                 raise _Bad("compressed, but CAP_ZSTD was not granted")
             if isinstance(ev, GetMap) and not self.caps & CAP_MAP:
                 raise _Bad("CAP_MAP was not granted")
+            if isinstance(ev, GetRuns) and not self.caps & CAP_RUNS:
+                raise _Bad("CAP_RUNS was not granted")
             self._transition(self.our_role, ev)
         except _Bad as e:
             raise LocalProtocolError(f"{type(ev).__name__}: {e.why}") from None
@@ -1033,16 +1108,20 @@ class Connection:
         if nxt is None:
             raise _Bad(f"{cls.__name__} from the {sender.value} not allowed in state "
                        f"{self.state.value}")
-        if cls is Get or cls is GetMap:
+        if cls is Get or cls is GetMap or cls is GetRuns:
             if len(self._gets) >= MAX_OUTSTANDING_GETS:
                 raise _Bad(f"more than {MAX_OUTSTANDING_GETS} GETs outstanding")
-            self._gets.append((ev.req_id, cls))
+            self._gets.append((ev.req_id, Get if cls is GetRuns else cls,
+                               ev.nr_pages if cls is not GetMap else 0))
         elif cls is PageData or cls is PageMap:
             asked = Get if cls is PageData else GetMap
-            if not self._gets or self._gets[0] != (ev.req_id, asked):
+            if not self._gets or self._gets[0][:2] != (ev.req_id, asked):
                 want = (f"{self._gets[0][1].__name__} {self._gets[0][0]}" if self._gets
                         else "none")
                 raise _Bad(f"{cls.__name__} for req_id {ev.req_id}, outstanding: {want}")
+            if cls is PageData and ev.nr_pages != self._gets[0][2]:
+                raise _Bad(f"PageData of {ev.nr_pages} pages for req_id {ev.req_id}, which "
+                           f"asked for {self._gets[0][2]}")
             if cls is PageData or ev.last:
                 self._gets.popleft()
         elif cls is Hello:

@@ -214,22 +214,106 @@ class LazyMap:
 
     def compute(self) -> list[tuple[int, int, int]]:
         """(vaddr, nr_pages, kind) runs covering ``area`` in address order,
-        kind MAP_REMOTE / MAP_LOCAL / MAP_ZERO (pageserver.protocol)."""
+        kind MAP_REMOTE / MAP_LOCAL / MAP_ZERO (pageserver.protocol).
+
+        What ``_plan_memory`` decides at a stop, in one pass over one
+        PAGEMAP_SCAN per VMA (no re-protection: the tree dies after): a page
+        with no data (not present nor swapped, or the shared zero page) is
+        ZERO; one written since the parent image (or in a VMA not tracked
+        before, or tracked but unscannable), or that the parent chain does
+        not hold, is REMOTE; the rest LOCAL."""
         t0 = time.perf_counter()
-        runs, local = _plan_memory(self.pid, self.smaps, self.entries,
-                                   self.parent if self.tracker else None, self.tracker,
-                                   DumpStats(), untracked=self.untracked)
-        remote = pm.intersect(pm.normalize((r.addr, r.addr + r.nr_pages * memory.PAGE)
-                                           for r in runs), self.area)
-        local = pm.intersect(local, self.area)
-        zero = pm.subtract(self.area, pm.union(remote, local))
-        out = sorted([(s, (e - s) // memory.PAGE, MAP_REMOTE) for s, e in remote] +
-                     [(s, (e - s) // memory.PAGE, MAP_LOCAL) for s, e in local] +
-                     [(s, (e - s) // memory.PAGE, MAP_ZERO) for s, e in zero])
+        present = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
+        cover = self.parent.cover if self.parent is not None and self.tracker is not None \
+            and not self.tracker.fresh else []
+        tracked = {v.start for v in self.smaps if not v.is_special
+                   and trackers.trackable(v) and v.start not in self.untracked} \
+            if self.tracker is not None else set()
+        uffd = self.tracker is not None and self.tracker.kind == "uffd"
+        out: list[list[int]] = []          # [vaddr, end, kind], merged as they come
+
+        def put(a: int, b: int, kind: int) -> None:
+            if out and out[-1][1] == a and out[-1][2] == kind:
+                out[-1][1] = b
+            else:
+                out.append([a, b, kind])
+
+        ci = 0
+        with kmem.PagemapScanner(self.pid) as sc:
+            for e in self.entries:
+                lo, hi = e.start, e.end
+                mine = e.start in tracked
+                written_known = mine and uffd
+                try:
+                    regions = sc.scan(lo, hi, anyof=present,
+                                      return_mask=present | kmem.PAGE_IS_PFNZERO |
+                                      kmem.PAGE_IS_WRITTEN,
+                                      flags=kmem.PM_SCAN_CHECK_WPASYNC if written_known else 0)
+                except errors.KernelError as err:
+                    log.info("pid %d: vma %#x-%#x: lazy map scan failed (%s): all remote",
+                             self.pid, lo, hi, err)
+                    put(lo, hi, MAP_REMOTE)
+                    continue
+                if not written_known and mine:
+                    written = self._written(sc, e)      # soft-dirty
+                else:
+                    written = None
+                pos = lo
+                for r in regions:
+                    if r.start > pos:
+                        put(pos, r.start, MAP_ZERO)
+                    a, b = r.start, r.end
+                    if r.categories & kmem.PAGE_IS_PFNZERO:
+                        put(a, b, MAP_ZERO)
+                    elif not mine or (written_known and r.categories & kmem.PAGE_IS_WRITTEN):
+                        put(a, b, MAP_REMOTE)
+                    else:
+                        # LOCAL where the chain holds it (and, soft-dirty, clean)
+                        clean = [(a, b)] if written is None else pm.subtract([(a, b)],
+                                                                               written)
+                        while ci < len(cover) and cover[ci][1] <= a:
+                            ci += 1
+                        j = ci
+                        held = []
+                        while j < len(cover) and cover[j][0] < b:
+                            held.append((max(a, cover[j][0]), min(b, cover[j][1])))
+                            j += 1
+                        keep = held if written is None else pm.intersect(clean, held)
+                        x = a
+                        for s, t in keep:
+                            if s > x:
+                                put(x, s, MAP_REMOTE)
+                            put(s, t, MAP_LOCAL)
+                            x = t
+                        if x < b:
+                            put(x, b, MAP_REMOTE)
+                    pos = b
+                if pos < hi:
+                    put(pos, hi, MAP_ZERO)
+        # the area: the lazy VMAs but the eager pages (two sorted lists)
+        runs = []
+        area, i = self.area, 0
+        for a, b, k in out:
+            while i < len(area) and area[i][1] <= a:
+                i += 1
+            j = i
+            while j < len(area) and area[j][0] < b:
+                s, t = max(a, area[j][0]), min(b, area[j][1])
+                runs.append((s, (t - s) // memory.PAGE, k))
+                j += 1
+        n = {MAP_REMOTE: 0, MAP_LOCAL: 0, MAP_ZERO: 0}
+        for _, c, k in runs:
+            n[k] += c
         log.info("pid %d: lazy map: %d pages remote, %d local, %d zero (%d runs) in %.1f ms",
-                 self.pid, pm.pages(remote), pm.pages(local), pm.pages(zero), len(out),
+                 self.pid, n[MAP_REMOTE], n[MAP_LOCAL], n[MAP_ZERO], len(runs),
                  (time.perf_counter() - t0) * 1e3)
-        return out
+        return runs
+
+    def _written(self, sc, e) -> list[tuple[int, int]]:
+        """Soft-dirty: the VMA's pages written since the last round."""
+        v = next(v for v in self.smaps if v.start == e.start)
+        w = self.tracker.written(sc, v)
+        return [(e.start, e.end)] if w is None else pm.normalize(w)
 
 
 MAP_REMOTE, MAP_LOCAL, MAP_ZERO = 1, 2, 3       # = pageserver.protocol's run kinds

@@ -123,6 +123,26 @@ def test_page_map_answers_get_map_in_order_over_frames():
     assert isinstance(c.next_event(), P.PageData)
 
 
+def test_get_runs_answered_by_one_page_data_of_all_its_pages():
+    c, s = opened(P.MODE_READ, P.CAP_GET | P.CAP_RUNS)
+    runs = ((0x1000, 2), (0x5000, 1), (0x9000, 3))
+    s.receive_data(c.send(P.GetRuns(4, 7, runs)))
+    ev = s.next_event()
+    assert ev.runs == runs and ev.nr_pages == 6
+    with pytest.raises(P.LocalProtocolError, match="asked for 6"):
+        s.send(P.PageData(4, 0x1000, 2, b"d" * 16, bytes(2 * P.PAGE_SIZE)))
+    c.receive_data(s.send(P.PageData(4, 0x1000, 6, b"d" * 16, bytes(6 * P.PAGE_SIZE))))
+    assert c.next_event().nr_pages == 6
+    for bad, why in ((((0x2000, 1), (0x1000, 1)), "after"),
+                     (((0x1000, P.MAX_GET_PAGES), (0x100000000, 1)), "pages in all"),
+                     ((), "0 runs")):
+        with pytest.raises(P.LocalProtocolError, match=why):
+            c.send(P.GetRuns(5, 7, bad))
+    c2, s2 = opened(P.MODE_READ)
+    with pytest.raises(P.LocalProtocolError, match="CAP_RUNS"):
+        c2.send(P.GetRuns(1, 7, runs))
+
+
 def test_get_map_needs_cap_map_and_a_sane_map():
     c, s = opened(P.MODE_READ)
     with pytest.raises(P.LocalProtocolError, match="CAP_MAP"):
