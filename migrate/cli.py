@@ -418,7 +418,8 @@ def _lazy_server(args, ctx):
     def serve(keeper) -> None:
         from migrate.pageserver import lazyserve
         session = os.path.basename(os.path.normpath(os.path.abspath(args.images_dir)))
-        if lazyserve.serve(keeper.read, session, args.address, args.port, ctx):
+        if lazyserve.serve(keeper.read, session, args.address, args.port, ctx,
+                           read_runs=keeper.read_runs):
             raise errors.MigrateError(f"pid {keeper.image_pid}: stopped before the "
                                       "destination took every lazy page")
     return serve

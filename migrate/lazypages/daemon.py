@@ -71,7 +71,7 @@ FAULT_PAGES = 1              # pages copied per fault (the rest is prefetch's jo
 LOCAL_BATCH = 256            # pages per UFFDIO_COPY when prefetching locally (1 MiB):
                              # the loop answers faults between two batches
 REMOTE_BATCH = 512           # pages per prefetch GET (2 MiB)
-REMOTE_DEPTH = 4             # prefetch GETs in flight
+REMOTE_DEPTH = 8             # prefetch GETs in flight
 RETRY_S = 0.0005
 WATCH_S = 0.5
 FAULT_DEPTH = 32             # fault GETs sent at once (threads faulting together)
@@ -179,6 +179,7 @@ class LazyPages:
         self._unsent: list[tuple[Proc, int, int]] = []  # and waiting for room
         self._poked = False
         self._maps: dict[int, list | None] = {}   # image pid -> zero ranges (None: asked)
+        self._buffers: list[bytearray] = []       # prefetch windows, reused (fresh memory is slow)
         self._wakefd = -1
         self._loop_tid = 0
         self.fault_thread: threading.Thread | None = None
@@ -500,6 +501,14 @@ class LazyPages:
                             log.info("lazy-pages: %r exited with %d pages still missing", p,
                                      p.missing.pages + p.inflight.pages)
                         self._drop(p, None)
+                if log.isEnabledFor(logging.DEBUG):
+                    st = self.stats
+                    log.debug("lazy-pages: %d pages missing, %d in flight; %d by fault, %d by "
+                              "prefetch (%d local, %d remote), %d faults blocked %.0f ms",
+                              sum(p.missing.pages for p in self.procs if p.alive),
+                              sum(p.inflight.pages for p in self.procs if p.alive),
+                              st.pages_fault, st.pages_prefetch, st.pages_local,
+                              st.pages_remote, st.faults, st.blocktime_total_us / 1e3)
             self._check_finished()
 
     def _add(self, p: Proc) -> None:
@@ -770,6 +779,15 @@ class LazyPages:
             self._place(p, pieces, kind)
             return
         here, there = self.source.split(p.image_pid, src, end)
+        if kind != "fault" and here and there:
+            # prefetch of scattered pages between local ones: one GET_RUNS,
+            # the window assembled in a buffer, one UFFDIO_COPY
+            self.stats.pages_local += sum(b - a for a, b in here) // PAGE
+            self.stats.pages_remote += sum(b - a for a, b in there) // PAGE
+            t = asyncio.create_task(self._fetch_window(p, src, end, here, there, kind))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+            return
         for a, b in here:
             self._place_local(p, a, b, kind)
         if kind == "fault":
@@ -819,6 +837,44 @@ class LazyPages:
             self.fail(e)
             return
         self._gets.append((p, a, b))
+
+    async def _fetch_window(self, p: Proc, src: int, end: int, here: list, there: list,
+                            kind: str) -> None:
+        """Image pages [src, end): ``there`` by GET_RUNS, ``here`` from the
+        local chain, put together and copied in at once (a few dozen
+        scattered runs a window cost a few dozen ioctls and bookkeeping
+        each, and the map leaves thousands of windows like that)."""
+        runs = [(a, (b - a) // PAGE) for a, b in there]
+        try:
+            if len(runs) == 1:
+                data = await self.source.prefetch.get(p.image_pid, *runs[0])
+            else:
+                data = await self.source.prefetch.get_runs(p.image_pid, runs)
+        except errors.PageSourceError as e:
+            self.fail(e)
+            return
+        size = end - src
+        buf = self._buffers.pop() if self._buffers else bytearray(REMOTE_BATCH * PAGE)
+        try:
+            with memoryview(buf) as mv, memoryview(data) as dv:
+                off = 0
+                for a, n in runs:
+                    mv[a - src:a - src + n * PAGE] = dv[off:off + n * PAGE]
+                    off += n * PAGE
+                try:
+                    for a, b in here:
+                        for s, m, o, ln in self.source.local.pieces(p.image_pid, a, b):
+                            with memoryview(m) as lv:
+                                mv[s - src:s - src + ln] = lv[o:o + ln]
+                except errors.MigrateError as e:
+                    self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+                    return
+            with self.mu:
+                self._place(p, [(src, buf, 0, size)], kind)
+        finally:
+            if len(self._buffers) < REMOTE_DEPTH + 2 and len(buf) == REMOTE_BATCH * PAGE:
+                self._buffers.append(buf)
+        self._check_finished()
 
     async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
         try:
@@ -883,10 +939,13 @@ class LazyPages:
         """EAGAIN: keep [a, b) in flight (an event may move or drop it) and
         copy it once the pending events are read (by the fault thread)."""
         p.inflight.add(a, b, src)
+        # our own copy: the buffer may be reused (prefetch windows) meanwhile
+        with memoryview(buf) as v:
+            data = bytes(v[off:off + (b - a)])
 
         def retry() -> None:
             if p.alive:
-                self._place(p, [(src, buf, off, b - a)], kind)
+                self._place(p, [(src, data, 0, b - a)], kind)
         self._later_call(retry)
 
     def _woken(self, p: Proc, a: int, b: int) -> None:

@@ -215,7 +215,7 @@ class _LazySource:
             t = post["tls"]
             ctx = tls.server_context(t["cacert"], t["cert"], t["key"], t.get("cacrl"))
         server = lazyserve.LazyServer(self.keeper.read, post["session"], post["address"], 0,
-                                      ctx, map_of=self.map_of)
+                                      ctx, map_of=self.map_of, read_runs=self.keeper.read_runs)
         server.rc, server.error = None, None
         self.server = server
         listening = threading.Event()

@@ -132,11 +132,14 @@ class _Lane:
             self.out = bytearray(RESPONSE_HEAD + n)
         frame = memoryview(self.out)[:RESPONSE_HEAD + n]
         data = frame[RESPONSE_HEAD:]
-        off = 0
         try:
-            for vaddr, nr in runs:
-                self.srv.read(pid, vaddr, nr, into=data[off:off + nr * PAGE])
-                off += nr * PAGE
+            if len(runs) == 1 or self.srv.read_runs is None:
+                off = 0
+                for vaddr, nr in runs:
+                    self.srv.read(pid, vaddr, nr, into=data[off:off + nr * PAGE])
+                    off += nr * PAGE
+            else:
+                self.srv.read_runs(pid, runs, data)
         except (LookupError, errors.MigrateError) as e:
             self._error(P.Code.NOT_FOUND, str(e))
             raise ConnectionError(str(e)) from None
@@ -173,12 +176,14 @@ class _Lane:
 class LazyServer:
     """``read(pid, vaddr, nr_pages, into=view)`` fills ``view`` with the
     pages (LookupError if they are not served here); it is called from the
-    connections' threads at once.  ``map_of(pid)``, if given, answers
-    GET_MAP (CAP_MAP): (vaddr, nr_pages, kind) runs, or LookupError."""
+    connections' threads at once.  ``read_runs(pid, runs, into)``, if
+    given, reads the runs of a GET_RUNS at once.  ``map_of(pid)``, if given,
+    answers GET_MAP (CAP_MAP): (vaddr, nr_pages, kind) runs, or LookupError."""
 
     def __init__(self, read, session: str, address: str, port: int, ssl_context,
-                 lanes: int = 2, map_of=None) -> None:
+                 lanes: int = 2, map_of=None, read_runs=None) -> None:
         self.read, self.session = read, session
+        self.read_runs = read_runs
         self.map_of = map_of
         self.address, self.port, self.ssl = address, port, ssl_context
         self.lanes = lanes
@@ -287,6 +292,7 @@ class LazyServer:
         return 0
 
 
-def serve(read, session: str, address: str, port: int, ssl_context) -> int:
+def serve(read, session: str, address: str, port: int, ssl_context, read_runs=None) -> int:
     """Serve ``read(pid, vaddr, nr_pages, into)`` until the daemon is done."""
-    return asyncio.run(LazyServer(read, session, address, port, ssl_context).run())
+    return asyncio.run(LazyServer(read, session, address, port, ssl_context,
+                                  read_runs=read_runs).run())

@@ -72,6 +72,24 @@ class Keeper:
             self.pages_served += nr_pages
         return buf
 
+    def read_runs(self, pid: int, runs, into) -> None:
+        """The pages of ``runs`` ((vaddr, nr_pages), in address order) one
+        after the other in ``into``, by one process_vm_readv (GET_RUNS), or
+        LookupError / KernelError as ``read``."""
+        lazy, starts = self.lazy, self._starts
+        ranges, off = [], 0
+        for vaddr, nr in runs:
+            end = vaddr + nr * PAGE
+            i = bisect.bisect_right(starts, vaddr) - 1
+            if pid != self.image_pid or i < 0 or end > lazy[i][1]:
+                raise LookupError(f"pid {pid}: pages {vaddr:#x}-{end:#x} are not lazy pages "
+                                  f"of pid {self.image_pid}")
+            ranges.append((vaddr, nr * PAGE, off))
+            off += nr * PAGE
+        kmem.vm_read(self.pid, into, ranges)
+        with self._lock:
+            self.pages_served += off // PAGE
+
     def release(self) -> None:
         try:
             os.kill(self.pid, signal.SIGKILL)
