@@ -148,6 +148,8 @@ MIGRATION_PROPS = {
     "phases": {"type": "array", "items": PHASE},
     "precopy_bytes": _INT,
     "downtime_bytes": {"type": ["integer", "null"], "description": "sent while frozen"},
+    "postcopy_bytes": {"type": ["integer", "null"],
+                       "description": "source: sent after the resume (post-copy)"},
     "postcopy_faults": {"type": ["integer", "null"],
                         "description": "pages the lazy-pages daemon served on a fault"},
     "postcopy_prefetched": {"type": ["integer", "null"],

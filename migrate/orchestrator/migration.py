@@ -212,6 +212,7 @@ class Migration:
             "dirty_pages_rate": None if self.dirty_rate is None else self.dirty_rate / PAGE,
             "precopy_bytes": sum(r.bytes for r in self.rounds),
             "downtime_bytes": self.stop_stats.get("bytes"),
+            "postcopy_bytes": self.stop_stats.get("post_copy_bytes"),
             "postcopy_faults": (self.fill or {}).get("pages_fault"),
             "postcopy_prefetched": (self.fill or {}).get("pages_prefetch"),
             "postcopy_blocktime": None if not (self.fill or {}).get("blocktime_total_us")
@@ -478,7 +479,9 @@ class Coordinator:
             m.set_phase("post-copy")
             ev = await self.worker.recv()
             m.stop_stats["post_copy_seconds"] = ev.get("seconds")
-            m.event("served", **{k: ev.get(k) for k in ("seconds", "rc", "error")})
+            m.stop_stats["post_copy_bytes"] = ev.get("bytes") or 0
+            m.bytes_transferred += ev.get("bytes") or 0      # QEMU counts these too
+            m.event("served", **{k: ev.get(k) for k in ("seconds", "rc", "error", "bytes")})
             if ev.get("rc") != 0:
                 log.error("migration %s: post-copy: the destination left before it had "
                           "every page (%s)", m.id, ev.get("error") or f"rc {ev.get('rc')}")

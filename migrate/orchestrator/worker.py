@@ -160,7 +160,8 @@ def dump(job: dict) -> dict:
                 source.server.thread.join()
                 _out({"event": "served", "seconds": time.monotonic() - t,
                       "rc": source.server.rc, "error": source.server.error,
-                      "map_seconds": source.map_seconds})
+                      "map_seconds": source.map_seconds,
+                      "bytes": source.keeper.pages_served * 4096})
             return
         if source is not None:
             source.stop(answer.get("reason") or "rollback")
