@@ -16,7 +16,9 @@ Then, before any other remote syscall:
    registration would split the VMA);
 4. the uffd goes to the lazy-pages daemon (``migrate lazy-pages``) over its
    unix socket with SCM_RIGHTS, with the ranges whose pages it must supply;
-   the daemon answers ``OK`` once it serves them.
+   the daemon answers ``OK`` once it serves them.  The restore reads that
+   answer once every process is built, before it releases any (it goes on
+   meanwhile: a page its remote syscalls touch waits for the daemon).
 
 From then on a touch of a missing page, by the process or by the kernel on
 its behalf (the rest of the restore included), blocks until the daemon
@@ -141,9 +143,11 @@ def fill_eager(pid: int, vmas: list, parts: list[tuple[int, int, int]], reader) 
 
 
 def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str,
-              last: bool = True) -> None:
+              last: bool = True, wait: bool = True) -> "HandOver":
     """Steps 1-4 of the module doc.  RestoreError if the daemon is not there
-    or refuses (the caller kills the half-built process)."""
+    or refuses (the caller kills the half-built process).  ``wait=False``:
+    the daemon's answer is read by ``HandOver.wait()`` later (the restore
+    goes on meanwhile; it must wait before it releases the process)."""
     pid = ctl.pid
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     r = ctl.call(sysno.userfaultfd, flags, what="userfaultfd")
@@ -160,34 +164,54 @@ def hand_over(ctl: TaskCtl, image_pid: int, lp: LazyPlan, sock_path: str,
             userfaultfd.register(uffd, s, e - s, userfaultfd.UFFDIO_REGISTER_MODE_MISSING)
         msg = json.dumps({"pid": pid, "image_pid": image_pid, "vmas": lp.vmas,
                           "lazy": lp.lazy, "last": last, "map": lp.lazy_map}).encode()
-        _send(sock_path, msg, uffd, pid)
+        h = HandOver(sock_path, msg, uffd, pid)
     finally:
         os.close(uffd)
+    if wait:
+        try:
+            h.wait()
+        finally:
+            h.close()
     log.info("pid %d: %d lazy VMAs registered, %d pages handed to the lazy-pages daemon "
              "(%d eager ranges)", pid, len(lp.vmas), pagemap.pages(lp.lazy), len(lp.eager))
+    return h
 
 
-def _send(sock_path: str, msg: bytes, uffd: int, pid: int) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        s.settimeout(HANDOVER_TIMEOUT_S)
+class HandOver:
+    """One process's uffd sent to the daemon (SCM_RIGHTS) with its ranges;
+    ``wait()`` reads the answer (RestoreError unless ``OK``)."""
+
+    def __init__(self, sock_path: str, msg: bytes, uffd: int, pid: int) -> None:
+        self.sock_path, self.pid = sock_path, pid
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            s.connect(sock_path)
-            socket.send_fds(s, [HEADER.pack(len(msg))], [uffd])
-            s.sendall(msg)
-            answer = b""
+            self.s.settimeout(HANDOVER_TIMEOUT_S)
+            self.s.connect(sock_path)
+            socket.send_fds(self.s, [HEADER.pack(len(msg))], [uffd])
+            self.s.sendall(msg)
+        except OSError as e:
+            self.s.close()
+            raise self._unreachable(e) from None
+
+    def _unreachable(self, e: OSError) -> errors.RestoreError:
+        return errors.RestoreError(
+            f"pid {self.pid}: cannot hand the userfaultfd to the lazy-pages daemon at "
+            f"{self.sock_path}: {e.strerror or e} (is `migrate lazy-pages` running?)")
+
+    def wait(self) -> None:
+        answer = b""
+        try:
             while not answer.endswith(b"\n"):
-                chunk = s.recv(1024)
+                chunk = self.s.recv(1024)
                 if not chunk:
                     break
                 answer += chunk
         except OSError as e:
-            raise errors.RestoreError(
-                f"pid {pid}: cannot hand the userfaultfd to the lazy-pages daemon at "
-                f"{sock_path}: {e.strerror or e} (is `migrate lazy-pages` running?)") from None
+            raise self._unreachable(e) from None
         text = answer.decode("utf-8", "replace").strip()
         if text != "OK":
-            raise errors.RestoreError(f"pid {pid}: the lazy-pages daemon refused: "
+            raise errors.RestoreError(f"pid {self.pid}: the lazy-pages daemon refused: "
                                       f"{text or 'no answer'}")
-    finally:
-        s.close()
+
+    def close(self) -> None:
+        self.s.close()

@@ -693,8 +693,19 @@ def _build_all(img: Image, opts: RestoreOptions, ctl_fds: tuple[int, int], share
     # saying so, so they are built one after the other.
     n = 1 if opts.lazy_pages else min(WORKERS, len(img.procs))
     if n <= 1:
-        rels = [_take_over(img, p, opts, ctl_fds, shared, stats, created, cow)
-                for p in img.procs]
+        rels: list[_Release] = []
+        try:
+            for p in img.procs:
+                rels.append(_take_over(img, p, opts, ctl_fds, shared, stats, created, cow))
+            # the lazy-pages daemon's answers, read once everything is built
+            # (it takes each hand-over while the restore goes on)
+            for rel in rels:
+                if rel.handover is not None:
+                    rel.handover.wait()
+        finally:
+            for rel in rels:
+                if rel.handover is not None:
+                    rel.handover.close()
         all_built()
         phase = Phases(img.pid)
         for rel in reversed(rels):          # the leaves first
@@ -765,6 +776,7 @@ class _Release:
     thread: object
     others: list
     stopped: bool
+    handover: object = None          # lazy.HandOver: the daemon's answer, awaited
 
     def release(self, opts: RestoreOptions) -> None:
         for t, _ in self.others:
@@ -855,8 +867,9 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     memory.map_vmas(ctl, mm.vmas, shared, cow.moves(pid))
     phase("map VMAs", f"{len(mm.vmas)} VMAs")
     done = cow.valid(pid)
+    handover = None
     if opts.lazy_pages:
-        _fill_lazy(ctl, p, opts, pages, stats, last=p is img.procs[-1])
+        handover = _fill_lazy(ctl, p, opts, pages, stats, last=p is img.procs[-1])
     else:
         # The deepest parent first: each image overwrites what its parents
         # wrote.  Pages already in the premap areas (COW) are right.
@@ -930,14 +943,14 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
     rt.call(sysno.munmap, g, GADGET_PAGES * PAGE)
     phase("creds and swap")
     stats.remote_syscalls += rt.calls + sum(tctl.remote.calls for _, tctl in others)
-    return _Release(pid, thread, others, core.stopped)
+    return _Release(pid, thread, others, core.stopped, handover)
 
 
 def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
-               stats: RestoreStats, last: bool) -> None:
+               stats: RestoreStats, last: bool) -> "lazy.HandOver":
     """--lazy-pages: write all but the lazy pages, then hand the process's
     userfaultfd to the lazy-pages daemon before any other remote syscall
-    (dest/lazy.py)."""
+    (dest/lazy.py); its answer is read later (``HandOver.wait``)."""
     phase = Phases(p.pid)
     lp = lazy.plan(p)
     eager = pagemap.subtract(p.stored, lp.lazy)
@@ -947,8 +960,9 @@ def _fill_lazy(ctl: TaskCtl, p: ProcImage, opts: RestoreOptions, pages,
     phase("eager pages")
     memory.protect_vmas(ctl, p.mm.vmas)
     sock = opts.lazy_socket or os.path.join(opts.images_dir, lazy.SOCKET_NAME)
-    lazy.hand_over(ctl, p.pid, lp, sock, last)
+    h = lazy.hand_over(ctl, p.pid, lp, sock, last, wait=False)
     phase("lazy hand-over")
+    return h
 
 
 CLONE_THREAD_FLAGS = (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)
