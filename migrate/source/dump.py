@@ -17,6 +17,7 @@ and the tracker says it was not written: anything else is copied.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import os
@@ -165,10 +166,11 @@ def _get_tracker(opts: DumpOptions, pid: int, start_time: int, frozen_ctl: TaskC
 
 
 def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tracker,
-                 stats: DumpStats, untracked: set[int] | None = None, tolerant: bool = False
-                 ) -> tuple[list, list[tuple[int, int]]]:
+                 stats: DumpStats, untracked: set[int] | None = None, tolerant: bool = False,
+                 written: list[tuple[int, int]] = ()) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
-    VMAs registered this round (None: register now; the task is frozen)."""
+    VMAs registered this round (None: register now; the task is frozen).
+    ``written``: pages known written since the last round (``_prescan``)."""
     shared = memory.shared_starts(smaps)        # read without unsharing them
     if tracker is None:
         return memory.scan_pages(pid, entries, tolerant, shared=shared).runs, []
@@ -182,7 +184,7 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     if tracker.kind == "uffd":
         # Data pages and written pages in one walk, which also re-protects.
         scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable}, shared)
-        dirty += scan.written + scan.failed
+        dirty += scan.written + scan.failed + list(written)
     else:
         scan = memory.scan_pages(pid, entries, tolerant, shared=shared)
         with kmem.PagemapScanner(pid) as sc:
@@ -203,14 +205,18 @@ class LazyMap:
     it (whole, unscanned), and how to say later which of its pages are
     REMOTE (written since the parent image, or not in it), LOCAL (as the
     parent chain holds them) or ZERO: the scan ``_plan_memory`` does at a
-    stop, done after the stop (the tree frozen until every page is taken)."""
+    stop, done after the stop (the tree frozen until every page is taken).
+    With a ``PreMap`` made just before the freeze, only what changed since
+    is scanned for (a few regions, not tens of thousands)."""
 
     def __init__(self, pid: int, area: list[tuple[int, int]], smaps: list, entries: list,
-                 parent: Parent | None, tracker, untracked: set[int]) -> None:
+                 parent: Parent | None, tracker, untracked: set[int],
+                 pre: "PreMap | None" = None) -> None:
         self.pid = pid
         self.area = area
         self.smaps, self.entries = smaps, entries
         self.parent, self.tracker, self.untracked = parent, tracker, untracked
+        self.pre = pre
 
     def compute(self) -> list[tuple[int, int, int]]:
         """(vaddr, nr_pages, kind) runs covering ``area`` in address order,
@@ -223,103 +229,218 @@ class LazyMap:
         before, or tracked but unscannable), or that the parent chain does
         not hold, is REMOTE; the rest LOCAL."""
         t0 = time.perf_counter()
-        present = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
         cover = self.parent.cover if self.parent is not None and self.tracker is not None \
             and not self.tracker.fresh else []
         tracked = {v.start for v in self.smaps if not v.is_special
                    and trackers.trackable(v) and v.start not in self.untracked} \
             if self.tracker is not None else set()
         uffd = self.tracker is not None and self.tracker.kind == "uffd"
-        out: list[list[int]] = []          # [vaddr, end, kind], merged as they come
-
-        def put(a: int, b: int, kind: int) -> None:
-            if out and out[-1][1] == a and out[-1][2] == kind:
-                out[-1][1] = b
-            else:
-                out.append([a, b, kind])
-
-        ci = 0
-        with kmem.PagemapScanner(self.pid) as sc:
-            for e in self.entries:
-                lo, hi = e.start, e.end
-                mine = e.start in tracked
-                written_known = mine and uffd
-                try:
-                    regions = sc.scan(lo, hi, anyof=present,
-                                      return_mask=present | kmem.PAGE_IS_PFNZERO |
-                                      kmem.PAGE_IS_WRITTEN,
-                                      flags=kmem.PM_SCAN_CHECK_WPASYNC if written_known else 0)
-                except errors.KernelError as err:
-                    log.info("pid %d: vma %#x-%#x: lazy map scan failed (%s): all remote",
-                             self.pid, lo, hi, err)
-                    put(lo, hi, MAP_REMOTE)
-                    continue
-                if not written_known and mine:
-                    written = self._written(sc, e)      # soft-dirty
-                else:
-                    written = None
-                pos = lo
-                for r in regions:
-                    if r.start > pos:
-                        put(pos, r.start, MAP_ZERO)
-                    a, b = r.start, r.end
-                    if r.categories & kmem.PAGE_IS_PFNZERO:
-                        put(a, b, MAP_ZERO)
-                    elif not mine or (written_known and r.categories & kmem.PAGE_IS_WRITTEN):
-                        put(a, b, MAP_REMOTE)
-                    else:
-                        # LOCAL where the chain holds it (and, soft-dirty, clean)
-                        clean = [(a, b)] if written is None else pm.subtract([(a, b)],
-                                                                               written)
-                        while ci < len(cover) and cover[ci][1] <= a:
-                            ci += 1
-                        j = ci
-                        held = []
-                        while j < len(cover) and cover[j][0] < b:
-                            held.append((max(a, cover[j][0]), min(b, cover[j][1])))
-                            j += 1
-                        keep = held if written is None else pm.intersect(clean, held)
-                        x = a
-                        for s, t in keep:
-                            if s > x:
-                                put(x, s, MAP_REMOTE)
-                            put(s, t, MAP_LOCAL)
-                            x = t
-                        if x < b:
-                            put(x, b, MAP_REMOTE)
-                    pos = b
-                if pos < hi:
-                    put(pos, hi, MAP_ZERO)
-        # the area: the lazy VMAs but the eager pages (two sorted lists)
-        runs = []
-        area, i = self.area, 0
-        for a, b, k in out:
-            while i < len(area) and area[i][1] <= a:
-                i += 1
-            j = i
-            while j < len(area) and area[j][0] < b:
-                s, t = max(a, area[j][0]), min(b, area[j][1])
-                runs.append((s, (t - s) // memory.PAGE, k))
-                j += 1
+        pre = self.pre
+        how = "full"
+        runs = None
+        if pre is not None and uffd and pre.fits(self.entries, tracked, cover):
+            runs = pre.finish(self.pid, self.entries)
+            how = "since the pre-scan"
+        if runs is None:
+            out = _lazy_runs(self.pid, self.entries, tracked, uffd, cover,
+                             pre.written if pre is not None else [], self._written)[0]
+            runs = [(a, (b - a) // memory.PAGE, k) for a, b, k in out]
+        # the area: the lazy VMAs but the eager pages
+        drop = pm.subtract(pm.normalize((e.start, e.end) for e in self.entries), self.area)
+        if drop:
+            runs = _overlay(runs, [(a, b, None) for a, b in drop])
         n = {MAP_REMOTE: 0, MAP_LOCAL: 0, MAP_ZERO: 0}
         for _, c, k in runs:
             n[k] += c
-        log.info("pid %d: lazy map: %d pages remote, %d local, %d zero (%d runs) in %.1f ms",
-                 self.pid, n[MAP_REMOTE], n[MAP_LOCAL], n[MAP_ZERO], len(runs),
-                 (time.perf_counter() - t0) * 1e3)
+        log.info("pid %d: lazy map (%s): %d pages remote, %d local, %d zero (%d runs) in "
+                 "%.1f ms", self.pid, how, n[MAP_REMOTE], n[MAP_LOCAL], n[MAP_ZERO],
+                 len(runs), (time.perf_counter() - t0) * 1e3)
         return runs
 
-    def _written(self, sc, e) -> list[tuple[int, int]]:
+    def _written(self, sc, e) -> list[tuple[int, int]] | None:
         """Soft-dirty: the VMA's pages written since the last round."""
+        if self.tracker is None or self.tracker.kind == "uffd":
+            return None
         v = next(v for v in self.smaps if v.start == e.start)
         w = self.tracker.written(sc, v)
         return [(e.start, e.end)] if w is None else pm.normalize(w)
 
 
+_PRESENT = kmem.PAGE_IS_PRESENT | kmem.PAGE_IS_SWAPPED
+
+
+def _lazy_runs(pid: int, entries: list, tracked: set[int], uffd: bool, cover: list,
+               pre: list[tuple[int, int]], written_of=None, flags: int = 0
+               ) -> tuple[list[list[int]], list[tuple[int, int]], list[tuple[int, int]]]:
+    """([vaddr, end, kind] runs over ``entries``, the data ranges, the ranges
+    seen written): one PAGEMAP_SCAN per VMA and one pass over its regions.
+    ``pre``: pages known written before (a pre-scan re-protected them);
+    ``flags``: PM_SCAN_WP_MATCHING for a pre-scan of a running process;
+    ``written_of(scanner, entry)``: soft-dirty's written ranges."""
+    out: list[list[int]] = []
+    data: list[tuple[int, int]] = []
+    seen: list[tuple[int, int]] = []
+
+    def put(a: int, b: int, kind: int) -> None:
+        if out and out[-1][1] == a and out[-1][2] == kind:
+            out[-1][1] = b
+        else:
+            out.append([a, b, kind])
+
+    ci = wi = 0
+    with kmem.PagemapScanner(pid) as sc:
+        for e in entries:
+            lo, hi = e.start, e.end
+            mine = e.start in tracked
+            written_known = mine and uffd
+            try:
+                regions = sc.scan(lo, hi, anyof=_PRESENT,
+                                  return_mask=_PRESENT | kmem.PAGE_IS_PFNZERO |
+                                  kmem.PAGE_IS_WRITTEN,
+                                  flags=(kmem.PM_SCAN_CHECK_WPASYNC | flags) if written_known
+                                  else 0)
+            except errors.KernelError as err:
+                log.info("pid %d: vma %#x-%#x: lazy map scan failed (%s): all remote",
+                         pid, lo, hi, err)
+                put(lo, hi, MAP_REMOTE)
+                seen.append((lo, hi))          # (what it re-protected is not known)
+                continue
+            written = written_of(sc, e) if mine and not uffd and written_of else None
+            pos = lo
+            for r in regions:
+                a, b = r.start, r.end
+                if a > pos:
+                    put(pos, a, MAP_ZERO)
+                if r.categories & kmem.PAGE_IS_PFNZERO:
+                    put(a, b, MAP_ZERO)
+                    pos = b
+                    continue
+                if data and data[-1][1] == a:
+                    data[-1] = (data[-1][0], b)
+                else:
+                    data.append((a, b))
+                if written_known and r.categories & kmem.PAGE_IS_WRITTEN:
+                    seen.append((a, b))
+                    put(a, b, MAP_REMOTE)
+                elif not mine:
+                    put(a, b, MAP_REMOTE)
+                else:
+                    # LOCAL where the chain holds it and it is clean (not
+                    # written before the pre-scan either; soft-dirty: clean)
+                    while ci < len(cover) and cover[ci][1] <= a:
+                        ci += 1
+                    j = ci
+                    keep = []
+                    while j < len(cover) and cover[j][0] < b:
+                        keep.append((max(a, cover[j][0]), min(b, cover[j][1])))
+                        j += 1
+                    if written is not None:
+                        keep = pm.subtract(keep, written)
+                    if pre:
+                        while wi < len(pre) and pre[wi][1] <= a:
+                            wi += 1
+                        j = wi
+                        while j < len(pre) and pre[j][0] < b:
+                            j += 1
+                        if j > wi:
+                            keep = pm.subtract(keep, pre[wi:j])
+                    x = a
+                    for s, t in keep:
+                        if s > x:
+                            put(x, s, MAP_REMOTE)
+                        put(s, t, MAP_LOCAL)
+                        x = t
+                    if x < b:
+                        put(x, b, MAP_REMOTE)
+                pos = b
+            if pos < hi:
+                put(pos, hi, MAP_ZERO)
+    return out, data, seen
+
+
+def _overlay(runs: list[tuple[int, int, int]], over: list[tuple[int, int, int | None]]
+             ) -> list[tuple[int, int, int]]:
+    """``runs`` ((vaddr, nr_pages, kind), sorted) with the ranges ``over``
+    ((start, end, kind), sorted, disjoint) given that kind where runs
+    are, or cut out (kind None).  Each range costs a bisect and a splice,
+    not a pass over the runs: there are few, and the runs are many."""
+    runs = list(runs)
+    starts = [r[0] for r in runs]
+    page = memory.PAGE
+    for s, e, k in reversed(over):           # from the top: the indices below stay
+        i = max(bisect.bisect_right(starts, s) - 1, 0)
+        j = bisect.bisect_left(starts, e)
+        new = []
+        for a, n, kind in runs[i:j]:
+            b = a + n * page
+            if b <= s or a >= e:
+                new.append((a, n, kind))
+                continue
+            if a < s:
+                new.append((a, (s - a) // page, kind))
+            x, y = max(a, s), min(b, e)
+            if k is not None:
+                new.append((x, (y - x) // page, k))
+            if b > e:
+                new.append((e, (b - e) // page, kind))
+        # neighbours of one kind merged again
+        merged = []
+        for r in new:
+            if merged and merged[-1][2] == r[2] and \
+                    merged[-1][0] + merged[-1][1] * page == r[0]:
+                merged[-1] = (merged[-1][0], merged[-1][1] + r[1], r[2])
+            else:
+                merged.append(r)
+        runs[i:j] = merged
+        starts[i:j] = [r[0] for r in merged]
+    return runs
+
+
+class PreMap:
+    """Post-copy, just before the freeze: the lazy map as if the process
+    were frozen now, its written pages write-protected again by the same
+    walk.  After the freeze (``finish``), one walk that finds few regions
+    says what changed since: pages written since are REMOTE, pages that
+    came are REMOTE, pages that went are ZERO.  If the lazy VMAs or their
+    tracking changed meanwhile, the map is made whole after the freeze,
+    with the pages this walk saw written (``written``) still dirty."""
+
+    def __init__(self, pid: int, smaps: list, parent: Parent | None) -> None:
+        self.pid = pid
+        entries = memory.dump_vmas(pid, smaps, tolerant=True)
+        lazy = imglazy.lazy_vmas(entries)
+        self.entries = [e for e in entries if pm.intersect([(e.start, e.end)], lazy)]
+        self.key = [(e.start, e.end) for e in self.entries]
+        by_start = {v.start: v for v in smaps}
+        self.tracked = {e.start for e in self.entries
+                        if "uw" in by_start[e.start].vmflags}
+        self.cover = parent.cover if parent is not None else []
+        out, self.data, seen = _lazy_runs(pid, self.entries, self.tracked, True, self.cover,
+                                          [], flags=kmem.PM_SCAN_WP_MATCHING)
+        self.written = pm.normalize(seen)
+        self.runs = [(a, (b - a) // memory.PAGE, k) for a, b, k in out]
+
+    def fits(self, entries: list, tracked: set[int], cover: list) -> bool:
+        return ([(e.start, e.end) for e in entries] == self.key and cover == self.cover
+                and {e.start for e in entries} & tracked == self.tracked)
+
+    def finish(self, pid: int, entries: list) -> list[tuple[int, int, int]] | None:
+        """The map now (the process frozen), or None if a walk failed."""
+        _, data, seen = _lazy_runs(pid, entries, self.tracked, True, [], [])
+        data = pm.normalize(data)
+        came = pm.subtract(data, self.data)
+        went = pm.subtract(self.data, data)
+        over = [(a, b, MAP_REMOTE) for a, b in pm.union(pm.normalize(seen), came)]
+        over += [(a, b, MAP_ZERO) for a, b in went]
+        over.sort()
+        return _overlay(self.runs, over)
+
+
 MAP_REMOTE, MAP_LOCAL, MAP_ZERO = 1, 2, 3       # = pageserver.protocol's run kinds
 
 
-def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats
+def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats,
+                pre: PreMap | None = None
                 ) -> tuple[list, list[tuple[int, int]], list[tuple[int, int]], LazyMap]:
     """The root at a post-copy stop: (runs to copy, ranges IN_PARENT,
     lazy area, its LazyMap).  Only the VMAs outside the lazy area and the
@@ -333,7 +454,8 @@ def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats
     # VMAs not tracked before this stop: every page of them is new
     untracked = {v.start for v in tracker.register(d.vmas)} if tracker else set()
     runs, in_parent = _plan_memory(d.pid, smaps, entries, parent if tracker else None,
-                                   tracker, stats, untracked=untracked)
+                                   tracker, stats, untracked=untracked,
+                                   written=pre.written if pre is not None else ())
     # the eager pages inside the area: copied whole (a few pages)
     lazy_entries = [e for e in d.vma_entries if e.start in inside]
     shared = memory.shared_starts(d.vmas)
@@ -351,7 +473,7 @@ def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats
                       key=lambda r: r.addr)
     lazy_smaps = [v for v in d.vmas if v.start in inside]
     return runs, in_parent, area, LazyMap(d.pid, area, lazy_smaps, lazy_entries, parent,
-                                          tracker, untracked)
+                                          tracker, untracked, pre)
 
 
 def _leave_lazy(d, runs) -> tuple[list, list[tuple[int, int]]]:
@@ -565,6 +687,13 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     except BaseException:
         images.discard()
         raise
+    pre = None
+    if opts.defer_lazy and early is not None:
+        try:
+            pre = PreMap(pid, early, parent)
+        except BaseException:
+            images.discard()
+            raise
     t0 = time.perf_counter()
     if opts.on_freeze is not None:
         opts.on_freeze()
@@ -585,7 +714,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
             raise errors.DumpError("--lazy-pages: not with -R, -s or --page-server")
         lock = _lock_network(opts, tr, stats)
         used = _collect_and_write(opts, tr, images, stats, st.start_time, early, opened,
-                                  lazy_out, lock, (st.start_time, parent))
+                                  lazy_out, lock, (st.start_time, parent), pre)
     except BaseException as exc:
         try:
             _rollback(tr, opened, images)
@@ -899,7 +1028,7 @@ def _collect(opts: DumpOptions, fr: freezer.Frozen, table: files.FileTable,
 def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpStats,
                        start_time: int, early: list | None, opened: _Open,
                        lazy_out: list | None = None, lock=None,
-                       root_parent: tuple | None = None) -> list:
+                       root_parent: tuple | None = None, pre: PreMap | None = None) -> list:
     """Collect every process, then write the pages and the image files.
     Returns the dirty trackers used (incremental dumps)."""
     keeps_running = opts.leave_running or opts.leave_stopped
@@ -956,7 +1085,7 @@ def _collect_and_write(opts: DumpOptions, tr: ptree.Tree, images, stats: DumpSta
             # The task is frozen: the VMAs read above are still the VMAs.
             deferred = None
             if opts.defer_lazy and d.pid == tr.root.pid:
-                runs, in_parent, area, deferred = _defer_lazy(d, parent, t, stats)
+                runs, in_parent, area, deferred = _defer_lazy(d, parent, t, stats, pre)
                 if opts.lazy_map_out is not None:
                     opts.lazy_map_out.append(deferred)
             else:

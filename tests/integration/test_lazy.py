@@ -510,9 +510,26 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     maps: list = []
     seen: dict = {}
 
+    def by_kind(runs):
+        return {k: pagemap.normalize((a, a + n * 4096) for a, n, kk in runs if kk == k)
+                for k in (dumpmod.MAP_REMOTE, dumpmod.MAP_LOCAL, dumpmod.MAP_ZERO)}
+
     def check(stats) -> None:
-        runs = maps[0].compute()
+        m = maps[0]
+        assert m.pre is not None
+        runs = m.compute()                # what changed since the pre-scan only
         seen["runs"] = runs
+        # the whole walk (as when the VMAs changed since the pre-scan) agrees
+        premap = m.pre
+
+        class NoFit:
+            written = premap.written
+
+            def fits(self, *args):
+                return False
+        m.pre = NoFit()
+        assert by_kind(m.compute()) == by_kind(runs)
+        m.pre = premap
         covered = pagemap.normalize((a, a + n * 4096) for a, n, _ in runs)
         assert covered == pagemap.normalize(lazy), "the map does not cover the lazy area"
         assert all(a + n * 4096 <= b for (a, n, _), (b, _, _) in zip(runs, runs[1:]))

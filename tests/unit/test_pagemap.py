@@ -208,3 +208,44 @@ def test_parts_outside_matches_sets(raw_parts, raw_skip):
     got = pm.parts_outside(parts, skip)
     assert {(i + k, a // P + k) for i, a, n in got for k in range(n)} == want
     assert got == sorted(got)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1, 2, 3]), st.booleans()),
+                min_size=1, max_size=12),
+       st.lists(st.tuples(st.integers(0, 60), st.integers(1, 8),
+                          st.sampled_from([1, 2, 3, None])), max_size=6))
+def test_lazy_map_overlay_matches_a_page_model(shape, over):
+    """dump._overlay (the post-copy map's changes since the pre-scan): every
+    page gets the override's kind where one covers it, or goes (None)."""
+    from migrate.source.dump import _overlay
+    P = 4096
+    runs, model, a = [], {}, 0
+    for n, kind, gap in shape:
+        a += P if gap else 0
+        runs.append((a, n, kind))
+        for i in range(n):
+            model[a // P + i] = kind
+        a += n * P
+    ranges, taken = [], set()
+    for s, n, k in sorted(over, key=lambda o: o[:2]):
+        pages = set(range(s, s + n))
+        if pages & taken:
+            continue
+        taken |= pages
+        ranges.append((s * P, (s + n) * P, k))
+        for p in pages:
+            if p in model:
+                if k is None:
+                    del model[p]
+                else:
+                    model[p] = k
+    out = _overlay(runs, ranges)
+    got = {}
+    for a, n, k in out:
+        assert n > 0
+        for i in range(n):
+            assert a // P + i not in got
+            got[a // P + i] = k
+    assert got == model
+    assert [r[0] for r in out] == sorted(r[0] for r in out)
