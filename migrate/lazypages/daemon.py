@@ -209,6 +209,7 @@ class LazyPages:
             if self.source.remote:
                 await self.source.close()
             raise failed[0]
+        self._ask_map_early()
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
         # What exists by now (modules, the image's index) lives as long as we
@@ -447,6 +448,26 @@ class LazyPages:
                  p.missing.pages, len(p.missing.items()))
         self._check_finished()
 
+    def _ask_map_early(self) -> None:
+        """A post-copy image (its root's lazy area left whole to the source,
+        ``pagemap_head.lazy_map``): ask for the map now, not at the
+        hand-over, so that it is here when the process starts."""
+        local = self.source.local if self.source.remote else None
+        if local is None:
+            return
+        root = local.chain[0].inventory.root_pid
+        try:
+            if not root or not local.lazy_map(root):
+                return
+        except errors.MigrateError:
+            return          # the hand-over says what is wrong with the image
+        with self.mu:
+            self.source.expect_map(root)
+            self._maps[root] = None
+        t = asyncio.get_running_loop().create_task(self._take_map(root))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
     async def _take_map(self, image_pid: int) -> None:
         """GET_MAP: which of the lazy pages of ``image_pid`` the local chain
         holds as they are now, which are zero; the rest is the source's.
@@ -473,9 +494,10 @@ class LazyPages:
             for p in self.procs:
                 if p.alive and p.image_pid == image_pid and p.map_pending:
                     self._apply_map(p, zero)
-            self.stats.map_s = time.perf_counter() - self.stats.first_handover
+            if self.stats.first_handover:      # (else it came before the process)
+                self.stats.map_s = time.perf_counter() - self.stats.first_handover
         log.info("lazy-pages: pid %d: the source's map: %d runs, %d pages local, %d zero, "
-                 "%.1f ms after the hand-over", image_pid, len(runs),
+                 "%.1f ms after the first hand-over", image_pid, len(runs),
                  sum((b - a) // PAGE for a, b in local), sum((b - a) // PAGE for a, b in zero),
                  self.stats.map_s * 1e3)
         self.work.set()

@@ -93,6 +93,11 @@ class LocalSource:
         """The pages of ``pid`` the image needs from the chain (normalized)."""
         return self._open(pid)[1]
 
+    def lazy_map(self, pid: int) -> bool:
+        """The image leaves ``pid``'s whole lazy area to its source, which
+        says which pages are whose (GET_MAP)."""
+        return bool(self.chain[0].read_image(f"pagemap-{pid}.img")[0].lazy_map)
+
     def held(self, pid: int) -> list[tuple[int, int]]:
         """Every page of ``pid`` some level of the chain stores (normalized)."""
         levels, _ = self._open(pid)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -450,14 +451,17 @@ def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats,
     area = pm.subtract(vmas, eager)
     inside = {e.start for e in d.vma_entries if pm.intersect([(e.start, e.end)], vmas)}
     entries = [e for e in d.vma_entries if e.start not in inside]
+    lazy_entries = [e for e in d.vma_entries if e.start in inside]
     smaps = [v for v in d.vmas if v.start not in inside]
     # VMAs not tracked before this stop: every page of them is new
     untracked = {v.start for v in tracker.register(d.vmas)} if tracker else set()
+    # The pre-scan re-protected what it saw written: dirty here too, unless
+    # the lazy VMAs are as it saw them (then those pages are all in them).
+    same = pre is not None and pre.key == [(e.start, e.end) for e in lazy_entries]
     runs, in_parent = _plan_memory(d.pid, smaps, entries, parent if tracker else None,
                                    tracker, stats, untracked=untracked,
-                                   written=pre.written if pre is not None else ())
+                                   written=pre.written if pre is not None and not same else ())
     # the eager pages inside the area: copied whole (a few pages)
-    lazy_entries = [e for e in d.vma_entries if e.start in inside]
     shared = memory.shared_starts(d.vmas)
     pieces, pieces_shared = [], set()
     for v in lazy_entries:
@@ -694,6 +698,28 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
         except BaseException:
             images.discard()
             raise
+    # No cyclic GC from the freeze to the commit: a full collection walks
+    # every object (a PreMap holds tens of thousands) in the downtime.
+    gc_was = gc.isenabled()
+    if opts.before_release is not None:
+        inner = opts.before_release
+
+        def before_release(stats: DumpStats) -> None:
+            if gc_was:
+                gc.enable()
+            inner(stats)
+        opts = dataclasses.replace(opts, before_release=before_release)
+    gc.disable()
+    try:
+        return _dump_frozen(opts, sink, stats, t_start, st, parent, images, early, pre)
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _dump_frozen(opts: DumpOptions, sink, stats: DumpStats, t_start: float, st, parent,
+                 images, early, pre) -> DumpStats:
+    pid = opts.pid
     t0 = time.perf_counter()
     if opts.on_freeze is not None:
         opts.on_freeze()
