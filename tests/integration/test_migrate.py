@@ -104,6 +104,23 @@ def test_post_copy(rig, logdir, workloads):
     nothing_left(rig)
 
 
+def test_post_copy_threads_and_tree(rig, logdir, workloads):
+    """Post-copy of a threaded program (every thread's stack page and rseq
+    area eager, the rest of its memory lazy) and of a process tree (the
+    root's lazy area left at the source, its children dumped whole), there
+    and back, each checking itself at the end."""
+    t = start(rig, "A", logdir, workloads, "threads")
+    tr = start(rig, "A", logdir, workloads, "tree", daemon=True)
+    for w in (t, tr):
+        rec = move(rig, w, "A", "B", "--post-copy", "on")
+        assert rec["stop"]["lazy_pages"] > 0, rec
+        rec = move(rig, w, "B", "A", "--post-copy", "on")
+        assert rec["stop"]["post_copy_seconds"] is not None, rec
+    t.assert_pass()
+    tr.assert_pass()
+    nothing_left(rig)
+
+
 def test_tcp_pair_moves_with_its_address(rig, logdir, workloads):
     """An echo server on A at a service address, a client on C streaming
     both ways: the server goes to B and back with its connections and its
