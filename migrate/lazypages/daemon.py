@@ -879,24 +879,36 @@ class LazyPages:
         buf = self._buffers.pop() if self._buffers else bytearray(REMOTE_BATCH * PAGE)
         try:
             with memoryview(buf) as mv, memoryview(data) as dv:
+                try:
+                    self._fill_local(p, mv, src, end, here)
+                except errors.MigrateError as e:
+                    self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+                    return
+                # the source's pages over whatever the chain had there
                 off = 0
                 for a, n in runs:
                     mv[a - src:a - src + n * PAGE] = dv[off:off + n * PAGE]
                     off += n * PAGE
-                try:
-                    for a, b in here:
-                        for s, m, o, ln in self.source.local.pieces(p.image_pid, a, b):
-                            with memoryview(m) as lv:
-                                mv[s - src:s - src + ln] = lv[o:o + ln]
-                except errors.MigrateError as e:
-                    self.fail(errors.PageSourceError(self.source.local.name, str(e)))
-                    return
             with self.mu:
                 self._place(p, [(src, buf, 0, size)], kind)
         finally:
             if len(self._buffers) < REMOTE_DEPTH + 2 and len(buf) == REMOTE_BATCH * PAGE:
                 self._buffers.append(buf)
         self._check_finished()
+
+    def _fill_local(self, p: Proc, mv, src: int, end: int, here: list) -> None:
+        """The chain's pages of [src, end) into ``mv``: the whole window at
+        once where the chain stores all of it (after a full pre-copy pass
+        it does: the pages the source sends are written over their old
+        copies), else run by run (``here``)."""
+        local = self.source.local
+        try:
+            pieces = local.pieces(p.image_pid, src, end)
+        except errors.ImageError:
+            pieces = [x for a, b in here for x in local.pieces(p.image_pid, a, b)]
+        for s, m, o, ln in pieces:
+            with memoryview(m) as lv:
+                mv[s - src:s - src + ln] = lv[o:o + ln]
 
     async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
         try:
