@@ -408,6 +408,7 @@ class Agent:
 
     async def restore_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         images = self._session_dir(m, body.get("session"))
+        log.debug("migration %s: restore asked", m.id)
         if st["state"] != "prepared":
             raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
         m.set_phase("restore")
@@ -452,7 +453,9 @@ class Agent:
             if w is None:
                 w = await self.pool.take()
             try:
+                log.debug("migration %s: restore job to worker %d", m.id, w.pid)
                 first = await w.call(job)
+                log.debug("migration %s: restore job answered: %s", m.id, first.get("event"))
             except BaseException:
                 self._background(w.close())
                 raise
@@ -478,9 +481,11 @@ class Agent:
         w, st["held"] = st["held"], None
         job = st["job"]
         t0 = time.monotonic()
+        log.debug("migration %s: resume asked", m.id)
         try:
             await w.send({"op": "release"})
             res = await w.recv(60)
+            log.debug("migration %s: released", m.id)
         finally:
             self._background(w.close())   # it exits by itself after a restore
         res["seconds"] = time.monotonic() - t0

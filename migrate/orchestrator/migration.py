@@ -418,10 +418,12 @@ class Coordinator:
         if lazy:
             m.stop_stats["lazy_pages"] = lazy["pages"]
         m.event("frozen", **m.stop_stats)
+        log.debug("migration %s: frozen event", m.id)
         try:
             self._check_cancel()
             if o.move_address:
                 await self._move_address()
+                log.debug("migration %s: address removed", m.id)
             m.set_phase("restore")
             t_r = time.monotonic()
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
@@ -435,6 +437,7 @@ class Coordinator:
             if not r.get("ok"):
                 raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
             t_built = time.monotonic()
+            log.debug("migration %s: built on %s", m.id, m.dst)
             m.stop_stats["address_seconds"] = t_r - t_frozen - msg["frozen_for"]
             m.stop_stats["build_seconds"] = t_built - t_r
             self._check_cancel()
@@ -463,6 +466,7 @@ class Coordinator:
                                   f"{'it runs on ' + m.src if res.get('running') else res}")
         r = ev.get("result") or {}
         t_run = time.monotonic()
+        log.debug("migration %s: resumed on %s", m.id, m.dst)
         m.restored_pid = r.get("pid")
         m.downtime = t_run - t_frozen
         m.stop_stats["restore_seconds"] = t_run - t_r

@@ -328,7 +328,9 @@ def _resume_there(r: dict, peer: _Peer | None = None) -> bool:
         res = None
         if peer is not None:
             try:
+                log.debug("resume asked")
                 res = peer.post(r["resume_url"], {})
+                log.debug("resume answered")
             except ConnectionError as e:
                 # Closed while we dumped, or never answered: asking again is
                 # safe (a tree already released answers ok).
@@ -418,10 +420,12 @@ def restore(job: dict) -> dict:
     from migrate.dest.restore import RestoreOptions, restore as run
     lazy = job.get("lazy_pages", False)
     daemon_pid = None
+    log.debug("restore job")
     if lazy:
         d = job["lazy"]
         daemon_pid = _start_lazy_daemon(job["images_dir"], d["socket"], d["stats"], d["log"],
                                         d.get("remote"))
+        log.debug("lazy-pages daemon %d listening", daemon_pid)
     after_lock = None
     if job.get("address"):
         from migrate.orchestrator import address
@@ -434,6 +438,7 @@ def restore(job: dict) -> dict:
         # Built, not running: the source decides (its tree is still frozen).
         _out({"event": "built", "pid": root})
         msg = _in()
+        log.debug("release: %s", (msg or {}).get("op"))
         if not msg or msg.get("op") != "release":
             raise errors.RestoreError((msg or {}).get("reason") or
                                       "the agent went away before the release")
