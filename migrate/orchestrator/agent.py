@@ -194,10 +194,6 @@ class Agent:
                                      else None, serve=True)
         self._clean_stale()
         from migrate.orchestrator import address  # noqa: F401
-        try:
-            import pyroute2  # noqa: F401  (imported now, not in a migration's stop)
-        except ImportError:
-            pass
         await self.pageserver.start()
         self.client = aiohttp.ClientSession()
         self._background(self._watchdog())

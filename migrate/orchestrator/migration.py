@@ -549,8 +549,12 @@ class Coordinator:
         once it has locked the connections there."""
         from migrate.orchestrator import address
         ip = self.m.options.move_address
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, address.remove, ip, self.agent.interface)
+        if self.agent.interface:
+            # One netlink request (~0.1 ms): no thread hop in the downtime.
+            address.remove(ip, self.agent.interface)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, address.remove, ip, None)
         self.address_moved = True
         self.m.event("address", ip=ip, host=self.m.dst)
 

@@ -525,11 +525,7 @@ def _warm() -> None:
     import migrate.pageserver.client  # noqa: F401
     import migrate.resources.netlock  # noqa: F401
     import migrate.source.dump  # noqa: F401
-    try:
-        import pyroute2  # noqa: F401  (--move-address: its import is ~0.1 s)
-        pyroute2.IPRoute().close()
-    except (ImportError, OSError):
-        pass
+    import migrate.orchestrator.address  # noqa: F401
 
 
 def main() -> int:
