@@ -526,6 +526,13 @@ def _warm() -> None:
     import migrate.resources.netlock  # noqa: F401
     import migrate.source.dump  # noqa: F401
     import migrate.orchestrator.address  # noqa: F401
+    from migrate.resources import netlock
+    try:
+        # libnftables loaded and its context made (~1.5 ms): the restore's
+        # network lock, in the downtime, is then only the command.
+        netlock.prepare(None)
+    except errors.MigrateError:
+        pass               # no backend: the job that needs one says so
 
 
 def main() -> int:
