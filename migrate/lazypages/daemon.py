@@ -152,7 +152,7 @@ class Proc:
 
 class LazyPages:
     def __init__(self, source, sock_path: str, *, prefetch: bool = True,
-                 prepare=None) -> None:
+                 prepare=None, listener: socket.socket | None = None) -> None:
         self.source = source
         # ``prepare``: run (in a thread) once listening, before the first
         # connection is taken: a restore may then load its image meanwhile.
@@ -165,7 +165,10 @@ class LazyPages:
         self.finished = asyncio.Event()
         self.work = asyncio.Event()      # something to prefetch
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.listener: socket.socket | None = None
+        # ``listener``: already listening on ``sock_path`` (a daemon forked
+        # before the restore was asked for: its hand-over may wait in the
+        # backlog already)
+        self.listener: socket.socket | None = listener
         self.tasks: set[asyncio.Task] = set()
         self.killed: list[int] = []
         self.error = ""
@@ -281,6 +284,10 @@ class LazyPages:
             self.finished.set()
 
     def _listen(self) -> None:
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            log.info("lazy-pages: serving the restore on %s", self.sock_path)
+            return
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:
@@ -1032,13 +1039,15 @@ _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork
 
 def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         prefetch: bool = True, status_fd: int | None = None,
-        stats_out=None, verify: bool = True, early: bool = False) -> int:
+        stats_out=None, verify: bool = True, early: bool = False,
+        listener: socket.socket | None = None) -> int:
     """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
     = (address, port, session, ssl context), from the source's page-server.
     ``verify``: check the local image's checksums whole before serving
     (False for images our page-server wrote: it checked every range's
     checksum as it wrote it).  ``early``: ready once listening, the image
-    read meanwhile (the restore loads its own image in parallel)."""
+    read meanwhile (the restore loads its own image in parallel).
+    ``listener``: a socket already listening on ``sock_path``."""
     from migrate.lazypages import source as S
     prepare = None
     if remote is None:
@@ -1069,7 +1078,7 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
             os.write(status_fd, b"\0")       # criu(8) --status-fd
             os.close(status_fd)
 
-    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare)
+    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare, listener=listener)
     rc = asyncio.run(lp.run(ready))
     if stats_out is not None:
         stats_out(lp.stats.as_dict())
