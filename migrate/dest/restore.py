@@ -665,15 +665,48 @@ def _wait_ready(ready_r: int, img: Image, root: int) -> None:
                                           f"{why or text}")
 
 
-def _choose_gadget(*layouts: list[tuple[int, int]]) -> int:
+def _gadget_candidates(*layouts: list[tuple[int, int]]):
     size = GADGET_PAGES * PAGE
     spans = sorted(s for lay in layouts for s in lay)
     cand = 0x10000000
     while cand + size < TASK_SIZE:
         if all(e <= cand - PAGE or s >= cand + size + PAGE for s, e in spans):
-            return cand
+            yield cand
         cand += 0x10000000
-    raise errors.RestoreError("no free address for the restore gadget")
+
+
+GADGET_TRIES = 64
+
+
+def _map_gadget(rt, image: list[tuple[int, int]]) -> int:
+    """Map the gadget area at an address free in the image's layout and in
+    the new process's: the first candidate MAP_FIXED_NOREPLACE takes (the
+    process's layout, a copy of ours, is not read: parsing its maps cost
+    1.5-2.5 ms of every restore)."""
+    for i, cand in enumerate(_gadget_candidates(image)):
+        if i == GADGET_TRIES:
+            break
+        got = rt.call(sysno.mmap, cand, GADGET_PAGES * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0, check=False)
+        if got == cand:
+            return cand
+        if got != -errno.EEXIST:
+            raise errors.from_errno("remote mmap (restore gadget)", -got if got < 0 else
+                                    errno.EINVAL, rt.pid)
+    raise errors.RestoreError(f"pid {rt.pid}: no free address for the restore gadget")
+
+
+_insn: dict[int, int] = {}
+
+
+def _syscall_insn() -> int:
+    """A ``syscall`` instruction in our own vdso (or code): every process a
+    restore makes is a fork of this one, or of such a fork, and has it at
+    the same address (no exec in between).  Found once per process."""
+    me = os.getpid()
+    if me not in _insn:
+        _insn[me] = remote.find_syscall_insn(me, proc.read_maps(me))
+    return _insn[me]
 
 
 WORKERS = 2          # processes built at once (this machine has two cores)
@@ -809,16 +842,12 @@ def _build(img: Image, p: ProcImage, opts: RestoreOptions, ctl_fds: tuple[int, i
                  ptrace.PTRACE_O_TRACECLONE)
     ptrace.interrupt_and_wait(pid)
     ptrace.set_sigmask(pid, ALL_SIGNALS)
-    child_maps = proc.read_maps(pid)
-    rt = remote.RemoteTask(pid, remote.find_syscall_insn(pid, child_maps))
+    rt = remote.RemoteTask(pid, _syscall_insn())
     mm = p.mm
     thread = next(t for t in p.core.threads if t.tid == pid)
 
     # Bootstrap: our own gadget area, free in both layouts.
-    g = _choose_gadget([(v.start, v.end) for v in child_maps],
-                       [(v.start, v.end) for v in mm.vmas])
-    rt.call(sysno.mmap, g, GADGET_PAGES * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC,
-            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+    g = _map_gadget(rt, [(v.start, v.end) for v in mm.vmas])
     kmem.write_bytes(pid, g, remote.SYSCALL_INSN)
     kmem.write_bytes(pid, g + BATCH_AT, remote.BATCH_CODE)
     rt.set_gadget(g)

@@ -152,7 +152,7 @@ class Proc:
 
 class LazyPages:
     def __init__(self, source, sock_path: str, *, prefetch: bool = True,
-                 prepare=None) -> None:
+                 prepare=None, listener: socket.socket | None = None) -> None:
         self.source = source
         # ``prepare``: run (in a thread) once listening, before the first
         # connection is taken: a restore may then load its image meanwhile.
@@ -165,7 +165,10 @@ class LazyPages:
         self.finished = asyncio.Event()
         self.work = asyncio.Event()      # something to prefetch
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.listener: socket.socket | None = None
+        # ``listener``: already listening on ``sock_path`` (a daemon forked
+        # before the restore was asked for: its hand-over may wait in the
+        # backlog already)
+        self.listener: socket.socket | None = listener
         self.tasks: set[asyncio.Task] = set()
         self.killed: list[int] = []
         self.error = ""
@@ -281,6 +284,10 @@ class LazyPages:
             self.finished.set()
 
     def _listen(self) -> None:
+        if self.listener is not None:
+            self.listener.setblocking(False)
+            log.info("lazy-pages: serving the restore on %s", self.sock_path)
+            return
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:
@@ -879,24 +886,36 @@ class LazyPages:
         buf = self._buffers.pop() if self._buffers else bytearray(REMOTE_BATCH * PAGE)
         try:
             with memoryview(buf) as mv, memoryview(data) as dv:
+                try:
+                    self._fill_local(p, mv, src, end, here)
+                except errors.MigrateError as e:
+                    self.fail(errors.PageSourceError(self.source.local.name, str(e)))
+                    return
+                # the source's pages over whatever the chain had there
                 off = 0
                 for a, n in runs:
                     mv[a - src:a - src + n * PAGE] = dv[off:off + n * PAGE]
                     off += n * PAGE
-                try:
-                    for a, b in here:
-                        for s, m, o, ln in self.source.local.pieces(p.image_pid, a, b):
-                            with memoryview(m) as lv:
-                                mv[s - src:s - src + ln] = lv[o:o + ln]
-                except errors.MigrateError as e:
-                    self.fail(errors.PageSourceError(self.source.local.name, str(e)))
-                    return
             with self.mu:
                 self._place(p, [(src, buf, 0, size)], kind)
         finally:
             if len(self._buffers) < REMOTE_DEPTH + 2 and len(buf) == REMOTE_BATCH * PAGE:
                 self._buffers.append(buf)
         self._check_finished()
+
+    def _fill_local(self, p: Proc, mv, src: int, end: int, here: list) -> None:
+        """The chain's pages of [src, end) into ``mv``: the whole window at
+        once where the chain stores all of it (after a full pre-copy pass
+        it does: the pages the source sends are written over their old
+        copies), else run by run (``here``)."""
+        local = self.source.local
+        try:
+            pieces = local.pieces(p.image_pid, src, end)
+        except errors.ImageError:
+            pieces = [x for a, b in here for x in local.pieces(p.image_pid, a, b)]
+        for s, m, o, ln in pieces:
+            with memoryview(m) as lv:
+                mv[s - src:s - src + ln] = lv[o:o + ln]
 
     async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
         try:
@@ -1020,13 +1039,15 @@ _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork
 
 def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         prefetch: bool = True, status_fd: int | None = None,
-        stats_out=None, verify: bool = True, early: bool = False) -> int:
+        stats_out=None, verify: bool = True, early: bool = False,
+        listener: socket.socket | None = None) -> int:
     """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
     = (address, port, session, ssl context), from the source's page-server.
     ``verify``: check the local image's checksums whole before serving
     (False for images our page-server wrote: it checked every range's
     checksum as it wrote it).  ``early``: ready once listening, the image
-    read meanwhile (the restore loads its own image in parallel)."""
+    read meanwhile (the restore loads its own image in parallel).
+    ``listener``: a socket already listening on ``sock_path``."""
     from migrate.lazypages import source as S
     prepare = None
     if remote is None:
@@ -1057,7 +1078,7 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
             os.write(status_fd, b"\0")       # criu(8) --status-fd
             os.close(status_fd)
 
-    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare)
+    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare, listener=listener)
     rc = asyncio.run(lp.run(ready))
     if stats_out is not None:
         stats_out(lp.stats.as_dict())

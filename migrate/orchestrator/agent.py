@@ -194,10 +194,6 @@ class Agent:
                                      else None, serve=True)
         self._clean_stale()
         from migrate.orchestrator import address  # noqa: F401
-        try:
-            import pyroute2  # noqa: F401  (imported now, not in a migration's stop)
-        except ImportError:
-            pass
         await self.pageserver.start()
         self.client = aiohttp.ClientSession()
         self._background(self._watchdog())
@@ -347,7 +343,44 @@ class Agent:
             # This migration's restore runs in a worker that reads each
             # pre-copy round as it arrives (only the last dump is new then).
             self.incoming[mid]["worker"] = asyncio.ensure_future(self.pool.take())
+            if self._maybe_lazy(m, m.options.post_copy != "off"):
+                self._background(self._standby(m, self.incoming[mid]))
         return {"problems": problems}
+
+    @staticmethod
+    def _maybe_lazy(m: mig.Migration, post_copy: bool = False) -> bool:
+        fill = m.options.restore_fill
+        return post_copy or fill == "lazy" or (fill == "auto" and
+                                               m.bytes_total >= mig.LAZY_FILL_MIN)
+
+    def _lazy_paths(self, m: mig.Migration) -> dict:
+        logs = os.path.join(self.work_dir, "logs", m.id)
+        return {"socket": os.path.join(logs, "lazy-pages.socket"),
+                "stats": os.path.join(logs, "fill.json"),
+                "log": os.path.join(logs, "lazy-pages.log")}
+
+    def _tls_paths(self) -> dict | None:
+        t = self.tls
+        return None if t is None else {"cacert": t.cacert, "cert": t.cert, "key": t.key,
+                                       "cacrl": t.cacrl}
+
+    async def _standby(self, m: mig.Migration, st: dict) -> None:
+        """The restore's lazy-pages daemon forked now, listening, so that at
+        the stop the restore need not wait for it (worker.py _Standby)."""
+        async with st["lock"]:
+            w = await self._worker_of(st)
+            if w is None:
+                return
+            try:
+                r = await w.call({"op": "standby", **self._lazy_paths(m),
+                                  "tls": self._tls_paths()})
+            except errors.MigrateError as e:
+                log.warning("migration %s: standby lazy-pages daemon: %s", m.id, e)
+                self._drop_worker(st)
+                return
+            if not r.get("ok"):
+                log.warning("migration %s: standby lazy-pages daemon: %s", m.id,
+                            r.get("error"))
 
     async def _worker_of(self, st: dict):
         t = st.get("worker")
@@ -408,32 +441,27 @@ class Agent:
 
     async def restore_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         images = self._session_dir(m, body.get("session"))
+        log.debug("migration %s: restore asked", m.id)
         if st["state"] != "prepared":
             raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
         m.set_phase("restore")
         st["state"] = "restoring"
         logs = os.path.join(self.work_dir, "logs", m.id)
-        fill = m.options.restore_fill
         post = body.get("post_copy")
         if post is not None and not (isinstance(post, dict) and
                                      isinstance(post.get("address"), str) and
                                      isinstance(post.get("port"), int) and
                                      isinstance(post.get("session"), str)):
             raise web.HTTPBadRequest(reason="post_copy: address, port and session")
-        lazy = post is not None or fill == "lazy" or (
-            fill == "auto" and m.bytes_total >= mig.LAZY_FILL_MIN)
+        lazy = self._maybe_lazy(m, post is not None)
         job = {"op": "restore", "images_dir": images, "network_lock": m.options.network_lock,
                "log": os.path.join(logs, "restore.log"), "lazy_pages": lazy,
                "level": logging.DEBUG}
         if lazy:
-            job["lazy"] = {"socket": os.path.join(logs, "lazy-pages.socket"),
-                           "stats": os.path.join(logs, "fill.json"),
-                           "log": os.path.join(logs, "lazy-pages.log")}
+            job["lazy"] = self._lazy_paths(m)
             if post is not None:
                 # post-copy: what the image left lazy comes from the source
-                t = self.tls
-                job["lazy"]["remote"] = {**post, "tls": None if t is None else {
-                    "cacert": t.cacert, "cert": t.cert, "key": t.key, "cacrl": t.cacrl}}
+                job["lazy"]["remote"] = {**post, "tls": self._tls_paths()}
         ip = body.get("address")
         if ip is not None:
             if not isinstance(ip, str) or not self.interface:
@@ -452,7 +480,9 @@ class Agent:
             if w is None:
                 w = await self.pool.take()
             try:
+                log.debug("migration %s: restore job to worker %d", m.id, w.pid)
                 first = await w.call(job)
+                log.debug("migration %s: restore job answered: %s", m.id, first.get("event"))
             except BaseException:
                 self._background(w.close())
                 raise
@@ -478,9 +508,11 @@ class Agent:
         w, st["held"] = st["held"], None
         job = st["job"]
         t0 = time.monotonic()
+        log.debug("migration %s: resume asked", m.id)
         try:
             await w.send({"op": "release"})
             res = await w.recv(60)
+            log.debug("migration %s: released", m.id)
         finally:
             self._background(w.close())   # it exits by itself after a restore
         res["seconds"] = time.monotonic() - t0

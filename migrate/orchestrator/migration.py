@@ -419,10 +419,12 @@ class Coordinator:
         if lazy:
             m.stop_stats["lazy_pages"] = lazy["pages"]
         m.event("frozen", **m.stop_stats)
+        log.debug("migration %s: frozen event", m.id)
         try:
             self._check_cancel()
             if o.move_address:
                 await self._move_address()
+                log.debug("migration %s: address removed", m.id)
             m.set_phase("restore")
             t_r = time.monotonic()
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
@@ -436,6 +438,7 @@ class Coordinator:
             if not r.get("ok"):
                 raise MigrationFailed("restore", f"on {m.dst}: {r.get('error')}")
             t_built = time.monotonic()
+            log.debug("migration %s: built on %s", m.id, m.dst)
             m.stop_stats["address_seconds"] = t_r - t_frozen - msg["frozen_for"]
             m.stop_stats["build_seconds"] = t_built - t_r
             self._check_cancel()
@@ -464,6 +467,7 @@ class Coordinator:
                                   f"{'it runs on ' + m.src if res.get('running') else res}")
         r = ev.get("result") or {}
         t_run = time.monotonic()
+        log.debug("migration %s: resumed on %s", m.id, m.dst)
         m.restored_pid = r.get("pid")
         m.downtime = t_run - t_frozen
         m.stop_stats["restore_seconds"] = t_run - t_r
@@ -548,8 +552,12 @@ class Coordinator:
         once it has locked the connections there."""
         from migrate.orchestrator import address
         ip = self.m.options.move_address
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, address.remove, ip, self.agent.interface)
+        if self.agent.interface:
+            # One netlink request (~0.1 ms): no thread hop in the downtime.
+            address.remove(ip, self.agent.interface)
+        else:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, address.remove, ip, None)
         self.address_moved = True
         self.m.event("address", ip=ip, host=self.m.dst)
 

@@ -152,7 +152,8 @@ class Policy:
         if s.dirty_bytes_left is not None:
             return max(0, s.dirty_bytes_left)
         if dirty_rate is not None:
-            return dirty_rate * max(0.0, s.seconds)
+            # (a round of no time dirtied nothing, whatever the rate: inf * 0)
+            return dirty_rate * s.seconds if s.seconds > 0 else 0.0
         return max(0, s.pages_dirty) * PAGE_SIZE
 
     def _stalled(self, dirty: int) -> bool:
@@ -208,6 +209,10 @@ class Policy:
                           f"predicted downtime {_ms(predicted)} under {lim}")
         give_up = "post-copy" if c.post_copy in ("on", "auto") else "stop"
         over = f"predicted downtime {_ms(predicted)} over {lim}"
+        if left == 0 and self.rounds >= c.min_rounds:
+            # Nothing dirtied: another round cannot shorten the stop, whose
+            # own cost is over the limit (nor would post-copy).
+            return decide("stop", f"nothing left to copy, {over}: the stop's own cost")
         if self.rounds >= c.max_rounds:
             return decide(give_up, f"round cap {c.max_rounds} reached, {over}")
         if c.auto_converge and (self._hot >= 2 or stalled):

@@ -577,3 +577,77 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     src.set_local(w.pid, [(a, a + 8192)])
     assert src.split(w.pid, a, a + 12288) == ([(a, a + 8192)], [(a + 8192, a + 12288)])
     src.local.close()
+
+
+class _Worker:
+    """An orchestrator job runner (worker.py), as an agent drives it."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "migrate.orchestrator.worker"],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert json.loads(self.proc.stdout.readline())["event"] == "ready"
+
+    def call(self, job: dict) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(30)
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_worker_standby_daemon_serves_the_restore(workdir, workloads):
+    """The lazy-pages daemon a destination's worker forks before the stop
+    (``standby``) listens at once; the restore hands it the image and its
+    process over without waiting for it, and the process gets every page."""
+    w = _start("lazymem", workdir, workloads)
+    images = os.path.join(workdir, "img")
+    w.dump(images)
+    logs = os.path.join(workdir, "logs")
+    paths = {"socket": os.path.join(logs, "lazy.sock"), "stats": os.path.join(logs, "fill.json"),
+             "log": os.path.join(logs, "lazy-pages.log")}
+    wk = _Worker()
+    try:
+        sb = wk.call({"op": "standby", **paths, "tls": None})
+        assert sb["ok"], sb
+        res = wk.call({"op": "restore", "images_dir": images, "lazy_pages": True,
+                       "lazy": paths, "log": os.path.join(logs, "restore.log"), "level": 10})
+        assert res["ok"] and res["lazy_daemon"] == sb["pid"], res
+    finally:
+        wk.close()
+    w.assert_pass()
+    assert _gone(sb["pid"], 60), "the daemon did not end"
+    with open(paths["stats"]) as f:
+        stats = json.load(f)
+    assert stats["pages_fault"] + stats["pages_prefetch"] > 0, stats
+    assert not os.path.exists(paths["socket"])
+
+
+def test_worker_standby_daemon_goes_with_its_worker(workdir):
+    """No restore comes (the migration was aborted, or restores eagerly):
+    the standby daemon leaves with its worker, its socket removed."""
+    logs = os.path.join(workdir, "logs")
+    paths = {"socket": os.path.join(logs, "lazy.sock"), "stats": os.path.join(logs, "fill.json"),
+             "log": os.path.join(logs, "lazy-pages.log")}
+    wk = _Worker()
+    sb = wk.call({"op": "standby", **paths, "tls": None})
+    assert sb["ok"], sb
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(paths["socket"])          # listening already
+    finally:
+        s.close()
+    assert wk.close() == 0
+    assert _gone(sb["pid"]), "the standby daemon outlived its worker"
+    assert not os.path.exists(paths["socket"])

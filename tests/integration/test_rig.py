@@ -329,6 +329,34 @@ def test_moved_service_address(rigenv):
     run_in("C", sys.executable, "-c", probe, svc)          # refused by B, at once
 
 
+NETLINK = """
+import sys
+from migrate.orchestrator import address
+ip = sys.argv[1]
+address.add_now(ip, "eth0")
+address.add_now(ip, "eth0")                 # there already: fine
+print(address.has(ip))
+address.remove(ip, "eth0")
+address.remove(ip, "eth0")                  # gone already: fine
+print(address.has(ip))
+try:
+    address.add(ip, "nosuchif0")
+except address.AddressError as e:
+    print(e)
+"""
+
+
+def test_address_by_netlink(rigenv):
+    """The moved address's own rtnetlink requests (orchestrator/address.py):
+    a /32 added and removed on a host's interface, twice each, and an
+    interface that does not exist named in the error."""
+    rig.up(hosts=["A"], agent="none")
+    svc = "10.232.0.101"
+    out = run_in("A", sys.executable, "-c", NETLINK, svc).stdout.splitlines()
+    assert out == ["True", "False", "no interface nosuchif0"]
+    assert svc not in run_in("A", "ip", "-j", "addr", "show").stdout
+
+
 COUNTER = os.path.join(REPO, "tests", "programs", "bin", "counter")
 
 

@@ -132,3 +132,32 @@ def test_migration_record_and_events():
                             "dirty_pages": 10}]
     assert d["setup_time"] is not None and d["total_time"] >= 0
     assert [e["type"] for e in seen] == ["phase", "phase", "status"]
+
+
+def test_address_netlink_request():
+    """RTM_NEWADDR for a /32 as `ip addr add A/32 dev IF` sends it: header,
+    ifaddrmsg, IFA_LOCAL and IFA_ADDRESS (man 7 rtnetlink)."""
+    import ipaddress
+    msg = address.address_message("add", ipaddress.ip_address("10.232.0.120"), 7, seq=3)
+    length, kind, flags, seq, pid = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, seq, pid) == (len(msg), address.RTM_NEWADDR, 3, 0)
+    assert flags == 0x1 | 0x4 | 0x200 | 0x400        # REQUEST, ACK, EXCL, CREATE
+    assert struct.unpack_from("=BBBBI", msg, 16) == (socket.AF_INET, 32, 0, 0, 7)
+    assert msg[24:32] == struct.pack("=HH", 8, address.IFA_LOCAL) + bytes([10, 232, 0, 120])
+    assert msg[32:40] == struct.pack("=HH", 8, address.IFA_ADDRESS) + bytes([10, 232, 0, 120])
+    assert len(msg) == 40
+    v6 = address.address_message("del", ipaddress.ip_address("fd00::5"), 2)
+    assert struct.unpack_from("=IH", v6) == (len(v6), address.RTM_DELADDR)
+    assert struct.unpack_from("=BB", v6, 16) == (socket.AF_INET6, 128)
+    assert len(v6) == 16 + 8 + 2 * 20
+
+
+def test_address_netlink_answer():
+    ack = struct.pack("=IHHII", 36, address.NLMSG_ERROR, 0, 1, 99) + struct.pack("=i", 0)
+    assert address.ack_errno(ack + bytes(16)) == 0
+    nak = struct.pack("=IHHII", 36, address.NLMSG_ERROR, 0, 1, 99) + struct.pack("=i", -17)
+    assert address.ack_errno(nak + bytes(16)) == 17
+    with pytest.raises(address.AddressError, match="short answer"):
+        address.ack_errno(b"\0" * 8)
+    with pytest.raises(address.AddressError, match="seq 5"):
+        address.ack_errno(struct.pack("=IHHII", 36, address.NLMSG_ERROR, 0, 5, 0) + bytes(20))

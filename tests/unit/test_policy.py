@@ -71,6 +71,16 @@ def test_never_converging_hits_the_cap():
     assert ds[-1].predicted_downtime > 0.3
 
 
+def test_nothing_dirtied_stops_even_if_the_stop_itself_is_over_the_limit():
+    # A process that writes nothing, and a stop learnt to cost 385 ms (a
+    # loaded host): more rounds cannot help; it stopped only at the cap.
+    for post_copy in ("off", "auto"):
+        p = Policy(PolicyConfig(stop_cost=0.385, post_copy=post_copy))
+        ds = run(p, [rnd(1, 48, 0.5)] + [rnd(i, 0, 0.01, left_mib=0) for i in range(2, 40)])
+        assert [d.action for d in ds] == ["continue", "stop"]
+        assert ds[-1].reason.startswith("nothing left to copy, predicted downtime 385 ms")
+
+
 # 64 MiB/s link; the process dirties 64 MiB/s: 32 MiB every round of 0.5 s.
 STALL = [rnd(1, 32, 0.5)]
 
