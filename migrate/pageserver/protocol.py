@@ -32,7 +32,7 @@ __all__ = [
     "VERSION", "SUPPORTED_VERSIONS", "MAGIC", "PAGE_SIZE", "MAX_FRAME", "MAX_CHUNK_PAGES",
     "MAX_GET_PAGES", "MAX_CHUNK_INDEX", "MAX_SESSION_NAME", "MAX_FILE_NAME", "MAX_LINK",
     "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
-    "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
+    "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS", "CAP_NOSYNC",
     "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
     "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
     "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
@@ -64,6 +64,7 @@ MODE_READ = 2
 CAP_GET = 1
 CAP_ZSTD = 2                             # PAGE_CHUNK may carry FLAG_ZSTD
 CAP_STREAMS = 4                          # JOIN: more TCP streams for one session
+CAP_NOSYNC = 8                           # COMMITTED without fsync (docs/protocol.md)
 FLAG_LAST = 1                            # FILE_PART: the file is complete
 FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 
