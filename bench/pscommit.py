@@ -6,7 +6,8 @@ its image files.
 A page-server as an agent runs it (``--serve``, mutual TLS, in a process of
 its own) writes into ``--dir`` (default: under /tmp, a disk here, as on the
 rig).  The client opens a session as a migration's worker does (2 streams,
-a local mirror directory, opened before the timed part), then, timed: ten
+opened before the timed part; see ``modes`` for fsync and the local
+mirror directory), then, timed: ten
 records files of the sizes of a final dump's, a pages file of 3 pages, and
 the commit, until COMMITTED.  Each mode runs ``--reps`` times, interleaved;
 best and median in ms, with the load average.
@@ -54,7 +55,8 @@ def _serve(root: str, paths: dict, q) -> None:
     asyncio.run(main())
 
 
-def one(port: int, paths: dict, session: str, mirror: str, nosync: bool) -> tuple[float, float]:
+def one(port: int, paths: dict, session: str, mirror: str | None,
+        nosync: bool) -> tuple[float, float]:
     """(open ms, write + commit ms)."""
     ctx = tls.client_context(paths["cacert"], paths["cert"], paths["key"])
     t0 = time.perf_counter()
@@ -89,19 +91,24 @@ def main() -> None:
         srv = multiprocessing.Process(target=_serve, args=(os.path.join(tmp, "srv"), paths, q))
         srv.start()
         port = q.get(timeout=30)
-        modes = {"sync": False}
+        # durable: synced, with a mirror (the CLI; a worker's final dump
+        # before CAP_NOSYNC); migration_final: a worker's final dump now
+        # (no fsync, no mirror); migration_round: a pre-copy round's.
+        modes = {"durable": (False, True)}
         if "sync" in client.PageServerSink.__init__.__code__.co_varnames:
-            modes["nosync"] = True
+            modes["migration_final"] = (True, False)
+            modes["migration_round"] = (True, True)
         res: dict = {m: ([], []) for m in modes}
         for i in range(args.reps + 2):
-            for m, nosync in modes.items():
-                mirror = os.path.join(tmp, "mirror", f"{m}{i}")
+            for m, (nosync, mirrored) in modes.items():
+                mirror = os.path.join(tmp, "mirror", f"{m}{i}") if mirrored else None
                 o, c = one(port, paths, f"{m}{i}", mirror, nosync)
                 if i >= 2:          # warm-up
                     res[m][0].append(o)
                     res[m][1].append(c)
                 shutil.rmtree(os.path.join(tmp, "srv", f"{m}{i}"), ignore_errors=True)
-                shutil.rmtree(mirror, ignore_errors=True)
+                if mirror:
+                    shutil.rmtree(mirror, ignore_errors=True)
         out = {"dir": args.dir, "reps": args.reps, "load_average": os.getloadavg()}
         for m, (opens, commits) in res.items():
             out[f"{m}_open_ms"] = {"best": round(min(opens), 2),

@@ -290,13 +290,30 @@ class _Wire:
                 self.raise_server_error(e, "FILE_PART")
 
     def end(self) -> None:
-        """A joined stream is done: end it cleanly (TLS close_notify, FIN), and
+        """A joined stream is done: end it (TLS close_notify, or FIN) without
+        waiting for the server's own end, which ``close`` reads later, and
         report an ERROR the server sent on it meanwhile."""
         with self.lock:
             if self.failed is not None:
                 raise self.failed
             if self.incoming():
                 self.raise_server_error(None, "the end of the stream")
+            self.half_close()
+
+    def half_close(self) -> None:
+        """Send our end of the stream, and do not wait for the server's."""
+        try:
+            if self.tls:
+                # Non-blocking: SSL_shutdown sends our close_notify, then
+                # would wait for the server's (SSLWantReadError).
+                self.sock.settimeout(0)
+                try:
+                    self.sock.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ssl.SSLError, ValueError):
             self.close()
 
     def close(self) -> None:
@@ -538,6 +555,10 @@ class PageServerSink:
         self.close()
 
     def _close_all(self) -> None:
+        # Every stream's end sent first, so that the server's answers to
+        # them are on their way at once.
+        for w in [self.main, *self.extra]:
+            w.half_close()
         for w in self.extra:
             w.close()
         self.main.close()
