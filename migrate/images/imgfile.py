@@ -523,6 +523,9 @@ class ImageDir:
         self.checksums: dict[str, tuple[int, str]] = {}
         self.inventory = None
         self._open_pages: list[str] = []
+        # False: records files, the inventory and the directory are not
+        # fsynced (a page-server client's mirror, read only by this host).
+        self.durable = True
 
     # -- writing ---------------------------------------------------------
     @classmethod
@@ -561,7 +564,8 @@ class ImageDir:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 _writev_all(fd, parts)
-                os.fsync(fd)
+                if self.durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -624,11 +628,12 @@ class ImageDir:
         if not inv.created_ns:
             inv.created_ns = time.time_ns()
         self._write_file("inventory.img", encode_records(ImageKind.INVENTORY, [inv]))
-        try:
-            fsync_dir(self.path)
-        except OSError as e:
-            log.warning("%s: fsync of the directory failed: %s", self.path,
-                        os.strerror(e.errno))
+        if self.durable:
+            try:
+                fsync_dir(self.path)
+            except OSError as e:
+                log.warning("%s: fsync of the directory failed: %s", self.path,
+                            os.strerror(e.errno))
         self.inventory = inv
 
     # -- reading ---------------------------------------------------------

@@ -298,6 +298,13 @@ def interrupt_and_wait(pid: int) -> Stop:
     re-injected (the task would have received it anyway), and we wait on.
     """
     interrupt(pid)
+    return wait_interrupted(pid)
+
+
+def wait_interrupted(pid: int) -> Stop:
+    """Wait until a task INTERRUPTed already sits in a ptrace event stop
+    (see interrupt_and_wait): interrupt many tasks first, then wait for
+    each, and they stop at the same time."""
     while True:
         st = wait(pid)
         if st.exited:

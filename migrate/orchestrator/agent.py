@@ -191,7 +191,7 @@ class Agent:
         self.pageserver = PageServer(os.path.join(self.work_dir, "images"), self.cfg.address,
                                      self.cfg.page_server_port,
                                      ssl_context=self.tls.server_context() if self.tls
-                                     else None, serve=True)
+                                     else None, serve=True, allow_nosync=True)
         self._clean_stale()
         from migrate.orchestrator import address  # noqa: F401
         await self.pageserver.start()

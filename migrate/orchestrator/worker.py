@@ -91,9 +91,14 @@ def _sink(job: dict):
     kw = {}
     if s.get("max_bandwidth"):
         kw["max_bandwidth"] = s["max_bandwidth"]
+    # sync=False: a migration's images are read back at once (from the page
+    # cache) and deleted after; if the destination host dies before the
+    # resume, the source rolls back (docs/protocol.md, "Durability").  The
+    # mirror is for the next round's dump: the last dump has none.
     return PageServerSink(s["address"], s["port"], s["session"], ssl_context=ctx,
                           streams=s.get("streams", 1), compress=s.get("compress", False),
-                          mirror=job["images_dir"], **kw)
+                          mirror=None if job.get("op") == "dump" else job["images_dir"],
+                          sync=False, **kw)
 
 
 def _options(job: dict, **extra):

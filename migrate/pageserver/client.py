@@ -40,6 +40,10 @@ except ImportError:           # optional: --compress then says so
 log = logging.getLogger(__name__)
 
 FILE_PART = 4 << 20
+# Records files up to this much in all are held and sent in one write with
+# the next frame: a dump's files, written one after the other at its end,
+# go with the COMMIT (one write here, one read and one batch at the server).
+HOLD_MAX = 256 << 10
 CONNECT_TIMEOUT_S = 30.0
 IO_TIMEOUT_S = 120.0
 COMMIT_TIMEOUT_S = 600.0   # the server syncs the whole image before it answers
@@ -122,6 +126,8 @@ class _Wire:
         self.failed: errors.PageServerError | None = None
         self.tls = sink.ssl_context is not None
         self.bytes_sent = 0
+        self.held: list[bytes] = []      # encoded frames not sent yet (hold)
+        self.held_bytes = 0
         self.pacing: RateLimit | None = getattr(sink, "pacing", None)
         try:
             raw = socket.create_connection((sink.address, sink.port),
@@ -230,32 +236,84 @@ class _Wire:
         self.failed = err
         raise err from None
 
+    def _encode(self, ev) -> list:
+        try:
+            return self.conn.send_parts(ev)
+        except P.LocalProtocolError as e:
+            raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+
+    def hold(self, ev) -> None:
+        """Encode ``ev`` now (its place in the stream) and send it with the
+        next frame, or at ``flush``."""
+        with self.lock:
+            if self.failed is not None:
+                raise self.failed
+            frame = b"".join(self._encode(ev))
+            self.held.append(frame)
+            self.held_bytes += len(frame)
+
     def send(self, ev, look: bool = True) -> None:
         """Under the lock: look for an ERROR first (``look``: a write session,
-        where the server sends nothing else), then send the frame."""
+        where the server sends nothing else), then send the frames held and
+        this one."""
         with self.lock:
             if self.failed is not None:
                 raise self.failed
             what = type(ev).__name__
             if look and self.incoming():
                 self.raise_server_error(None, what)
-            try:
-                parts = self.conn.send_parts(ev)
-            except P.LocalProtocolError as e:
-                raise errors.PageServerError(self.peer, "PROTOCOL", str(e)) from None
+            parts = self._encode(ev)
+            if self.held:
+                small = sum(len(p) for p in parts) < HOLD_MAX
+                held = b"".join(self.held + (parts if small else []))
+                parts = [held] if small else [held, *parts]
+                self.held, self.held_bytes = [], 0
             try:
                 self.sendall(parts)
             except (OSError, ssl.SSLError) as e:
                 self.raise_server_error(e, what)
 
+    def flush(self) -> None:
+        """Send the frames held, if any."""
+        with self.lock:
+            if not self.held:
+                return
+            if self.failed is not None:
+                raise self.failed
+            if self.incoming():
+                self.raise_server_error(None, "FILE_PART")
+            data = b"".join(self.held)
+            self.held, self.held_bytes = [], 0
+            try:
+                self.sendall([data])
+            except (OSError, ssl.SSLError) as e:
+                self.raise_server_error(e, "FILE_PART")
+
     def end(self) -> None:
-        """A joined stream is done: end it cleanly (TLS close_notify, FIN), and
+        """A joined stream is done: end it (TLS close_notify, or FIN) without
+        waiting for the server's own end, which ``close`` reads later, and
         report an ERROR the server sent on it meanwhile."""
         with self.lock:
             if self.failed is not None:
                 raise self.failed
             if self.incoming():
                 self.raise_server_error(None, "the end of the stream")
+            self.half_close()
+
+    def half_close(self) -> None:
+        """Send our end of the stream, and do not wait for the server's."""
+        try:
+            if self.tls:
+                # Non-blocking: SSL_shutdown sends our close_notify, then
+                # would wait for the server's (SSLWantReadError).
+                self.sock.settimeout(0)
+                try:
+                    self.sock.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            else:
+                self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ssl.SSLError, ValueError):
             self.close()
 
     def close(self) -> None:
@@ -282,14 +340,17 @@ class PageServerSink:
     ``streams``: TCP streams to ask for (the server may grant fewer);
     ``compress``: zstd-compress chunks if the server takes them;
     ``max_bandwidth``: bytes/s for the whole session, all streams together
-    (bytes handed to the sockets: after compression, framing included).
+    (bytes handed to the sockets: after compression, framing included);
+    ``sync=False``: ask for CAP_NOSYNC, a commit without fsync (for images
+    read back at once and deleted after: a live migration's), and write
+    the mirror without fsync either.
     """
 
     def __init__(self, address: str, port: int, session: str, *,
                  ssl_context: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, streams: int = 1,
                  compress: bool = False, mirror: str | None = None,
-                 max_bandwidth: float | None = None) -> None:
+                 max_bandwidth: float | None = None, sync: bool = True) -> None:
         try:
             P.check_session_name(session)
         except ValueError as e:
@@ -305,22 +366,29 @@ class PageServerSink:
         # incremental dump finds its parent's pagemaps here (--prev-images-dir
         # means the same chain on both sides).
         self.mirror = imgfile.ImageDir.create(mirror) if mirror else None
+        if self.mirror is not None and not sync:
+            # Only this host's next dump reads it, and nothing survives a
+            # crash of this host that would need it.
+            self.mirror.durable = False
         self.address, self.port = address, port
         self.peer = f"{address}:{port}"
         self.session = session
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.checksums: dict[str, tuple[int, str]] = {}
+        self._mirror_later: list = []     # (name, data) of files held
         self.inventory = None
         self._closed = False
         self.pacing = RateLimit(max_bandwidth) if max_bandwidth else None
         self.t0 = time.monotonic()
         self.tls = ssl_context is not None
-        caps = (P.CAP_STREAMS if streams > 1 else 0) | (P.CAP_ZSTD if compress else 0)
+        caps = (P.CAP_STREAMS if streams > 1 else 0) | (P.CAP_ZSTD if compress else 0) \
+            | (0 if sync else P.CAP_NOSYNC)
         self.main = _Wire(self, 0)
         ev = self.main.open(P.Hello(session, P.MODE_WRITE, caps, streams=streams))
         self.caps = ev.caps
         self.compress = bool(ev.caps & P.CAP_ZSTD)
+        self.synced = not ev.caps & P.CAP_NOSYNC     # the commit is durable
         self._zstd = threading.local()
         self.extra: list[_Wire] = []
         try:
@@ -336,10 +404,10 @@ class PageServerSink:
         self._free: queue.Queue = queue.Queue()
         for w in [self.main, *self.extra]:
             self._free.put(w)
-        log.info("page-server %s: session %r open (%s, version %d, %d stream%s%s%s)",
+        log.info("page-server %s: session %r open (%s, version %d, %d stream%s%s%s%s)",
                  self.peer, session, self.main.sock.version() if self.tls else "plaintext",
                  ev.version, 1 + len(self.extra), "s" if self.extra else "",
-                 ", zstd" if self.compress else "",
+                 ", zstd" if self.compress else "", "" if self.synced else ", no fsync",
                  f", at most {max_bandwidth / 2**20:.1f} MiB/s" if self.pacing else "")
 
     @property
@@ -388,11 +456,25 @@ class PageServerSink:
         self.checksums[name] = (len(data), xxhash.xxh3_128_hexdigest(data))
         if self.mirror is not None:
             self.mirror.checksums[name] = self.checksums[name]
+        if len(data) and self.main.held_bytes + len(data) <= HOLD_MAX:
+            # Held, sent with the next frame; its mirror copy is written
+            # while the server writes it (commit).
+            self.main.hold(P.FilePart(name, 0, data, True))
+            if self.mirror is not None:
+                self._mirror_later.append((name, data))
+            return
+        self._write_mirror()
+        if self.mirror is not None:
             self.mirror._write_file(name, data)
         view = memoryview(data)
         for off in range(0, len(data), FILE_PART):
             part = view[off:off + FILE_PART]
             self._send(P.FilePart(name, off, part, off + FILE_PART >= len(data)))
+
+    def _write_mirror(self) -> None:
+        todo, self._mirror_later = self._mirror_later, []
+        for name, data in todo:
+            self.mirror._write_file(name, data)
 
     def raw_writer(self, name: str) -> "RawBuffer":
         """tcp-queues.img: gathered here, sent by add_raw like a records image."""
@@ -412,7 +494,9 @@ class PageServerSink:
         self.checksums[f"pages-{pid}.img"] = writer.close()
 
     def set_parent(self, rel: str) -> None:
-        self._send(P.SetParent(rel))
+        self.main.hold(P.SetParent(rel))
+        if self.mirror is not None:
+            self.mirror.set_parent(rel)
         if self.mirror is not None:
             self.mirror.set_parent(rel)
 
@@ -427,6 +511,11 @@ class PageServerSink:
                 if self.main.incoming():
                     self.main.raise_server_error(None, "COMMIT")
                 raise
+        # The files held go first; the mirror is written while the server
+        # writes them, and before the COMMIT: a mirror that cannot be
+        # written fails the dump before the destination has an image.
+        self.main.flush()
+        self._write_mirror()
         del inv.files[:]
         for name in sorted(self.checksums):
             size, digest = self.checksums[name]
@@ -452,6 +541,7 @@ class PageServerSink:
 
     def discard(self) -> None:
         """Abort the session: the server removes what it wrote."""
+        self._mirror_later = []
         if self.mirror is not None and self.inventory is None:
             self.mirror.discard()
         if self._closed:
@@ -465,6 +555,10 @@ class PageServerSink:
         self.close()
 
     def _close_all(self) -> None:
+        # Every stream's end sent first, so that the server's answers to
+        # them are on their way at once.
+        for w in [self.main, *self.extra]:
+            w.half_close()
         for w in self.extra:
             w.close()
         self.main.close()

@@ -35,7 +35,7 @@ __all__ = [
     "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
     "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
     "CAP_MAP", "MAP_REMOTE", "MAP_LOCAL", "MAP_ZERO", "MAX_MAP_RUNS", "GetMap", "PageMap",
-    "CAP_RUNS", "MAX_GET_RUNS", "GetRuns",
+    "CAP_RUNS", "MAX_GET_RUNS", "GetRuns", "CAP_NOSYNC",
     "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
     "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
     "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
@@ -69,6 +69,7 @@ CAP_ZSTD = 2                             # PAGE_CHUNK may carry FLAG_ZSTD
 CAP_STREAMS = 4                          # JOIN: more TCP streams for one session
 CAP_MAP = 8                              # read sessions: GET_MAP answered (a post-copy source)
 CAP_RUNS = 16                            # read sessions: GET_RUNS answered
+CAP_NOSYNC = 32                          # COMMITTED without fsync (docs/protocol.md)
 FLAG_LAST = 1                            # FILE_PART: the file is complete
 FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 

@@ -5,7 +5,8 @@ committed one for post-copy).  File work runs in a thread pool: a chunk's
 digest is checked on arrival, it is pwritten at its place in pages-PID.img,
 and the bytes as written are hashed again through a shared mapping of the
 file.  inventory.img is written last, after every file is checked against
-it and synced: no directory looks complete before that.  A bad connection
+it and synced (not synced for a client granted CAP_NOSYNC): no directory
+looks complete before that.  A bad connection
 is answered with ERROR, logged, and closed; the others keep going.
 SIGTERM: stop accepting, let running sessions finish (bounded), then close.
 """
@@ -117,6 +118,8 @@ class Session:
         self.nbytes = 0
         self.ranges = {"zero": 0, "parent": 0}
         self.committed = False
+        # False once CAP_NOSYNC is granted: nothing is fsynced (see commit).
+        self.sync = True
 
     def _p(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -183,13 +186,18 @@ class Session:
         f.size += len(ev.data)
         self.nbytes += len(ev.data)
         if ev.last:
-            try:
-                os.fsync(f.fd)
-            except OSError as e:
-                raise _os_error(self._p(ev.name), "fsync", e) from e
+            if self.sync:
+                try:
+                    os.fsync(f.fd)
+                except OSError as e:
+                    raise _os_error(self._p(ev.name), "fsync", e) from e
             os.close(f.fd)
             f.fd = -1
             f.digest = f.hasher.hexdigest()
+
+    def file_parts(self, evs: list) -> None:
+        for ev in evs:
+            self.file_part(ev)
 
     def set_parent(self, target: str) -> None:
         link = self._p("parent")
@@ -320,23 +328,30 @@ class Session:
         if extra:
             raise SessionError(P.Code.CHECKSUM, f"received but not in the inventory: "
                                                 f"{', '.join(extra)}")
-        for pid, pf in self.pages.items():
-            try:
-                os.fsync(pf.fd)
-            except OSError as e:
-                raise _os_error(self._p(f"pages-{pid}.img"), "fsync", e) from e
+        # Without sync (CAP_NOSYNC) the inventory is still written last, so
+        # a session cut short never looks complete; only a crash of this host
+        # may leave files torn under an inventory, which the checksums of
+        # any reader then refuse (docs/protocol.md, "Durability").
+        if self.sync:
+            for pid, pf in self.pages.items():
+                try:
+                    os.fsync(pf.fd)
+                except OSError as e:
+                    raise _os_error(self._p(f"pages-{pid}.img"), "fsync", e) from e
         fd = self._create("inventory.img")
         try:
             self._pwrite(fd, data, 0, inv_path)
-            os.fsync(fd)
+            if self.sync:
+                os.fsync(fd)
         except OSError as e:
             raise _os_error(inv_path, "fsync", e) from e
         finally:
             os.close(fd)
-        try:
-            imgfile.fsync_dir(self.path)
-        except OSError as e:
-            raise _os_error(self.path, "fsync of the directory", e) from e
+        if self.sync:
+            try:
+                imgfile.fsync_dir(self.path)
+            except OSError as e:
+                raise _os_error(self.path, "fsync of the directory", e) from e
         self.committed = True
         self.close()
         return len(listed), self.nbytes
@@ -671,7 +686,7 @@ class PageServer:
     def __init__(self, root: str, host: str = "0.0.0.0", port: int = 0, *,
                  ssl_context: ssl.SSLContext | None = None, serve: bool = False,
                  sock=None, workers: int = 4, compress: bool = True,
-                 max_streams: int = P.MAX_STREAMS) -> None:
+                 max_streams: int = P.MAX_STREAMS, allow_nosync: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.host, self.port = host, port
         self.ssl = ssl_context
@@ -682,6 +697,12 @@ class PageServer:
         self.buffers.on_free = self._buffer_freed
         self._buffer_waiters: list[asyncio.Future] = []
         self.caps = P.CAP_GET | P.CAP_STREAMS | (P.CAP_ZSTD if compress and zstandard else 0)
+        # ``allow_nosync``: grant CAP_NOSYNC, commits without fsync, to the
+        # clients that ask.  An agent's page-server does (a migration's
+        # images are read back at once and deleted after); `migrate
+        # page-server` does not: its images are kept, as criu's.
+        if allow_nosync:
+            self.caps |= P.CAP_NOSYNC
         self.max_streams = max_streams
         self.active: dict[str, asyncio.Task] = {}
         self.joinable: dict[bytes, _Joinable] = {}
@@ -837,6 +858,7 @@ class Handler:
         self.number = 0                        # stream number (0: the HELLO stream)
         self.counted = False                   # a session (not a JOINed stream)
         self.clean_end = False                 # a JOINed stream ended after its chunks
+        self.stashed = None                    # an event read ahead (on_FilePart)
 
     def _io(self, fn, *args) -> asyncio.Future:
         return self.loop.run_in_executor(self.srv.pool, fn, *args)
@@ -915,6 +937,9 @@ class Handler:
                 fut.set_result(self.clean_end)
 
     async def _next_event(self):
+        if self.stashed is not None:
+            ev, self.stashed = self.stashed, None
+            return ev
         conn = self.conn
         while True:
             ev = conn.next_event()
@@ -990,6 +1015,7 @@ class Handler:
             self.srv.active[key] = asyncio.current_task()
             self.key = key
             s = Session(self.srv.root, path, ev.name)
+            s.sync = not caps & P.CAP_NOSYNC
             self.session = s
             await self._io(s.begin)
             if caps & P.CAP_STREAMS:
@@ -1002,9 +1028,10 @@ class Handler:
             self.srv.joinable[token] = self.join
         self.stream.write(self.conn.send(P.Welcome(P.VERSION, caps, streams=streams,
                                                    token=token)))
-        log.info("%s: %s session %r into %s (%d stream%s%s)", self.peer,
+        log.info("%s: %s session %r into %s (%d stream%s%s%s)", self.peer,
                  "read" if ev.mode == P.MODE_READ else "write", ev.name, path, streams,
-                 "s" if streams > 1 else "", ", zstd" if caps & P.CAP_ZSTD else "")
+                 "s" if streams > 1 else "", ", zstd" if caps & P.CAP_ZSTD else "",
+                 ", no fsync" if caps & P.CAP_NOSYNC else "")
 
     async def on_Join(self, ev: P.Join) -> None:
         if ev.version not in P.SUPPORTED_VERSIONS:
@@ -1026,11 +1053,22 @@ class Handler:
                  ev.stream, j.streams)
 
     async def on_FilePart(self, ev: P.FilePart) -> None:
-        await self._settle()
+        # The parts that came with it (a client sends a dump's small files
+        # in one write) go to the I/O thread together: one trip for all.
+        batch = [ev]
         try:
-            await self._io(self.session.file_part, ev)
+            while True:
+                nxt = self.conn.next_event()
+                if not isinstance(nxt, P.FilePart):
+                    if nxt is not P.NEED_DATA:
+                        self.stashed = nxt      # handled next (_next_event)
+                    break
+                batch.append(nxt)
+            await self._settle()
+            await self._io(self.session.file_parts, batch)
         finally:
-            self.conn.release(ev)
+            for e in batch:
+                self.conn.release(e)
 
     async def on_SetParent(self, ev: P.SetParent) -> None:
         await self._io(self.session.set_parent, ev.target)

@@ -122,7 +122,7 @@ class NetLock:
         self.backend = backend
         self.conns: list[Conn] = []
         self.held = False
-        self.held_sets = False
+        self.held_sets: set[int] = set()     # families whose set and rules exist
         self.set_us = 0
         self.unset_us = 0
 
@@ -156,23 +156,29 @@ class NetLock:
                  "policy accept; }",
                  f"add chain {t} output {{ type filter hook output priority {PRIORITY}; "
                  "policy accept; }"]
-        if not self.held_sets:
-            # One set lookup per packet whatever the number of connections;
-            # elements are (remote address, port, local address, port).
-            for ip, kind, name in (("ip", "ipv4_addr", "conns4"), ("ip6", "ipv6_addr", "conns6")):
+        made = set()
+        for ip, kind, name, fam in (("ip", "ipv4_addr", "conns4", socket.AF_INET),
+                                    ("ip6", "ipv6_addr", "conns6", socket.AF_INET6)):
+            elems = [f"{c.raddr} . {c.rport} . {c.laddr} . {c.lport}" for c in conns
+                     if c.family == fam]
+            if not elems:
+                continue
+            if fam not in self.held_sets:
+                # One set lookup per packet whatever the number of
+                # connections; elements are (remote address, port, local
+                # address, port).  Only for the families locked: each set
+                # and its rules cost the transaction ~0.1 ms, in the frozen
+                # time.
                 lines += [f"add set {t} {name} {{ type {kind} . inet_service . {kind} . "
                           "inet_service; }",
                           f"add rule {t} input {ip} saddr . tcp sport . {ip} daddr . tcp dport "
                           f"@{name} drop",
                           f"add rule {t} output {ip} daddr . tcp dport . {ip} saddr . "
                           f"tcp sport @{name} drop"]
-        for name, fam in (("conns4", socket.AF_INET), ("conns6", socket.AF_INET6)):
-            elems = [f"{c.raddr} . {c.rport} . {c.laddr} . {c.lport}" for c in conns
-                     if c.family == fam]
-            if elems:
-                lines.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
+                made.add(fam)
+            lines.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
         _nft("\n".join(lines) + "\n", self.name)
-        self.held_sets = True
+        self.held_sets |= made
 
     def _ipt_add(self, conns: list[Conn]) -> None:
         ch = self.name

@@ -797,3 +797,102 @@ def test_version_names_and_the_session_checksum(tmp_path, servers):
     sink.commit(inventory_pb2.inventory_entry(root_pid=1))
     assert os.path.exists(os.path.join(root, "good", "inventory.img"))
     assert srv.proc.poll() is None
+
+
+class _InProcessServer:
+    """A PageServer on its own loop in a thread of this process (as an agent
+    runs one), for what `migrate page-server` does not offer: CAP_NOSYNC."""
+
+    def __init__(self, root: str, **kw) -> None:
+        import threading
+        from migrate.pageserver.server import PageServer
+        self.loop = asyncio.new_event_loop()
+        self.srv = PageServer(root, "127.0.0.1", 0, serve=True, **kw)
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.srv.start())
+            ready.set()
+            self.loop.run_until_complete(self.srv.done.wait())
+            self.loop.run_until_complete(self.srv.shutdown())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(30)
+        self.port = self.srv.port
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.srv.request_stop)
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def test_nosync_commit_and_files_sent_with_the_commit(tmp_path, monkeypatch):
+    """CAP_NOSYNC: granted only by a server that allows it, only to a client
+    that asks; then neither the server nor the client's mirror fsyncs, and
+    the image is as complete and checked as a synced one.  Small records
+    files are held and go with the COMMIT in one write (a large one goes at
+    once), and the server writes them in one batch: a bad part in the batch
+    still fails the session with no inventory."""
+    import threading
+    from migrate.pageserver import client as pclient
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(threading.current_thread().name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    lenient = _InProcessServer(str(tmp_path / "lenient"), allow_nosync=True)
+    strict = _InProcessServer(str(tmp_path / "strict"))
+    try:
+        def session(srv, name, sync, mirror=None):
+            del synced[:]
+            sink = PageServerSink("127.0.0.1", srv.port, name, streams=2, sync=sync,
+                                  mirror=mirror)
+            pw = sink.pages_writer(7)
+            pw.account(2, pw.write_chunk(0, memoryview(os.urandom(2 * 4096))))
+            sink.add_pages(7, pw)
+            sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=7)])
+            big = sink.raw_writer("tcp-queues.img")
+            big.append(os.urandom(pclient.HOLD_MAX + 1))
+            sink.add_raw("tcp-queues.img", big)             # sent at once, not held
+            assert not sink.main.held
+            sink.write_image("files.img", [])
+            assert sink.main.held                           # held for the COMMIT
+            sink.commit(inventory_pb2.inventory_entry(root_pid=7))
+            imgfile.ImageDir.open(os.path.join(srv.srv.root, name)).verify_all()
+            return sink.synced, [t for t in synced if t.startswith("ps-io")], \
+                [t for t in synced if not t.startswith("ps-io")]
+
+        mirror = str(tmp_path / "mirror")
+        got, server_syncs, client_syncs = session(lenient, "fast", False, mirror)
+        assert (got, server_syncs, client_syncs) == (False, [], [])
+        mine = imgfile.ImageDir.open(mirror)
+        assert set(mine.checksums) == {"pstree.img", "files.img", "tcp-queues.img"}
+        mine.verify_all()
+        got, server_syncs, client_syncs = session(lenient, "durable", True, mirror)
+        assert got and server_syncs and client_syncs     # the default: synced
+        got, server_syncs, _ = session(strict, "asked", False)
+        assert got and server_syncs                      # not granted: synced
+
+        sink = PageServerSink("127.0.0.1", lenient.port, "bad", sync=False)
+        sink.write_image("pstree.img", [pstree_pb2.pstree_entry(pid=7)])
+        sink.main.hold(P.FilePart("fs-7.img", 0, b"x" * 10))
+        sink.main.hold(P.FilePart("fs-7.img", 20, b"y" * 10, True))
+        sink.checksums["fs-7.img"] = (20, "0" * 32)
+        with pytest.raises(errors.PageServerError, match="PROTOCOL.*offset 20, expected 10"):
+            sink.commit(inventory_pb2.inventory_entry(root_pid=7))
+        sink.close()
+        bad = os.path.join(lenient.srv.root, "bad")
+        deadline = time.monotonic() + 10
+        while os.path.exists(os.path.join(bad, "pstree.img")):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not os.path.exists(os.path.join(bad, "inventory.img"))
+    finally:
+        lenient.stop()
+        strict.stop()

@@ -514,6 +514,36 @@ print("LIFTED", netlock.exists(4242), flush=True)
             p.wait()
 
 
+def test_lock_sets_only_the_families_locked(net):
+    """The lock makes the set and rules of a family only once it locks one
+    of its connections (each costs the frozen time): IPv4 only at first,
+    then an IPv6 connection the first look missed adds its own."""
+    c = net.ns("c")
+    prog = """
+import socket, subprocess, sys
+from migrate.resources import netlock
+def listed():
+    return subprocess.run(["nft", "list", "table", "inet", "migrate-4243"],
+                          capture_output=True, text=True, check=True).stdout
+lk = netlock.lock(4243, [netlock.Conn(socket.AF_INET, "10.231.12.1", 4000, "10.231.12.2",
+                                      7000)], None)
+first = listed()
+assert "conns4" in first and "conns6" not in first, first
+lk.add([netlock.Conn(socket.AF_INET6, "fd00::1", 1, "fd00::2", 2)])
+both = listed()
+assert "10.231.12.2 . 7000 . 10.231.12.1 . 4000" in both, both
+assert "fd00::2 . 2 . fd00::1 . 1" in both and "@conns6 drop" in both, both
+assert both.count("@conns4 drop") == 2 and both.count("@conns6 drop") == 2, both
+lk.unlock()
+print("OK", netlock.exists(4243), flush=True)
+"""
+    p = subprocess.run(net.enter(c, [sys.executable, "-c", prog]), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "OK []"
+    assert net.tables(c) == []
+
+
 def test_client_through_page_server(net, workdir, workloads):
     """The queues cross to a page server (tcp-queues.img sent like any
     image file, checked by the inventory there) and come back from it."""
