@@ -205,8 +205,15 @@ class LazyPages:
             work.append(self.source.open())
         if self.prepare is not None:
             work.append(self.loop.run_in_executor(None, self.prepare))
-        failed = [r for r in await asyncio.gather(*work, return_exceptions=True)
-                  if isinstance(r, BaseException)]
+        results = await asyncio.gather(*work, return_exceptions=True)
+        if self.source.remote and isinstance(results[0], errors.PageSourceError) and \
+                self.prepare is not None and not isinstance(results[-1], BaseException):
+            # Connected early (before the stop) and it failed: once more, now.
+            log.warning("lazy-pages: %s; connecting again", results[0])
+            self.source.reset()
+            results[0] = (await asyncio.gather(self.source.open(),
+                                               return_exceptions=True))[0]
+        failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             self._close()
             if self.source.remote:
@@ -1037,17 +1044,25 @@ _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork
              U.UFFD_EVENT_UNMAP: "on_unmap"}
 
 
-def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
+class NoImage(Exception):
+    """A daemon started before its image (``images_later``) got none."""
+
+
+def run(images_dir: str | None, sock_path: str, *, remote: tuple | None = None,
         prefetch: bool = True, status_fd: int | None = None,
         stats_out=None, verify: bool = True, early: bool = False,
-        listener: socket.socket | None = None) -> int:
+        listener: socket.socket | None = None, images_later=None) -> int:
     """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
     = (address, port, session, ssl context), from the source's page-server.
     ``verify``: check the local image's checksums whole before serving
     (False for images our page-server wrote: it checked every range's
     checksum as it wrote it).  ``early``: ready once listening, the image
     read meanwhile (the restore loads its own image in parallel).
-    ``listener``: a socket already listening on ``sock_path``."""
+    ``listener``: a socket already listening on ``sock_path``.
+    ``images_later``: with ``remote`` and no ``images_dir``, a blocking call
+    that returns the image directory once there is one (or raises NoImage):
+    the connections to the source are made meanwhile (a migration's
+    destination, before the stop)."""
     from migrate.lazypages import source as S
     prepare = None
     if remote is None:
@@ -1061,6 +1076,14 @@ def run(images_dir: str, sock_path: str, *, remote: tuple | None = None,
         if not early:
             prepare()
             prepare = None
+    elif images_later is not None:
+        src = S.RemoteSource(*remote)
+
+        def prepare() -> None:
+            d = images_later()
+            if os.path.exists(os.path.join(d, "inventory.img")):
+                src.local = S.LocalSource(d)
+                src.local.verify(whole=verify)
     else:
         local = None
         if os.path.exists(os.path.join(images_dir, "inventory.img")):

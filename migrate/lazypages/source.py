@@ -425,6 +425,13 @@ class RemoteSource:
         here = pagemap.intersect([(src, end)], st[i:j + 1])
         return here, pagemap.subtract([(src, end)], here)
 
+    def reset(self) -> None:
+        """New lanes, for another ``open`` after one failed."""
+        self.fault.close()
+        self.fault = FaultLane(self)
+        self.prefetch = _Lane(self, "prefetch")
+        self.failed = None
+
     async def open(self) -> None:
         # The fault lane connects with blocking I/O: in a thread, while the
         # prefetch lane connects on the loop.

@@ -404,6 +404,28 @@ class Agent:
                 await w.close()
             self._background(close())
 
+    async def source_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
+        """Post-copy, as the stop begins: where the source serves the pages
+        it will keep; the standby lazy-pages daemon connects now, not in
+        the downtime (a hint: the restore request says it again)."""
+        if not (isinstance(body.get("address"), str) and isinstance(body.get("port"), int)
+                and isinstance(body.get("session"), str)):
+            raise web.HTTPBadRequest(reason="source: address, port and session")
+        if st["state"] != "prepared":
+            raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
+        w = await self._worker_of(st)
+        if w is None:
+            return {"ok": False, "error": "no worker"}
+        remote = {"address": body["address"], "port": body["port"],
+                  "session": body["session"], "tls": self._tls_paths()}
+        async with st["lock"]:
+            if st["state"] != "prepared":
+                raise web.HTTPConflict(reason=f"migration {m.id} is {st['state']}")
+            try:
+                return await w.call({"op": "standby-source", "remote": remote})
+            except errors.MigrateError as e:
+                return {"ok": False, "error": str(e)}
+
     async def alive_incoming(self, m: mig.Migration, st: dict, body: dict) -> dict:
         """The source's heartbeat (``_incoming`` noted the time)."""
         return {"ok": True, "state": st["state"]}
@@ -769,7 +791,7 @@ async def incoming_action(request):
     action = request.match_info["action"]
     fn = {"restore": a.restore_incoming, "address": a.address_incoming,
           "round": a.round_incoming, "resume": a.resume_incoming,
-          "alive": a.alive_incoming,
+          "alive": a.alive_incoming, "source": a.source_incoming,
           "abort": a.abort_incoming, "finish": a.finish_incoming}.get(action)
     if fn is None:
         raise web.HTTPNotFound(reason=f"no action {action!r}")

@@ -45,7 +45,8 @@ QUEUE_MAX = 1000            # events a slow client may lag behind before it lose
 DASHBOARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
 DASHBOARD_FILES = ("index.html", "app.js", "style.css")
 ID_PATTERN = "^[A-Za-z0-9]{1,64}$"
-INCOMING_ACTIONS = ("restore", "address", "round", "resume", "alive", "abort", "finish")
+INCOMING_ACTIONS = ("restore", "address", "round", "resume", "alive", "source", "abort",
+                    "finish")
 DOWNTIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -203,6 +204,7 @@ INCOMING_ACTION = _obj({
     "lock_session": _null(_SESSION),
     "reason": {"type": ["string", "null"], "maxLength": 4096},
     "keep_images": _BOOL,
+    "port": {"type": "integer", "minimum": 1, "maximum": 65535},   # source
     "post_copy": _null(_obj({
         "address": {"type": "string", "maxLength": 64},
         "port": {"type": "integer", "minimum": 1, "maximum": 65535},

@@ -407,7 +407,15 @@ class Coordinator:
             "level": logging.DEBUG, "post_copy": self._post_copy_job(),
             "resume": self._resume_job()})
         msg = await self.worker.recv()
+        told = None
+        if msg.get("event") == "lazy-listening":
+            # Post-copy: the destination's lazy-pages daemon connects to the
+            # pages we keep while we freeze and dump, not in the downtime.
+            told = asyncio.ensure_future(self._tell_source(msg["port"]))
+            msg = await self.worker.recv()
         if msg.get("event") != "frozen":
+            if told is not None:
+                told.cancel()
             # The dump failed before it could commit: the tree runs on here.
             raise MigrationFailed("stop", msg.get("error") or f"unexpected {msg!r}")
         self.agent.fault("src-frozen")
@@ -425,6 +433,8 @@ class Coordinator:
             if o.move_address:
                 await self._move_address()
                 log.debug("migration %s: address removed", m.id)
+            if told is not None:
+                await told          # (long done: it was sent before the freeze)
             m.set_phase("restore")
             t_r = time.monotonic()
             r = await self.peer.post(f"/api/v1/incoming/{m.id}/restore",
@@ -507,6 +517,21 @@ class Coordinator:
         m.total_time = None
         log.info("migration %s: pid %d runs on %s; downtime %.1f ms (stop %.1f s after "
                  "the start)", m.id, m.pid, m.dst, m.downtime * 1e3, t_stop - m._t0)
+
+    async def _tell_source(self, port: int) -> None:
+        """Where our frozen tree's pages will be served (a hint: the restore
+        request says it again)."""
+        try:
+            r = await self.peer.post(f"/api/v1/incoming/{self.m.id}/source",
+                                     {"address": self.agent.cfg.address, "port": port,
+                                      "session": f"{self.m.id}/final"}, phase="stop",
+                                     timeout=10)
+            if not r.get("ok"):
+                log.info("migration %s: %s did not connect early to our pages: %s",
+                         self.m.id, self.m.dst, r.get("error"))
+        except Exception as e:      # noqa: BLE001 - a hint: the restore says it again
+            log.info("migration %s: %s did not connect early to our pages: %s", self.m.id,
+                     self.m.dst, getattr(e, "message", e))
 
     def _resume_job(self) -> dict:
         """Where the worker asks the destination to release the tree (it

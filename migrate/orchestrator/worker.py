@@ -10,6 +10,7 @@ JSON lines back on stdout:
     -> {"op": "pre-dump", "pid": N, "images_dir": D, "prev": REL|null, "sink": {...}}
     <- {"ok": true, "stats": {...}, "bytes": B}
     -> {"op": "dump", ... same, "tcp_established": bool, "network_lock": ...}
+    <- {"event": "lazy-listening", "port": P}   (post-copy: before the freeze)
     <- {"event": "frozen", "stats": {...}, "bytes": B}     (image committed, tree frozen)
     -> {"op": "release", "action": "kill" | "rollback", "reason": "..."}
     <- {"ok": true, "stats": ...} | {"ok": false, "error": "...", "running": true}
@@ -139,6 +140,8 @@ def dump(job: dict) -> dict:
     # Post-copy: the server of the pages left at the source listens before
     # the freeze (its start is no part of the downtime).
     source = _LazySource(job["pid"], post) if post else None
+    if source is not None:
+        _out({"event": "lazy-listening", "port": source.server.bound_port})
 
     def on_freeze() -> None:
         frozen[0] = time.monotonic()
@@ -475,10 +478,29 @@ class _Standby:
     def __init__(self, job: dict, pid: int, go: int) -> None:
         self.job, self.pid, self.go = job, pid, go
         self.sock = job["socket"]
+        self.remote: dict | None = None      # told early (``connect``)
+
+    def connect(self, remote: dict) -> bool:
+        """Post-copy: the page source, as the stop begins; the daemon connects
+        to it at once (its TLS handshakes then cost nothing at the restore)."""
+        if self.go < 0 or self.remote is not None:
+            return False
+        try:
+            os.write(self.go, (json.dumps({"remote": remote}) + "\n").encode())
+        except OSError:
+            return False
+        self.remote = remote
+        return True
 
     def start(self, images: str, remote: dict | None) -> bool:
         """Hand it the image and page source; False if it is not there
         (EPIPE: the caller forks a daemon of its own)."""
+        if self.remote is not None and remote is not None and remote != self.remote:
+            log.warning("the standby lazy-pages daemon (pid %d) connected to another page "
+                        "source (%s) than the restore's (%s): forking one", self.pid,
+                        self.remote, remote)
+            self.dismiss()
+            return False
         try:
             os.write(self.go, (json.dumps({"images": images, "remote": remote}) +
                                "\n").encode())
@@ -581,8 +603,8 @@ def standby(job: dict) -> dict:
             lsn.listen(16)
             os.write(st_w, b"\0")
             os.close(st_w)
-            with os.fdopen(go_r) as f:
-                line = f.readline()
+            f = os.fdopen(go_r)
+            line = f.readline()
             if not line:
                 lsn.close()
                 try:
@@ -595,8 +617,22 @@ def standby(job: dict) -> dict:
             if go.get("remote"):
                 r = go["remote"]
                 src = (r["address"], r["port"], r["session"], ctx)
-            rc = daemon.run(go["images"], sock, stats_out=_saver(job["stats"]), verify=False,
-                            early=True, remote=src, listener=lsn)
+            later = None
+            if go.get("images") is None and src is not None:
+                # Told the page source first (post-copy, as the stop begins):
+                # connect now, the image comes with the restore.
+                def later() -> str:
+                    nxt = f.readline()
+                    if not nxt:
+                        raise daemon.NoImage("no restore came")
+                    return json.loads(nxt)["images"]
+            try:
+                rc = daemon.run(go.get("images"), sock, stats_out=_saver(job["stats"]),
+                                verify=False, early=True, remote=src, listener=lsn,
+                                images_later=later)
+            except daemon.NoImage:
+                log.info("lazy-pages: no restore came")
+                rc = 0
         except BaseException:        # noqa: BLE001 - the child must never return
             log.exception("lazy-pages daemon")
         os._exit(rc)
@@ -616,6 +652,14 @@ def standby(job: dict) -> dict:
     _standby = sb
     log.info("lazy-pages daemon %d standing by on %s", pid, sock)
     return {"ok": True, "pid": pid}
+
+
+def standby_source(job: dict) -> dict:
+    """Post-copy, as the stop begins: the standby daemon connects to the
+    source's page server now (``_Standby.connect``)."""
+    if _standby is None:
+        return {"ok": False, "error": "no lazy-pages daemon standing by"}
+    return {"ok": _standby.connect(job["remote"])}
 
 
 def restore(job: dict) -> dict:
@@ -730,7 +774,7 @@ def inspect(job: dict) -> dict:
 
 JOBS = {"inspect": inspect, "preload": preload, "pre-dump": pre_dump, "dump": dump,
         "restore": restore, "unlock": unlock, "stop-tracking": stop_tracking,
-        "standby": standby}
+        "standby": standby, "standby-source": standby_source}
 
 
 def _warm() -> None:
