@@ -20,6 +20,7 @@ the dump pipeline copies every page the parent image does not hold.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -42,7 +43,11 @@ def trackable(v: Vma) -> bool:
             and v.path not in ("[vsyscall]",))
 
 
+@functools.cache
 def uffd_available() -> bool:
+    """Once per process (a userfaultfd and a PAGEMAP_SCAN probe, which the
+    last dump of a migration made frozen): the kernel's features do not
+    change under us."""
     try:
         f = userfaultfd.supported_features()
     except errors.KernelError:
