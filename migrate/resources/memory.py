@@ -61,23 +61,28 @@ def perms_of(prot: int, shared: bool) -> str:
 
 def classify(pid: int, v: Vma) -> int:
     """The vma_kind of a VMA, or UnsupportedResource."""
+    return _classify(pid, v)[0]
+
+
+def _classify(pid: int, v: Vma) -> tuple[int, os.stat_result | None]:
+    """(vma_kind, the stat of its map_files entry for a file mapping)."""
     if v.path in SPECIAL:
-        return SPECIAL[v.path]
+        return SPECIAL[v.path], None
     if v.path == "[stack]":
-        return K.STACK
+        return K.STACK, None
     if v.path == "[heap]":
-        return K.HEAP
+        return K.HEAP, None
     if v.path == "[uprobes]":
         raise errors.UnsupportedResource(pid, "vma", f"[uprobes] at {v.start:#x}")
     if v.path == "" or v.path.startswith("[anon:"):
-        return K.ANON_SHARED if v.shared else K.ANON_PRIVATE
+        return (K.ANON_SHARED if v.shared else K.ANON_PRIVATE), None
     if v.path.startswith("[anon_shmem:"):
-        return K.ANON_SHARED
+        return K.ANON_SHARED, None
     if v.path.startswith("["):
         raise errors.UnsupportedResource(pid, "vma", f"{v.path} at {v.start:#x}-{v.end:#x}")
     # shmem behind a shared anonymous mapping or a memfd: content is ours to keep
     if v.deleted and (v.path == "/dev/zero" or v.path.startswith("/memfd:")):
-        return K.ANON_SHARED
+        return K.ANON_SHARED, None
     if v.path.startswith("/SYSV"):
         raise errors.UnsupportedResource(pid, "vma", f"System V shared memory {v.path} at "
                                                      f"{v.start:#x}")
@@ -91,7 +96,7 @@ def classify(pid: int, v: Vma) -> int:
     if not stat_mod.S_ISREG(st.st_mode):
         raise errors.UnsupportedResource(
             pid, "vma", f"mapping of non-regular file {v.path} at {v.start:#x}-{v.end:#x}")
-    return K.FILE_SHARED if v.shared else K.FILE_PRIVATE
+    return (K.FILE_SHARED if v.shared else K.FILE_PRIVATE), st
 
 
 def dump_vmas(pid: int, vmas: list[Vma], tolerant: bool = False) -> list:
@@ -100,9 +105,7 @@ def dump_vmas(pid: int, vmas: list[Vma], tolerant: bool = False) -> list:
     out = []
     for v in vmas:
         try:
-            kind = classify(pid, v)
-            if kind in (K.FILE_PRIVATE, K.FILE_SHARED):
-                st = os.stat(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}")
+            kind, st = _classify(pid, v)
         except (errors.KernelError, OSError) as e:
             if tolerant and e.errno == errno.ENOENT:
                 continue
