@@ -146,7 +146,7 @@ class FileTable:
             f = inotify.dump(pid, fd, fid, flags, raw)
         elif kind == fanotify.LINK:
             f = fanotify.dump(pid, fd, fid, flags, raw)
-        elif kind == "socket" and unix.sock_ino(link) not in self.unix_diag():
+        elif kind == "socket" and not self._is_unix(pid, fd, link):
             f = self.inet.dump(pid, fd, fid, link, flags)
         elif kind == "socket":
             f = socks.dump(fd, fid, link, flags)
@@ -162,6 +162,17 @@ class FileTable:
             f.fown.CopyFrom(_dump_fown(pid, fd))
         self.files.append(f)        # after the files it carries in flight, if a socket
         return fid, cloexec, posix
+
+    def _is_unix(self, pid: int, fd: int, link: str) -> bool:
+        """Is this socket a unix one?  From its protocol name (sockfs's
+        system.sockprotoname xattr: one syscall) rather than a sock_diag
+        dump of every unix socket of the namespace, made only once a unix
+        socket is to be dumped (~0.1 ms, in the frozen time)."""
+        try:
+            name = os.getxattr(f"/proc/{pid}/fd/{fd}", "system.sockprotoname")
+        except OSError:
+            return unix.sock_ino(link) in self.unix_diag()
+        return name.startswith(b"UNIX")
 
     def unix_diag(self) -> dict:
         if self._socks is None:
