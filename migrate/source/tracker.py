@@ -45,9 +45,9 @@ def trackable(v: Vma) -> bool:
 
 @functools.cache
 def uffd_available() -> bool:
-    """Once per process (a userfaultfd and a PAGEMAP_SCAN probe, ~0.2 ms,
-    which the last dump of a migration paid frozen): the kernel's
-    features do not change under us."""
+    """Once per process (a userfaultfd and a PAGEMAP_SCAN probe, which the
+    last dump of a migration made frozen): the kernel's features do not
+    change under us."""
     try:
         f = userfaultfd.supported_features()
     except errors.KernelError:
