@@ -20,6 +20,7 @@ A failure at any step kills every process made: no stray process is left.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import functools
 import errno
 import logging
@@ -271,6 +272,18 @@ READY_TIMEOUT = 60.0
 def restore(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     """Bring the image back; return (root pid, stats).  The processes run
     (or are stopped with --leave-stopped); the root is our child."""
+    # No cyclic GC while the processes are built (a migration's downtime):
+    # a full collection walks every object the image made.
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _restore_image(opts)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _restore_image(opts: RestoreOptions) -> tuple[int, RestoreStats]:
     t0 = time.perf_counter()
     img = load(opts.images_dir)
     phase = Phases(img.pid)

@@ -264,6 +264,11 @@ class Agent:
     async def run(self, ready=None) -> int:
         loop = asyncio.get_running_loop()
         await self.start()
+        # What start-up made lives as long as the agent: out of the cyclic
+        # GC's sight (its full collections would walk it during a stop).
+        import gc
+        gc.collect()
+        gc.freeze()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         if ready is not None:

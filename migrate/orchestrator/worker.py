@@ -805,6 +805,12 @@ def main() -> int:
     imgfile.enable_cache()
     pagemap.enable_cache()
     _warm()
+    # What is here now (modules, warmed state) lives as long as we do: out
+    # of the cyclic GC's sight, whose full collections in a job's downtime
+    # then walk only what the job made.
+    import gc
+    gc.collect()
+    gc.freeze()
     _out({"event": "ready", "pid": os.getpid()})
     while True:
         job = _in()

@@ -471,7 +471,13 @@ def write_pages(pid: int, runs: list[PageRun], writer, tolerant: bool = False) -
             hasher.update(buf[:fill])
         return n, hasher.digest()
 
-    _pipeline(_windows(runs), job, writer.account)
+    windows = _windows(runs)
+    if len(windows) <= 1:
+        # One window (a stop's few pages): no threads to start for it.
+        for w in windows:
+            writer.account(*job(w))
+        return entries
+    _pipeline(windows, job, writer.account)
     return entries
 
 
