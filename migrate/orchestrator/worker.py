@@ -165,6 +165,7 @@ def dump(job: dict) -> dict:
                     source.stop("the destination did not resume")
                 raise Released(answer.get("reason") or "the destination did not resume")
             if source is not None:
+                source.resumed.set()
                 # Post-copy: the frozen tree is the page source until the
                 # destination has every page it left here.
                 t = time.monotonic()
@@ -222,6 +223,10 @@ class _LazySource:
         self.map_error: BaseException | None = None
         self.map_seconds: float | None = None
         self.mapped = threading.Event()
+        # The map goes out once the destination runs the process: encoding
+        # tens of thousands of runs holds the GIL for milliseconds at a
+        # time, which the resume request on our main thread waited for.
+        self.resumed = threading.Event()
         ctx = None
         if post.get("tls"):
             t = post["tls"]
@@ -275,6 +280,7 @@ class _LazySource:
         (called on a connection's thread: it waits)."""
         if not self.mapped.wait(120):
             raise LookupError(f"pid {pid}: the lazy map is not ready after 120 s")
+        self.resumed.wait(RESUME_TIMEOUT_S)
         if self.map_error is not None:
             raise LookupError(f"pid {pid}: the lazy map failed: {self.map_error}")
         runs = self.maps.get(pid)
@@ -283,6 +289,7 @@ class _LazySource:
         return runs
 
     def stop(self, why: str) -> None:
+        self.resumed.set()
         self.server.stop(why)
         self.server.thread.join(10)
 

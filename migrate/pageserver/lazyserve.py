@@ -39,6 +39,10 @@ RESPONSE_HEAD = P.HEADER.size + 32    # PAGE_DATA's header and fields, before th
 # A thread woken for a fault takes the GIL from a busy one (the prefetch
 # lane's) after at most this long (sys.setswitchinterval; 5 ms by default).
 SWITCH_INTERVAL_S = 0.0002
+# Runs per PAGE_MAP frame: each is encoded in one C call holding the GIL
+# (and decoded likewise by the daemon): small enough not to make a fault's
+# answer wait for it.
+MAP_FRAME_RUNS = 4096
 
 
 class _Lane:
@@ -157,7 +161,7 @@ class _Lane:
         except LookupError as e:
             self._error(P.Code.NOT_FOUND, str(e))
             raise ConnectionError(str(e)) from None
-        step = P.MAX_MAP_RUNS
+        step = MAP_FRAME_RUNS
         for i in range(0, max(len(runs), 1), step):
             part = tuple(runs[i:i + step])
             self.sock.sendall(self.conn.send(P.PageMap(ev.req_id, ev.pid, part,
