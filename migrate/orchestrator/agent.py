@@ -378,7 +378,9 @@ class Agent:
                 return
             try:
                 r = await w.call({"op": "standby", **self._lazy_paths(m),
-                                  "tls": self._tls_paths()})
+                                  "tls": self._tls_paths(),
+                                  "lock_pid": m.pid if m.options.tcp_established else None,
+                                  "network_lock": m.options.network_lock})
             except errors.MigrateError as e:
                 log.warning("migration %s: standby lazy-pages daemon: %s", m.id, e)
                 self._drop_worker(st)

@@ -658,6 +658,15 @@ def standby(job: dict) -> dict:
                                       f"see {job['log']}"}
     _standby = sb
     log.info("lazy-pages daemon %d standing by on %s", pid, sock)
+    if job.get("lock_pid"):
+        # The restore's network lock, its table hooked now (netlock.arm):
+        # at the stop, locking is adding the connections.  Removed at our
+        # exit if no restore takes it.
+        from migrate.resources import netlock
+        try:
+            netlock.arm(job["lock_pid"], job.get("network_lock"))
+        except errors.MigrateError as e:
+            log.warning("network lock not armed: %s", e)
     return {"ok": True, "pid": pid}
 
 
@@ -818,6 +827,9 @@ def main() -> int:
     import gc
     gc.collect()
     gc.freeze()
+    import atexit
+    from migrate.resources import netlock
+    atexit.register(netlock.disarm_all)      # an armed lock no job took
     _out({"event": "ready", "pid": os.getpid()})
     while True:
         job = _in()

@@ -688,16 +688,13 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     early = proc.read_smaps(pid) if parent is not None else None
     try:
         _refuse_connections(opts, ptree.pids(pid))
+        pre = None
+        if opts.defer_lazy and early is not None:
+            pre = PreMap(pid, early, parent)
     except BaseException:
+        netlock.disarm(pid)
         images.discard()
         raise
-    pre = None
-    if opts.defer_lazy and early is not None:
-        try:
-            pre = PreMap(pid, early, parent)
-        except BaseException:
-            images.discard()
-            raise
     # No cyclic GC from the freeze to the commit: a full collection walks
     # every object (a PreMap holds tens of thousands) in the downtime.
     gc_was = gc.isenabled()
@@ -713,6 +710,7 @@ def dump(opts: DumpOptions, sink=None) -> DumpStats:
     try:
         return _dump_frozen(opts, sink, stats, t_start, st, parent, images, early, pre)
     finally:
+        netlock.disarm(pid)           # armed and never taken (no connection once frozen)
         if gc_was:
             gc.enable()
 
@@ -799,6 +797,10 @@ def _refuse_connections(opts: DumpOptions, pids: list[int]) -> None:
     made ready (netlock.prepare) outside the frozen time."""
     if opts.tcp_established and not opts.tcp_close:
         netlock.prepare(opts.network_lock)
+        if inet.tree_connections(pids):
+            # its table hooked now: once frozen, locking is adding the
+            # connections (the dump's end removes it whatever happens)
+            netlock.arm(opts.pid, opts.network_lock)
     if opts.tcp_established or opts.tcp_close:
         return
     conns = inet.tree_connections(pids)

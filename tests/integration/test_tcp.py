@@ -514,6 +514,41 @@ print("LIFTED", netlock.exists(4242), flush=True)
             p.wait()
 
 
+def test_armed_lock_is_taken_or_removed(net):
+    """netlock.arm (before a freeze, or a migration's restore): the table
+    hooked with its sets empty; lock() takes it and only adds the
+    connections (no rule twice); an armed table nobody took is removed by
+    disarm (and lock() with no connection removes it too)."""
+    c = net.ns("c")
+    prog = """
+import socket, subprocess, sys
+from migrate.resources import netlock
+def listed():
+    return subprocess.run(["nft", "list", "table", "inet", "migrate-4244"],
+                          capture_output=True, text=True).stdout
+netlock.arm(4244, None)
+armed = listed()
+assert "hook input" in armed and "conns4" in armed and "elements" not in armed, armed
+lk = netlock.lock(4244, [netlock.Conn(socket.AF_INET, "10.231.12.1", 4000, "10.231.12.2",
+                                      7000)], None)
+held = listed()
+assert "10.231.12.2 . 7000 . 10.231.12.1 . 4000" in held, held
+assert held.count("@conns4 drop") == 2 and held.count("@conns6 drop") == 2, held
+lk.unlock()
+assert netlock.exists(4244) == []
+netlock.arm(4244, None)
+netlock.disarm(4244)
+assert netlock.exists(4244) == []
+netlock.arm(4244, None)
+assert netlock.lock(4244, [], None) is None and netlock.exists(4244) == []
+print("OK", flush=True)
+"""
+    p = subprocess.run(net.enter(c, [sys.executable, "-c", prog]), cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "OK" in p.stdout, p.stdout
+
+
 def test_lock_sets_only_the_families_locked(net):
     """The lock makes the set and rules of a family only once it locks one
     of its connections (each costs the frozen time): IPv4 only at first,
