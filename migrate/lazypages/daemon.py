@@ -881,13 +881,8 @@ class LazyPages:
         scattered runs a window cost a few dozen ioctls and bookkeeping
         each, and the map leaves thousands of windows like that)."""
         runs = [(a, (b - a) // PAGE) for a, b in there]
-        try:
-            if len(runs) == 1:
-                data = await self.source.prefetch.get(p.image_pid, *runs[0])
-            else:
-                data = await self.source.prefetch.get_runs(p.image_pid, runs)
-        except errors.PageSourceError as e:
-            self.fail(e)
+        data = await self._get_runs(p, runs)
+        if data is None:
             return
         size = end - src
         buf = self._buffers.pop() if self._buffers else bytearray(REMOTE_BATCH * PAGE)
@@ -924,14 +919,17 @@ class LazyPages:
             with memoryview(m) as lv:
                 mv[s - src:s - src + ln] = lv[o:o + ln]
 
-    async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
+    async def _get_runs(self, p: Proc, runs: list[tuple[int, int]]):
+        """The runs' pages from the source, or None (the source is lost)."""
         try:
-            if len(runs) == 1:
-                data = await self.source.prefetch.get(p.image_pid, *runs[0])
-            else:
-                data = await self.source.prefetch.get_runs(p.image_pid, runs)
+            return await self.source.prefetch.get_runs(p.image_pid, runs)
         except errors.PageSourceError as e:
             self.fail(e)
+            return None
+
+    async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
+        data = await self._get_runs(p, runs)
+        if data is None:
             return
         pieces, off = [], 0
         for a, n in runs:

@@ -235,56 +235,41 @@ class _Lane:
             if not fut.done():
                 fut.set_exception(e)
 
-    async def get(self, pid: int, src: int, nr_pages: int):
+    async def _ask(self, ev, want):
+        """Send a GET-like request; its answer (``waiting`` entry ``want``)."""
         if self.src.failed:
             raise self.src.failed
         async with self.slots:
             self.req = (self.req + 1) & 0xFFFFFFFF
             fut = asyncio.get_running_loop().create_future()
             try:
-                data = self.conn.send_parts(P.Get(self.req, pid, src, nr_pages))
+                data = self.conn.send_parts(ev(self.req))
             except P.ProtocolError as e:
                 raise errors.PageSourceError(self.src.name, str(e)) from None
-            self.waiting.append((fut, nr_pages))
+            self.waiting.append((fut, want))
             self.writer.write(b"".join(bytes(d) for d in data))
             return await fut
+
+    async def get(self, pid: int, src: int, nr_pages: int):
+        return await self._ask(lambda req: P.Get(req, pid, src, nr_pages), nr_pages)
 
     async def get_runs(self, pid: int, runs: list[tuple[int, int]]):
         """The pages of ``runs`` (vaddr, nr_pages), one after the other: one
         GET_RUNS where the server answers it (CAP_RUNS), else a GET each."""
+        if len(runs) == 1:
+            return await self.get(pid, *runs[0])
         if not self.caps & P.CAP_RUNS:
             parts = [await self.get(pid, a, n) for a, n in runs]
             return b"".join(bytes(x) for x in parts)
-        if self.src.failed:
-            raise self.src.failed
-        async with self.slots:
-            self.req = (self.req + 1) & 0xFFFFFFFF
-            fut = asyncio.get_running_loop().create_future()
-            try:
-                data = self.conn.send(P.GetRuns(self.req, pid, tuple(runs)))
-            except P.ProtocolError as e:
-                raise errors.PageSourceError(self.src.name, str(e)) from None
-            self.waiting.append((fut, sum(n for _, n in runs)))
-            self.writer.write(data)
-            return await fut
+        return await self._ask(lambda req: P.GetRuns(req, pid, tuple(runs)),
+                               sum(n for _, n in runs))
 
     async def get_map(self, pid: int) -> list[tuple[int, int, int]] | None:
         """The (vaddr, nr_pages, kind) runs of pid's lazy area (GET_MAP), or
         None if the server does not answer GET_MAP (no CAP_MAP)."""
-        if self.src.failed:
-            raise self.src.failed
         if not self.caps & P.CAP_MAP:
             return None
-        async with self.slots:
-            self.req = (self.req + 1) & 0xFFFFFFFF
-            fut = asyncio.get_running_loop().create_future()
-            try:
-                data = self.conn.send(P.GetMap(self.req, pid))
-            except P.ProtocolError as e:
-                raise errors.PageSourceError(self.src.name, str(e)) from None
-            self.waiting.append((fut, []))
-            self.writer.write(data)
-            return await fut
+        return await self._ask(lambda req: P.GetMap(req, pid), [])
 
     async def close(self) -> None:
         if self.task is not None:

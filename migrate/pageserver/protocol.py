@@ -340,6 +340,12 @@ class SetParent:
         return cls(_text(p, "parent link target"))
 
 
+def _check_req(req_id: int, pid: int) -> None:
+    if not 0 <= req_id <= 0xFFFFFFFF:
+        raise _Bad(f"req_id {req_id}")
+    _check_pid(pid)
+
+
 def _check_pid(pid: int) -> None:
     if not 0 < pid < (1 << 22) + 1:     # pid_max is at most 4194304 (man 5 proc)
         raise _Bad(f"pid {pid} out of range", 0)
@@ -518,9 +524,7 @@ class Get:
     BOUNDS = (_GET.size, _GET.size)
 
     def check(self) -> None:
-        if not 0 <= self.req_id <= 0xFFFFFFFF:
-            raise _Bad(f"req_id {self.req_id}")
-        _check_pid(self.pid)
+        _check_req(self.req_id, self.pid)
         if not 0 < self.nr_pages <= MAX_GET_PAGES:
             raise _Bad(f"nr_pages {self.nr_pages} (1..{MAX_GET_PAGES})", 16)
         if self.vaddr % PAGE_SIZE or not 0 <= self.vaddr < (1 << 64) - self.nr_pages * PAGE_SIZE:
@@ -580,9 +584,7 @@ class GetMap:
     BOUNDS = (_GET_MAP.size, _GET_MAP.size)
 
     def check(self) -> None:
-        if not 0 <= self.req_id <= 0xFFFFFFFF:
-            raise _Bad(f"req_id {self.req_id}")
-        _check_pid(self.pid)
+        _check_req(self.req_id, self.pid)
 
     def encode(self):
         return 0, [_GET_MAP.pack(self.req_id, self.pid)]
@@ -607,9 +609,7 @@ class PageMap:
     BOUNDS = (_MAP.size, _MAP.size + MAX_MAP_RUNS * _MAP_RUN.size)
 
     def check(self) -> None:
-        if not 0 <= self.req_id <= 0xFFFFFFFF:
-            raise _Bad(f"req_id {self.req_id}")
-        _check_pid(self.pid)
+        _check_req(self.req_id, self.pid)
         if len(self.runs) > MAX_MAP_RUNS:
             raise _Bad(f"{len(self.runs)} runs (at most {MAX_MAP_RUNS})", 8)
         end = 0
@@ -667,9 +667,7 @@ class GetRuns:
         return sum(n for _, n in self.runs)
 
     def check(self) -> None:
-        if not 0 <= self.req_id <= 0xFFFFFFFF:
-            raise _Bad(f"req_id {self.req_id}")
-        _check_pid(self.pid)
+        _check_req(self.req_id, self.pid)
         if not 1 <= len(self.runs) <= MAX_GET_RUNS:
             raise _Bad(f"{len(self.runs)} runs (1..{MAX_GET_RUNS})", 8)
         end = total = 0

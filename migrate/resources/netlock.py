@@ -114,6 +114,24 @@ def _nft(commands: str, name: str, ok_missing: bool = False) -> bool:
                                         f"{r.error or r.rc}")
 
 
+def _table_lines(t: str) -> list[str]:
+    """nft commands: the lock's table and its two hooked chains."""
+    return [f"add table {t}",
+            f"add chain {t} input {{ type filter hook input priority {PRIORITY}; "
+            "policy accept; }",
+            f"add chain {t} output {{ type filter hook output priority {PRIORITY}; "
+            "policy accept; }"]
+
+
+def _set_lines(t: str, ip: str, kind: str, name: str) -> list[str]:
+    """nft commands: one family's set of connections and its two rules."""
+    return [f"add set {t} {name} {{ type {kind} . inet_service . {kind} . inet_service; }}",
+            f"add rule {t} input {ip} saddr . tcp sport . {ip} daddr . tcp dport "
+            f"@{name} drop",
+            f"add rule {t} output {ip} daddr . tcp dport . {ip} saddr . tcp sport "
+            f"@{name} drop"]
+
+
 class NetLock:
     """A lock that is set; ``unlock()`` removes it whatever happened."""
 
@@ -151,12 +169,8 @@ class NetLock:
 
     def _nft_add(self, conns: list[Conn]) -> None:
         t = f"inet {self.name}"
-        lines = [] if self.held_sets else [   # (a set made: the table and chains are)
-            f"add table {t}",
-            f"add chain {t} input {{ type filter hook input priority {PRIORITY}; "
-            "policy accept; }",
-            f"add chain {t} output {{ type filter hook output priority {PRIORITY}; "
-            "policy accept; }"]
+        # (a set made: the table and chains are)
+        lines = [] if self.held_sets else _table_lines(t)
         made = set()
         for ip, kind, name, fam in (("ip", "ipv4_addr", "conns4", socket.AF_INET),
                                     ("ip6", "ipv6_addr", "conns6", socket.AF_INET6)):
@@ -170,12 +184,7 @@ class NetLock:
                 # address, port).  Only for the families locked: each set
                 # and its rules cost the transaction ~0.1 ms, in the frozen
                 # time.
-                lines += [f"add set {t} {name} {{ type {kind} . inet_service . {kind} . "
-                          "inet_service; }",
-                          f"add rule {t} input {ip} saddr . tcp sport . {ip} daddr . tcp dport "
-                          f"@{name} drop",
-                          f"add rule {t} output {ip} daddr . tcp dport . {ip} saddr . "
-                          f"tcp sport @{name} drop"]
+                lines += _set_lines(t, ip, kind, name)
                 made.add(fam)
             lines.append(f"add element {t} {name} {{ {', '.join(elems)} }}")
         _nft("\n".join(lines) + "\n", self.name)
@@ -270,18 +279,9 @@ def arm(pid: int, backend: str | None) -> NetLock | None:
         return _armed.get(pid)
     lk = NetLock(pid, "nftables")
     t = f"inet {lk.name}"
-    lines = [f"add table {t}",
-             f"add chain {t} input {{ type filter hook input priority {PRIORITY}; "
-             "policy accept; }",
-             f"add chain {t} output {{ type filter hook output priority {PRIORITY}; "
-             "policy accept; }"]
+    lines = _table_lines(t)
     for ip, kind, name in (("ip", "ipv4_addr", "conns4"), ("ip6", "ipv6_addr", "conns6")):
-        lines += [f"add set {t} {name} {{ type {kind} . inet_service . {kind} . "
-                  "inet_service; }",
-                  f"add rule {t} input {ip} saddr . tcp sport . {ip} daddr . tcp dport "
-                  f"@{name} drop",
-                  f"add rule {t} output {ip} daddr . tcp dport . {ip} saddr . "
-                  f"tcp sport @{name} drop"]
+        lines += _set_lines(t, ip, kind, name)
     lk.held = True                  # whatever part exists, unlock() removes it
     try:
         _nft("\n".join(lines) + "\n", lk.name)
