@@ -295,19 +295,7 @@ class LazyPages:
             self.listener.setblocking(False)
             log.info("lazy-pages: serving the restore on %s", self.sock_path)
             return
-        try:
-            os.unlink(self.sock_path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            s.bind(self.sock_path)
-            os.chmod(self.sock_path, 0o600)
-            s.listen(16)
-        except OSError as e:
-            s.close()
-            raise errors.MigrateError(f"lazy-pages: cannot listen on {self.sock_path}: "
-                                      f"{e.strerror or e}") from None
+        s = listen_unix(self.sock_path)
         s.setblocking(False)
         self.listener = s
         log.info("lazy-pages: waiting for the restore on %s", self.sock_path)
@@ -1040,6 +1028,25 @@ class LazyPages:
 _HANDLERS = {U.UFFD_EVENT_PAGEFAULT: "on_pagefault", U.UFFD_EVENT_FORK: "on_fork",
              U.UFFD_EVENT_REMAP: "on_remap", U.UFFD_EVENT_REMOVE: "on_remove",
              U.UFFD_EVENT_UNMAP: "on_unmap"}
+
+
+def listen_unix(path: str) -> socket.socket:
+    """The daemon's unix socket, listening (a stale one replaced; only its
+    owner may connect)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.bind(path)
+        os.chmod(path, 0o600)
+        s.listen(16)
+    except OSError as e:
+        s.close()
+        raise errors.MigrateError(f"lazy-pages: cannot listen on {path}: "
+                                  f"{e.strerror or e}") from None
+    return s
 
 
 class NoImage(Exception):

@@ -583,7 +583,6 @@ def _saver(stats_path: str):
 def standby(job: dict) -> dict:
     """Fork the lazy-pages daemon of a restore to come (see _Standby)."""
     global _standby
-    import socket
     from migrate.lazypages import daemon
     if _standby is not None:
         _standby.dismiss()
@@ -600,14 +599,7 @@ def standby(job: dict) -> dict:
             _daemon_child(job["log"], job["stats"])
             ctx = _client_context(job)
             os.makedirs(os.path.dirname(sock), exist_ok=True)
-            try:
-                os.unlink(sock)
-            except FileNotFoundError:
-                pass
-            lsn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            lsn.bind(sock)
-            os.chmod(sock, 0o600)
-            lsn.listen(16)
+            lsn = daemon.listen_unix(sock)
             os.write(st_w, b"\0")
             os.close(st_w)
             f = os.fdopen(go_r)
