@@ -171,7 +171,7 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
                  written: list[tuple[int, int]] = ()) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
     VMAs registered this round (None: register now; the task is frozen).
-    ``written``: pages known written since the last round (``_prescan``)."""
+    ``written``: pages known written since the last round (``PreMap``)."""
     shared = memory.shared_starts(smaps)        # read without unsharing them
     if tracker is None:
         return memory.scan_pages(pid, entries, tolerant, shared=shared).runs, []
