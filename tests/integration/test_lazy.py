@@ -295,10 +295,9 @@ def test_restore_without_daemon_leaves_nothing(workdir, workloads):
     w.reaped = True
 
 
-def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dumps, pki):
-    """pre-dump, 1% of the pages rewritten, dump --lazy-pages on top of it:
-    the daemon takes what the pre-dump holds from the local chain and GETs
-    only the pages written since."""
+def _memhog_pre_dumped_then_dirtied(workdir: str, workloads: list) -> tuple[Workload, str]:
+    """memhog 32, pre-dumped to WORKDIR/1, then 1% of its pages rewritten:
+    (the workload, the pre-dump's directory)."""
     w = _start("memhog", workdir, workloads, "32")
     pre = os.path.join(workdir, "1")
     p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
@@ -308,6 +307,14 @@ def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dum
     while "DIRTIED" not in w.log():
         assert time.monotonic() < end, w.log()
         time.sleep(0.02)
+    return w, pre
+
+
+def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dumps, pki):
+    """pre-dump, 1% of the pages rewritten, dump --lazy-pages on top of it:
+    the daemon takes what the pre-dump holds from the local chain and GETs
+    only the pages written since."""
+    w, pre = _memhog_pre_dumped_then_dirtied(workdir, workloads)
     images = os.path.join(workdir, "2")
     port = _free_port()
     src = LazyDump(w, images, port, pki, "--prev-images-dir", "../1")
@@ -497,15 +504,7 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     from migrate.lazypages.source import LocalSource
     from migrate.source import dump as dumpmod
 
-    w = _start("memhog", workdir, workloads, "32")
-    pre = os.path.join(workdir, "1")
-    p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
-    assert p.returncode == 0, p.stderr
-    os.kill(w.pid, signal.SIGUSR1)               # memhog rewrites 1% of its pages
-    end = time.monotonic() + 30
-    while "DIRTIED" not in w.log():
-        assert time.monotonic() < end, w.log()
-        time.sleep(0.02)
+    w, pre = _memhog_pre_dumped_then_dirtied(workdir, workloads)
     lazy: list = []
     maps: list = []
     seen: dict = {}
