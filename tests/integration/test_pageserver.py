@@ -279,12 +279,7 @@ def test_read_session_follows_the_parent_chain(tmp_path, workdir, workloads, ser
                 "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
                 "--session", "chain/pre0", "--no-tls")
     assert p.returncode == 0, p.stderr
-    before = w.log().count("DIRTIED")
-    os.kill(w.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 30
-    while w.log().count("DIRTIED") == before:
-        assert time.monotonic() < deadline, w.log()
-        time.sleep(0.05)
+    _dirty(w)
     assert not any(n.startswith("pages-") for n in os.listdir(os.path.join(local, "pre0")))
     w.dump(os.path.join(local, "d1"), "-R", "--prev-images-dir", "../pre0",
            "--page-server", "--address", "127.0.0.1", "--port", str(srv.port),
