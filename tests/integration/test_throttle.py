@@ -107,7 +107,14 @@ def test_busy_loop_is_throttled_then_released(procs, hier):
         path = t.path
         t.release()
     time.sleep(0.2)
-    after = cpu_share(p.pid)
+    # Released, it runs as it likes again: over one of a few seconds at
+    # least (other tests' processes may hold both cores for a second;
+    # throttled by 80 % it could never pass 0.2 in any of them).
+    after = 0.0
+    for _ in range(5):
+        after = max(after, cpu_share(p.pid))
+        if after > 0.4 and after > 2 * throttled:
+            break
     print(f"\nbusy loop, cgroup v{hier.version}: {before:.0%} of a core, {throttled:.0%} "
           f"throttled by 80 %, {half:.0%} by 50 %, {after:.0%} after release")
     assert throttled < 0.5
