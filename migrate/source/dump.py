@@ -167,11 +167,10 @@ def _get_tracker(opts: DumpOptions, pid: int, start_time: int, frozen_ctl: TaskC
 
 
 def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tracker,
-                 stats: DumpStats, untracked: set[int] | None = None, tolerant: bool = False,
-                 written: list[tuple[int, int]] = ()) -> tuple[list, list[tuple[int, int]]]:
+                 stats: DumpStats, untracked: set[int] | None = None, tolerant: bool = False
+                 ) -> tuple[list, list[tuple[int, int]]]:
     """(runs to copy, ranges left IN_PARENT) of this image.  ``untracked``:
-    VMAs registered this round (None: register now; the task is frozen).
-    ``written``: pages known written since the last round (``PreMap``)."""
+    VMAs registered this round (None: register now; the task is frozen)."""
     shared = memory.shared_starts(smaps)        # read without unsharing them
     if tracker is None:
         return memory.scan_pages(pid, entries, tolerant, shared=shared).runs, []
@@ -185,7 +184,7 @@ def _plan_memory(pid: int, smaps: list, entries: list, parent: Parent | None, tr
     if tracker.kind == "uffd":
         # Data pages and written pages in one walk, which also re-protects.
         scan = memory.scan_pages(pid, entries, tolerant, {v.start for v in trackable}, shared)
-        dirty += scan.written + scan.failed + list(written)
+        dirty += scan.written + scan.failed
     else:
         scan = memory.scan_pages(pid, entries, tolerant, shared=shared)
         with kmem.PagemapScanner(pid) as sc:
@@ -402,9 +401,10 @@ class PreMap:
     were frozen now, its written pages write-protected again by the same
     walk.  After the freeze (``finish``), one walk that finds few regions
     says what changed since: pages written since are REMOTE, pages that
-    came are REMOTE, pages that went are ZERO.  If the lazy VMAs or their
-    tracking changed meanwhile, the map is made whole after the freeze,
-    with the pages this walk saw written (``written``) still dirty."""
+    came are REMOTE, pages that went are ZERO.  If their tracking changed
+    meanwhile, the map is made whole after the freeze, the pages this walk
+    saw written (``written``) still dirty; if the lazy VMAs changed (pages
+    may have moved, their written state with them), no page is clean."""
 
     def __init__(self, pid: int, smaps: list, parent: Parent | None) -> None:
         self.pid = pid
@@ -455,12 +455,16 @@ def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats,
     smaps = [v for v in d.vmas if v.start not in inside]
     # VMAs not tracked before this stop: every page of them is new
     untracked = {v.start for v in tracker.register(d.vmas)} if tracker else set()
-    # The pre-scan re-protected what it saw written: dirty here too, unless
-    # the lazy VMAs are as it saw them (then those pages are all in them).
-    same = pre is not None and pre.key == [(e.start, e.end) for e in lazy_entries]
+    # The pre-scan re-protected what it saw written, by address.  If the
+    # lazy VMAs are not as it saw them, pages may have moved since (mremap)
+    # and their written state went with them, unrecorded where they are
+    # now: nothing tracked is trusted then (every page copied, or REMOTE).
+    if pre is not None and pre.key != [(e.start, e.end) for e in lazy_entries]:
+        untracked |= {v.start for v in d.vmas if not v.is_special and trackers.trackable(v)}
+        log.info("pid %d: the VMAs changed since the pre-scan: no page is taken as clean",
+                 d.pid)
     runs, in_parent = _plan_memory(d.pid, smaps, entries, parent if tracker else None,
-                                   tracker, stats, untracked=untracked,
-                                   written=pre.written if pre is not None and not same else ())
+                                   tracker, stats, untracked=untracked)
     # the eager pages inside the area: copied whole (a few pages)
     shared = memory.shared_starts(d.vmas)
     pieces, pieces_shared = [], set()
