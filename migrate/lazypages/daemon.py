@@ -57,6 +57,7 @@ import threading
 import time
 
 from migrate import errors
+from migrate.images import pagemap as pm
 from migrate.kernel import proc as kproc
 from migrate.kernel import syscalls, userfaultfd as U
 from migrate.lazypages.ranges import PAGE, RangeMap
@@ -507,10 +508,11 @@ class LazyPages:
 
     def _apply_map(self, p: Proc, zero: list[tuple[int, int]]) -> None:
         """Under mu: ``p``'s zero pages are no longer missing (a touch maps
-        the zero page); the prefetch may take the rest."""
-        n = 0
-        for a, b in zero:
-            n += sum(e - s for s, e, _ in p.missing.pop(a, b))
+        the zero page); the prefetch may take the rest.  ``zero`` is in the
+        source's addresses: the process may have moved its pages (mremap)
+        since it runs here, so they are found by where they came from, not
+        by where they are now."""
+        n = sum(e - s for s, e, _ in p.missing.pop_src_ranges(pm.normalize(zero)))
         self.stats.pages_map_zero += n // PAGE
         p.map_pending = False
 

@@ -110,6 +110,26 @@ class RangeMap:
                 out.extend(self.pop(a - d, b - d))
         return out
 
+    def pop_src_ranges(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """``pop_src`` of many image ranges (sorted, disjoint) at once: one
+        pass over the ranges held, a bisection each into ``ranges``."""
+        if not ranges or not self._items:
+            return []
+        starts = [a for a, _ in ranges]
+        cut = []
+        for s, e, d in self._items:
+            lo, hi = s + d, e + d
+            i = max(bisect.bisect_right(starts, lo) - 1, 0)
+            while i < len(ranges) and ranges[i][0] < hi:
+                a, b = max(lo, ranges[i][0]), min(hi, ranges[i][1])
+                if a < b:
+                    cut.append((a - d, b - d))
+                i += 1
+        out = []
+        for a, b in cut:
+            out.extend(self.pop(a, b))
+        return out
+
     def copy(self) -> "RangeMap":
         m = RangeMap()
         m._starts = list(self._starts)

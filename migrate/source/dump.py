@@ -401,10 +401,10 @@ class PreMap:
     were frozen now, its written pages write-protected again by the same
     walk.  After the freeze (``finish``), one walk that finds few regions
     says what changed since: pages written since are REMOTE, pages that
-    came are REMOTE, pages that went are ZERO.  If their tracking changed
-    meanwhile, the map is made whole after the freeze, the pages this walk
-    saw written (``written``) still dirty; if the lazy VMAs changed (pages
-    may have moved, their written state with them), no page is clean."""
+    came are REMOTE, pages that went are ZERO.  If the lazy VMAs or their
+    tracking changed meanwhile, the map is made whole after the freeze, the
+    pages this walk saw written (``written``) still dirty.  Pages that moved
+    (mremap) are in a VMA the move unregistered: untracked, all REMOTE."""
 
     def __init__(self, pid: int, smaps: list, parent: Parent | None) -> None:
         self.pid = pid
@@ -453,16 +453,11 @@ def _defer_lazy(d, parent: Parent | None, tracker, stats: DumpStats,
     entries = [e for e in d.vma_entries if e.start not in inside]
     lazy_entries = [e for e in d.vma_entries if e.start in inside]
     smaps = [v for v in d.vmas if v.start not in inside]
-    # VMAs not tracked before this stop: every page of them is new
+    # VMAs not tracked before this stop: every page of them is new.  The
+    # pre-scan re-protected what it saw written, by address; pages that
+    # moved since (mremap) are in a VMA the move unregistered (the tracker
+    # takes no UFFD_FEATURE_EVENT_REMAP), so they are among these.
     untracked = {v.start for v in tracker.register(d.vmas)} if tracker else set()
-    # The pre-scan re-protected what it saw written, by address.  If the
-    # lazy VMAs are not as it saw them, pages may have moved since (mremap)
-    # and their written state went with them, unrecorded where they are
-    # now: nothing tracked is trusted then (every page copied, or REMOTE).
-    if pre is not None and pre.key != [(e.start, e.end) for e in lazy_entries]:
-        untracked |= {v.start for v in d.vmas if not v.is_special and trackers.trackable(v)}
-        log.info("pid %d: the VMAs changed since the pre-scan: no page is taken as clean",
-                 d.pid)
     runs, in_parent = _plan_memory(d.pid, smaps, entries, parent if tracker else None,
                                    tracker, stats, untracked=untracked)
     # the eager pages inside the area: copied whole (a few pages)

@@ -490,6 +490,34 @@ def test_daemon_stopped_while_a_fault_waits_on_a_silent_source(workdir, workload
     w.reaped = True
 
 
+def _map_matches_memory(pid: int, runs: list, lazy: list, pre: str) -> None:
+    """The runs (vaddr, nr_pages, kind) of a post-copy stop's map, the
+    process frozen: in order, covering the lazy area; every ZERO page reads
+    as zeros, every LOCAL page is in the pre-dump chain ``pre`` as it is in
+    the process now."""
+    from migrate.images import pagemap
+    from migrate.kernel import memory as kmem
+    from migrate.lazypages.source import LocalSource
+    from migrate.source import dump as dumpmod
+
+    covered = pagemap.normalize((a, a + n * 4096) for a, n, _ in runs)
+    assert covered == pagemap.normalize(lazy), "the map does not cover the lazy area"
+    assert all(a + n * 4096 <= b for (a, n, _), (b, _, _) in zip(runs, runs[1:]))
+    chain = LocalSource(pre)
+    try:
+        with kmem.ProcMem(pid) as mem:
+            for a, n, kind in runs:
+                now = mem.read(a, n * 4096)
+                if kind == dumpmod.MAP_ZERO:
+                    assert now == bytes(n * 4096), f"zero run {a:#x} holds data"
+                elif kind == dumpmod.MAP_LOCAL:
+                    got = b"".join(bytes(memoryview(buf)[off:off + ln])
+                                   for _, buf, off, ln in chain.pieces(pid, a, a + n * 4096))
+                    assert got == now, f"local run {a:#x} ({n} pages) changed since the pre-dump"
+    finally:
+        chain.close()
+
+
 def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     """A post-copy stop (dump.defer_lazy, as a migration's worker does it)
     leaves the root's lazy area unscanned and whole in the image; the map
@@ -500,7 +528,6 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     the process runs on as before (its own check says PASS)."""
     from migrate import errors
     from migrate.images import ImageDir, pagemap
-    from migrate.kernel import memory as kmem
     from migrate.lazypages.source import LocalSource
     from migrate.source import dump as dumpmod
 
@@ -529,20 +556,7 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
         m.pre = NoFit()
         assert by_kind(m.compute()) == by_kind(runs)
         m.pre = premap
-        covered = pagemap.normalize((a, a + n * 4096) for a, n, _ in runs)
-        assert covered == pagemap.normalize(lazy), "the map does not cover the lazy area"
-        assert all(a + n * 4096 <= b for (a, n, _), (b, _, _) in zip(runs, runs[1:]))
-        chain = LocalSource(pre)
-        with kmem.ProcMem(w.pid) as mem:
-            for a, n, kind in runs:
-                now = mem.read(a, n * 4096)
-                if kind == dumpmod.MAP_ZERO:
-                    assert now == bytes(n * 4096), f"zero run {a:#x} holds data"
-                elif kind == dumpmod.MAP_LOCAL:
-                    got = b"".join(bytes(memoryview(buf)[off:off + ln])
-                                   for _, buf, off, ln in chain.pieces(w.pid, a, a + n * 4096))
-                    assert got == now, f"local run {a:#x} ({n} pages) changed since the pre-dump"
-        chain.close()
+        _map_matches_memory(w.pid, runs, lazy, pre)
         # the image flags the whole area lazy and says its map comes later
         rec = ImageDir.open(os.path.join(workdir, "2")).read_image(f"pagemap-{w.pid}.img")
         seen["head"] = rec[0]
@@ -576,6 +590,59 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     src.set_local(w.pid, [(a, a + 8192)])
     assert src.split(w.pid, a, a + 12288) == ([(a, a + 8192)], [(a + 8192, a + 12288)])
     src.local.close()
+
+
+def test_post_copy_stop_map_when_memory_moved_after_the_pre_scan(workdir, workloads,
+                                                                  monkeypatch):
+    """Between the pre-scan (just before the freeze) and the freeze, the
+    process moves a data area with mremap onto an area the pre-scan saw
+    zero, maps a fresh zero area where it was, and maps a new page: the map
+    must still be exact (the moved pages are not taken for zero, nor for
+    the pre-dump's), and the memory that did not move stays LOCAL."""
+    from migrate.source import dump as dumpmod
+
+    pages = 1024
+    w = _start("mover", workdir, workloads, str(pages), "signal")
+    pre = os.path.join(workdir, "1")
+    p = migrate("pre-dump", "-t", str(w.pid), "-D", pre, "-v4", "-o", "pre.log")
+    assert p.returncode == 0, p.stderr
+    lazy: list = []
+    maps: list = []
+    seen: dict = {}
+    init = dumpmod.PreMap.__init__
+
+    def pre_scan_then_move(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        n = w.log().count("MOVED")
+        os.kill(w.pid, signal.SIGUSR1)
+        end = time.monotonic() + 10
+        while w.log().count("MOVED") == n:
+            assert time.monotonic() < end, w.log()
+            time.sleep(0.005)
+    monkeypatch.setattr(dumpmod.PreMap, "__init__", pre_scan_then_move)
+
+    def check(stats) -> None:
+        m = maps[0]
+        runs = m.compute()
+        _map_matches_memory(w.pid, runs, lazy, pre)
+        seen["local"] = sum(n for _, n, k in runs if k == dumpmod.MAP_LOCAL)
+        seen["moved"] = m.pre.key != [(e.start, e.end) for e in m.entries]
+        raise RuntimeError("rolled back by the test")
+
+    opts = dumpmod.DumpOptions(pid=w.pid, images_dir=os.path.join(workdir, "2"),
+                               prev_images_dir="../1", track_mem=True, leave_lazy=True,
+                               lazy_out=lazy, defer_lazy=True, lazy_map_out=maps,
+                               before_release=check)
+    with pytest.raises(RuntimeError, match="rolled back by the test"):
+        dumpmod.dump(opts)
+    assert seen["moved"], "the lazy VMAs did not change after the pre-scan"
+    assert seen["local"] >= pages, seen          # the still area at least
+    os.kill(w.pid, signal.SIGUSR1)               # and it moves on, its memory intact
+    end = time.monotonic() + 10
+    while "MOVED 8" not in w.log():
+        assert time.monotonic() < end, w.log()
+        time.sleep(0.01)
+    w.assert_pass()
 
 
 class _Worker:

@@ -38,7 +38,7 @@ def move(rig, w, src, dst, *extra):
     assert rec["downtime"] is not None and rec["downtime"] > 0
     assert rec["restored_pid"] == w.pid
     w.moved(dst)
-    assert w.where() == [dst], w.where()
+    assert w.where() == [dst], (w.where(), w.log()[-2000:])
     return rec
 
 
@@ -100,6 +100,22 @@ def test_post_copy(rig, logdir, workloads):
     assert rec["stop"]["post_copy_seconds"] is not None
     rec = move(rig, w, "B", "A", "--post-copy", "on", "--no-pre-copy")
     assert rec["rounds"] == [] and rec["stop"]["lazy_pages"] > 0, rec
+    w.assert_pass()
+    nothing_left(rig)
+
+
+def test_post_copy_of_memory_that_moves(rig, logdir, workloads):
+    """The process moves its memory about (mremap onto areas that were zero
+    at the source) from the moment it runs on the destination, before the
+    source's map has come: the daemon must place and drop pages by where
+    they were at the source, not by where they are now.  Pure post-copy,
+    and post-copy after a pre-copy pass (LOCAL pages then move too)."""
+    w = start(rig, "A", logdir, workloads, "mover")
+    for src, dst, extra in (("A", "B", ("--no-pre-copy",)), ("B", "A", ()),
+                            ("A", "B", ()), ("B", "A", ("--no-pre-copy",))):
+        rec = move(rig, w, src, dst, "--post-copy", "on", *extra)
+        assert rec["stop"]["lazy_pages"] > 0, rec
+        time.sleep(0.3)
     w.assert_pass()
     nothing_left(rig)
 

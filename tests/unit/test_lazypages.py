@@ -25,6 +25,18 @@ def test_move_keeps_the_source_and_drops_the_target():
     assert m.pop_src(P, 2 * P) == [(101 * P, 102 * P, P)]
 
 
+def test_pop_by_source_after_a_move_onto_a_zero_area():
+    """The map's zero runs are in the source's addresses: after the data at
+    0-4 moved onto 100-104 (a zero area at the source), dropping the source's
+    zero range 100-104 must leave the moved data missing."""
+    m = RangeMap([(0, 4 * P), (100 * P, 104 * P)])
+    m.move(0, 100 * P, 4 * P)
+    assert m.pop_src_ranges([(100 * P, 104 * P)]) == []
+    assert m.items() == [(100 * P, 104 * P, 0)]
+    assert m.pop_src_ranges([(P, 2 * P), (3 * P, 10 * P)]) == \
+        [(101 * P, 102 * P, P), (103 * P, 104 * P, 3 * P)]
+
+
 def test_next_from_wraps_and_is_bounded():
     m = RangeMap([(10 * P, 20 * P)])
     assert m.next_from(15 * P, 2 * P) == (15 * P, 17 * P, 15 * P)
@@ -33,10 +45,11 @@ def test_next_from_wraps_and_is_bounded():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("pam"), st.integers(0, 63), st.integers(1, 16),
+@given(st.lists(st.tuples(st.sampled_from("pamz"), st.integers(0, 63), st.integers(1, 16),
                           st.integers(0, 63)), max_size=30))
 def test_against_a_page_dict(ops):
-    """Any sequence of pop/add/move agrees with a dict page -> source."""
+    """Any sequence of pop/add/move/pop by source agrees with a dict page ->
+    source."""
     m = RangeMap([(0, 64 * P)])
     ref = {i * P: i * P for i in range(64)}
     for op, a, n, b in ops:
@@ -44,6 +57,14 @@ def test_against_a_page_dict(ops):
         if op == "p":
             got = {x: src + x - s0 for s0, e0, src in m.pop(s, e) for x in range(s0, e0, P)}
             want = {x: ref.pop(x) for x in range(s, e, P) if x in ref}
+            assert got == want
+        elif op == "z":               # two source ranges: [s, e) and [e+b, e+b+n)
+            ranges = [(s, e), (e + b * P, e + (b + n) * P)]
+            got = {x: src + x - s0 for s0, e0, src in m.pop_src_ranges(ranges)
+                   for x in range(s0, e0, P)}
+            want = {x: v for x, v in ref.items() if any(a0 <= v < b0 for a0, b0 in ranges)}
+            for x in want:
+                del ref[x]
             assert got == want
         elif op == "a":
             m.add(s, e, b * P)
