@@ -218,7 +218,7 @@ class LazyPages:
         if failed:
             self._close()
             if self.source.remote:
-                await self.source.close()
+                await self.source.close(str(failed[0]) or type(failed[0]).__name__)
             raise failed[0]
         self._ask_map_early()
         switch = sys.getswitchinterval()
@@ -247,9 +247,15 @@ class LazyPages:
                     except (asyncio.CancelledError, errors.MigrateError):
                         pass
             self._stop_faults()
+            with self.mu:
+                missing = any(p.alive and not p.done for p in self.procs)
             self._close()
             if self.source.remote:
-                await self.source.close()
+                # DONE only with every page in (or its process gone): the
+                # source's frozen tree goes once it hears it
+                await self.source.close(
+                    str(self.failed) if self.failed is not None
+                    else "stopped with pages still missing" if missing else None)
             sys.setswitchinterval(switch)
         return self._report()
 

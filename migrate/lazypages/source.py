@@ -167,8 +167,8 @@ class _Lane:
                 limit=READ_SIZE), 30)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
-        self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ,
-                                                 P.CAP_GET | P.CAP_MAP | P.CAP_RUNS)))
+        self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ, P.CAP_GET | P.CAP_MAP |
+                                                 P.CAP_RUNS | P.CAP_DONE)))
         ev = await self._next()
         if not isinstance(ev, P.Welcome):
             raise self._error(ev, "HELLO")
@@ -271,7 +271,19 @@ class _Lane:
             return None
         return await self._ask(lambda req: P.GetMap(req, pid), [])
 
-    async def close(self) -> None:
+    async def close(self, failure: str | None = None) -> None:
+        """``failure``: why the daemon gave up (an ERROR to the source), or
+        None: every page is in (DONE, where the source takes it)."""
+        if self.writer is not None and self.src.failed is None and \
+                self.conn.state is P.State.READ and not self.writer.is_closing():
+            word = P.Error(P.Code.ABORTED, failure[:P.MAX_ERROR_TEXT]) if failure else \
+                P.Done() if self.caps & P.CAP_DONE else None
+            if word is not None:
+                try:
+                    self.writer.write(self.conn.send(word))
+                    await asyncio.wait_for(self.writer.drain(), 2)
+                except (P.ProtocolError, OSError, ssl.SSLError, asyncio.TimeoutError):
+                    pass
         if self.task is not None:
             self.task.cancel()
             try:
@@ -425,7 +437,9 @@ class RemoteSource:
         log.info("lazy-pages: page source %s (%s)", self.name,
                  "TLS" if self.ssl else "plaintext")
 
-    async def close(self) -> None:
+    async def close(self, failure: str | None = None) -> None:
+        """The lanes closed; the source is told DONE (``failure`` None: every
+        page is in) or ERROR ``failure`` (the daemon gave up)."""
         self.closing = True
         self.fault.close()
-        await self.prefetch.close()
+        await self.prefetch.close(failure)

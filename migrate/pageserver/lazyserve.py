@@ -4,8 +4,13 @@ frozen process (read sessions of docs/protocol.md, served by ``read``).
 A small server of its own next to ``server.py`` (which serves committed
 images): one session name (the image's directory name), read mode only,
 each GET answered in order with PAGE_DATA and its xxh3-128.  It returns
-once the daemon has opened and closed its lanes (faults and prefetch), or
-on SIGTERM/SIGINT (then with pages maybe still untaken: status 1).
+once the daemon says DONE (CAP_DONE: it has every page), or gives up (an
+ERROR from it: status 1), or once no connection of a daemon that was granted
+CAP_DONE has been open for ``grace`` seconds (status 1); a daemon without
+CAP_DONE ends it by closing its lanes (faults and prefetch).  SIGTERM/SIGINT
+stop it too (then with pages maybe still untaken: status 1).  Connections
+closing never end it on their own: the frozen process is the only copy of
+the pages the destination has not taken yet.
 
 Each connection is served by a thread of its own with blocking I/O: a
 fault's GET is answered without an event loop's wake-ups on the way (the
@@ -39,6 +44,9 @@ RESPONSE_HEAD = P.HEADER.size + 32    # PAGE_DATA's header and fields, before th
 # A thread woken for a fault takes the GIL from a busy one (the prefetch
 # lane's) after at most this long (sys.setswitchinterval; 5 ms by default).
 SWITCH_INTERVAL_S = 0.0002
+# With CAP_DONE: how long the source waits for a connection again once
+# every connection of its daemon has closed without DONE.
+GRACE_S = 60.0
 # Runs per PAGE_MAP frame: each is encoded in one C call holding the GIL
 # (and decoded likewise by the daemon): small enough not to make a fault's
 # answer wait for it.
@@ -56,7 +64,8 @@ class _Lane:
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.out = bytearray()            # the response frame, reused
         self.handlers = {P.Hello: self.on_Hello, P.Get: self.on_Get, P.GetMap: self.on_GetMap,
-                         P.GetRuns: self.on_GetRuns, P.Error: self.on_Error}
+                         P.GetRuns: self.on_GetRuns, P.Error: self.on_Error,
+                         P.Done: self.on_Done}
         self.thread = threading.Thread(target=self.run, name=f"lazy-serve {self.peer}",
                                        daemon=True)
 
@@ -104,7 +113,7 @@ class _Lane:
                 if isinstance(ev, P.ConnectionClosed):
                     return
                 self.handlers.get(type(ev), self.on_other)(ev)
-                if isinstance(ev, P.Error):
+                if isinstance(ev, (P.Error, P.Done)):
                     return
 
     def _error(self, code, text: str) -> None:
@@ -119,8 +128,12 @@ class _Lane:
             self._error(P.Code.NOT_FOUND, f"this source serves read session "
                                           f"{self.srv.session!r} only")
             raise ConnectionError(f"refused session {ev.name!r} mode {ev.mode}")
-        caps = P.CAP_GET | P.CAP_RUNS | (P.CAP_MAP if self.srv.map_of is not None else 0)
-        self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, caps & (ev.caps | P.CAP_GET))))
+        caps = P.CAP_GET | P.CAP_RUNS | P.CAP_DONE | \
+            (P.CAP_MAP if self.srv.map_of is not None else 0)
+        granted = caps & (ev.caps | P.CAP_GET)
+        self.sock.sendall(self.conn.send(P.Welcome(P.VERSION, granted)))
+        if granted & P.CAP_DONE:
+            self.srv._says_done()
         log.info("lazy-pages source: %s: read session %r", self.peer, ev.name)
 
     def on_Get(self, ev: P.Get) -> None:
@@ -171,6 +184,11 @@ class _Lane:
 
     def on_Error(self, ev: P.Error) -> None:
         log.warning("lazy-pages source: %s: %s: %s", self.peer, ev.code_name, ev.text)
+        self.srv._ended(f"the destination gave up: {ev.code_name}: {ev.text}")
+
+    def on_Done(self, ev: P.Done) -> None:
+        log.info("lazy-pages source: %s: DONE", self.peer)
+        self.srv._ended(None)
 
     def on_other(self, ev) -> None:
         self._error(P.Code.PROTOCOL, f"unexpected {type(ev).__name__}")
@@ -185,13 +203,18 @@ class LazyServer:
     answers GET_MAP (CAP_MAP): (vaddr, nr_pages, kind) runs, or LookupError."""
 
     def __init__(self, read, session: str, address: str, port: int, ssl_context,
-                 lanes: int = 2, map_of=None, read_runs=None) -> None:
+                 lanes: int = 2, map_of=None, read_runs=None, grace: float = GRACE_S
+                 ) -> None:
         self.read, self.session = read, session
         self.read_runs = read_runs
         self.map_of = map_of
         self.address, self.port, self.ssl = address, port, ssl_context
         self.lanes = lanes
         self.opened = self.closed = 0
+        self.grace = grace
+        self.done_aware = False          # a client was granted CAP_DONE
+        self.failure: str | None = None  # it gave up (ERROR), or never came back
+        self._idle: asyncio.TimerHandle | None = None
         self.done = asyncio.Event()
         self.loop = None
         self.bound_port = None
@@ -209,18 +232,46 @@ class LazyServer:
         self.loop.call_soon_threadsafe(self._count, 1)
 
     def _closed(self) -> None:
+        self._soon(self._count, -1)
+
+    def _says_done(self) -> None:
+        self._soon(setattr, self, "done_aware", True)
+
+    def _ended(self, failure: str | None) -> None:
+        """DONE (None) or the client's ERROR: the session is over."""
+        def end() -> None:
+            if failure is not None and self.failure is None:
+                self.failure = failure
+            self.done.set()
+        self._soon(end)
+
+    def _soon(self, fn, *args) -> None:
         try:
-            self.loop.call_soon_threadsafe(self._count, -1)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:        # the loop is closed: the server is done anyway
             pass
 
     def _count(self, d: int) -> None:
         if d > 0:
             self.opened += 1
-        else:
-            self.closed += 1
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+            return
+        self.closed += 1
+        if not self.done_aware:
             if self.closed >= self.lanes:
                 self.done.set()
+        elif self.closed >= self.opened and self._idle is None:
+            # every connection closed without DONE: wait for it to come back
+            self._idle = self.loop.call_later(self.grace, self._gone)
+
+    def _gone(self) -> None:
+        self._idle = None
+        if self.failure is None:
+            self.failure = (f"the destination closed its connections without saying it had "
+                            f"every page, and did not come back in {self.grace:.0f} s")
+        self.done.set()
 
     async def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -285,8 +336,13 @@ class LazyServer:
                 lane.thread.join(5)
             sys.setswitchinterval(switch)
             gc.unfreeze()
+        if self._idle is not None:
+            self._idle.cancel()
         if self.cancelled:
             log.info("lazy-pages: stopped (%s)", self.cancelled)
+            return 1
+        if self.failure:
+            log.error("lazy-pages: %s", self.failure)
             return 1
         if stopped:
             log.warning("lazy-pages: stopped by %s with the destination connected %d times",

@@ -35,7 +35,7 @@ __all__ = [
     "MAX_FILE_SIZE", "MAX_ERROR_TEXT", "MAX_OUTSTANDING_GETS", "MAX_STREAMS", "TOKEN_SIZE",
     "BIG_PAYLOAD", "MODE_WRITE", "MODE_READ", "CAP_GET", "CAP_ZSTD", "CAP_STREAMS",
     "CAP_MAP", "MAP_REMOTE", "MAP_LOCAL", "MAP_ZERO", "MAX_MAP_RUNS", "GetMap", "PageMap",
-    "CAP_RUNS", "MAX_GET_RUNS", "GetRuns", "CAP_NOSYNC",
+    "CAP_RUNS", "MAX_GET_RUNS", "GetRuns", "CAP_NOSYNC", "CAP_DONE", "Done",
     "FLAG_LAST", "FLAG_ZSTD", "Code", "Role", "State", "NEED_DATA", "Connection",
     "PayloadBuffers", "Hello", "Welcome", "FilePart", "SetParent", "PagesBegin",
     "PageChunk", "ZeroRange", "ParentRange", "Commit", "Committed", "Abort", "Get",
@@ -70,6 +70,7 @@ CAP_STREAMS = 4                          # JOIN: more TCP streams for one sessio
 CAP_MAP = 8                              # read sessions: GET_MAP answered (a post-copy source)
 CAP_RUNS = 16                            # read sessions: GET_RUNS answered
 CAP_NOSYNC = 32                          # COMMITTED without fsync (docs/protocol.md)
+CAP_DONE = 64                            # read sessions: the client says DONE at its end
 FLAG_LAST = 1                            # FILE_PART: the file is complete
 FLAG_ZSTD = 2                            # PAGE_CHUNK: data is one zstd frame
 
@@ -737,6 +738,26 @@ class Error:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Done:
+    """C->S (read sessions, once CAP_DONE is granted): the client has every
+    page it wants from this session; the connection closes after it.  A
+    post-copy source ends on it (its frozen process is no longer needed),
+    not on its connections closing."""
+    TYPE = 19
+    BOUNDS = (0, 0)
+
+    def check(self) -> None:
+        pass
+
+    def encode(self):
+        return 0, [b""]
+
+    @classmethod
+    def decode(cls, flags, p):
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Join:
     """C->S, opens one more TCP stream of the write session whose WELCOME
     gave ``token``; ``stream`` numbers it (1..granted-1)."""
@@ -773,7 +794,7 @@ class ConnectionClosed:
 
 EVENTS = (Hello, Welcome, FilePart, SetParent, PagesBegin, PageChunk, ZeroRange,
           ParentRange, Commit, Committed, Abort, Get, PageData, Error, Join, GetMap, PageMap,
-          GetRuns)
+          GetRuns, Done)
 _BY_TYPE = {cls.TYPE: cls for cls in EVENTS}
 _EVENT_TYPES = frozenset(EVENTS)
 
@@ -800,6 +821,7 @@ TRANSITIONS: dict = {
     (_ST.READ, C, GetMap): _ST.READ,
     (_ST.READ, C, GetRuns): _ST.READ,
     (_ST.READ, S, PageMap): _ST.READ,
+    (_ST.READ, C, Done): _ST.CLOSED,
     **{(st, who, Error): _ST.CLOSED for st in State if st is not _ST.CLOSED
        for who in (C, S)},
 }
@@ -1051,6 +1073,8 @@ class Connection:
             raise self._remote("GetMap: CAP_MAP was not granted", at)
         if cls is GetRuns and not self.caps & CAP_RUNS:
             raise self._remote("GetRuns: CAP_RUNS was not granted", at)
+        if cls is Done and not self.caps & CAP_DONE:
+            raise self._remote("Done: CAP_DONE was not granted", at)
         if res:
             raise self._remote(f"{cls.__name__}: reserved header field {res:#x} is not 0",
                                at + 2)
@@ -1084,6 +1108,8 @@ class Connection:
                 raise _Bad("CAP_MAP was not granted")
             if isinstance(ev, GetRuns) and not self.caps & CAP_RUNS:
                 raise _Bad("CAP_RUNS was not granted")
+            if isinstance(ev, Done) and not self.caps & CAP_DONE:
+                raise _Bad("CAP_DONE was not granted")
             self._transition(self.our_role, ev)
         except _Bad as e:
             raise LocalProtocolError(f"{type(ev).__name__}: {e.why}") from None

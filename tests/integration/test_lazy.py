@@ -329,6 +329,45 @@ def test_pre_copy_pages_are_never_fetched_again(workdir, workloads, daemons, dum
     assert src.proc.wait(60) == 0, src.log()[-3000:]
 
 
+def test_lazy_source_ends_on_done_not_on_connections_closing(workdir, workloads, daemons,
+                                                             dumps, pki):
+    """The frozen source holds the only copy of the pages not taken yet: it
+    ends when the daemon says DONE, not when connections close.  Two
+    connections that are granted CAP_DONE and then dropped (as an early
+    connection that failed and was made again) leave it serving; the real
+    daemon then takes every page, and its DONE ends the dump (exit 0)."""
+    import asyncio
+
+    from migrate.lazypages.source import RemoteSource
+    from migrate.pageserver import protocol as P
+    from migrate.pageserver import tls
+
+    w = _start("memhog", workdir, workloads, "16")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki)
+    dumps.append(src)
+    ctx = tls.client_context(*(pki[i] for i in (1, 3, 5)))
+
+    async def connect_and_drop() -> int:
+        rs = RemoteSource(TLS_HOST, port, os.path.basename(images), ctx)
+        await rs.prefetch.open()
+        caps = rs.prefetch.caps
+        rs.prefetch.writer.transport.abort()     # no DONE, no close_notify
+        return caps
+    for _ in range(2):
+        assert asyncio.run(connect_and_drop()) & P.CAP_DONE
+    time.sleep(1)
+    assert src.proc.poll() is None, f"the source ended without DONE:\n{src.log()[-2000:]}"
+    d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(port), *pki)
+    daemons.append(d)
+    w.restore(images, "--lazy-pages")
+    _check_done(d)
+    assert src.proc.wait(60) == 0, src.log()[-3000:]
+    assert "DONE" in src.log()
+    w.assert_pass()
+
+
 def test_corrupt_image_is_refused_before_anything_runs(workdir, workloads):
     """A page file that fails its checksum: the daemon refuses to start, so
     the restore cannot hand its uffd over and leaves nothing running."""

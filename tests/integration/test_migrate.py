@@ -4,6 +4,7 @@ run; each checks its own state after the last move.  The failure cases end
 with the program running on exactly one host, its pages verified, and no
 lock or image left behind."""
 
+import json
 import os
 import subprocess
 import threading
@@ -349,6 +350,46 @@ def test_link_cut_during_the_stop(rig, logdir, workloads):
     w = start(rig, "A", logdir, workloads, "memhog", "256")
     rec = _migrate_with_link_cut(rig, w, 0.8, "--no-pre-copy", "--max-bandwidth", "64M")
     assert rec["error"]["phase"] in ("stop", "restore"), rec["error"]
+
+
+def test_link_cut_during_post_copy(rig, logdir, workloads):
+    """B's cable pulled for 3 s while B runs the process and pulls its
+    pages from A (pure post-copy of 1 GiB): the faults wait, nothing gives
+    up, and once the cable is back every page comes; the process ends on B
+    with its memory intact (memhog checks every page)."""
+    sw = f"{rig.env['MIGRATE_RIG_PREFIX']}-sw"
+    link = f"{rig.env['MIGRATE_RIG_PREFIX']}-B"
+    w = start(rig, "A", logdir, workloads, "memhog", "1024")
+    r = rig.run("C", "python3", "-m", "migrate", "run", "--inventory", rig.inventory,
+                "--src", "A", "--dst", "B", "--pid", str(w.pid), "--detach",
+                "--post-copy", "on", "--no-pre-copy")
+    mid = r.stdout.strip()
+
+    def record() -> dict:
+        r = rig.run("C", "python3", "-m", "migrate", "status", "--inventory", rig.inventory,
+                    "--host", "A", "--json", mid, check=False)
+        out = json.loads(r.stdout) if r.returncode == 0 else {}
+        return (out[0] if out else {}) if isinstance(out, list) else out
+    end = time.monotonic() + 120
+    while record().get("phase") != "post-copy":
+        assert time.monotonic() < end and record().get("status") in (None, "active"), record()
+        time.sleep(0.05)
+    subprocess.run(["ip", "-n", sw, "link", "set", link, "down"], check=True)
+    try:
+        time.sleep(3)
+        assert record().get("phase") == "post-copy", "post-copy ended with the cable out"
+    finally:
+        subprocess.run(["ip", "-n", sw, "link", "set", link, "up"], check=True)
+    while record().get("status") in (None, "active"):
+        assert time.monotonic() < end, record()
+        time.sleep(0.2)
+    rec = record()
+    assert rec["status"] == "completed", rec
+    assert rec["stop"]["post_copy_seconds"] >= 3, rec
+    w.moved("B")
+    assert w.where() == ["B"], (w.where(), w.log()[-2000:])
+    w.assert_pass()
+    nothing_left(rig)
 
 
 def test_cancel_during_pre_copy(rig, logdir, workloads):

@@ -143,6 +143,24 @@ def test_get_runs_answered_by_one_page_data_of_all_its_pages():
         c2.send(P.GetRuns(1, 7, runs))
 
 
+def test_done_ends_a_read_session_once_cap_done_is_granted():
+    c, s = opened(P.MODE_READ, P.CAP_GET | P.CAP_DONE)
+    s.receive_data(c.send(P.Done()))
+    assert s.next_event() == P.Done()
+    assert s.state is P.State.CLOSED and c.state is P.State.CLOSED
+    with pytest.raises(P.LocalProtocolError, match="not allowed in state"):
+        c.send(P.Get(1, 7, 0x1000, 1))
+    c2, s2 = opened(P.MODE_READ)
+    with pytest.raises(P.LocalProtocolError, match="CAP_DONE"):
+        c2.send(P.Done())
+    s2.receive_data(P.HEADER.pack(P.Done.TYPE, 0, 0, 0))
+    with pytest.raises(P.RemoteProtocolError, match="CAP_DONE was not granted"):
+        s2.next_event()
+    c3, s3 = opened(P.MODE_WRITE, P.CAP_GET | P.CAP_DONE)   # read sessions only
+    with pytest.raises(P.LocalProtocolError, match="not allowed in state"):
+        c3.send(P.Done())
+
+
 def test_get_map_needs_cap_map_and_a_sane_map():
     c, s = opened(P.MODE_READ)
     with pytest.raises(P.LocalProtocolError, match="CAP_MAP"):
