@@ -112,6 +112,16 @@ def _add_page_server_client(p: argparse.ArgumentParser) -> None:
     _add_tls(p)
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 0 or more")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="migrate",
@@ -217,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="session name on the source (default: the basename of -D)")
     lz.add_argument("--no-prefetch", action="store_true",
                     help="copy pages only when they are touched (no background copy)")
+    lz.add_argument("--reconnect-timeout", type=_seconds, default=None, metavar="SEC",
+                    help="with --page-server: how long a broken connection to the source "
+                         "is made again, the faults held, before the daemon gives up and "
+                         "kills the process (default 60; 0: give up at once)")
     lz.add_argument("--status-fd", type=int, metavar="FD",
                     help="write \\0 to FD and close it once listening")
     _add_tls(lz)
@@ -438,7 +452,9 @@ def cmd_lazy_pages(args) -> int:
     out = (lambda d: print(json.dumps(d, indent=2), flush=True)) if args.display_stats \
         else None
     return daemon.run(args.images_dir, sock, remote=remote, prefetch=not args.no_prefetch,
-                      status_fd=args.status_fd, stats_out=out)
+                      status_fd=args.status_fd, stats_out=out,
+                      recover=daemon.RECOVER_S if args.reconnect_timeout is None
+                      else args.reconnect_timeout)
 
 
 def cmd_pre_dump(args) -> int:

@@ -120,6 +120,13 @@ class PageSourceError(MigrateError):
         self.why = why
 
 
+class SourceLinkLost(PageSourceError):
+    """Post-copy: a connection to the lazy pages' source broke (reset,
+    closed, or silent past the dead-peer timeout).  Unlike a checksum or a
+    refusal, the source may still be there: the daemon connects again for a
+    while before it gives up (``lazypages.daemon.RECOVER_S``)."""
+
+
 class NetworkLockError(MigrateError):
     """The network lock (an nftables table or iptables chain of ours) could
     not be set or lifted.  ``name`` is the table or chain."""

@@ -76,6 +76,11 @@ REMOTE_DEPTH = 8             # prefetch GETs in flight
 RETRY_S = 0.0005
 WATCH_S = 0.5
 FAULT_DEPTH = 32             # fault GETs sent at once (threads faulting together)
+# A connection to the source that breaks (SourceLinkLost) is made again for
+# this long, the faults held meanwhile, before the daemon gives up (QEMU's
+# post-copy recovery, done by itself); the source waits for it (lazyserve).
+RECOVER_S = 60.0
+RECONNECT_S = 0.5            # between two attempts
 # The fault thread, woken by a fault, takes the GIL from a busy loop (the
 # prefetch's) after at most this long (sys.setswitchinterval; 5 ms by default).
 SWITCH_INTERVAL_S = 0.0002
@@ -102,6 +107,8 @@ class Stats:
     all_in_s: float = 0.0
     done_monotonic: float = 0.0  # CLOCK_MONOTONIC when the last page was in (benches)
     processes: int = 0
+    recoveries: int = 0          # remote mode: connections to the source made again
+    recovery_s: float = 0.0      # ... and how long the faults were held for it
 
     def block(self, us: float) -> None:
         self.blocktime_total_us += us
@@ -125,6 +132,7 @@ class Stats:
                 "fault_latency_buckets_us": [[b, bisect.bisect_right(lat, b)]
                                              for b in LATENCY_BUCKETS_US],
                 "all_in_s": round(self.all_in_s, 4),
+                "recoveries": self.recoveries, "recovery_s": round(self.recovery_s, 3),
                 "done_monotonic": self.done_monotonic}
 
 
@@ -153,8 +161,17 @@ class Proc:
 
 class LazyPages:
     def __init__(self, source, sock_path: str, *, prefetch: bool = True,
-                 prepare=None, listener: socket.socket | None = None) -> None:
+                 prepare=None, listener: socket.socket | None = None,
+                 recover: float = RECOVER_S) -> None:
         self.source = source
+        # ``recover``: how long a broken connection to the source is made
+        # again before the daemon gives up (0: never)
+        self.recover_s = recover
+        self.recovering = False          # under mu: the lanes are being made again
+        self.reachable = asyncio.Event()  # (the prefetch waits while they are not)
+        self.reachable.set()
+        self._recovery: asyncio.Task | None = None
+        self._fault_busy = False         # the fault thread waits on a lane
         # ``prepare``: run (in a thread) once listening, before the first
         # connection is taken: a restore may then load its image meanwhile.
         self.prepare = prepare
@@ -202,7 +219,7 @@ class LazyPages:
             ready()
         work = []
         if self.source.remote:
-            self.source.on_lost = self.fail
+            self.source.on_lost = self._lost
             work.append(self.source.open())
         if self.prepare is not None:
             work.append(self.loop.run_in_executor(None, self.prepare))
@@ -237,10 +254,10 @@ class LazyPages:
         try:
             await self.finished.wait()
         finally:
-            for t in (accept, watch, pre, *self.tasks):
+            for t in (accept, watch, pre, self._recovery, *self.tasks):
                 if t is not None:
                     t.cancel()
-            for t in (accept, watch, pre, *self.tasks):
+            for t in (accept, watch, pre, self._recovery, *self.tasks):
                 if t is not None:
                     try:
                         await t
@@ -361,6 +378,99 @@ class LazyPages:
                     if p.alive and p.pid:
                         self._kill_tree(p.pid)
         self.finished.set()
+
+    # -- a broken connection to the source -------------------------------------------
+    def _lost(self, exc: BaseException) -> None:
+        """From either thread: a lane to the source failed.  A broken
+        connection (SourceLinkLost) is made again for ``recover_s`` while
+        the faults wait (``_recover``); anything else fails the daemon."""
+        if not (isinstance(exc, errors.SourceLinkLost) and self.recover_s > 0
+                and self.source.remote):
+            self.fail(exc)
+            return
+        with self.mu:
+            if self.failed is not None or self.recovering or self.stopping:
+                return
+            self.recovering = True
+        if self._in_loop():
+            self._start_recovery(exc)
+        else:
+            self.loop.call_soon_threadsafe(self._start_recovery, exc)
+
+    def _start_recovery(self, exc: BaseException) -> None:
+        log.warning("lazy-pages: %s: the processes wait for their pages; connecting again "
+                    "for up to %.0f s", exc, self.recover_s)
+        self.reachable.clear()
+        self._recovery = asyncio.create_task(self._recover(exc))
+
+    async def _recover(self, exc: BaseException) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + self.recover_s
+        # 1. What waits on the old lanes fails out: the prefetch's requests,
+        #    the map's, the fault thread's (its lane is shut down under it).
+        self.source.drop(exc)
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        end = time.monotonic() + 5
+        while self._fault_busy and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        # 2. What was in flight is missing again (answers that still come
+        #    for it find nothing in flight and are dropped).
+        with self.mu:
+            for p in self.procs:
+                if p.alive:
+                    for a, b, src in p.inflight.items():
+                        p.missing.add(a, b, src)
+                    p.inflight = RangeMap()
+            self._gets, self._unsent = [], []
+        # 3. New lanes, until the deadline.
+        attempt = 0
+        while True:
+            if self.finished.is_set():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.fail(errors.PageSourceError(
+                    self.source.name, f"{getattr(exc, 'why', exc)}; not back after "
+                                      f"{self.recover_s:.0f} s ({attempt} attempts)"))
+                return
+            attempt += 1
+            self.source.reset()
+            try:
+                await asyncio.wait_for(self.source.open(), min(left, 10.0))
+                break
+            except (errors.PageSourceError, asyncio.TimeoutError) as e:
+                log.info("lazy-pages: connecting again (attempt %d): %s", attempt,
+                         e or "timed out")
+                await asyncio.sleep(min(RECONNECT_S, max(left, 0)))
+        # 4. The faults that wait are asked again (by the fault thread, on
+        #    the new fault lane), then the map if it had not come, then the
+        #    prefetch goes on.
+        with self.mu:
+            for p in self.procs:
+                if not p.alive:
+                    continue
+                for addr in [a for a in p.waiters if p.missing.src_of(a) is not None]:
+                    t0s = p.waiters.pop(addr)
+                    self.stats.faults -= 1   # counted again
+                    self.on_pagefault(p, U.UffdMsg(U.UFFD_EVENT_PAGEFAULT, address=addr),
+                                      t0s[0])
+                    p.waiters[addr] = t0s
+            self.recovering = False
+            self.stats.recoveries += 1
+            self.stats.recovery_s += time.monotonic() - t0
+        self._wake_thread()
+        for pid, zero in list(self._maps.items()):
+            if zero is None:
+                t = asyncio.create_task(self._take_map(pid))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+        self.reachable.set()
+        self.work.set()
+        self._recovery = None
+        log.warning("lazy-pages: the source is back after %.2f s (%d attempts)",
+                    time.monotonic() - t0, attempt)
 
     def _kill_tree(self, pid: int) -> None:
         todo = [pid]
@@ -485,7 +595,7 @@ class LazyPages:
         try:
             runs = await self.source.prefetch.get_map(image_pid)
         except errors.PageSourceError as e:
-            self.fail(e)
+            self._lost(e)                # (asked again once the source is back)
             return
         if runs is None:
             log.warning("lazy-pages: the source does not answer GET_MAP: every lazy page of "
@@ -627,11 +737,17 @@ class LazyPages:
                         if p is not None and p.alive and p.uffd == fd:
                             self._on_uffd(p, t0)
                     self._run_later()
-                    gets, unsent = self._gets, self._unsent
-                    self._gets, self._unsent = [], []
+                    gets, unsent = [], []
+                    if not self.recovering:     # (else they wait for the new lane)
+                        gets, unsent = self._gets, self._unsent
+                        self._gets, self._unsent = [], []
                     stopping = self.stopping
-                if (gets or unsent) and not stopping:
-                    self._fault_gets(gets, unsent)
+                    self._fault_busy = bool(gets or unsent) and not stopping
+                if self._fault_busy:
+                    try:
+                        self._fault_gets(gets, unsent)
+                    finally:
+                        self._fault_busy = False
                 self._poke()
         except Exception as e:  # noqa: BLE001 -- a bug here must kill the process
             log.exception("lazy-pages: the fault thread failed")
@@ -655,7 +771,10 @@ class LazyPages:
                 gets, unsent = unsent[:FAULT_DEPTH], unsent[FAULT_DEPTH:]
                 lane.send([(p.image_pid, a, (b - a) // PAGE) for p, a, b in gets])
         except errors.PageSourceError as e:
-            self.fail(e)
+            # (what it waited for stays in flight: a recovery asks again;
+            # a lane replaced meanwhile failed because it was shut down)
+            if lane is self.source.fault:
+                self._lost(e)
 
     def _poke(self) -> None:
         """Tell the loop when every page may be in (it checks, _check_finished,
@@ -860,13 +979,13 @@ class LazyPages:
         lane now (or once fewer GETs are unanswered); the thread copies them
         in when the answer comes (``_fault_gets``)."""
         self.stats.pages_remote += (b - a) // PAGE
-        if len(self._gets) >= FAULT_DEPTH or self._unsent:
+        if self.recovering or len(self._gets) >= FAULT_DEPTH or self._unsent:
             self._unsent.append((p, a, b))
             return
         try:
             self.source.fault.send([(p.image_pid, a, (b - a) // PAGE)])
         except errors.PageSourceError as e:
-            self.fail(e)
+            self._lost(e)
             return
         self._gets.append((p, a, b))
 
@@ -920,7 +1039,7 @@ class LazyPages:
         try:
             return await self.source.prefetch.get_runs(p.image_pid, runs)
         except errors.PageSourceError as e:
-            self.fail(e)
+            self._lost(e)
             return None
 
     async def _fetch_remote(self, p: Proc, runs: list[tuple[int, int]], kind: str) -> None:
@@ -1011,9 +1130,12 @@ class LazyPages:
     async def _prefetch(self) -> None:
         batch = (REMOTE_BATCH if self.source.remote else LOCAL_BATCH) * PAGE
         while True:
+            await self.reachable.wait()
             if self.source.remote:
                 while len(self.tasks) >= REMOTE_DEPTH:
                     await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
+                if not self.reachable.is_set():
+                    continue             # lost meanwhile: wait for the new lanes
             with self.mu:
                 p = next((q for q in self.procs if q.alive and q.missing and
                           not q.map_pending), None)
@@ -1064,7 +1186,8 @@ class NoImage(Exception):
 def run(images_dir: str | None, sock_path: str, *, remote: tuple | None = None,
         prefetch: bool = True, status_fd: int | None = None,
         stats_out=None, verify: bool = True, early: bool = False,
-        listener: socket.socket | None = None, images_later=None) -> int:
+        listener: socket.socket | None = None, images_later=None,
+        recover: float = RECOVER_S) -> int:
     """`migrate lazy-pages`: pages from ``images_dir`` or, with ``remote``
     = (address, port, session, ssl context), from the source's page-server.
     ``verify``: check the local image's checksums whole before serving
@@ -1114,7 +1237,8 @@ def run(images_dir: str | None, sock_path: str, *, remote: tuple | None = None,
             os.write(status_fd, b"\0")       # criu(8) --status-fd
             os.close(status_fd)
 
-    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare, listener=listener)
+    lp = LazyPages(src, sock_path, prefetch=prefetch, prepare=prepare, listener=listener,
+                   recover=recover)
     rc = asyncio.run(lp.run(ready))
     if stats_out is not None:
         stats_out(lp.stats.as_dict())

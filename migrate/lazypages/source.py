@@ -167,6 +167,9 @@ class _Lane:
                 limit=READ_SIZE), 30)
         except (OSError, ssl.SSLError, asyncio.TimeoutError) as e:
             raise errors.PageSourceError(s.name, f"cannot connect: {e}") from None
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            client.detect_dead_peer(sock)
         self.writer.write(self.conn.send(P.Hello(s.session, P.MODE_READ, P.CAP_GET | P.CAP_MAP |
                                                  P.CAP_RUNS | P.CAP_DONE)))
         ev = await self._next()
@@ -178,8 +181,8 @@ class _Lane:
     def _error(self, ev, when: str) -> errors.PageSourceError:
         if isinstance(ev, P.Error):
             return errors.PageSourceError(self.src.name, f"{when}: {ev.code_name}: {ev.text}")
-        return errors.PageSourceError(self.src.name, f"{when}: the page-server closed the "
-                                                     "connection")
+        return errors.SourceLinkLost(self.src.name, f"{when}: the page-server closed the "
+                                                    "connection")
 
     async def _next(self):
         while True:
@@ -192,7 +195,7 @@ class _Lane:
             try:
                 data = await self.reader.read(READ_SIZE)
             except (OSError, ssl.SSLError) as e:
-                raise errors.PageSourceError(self.src.name, f"connection lost: {e}") from None
+                raise errors.SourceLinkLost(self.src.name, f"connection lost: {e}") from None
             self.conn.receive_data(data)
 
     async def _read_loop(self) -> None:
@@ -226,10 +229,18 @@ class _Lane:
     def _fail(self, e: errors.PageSourceError) -> None:
         if self.src.closing:
             return
+        if self.src.prefetch is not self:
+            # a lane made before the source's last reset: only its own
+            # requests fail, the source's state is the new lanes'
+            self._fail_waiting(e)
+            return
         first = self.src.failed is None
         self.src.failed = self.src.failed or e
         if first and self.src.on_lost is not None:
             self.src.on_lost(e)
+        self._fail_waiting(e)
+
+    def _fail_waiting(self, e: errors.PageSourceError) -> None:
         while self.waiting:
             fut, _ = self.waiting.popleft()
             if not fut.done():
@@ -239,6 +250,8 @@ class _Lane:
         """Send a GET-like request; its answer (``waiting`` entry ``want``)."""
         if self.src.failed:
             raise self.src.failed
+        if self.task is None or self.src.prefetch is not self:
+            raise errors.SourceLinkLost(self.src.name, f"{self.name} lane not connected")
         async with self.slots:
             self.req = (self.req + 1) & 0xFFFFFFFF
             fut = asyncio.get_running_loop().create_future()
@@ -338,6 +351,8 @@ class FaultLane:
     def _lost(self, e: errors.PageServerError) -> errors.PageSourceError:
         if self.src.closing:
             return errors.PageSourceError(self.src.name, "closed")
+        if e.code == "CONNECTION":      # (not a refusal, an ERROR or a checksum)
+            return errors.SourceLinkLost(self.src.name, f"fault lane: {e}")
         return errors.PageSourceError(self.src.name, f"fault lane: {e}")
 
     def shutdown(self) -> None:
@@ -426,8 +441,22 @@ class RemoteSource:
         """New lanes, for another ``open`` after one failed."""
         self.fault.close()
         self.fault = FaultLane(self)
-        self.prefetch = _Lane(self, "prefetch")
+        old, self.prefetch = self.prefetch, _Lane(self, "prefetch")
+        if old.writer is not None:
+            old.writer.transport.abort()
         self.failed = None
+
+    def drop(self, exc: errors.PageSourceError) -> None:
+        """The lanes broke (``exc``): what waits on them fails out now, the
+        fault thread's wait included, without ``on_lost`` again."""
+        self.failed = self.failed or exc
+        self.fault.shutdown()
+        lane = self.prefetch
+        if lane.writer is not None:
+            lane.writer.transport.abort()
+        lane._fail(exc)
+        if lane.task is not None:
+            lane.task.cancel()
 
     async def open(self) -> None:
         # The fault lane connects with blocking I/O: in a thread, while the

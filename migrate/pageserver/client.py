@@ -570,6 +570,20 @@ class PageServerSink:
         self._close_all()
 
 
+def detect_dead_peer(sock: socket.socket) -> None:
+    """A connection that may wait long for its peer: TCP gives up on a peer
+    that stops acknowledging (TCP_USER_TIMEOUT) or, idle, stops answering
+    keepalives, after about DEAD_PEER_S (a pulled cable shorter than that
+    only stalls it)."""
+    for level, opt, val in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+                            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+                            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+                            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                             int(DEAD_PEER_S * 1000))):
+        sock.setsockopt(level, opt, val)
+
+
 class PageServerReader:
     """A read session (post-copy): pages of a committed image by GET, each
     checked against the digest the server computed from what it read."""
@@ -602,13 +616,7 @@ class PageServerReader:
             self.timeout = None
             sock = self.wire.sock
             sock.settimeout(None)
-            for level, opt, val in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-                                    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
-                                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
-                                    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
-                                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                                     int(DEAD_PEER_S * 1000))):
-                sock.setsockopt(level, opt, val)
+            detect_dead_peer(sock)
 
     def get_many(self, requests) -> list[bytes]:
         """The pages of each ``(pid, vaddr, nr_pages)``, in order; up to

@@ -33,6 +33,7 @@ import threading
 
 from migrate import errors
 from migrate.images.imgfile import chunk_digest
+from migrate.pageserver import client
 from migrate.pageserver import protocol as P
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class _Lane:
         try:
             self.raw.setblocking(True)
             self.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.detect_dead_peer(self.raw)   # (then the grace period runs)
             if self.srv.ssl is not None:
                 self.raw.settimeout(HANDSHAKE_TIMEOUT_S)
                 self.sock = self.srv.ssl.wrap_socket(self.raw, server_side=True)

@@ -258,12 +258,17 @@ def test_dirtier_remote_every_page_by_fault(workdir, workloads, daemons, dumps, 
     assert stats["pages_fault"] > 0 and stats["pages_prefetch"] == 0, stats
 
 
-def test_lost_source_kills_the_process(workdir, workloads, daemons, dumps, pki):
+@pytest.mark.parametrize("reconnect", ["0", "2"])
+def test_lost_source_kills_the_process(workdir, workloads, daemons, dumps, pki, reconnect):
     """The source dies while pages are missing: the restored process must
-    not run on with wrong memory; it is killed and the daemon says why."""
+    not run on with wrong memory; once the daemon has tried to connect again
+    for --reconnect-timeout (or at once with 0) it is killed and the daemon
+    says why."""
     w = _start("lazymem", workdir, workloads, "16")
-    src, d = _lazy_remote(w, workdir, daemons, dumps, pki, "--no-prefetch")
+    src, d = _lazy_remote(w, workdir, daemons, dumps, pki, "--no-prefetch",
+                          "--reconnect-timeout", reconnect)
     src.kill()                                      # SIGKILL: the source host is gone
+    t0 = time.monotonic()
     os.kill(w.pid, signal.SIGTERM)                  # its check touches every page
     end = time.monotonic() + 30
     status = None
@@ -278,9 +283,12 @@ def test_lost_source_kills_the_process(workdir, workloads, daemons, dumps, pki):
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
         f"status {status:#x}:\n{w.log()}"
     assert "PASS" not in w.log()
+    assert time.monotonic() - t0 >= float(reconnect)
     rc, _, err = d.finish()
     assert rc == 1
     assert "page source" in err and f"killed pid {w.pid}" in err, err
+    if reconnect != "0":
+        assert "not back after 2 s" in err, err
 
 
 def test_restore_without_daemon_leaves_nothing(workdir, workloads):
@@ -446,6 +454,116 @@ class _FlipProxy:
     def close(self) -> None:
         self.stop = True
         self.lsock.close()
+
+
+class _CutProxy:
+    """A TCP relay whose ``cut(seconds)`` resets every connection it relays
+    and, for that long, resets the new ones too (a source host whose
+    connections were torn down, that takes new ones again later)."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+        self.target = target_port
+        self.lsock = socket.socket()
+        self.lsock.bind((TLS_HOST, 0))
+        self.lsock.listen(8)
+        self.port = self.lsock.getsockname()[1]
+        self.refuse_until = 0.0
+        self.live: list[socket.socket] = []
+        self.accepted = 0
+        self.mu = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def _reset(x: socket.socket) -> None:
+        import struct
+        try:
+            x.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            x.shutdown(socket.SHUT_RDWR)     # (wakes the relay's recv on it)
+        except OSError:
+            pass
+        x.close()
+
+    def _accept(self) -> None:
+        import threading
+        while True:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.refuse_until:
+                self._reset(c)
+                continue
+            s = socket.create_connection((TLS_HOST, self.target))
+            with self.mu:
+                self.live += [c, s]
+                self.accepted += 1
+            threading.Thread(target=self._pipe, args=(c, s), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(s, c), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def cut(self, seconds: float) -> None:
+        self.refuse_until = time.monotonic() + seconds
+        with self.mu:
+            live, self.live = self.live, []
+        for x in live:
+            self._reset(x)
+
+    def close(self) -> None:
+        self.lsock.close()
+        self.cut(0)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["faults-only", "prefetch"])
+def test_connections_to_the_source_reset_then_back(workdir, workloads, daemons, dumps, pki,
+                                                   prefetch):
+    """Post-copy, the connections to the source are reset while the process
+    faults its pages in (or the prefetch brings them), and new ones refused
+    for a second: the daemon holds the faults and connects again (QEMU's
+    post-copy recovery); every page then comes, the process says PASS, and
+    the source ends on DONE."""
+    w = _start("memhog", workdir, workloads, "64")
+    images = os.path.join(workdir, "img")
+    port = _free_port()
+    src = LazyDump(w, images, port, pki)
+    dumps.append(src)
+    proxy = _CutProxy(port)
+    try:
+        d = Daemon(images, "--page-server", "--address", TLS_HOST, "--port", str(proxy.port),
+                   *([] if prefetch else ["--no-prefetch"]), *pki)
+        daemons.append(d)
+        w.restore(images, "--lazy-pages")
+        proxy.cut(1.0)                           # idle: the prefetch lane sees it
+        end = time.monotonic() + 30
+        while "the source is back" not in d.log():
+            assert time.monotonic() < end, d.log()[-3000:]
+            time.sleep(0.05)
+        os.kill(w.pid, signal.SIGTERM)           # its check faults every page in
+        time.sleep(0.3)
+        proxy.cut(1.0)                           # faults waiting on the fault lane
+        w.assert_pass()
+        stats = _check_done(d)
+    finally:
+        proxy.close()
+    # (with prefetch, every page may be in before the second cut)
+    n = 1 if prefetch else 2
+    assert stats["recoveries"] >= n and stats["recovery_s"] >= n * 0.8, stats
+    assert proxy.accepted >= 2 * (n + 1), proxy.accepted   # two lanes each time
+    assert src.proc.wait(60) == 0, src.log()[-3000:]
 
 
 def test_corrupt_page_in_flight_kills_the_process(workdir, workloads, daemons, dumps):
