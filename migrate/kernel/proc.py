@@ -305,6 +305,34 @@ def list_children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
+def kill_tree(pid: int, start_time: int | None = None) -> list[int]:
+    """SIGKILL ``pid`` and every descendant (children first listed, then
+    killed top-down: a killed parent's children are reparented, not lost
+    from the list); the pids killed.  ``start_time``: only if ``pid`` is
+    still the process that started then (not a reused pid)."""
+    import signal
+    if start_time is not None:
+        try:
+            if read_stat(pid).start_time != start_time:
+                return []
+        except errors.MigrateError:
+            return []
+    killed: list[int] = []
+    todo = [pid]
+    while todo:
+        q = todo.pop()
+        try:
+            todo.extend(list_children(q))
+        except errors.MigrateError:
+            pass
+        try:
+            os.kill(q, signal.SIGKILL)
+            killed.append(q)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
 def read_text(pid: int, name: str) -> str:
     return _read(pid, name)
 

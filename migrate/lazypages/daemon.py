@@ -473,18 +473,7 @@ class LazyPages:
                     time.monotonic() - t0, attempt)
 
     def _kill_tree(self, pid: int) -> None:
-        todo = [pid]
-        while todo:
-            q = todo.pop()
-            try:
-                todo.extend(kproc.list_children(q))
-            except errors.MigrateError:
-                pass
-            try:
-                os.kill(q, signal.SIGKILL)
-                self.killed.append(q)
-            except ProcessLookupError:
-                pass
+        self.killed += kproc.kill_tree(pid)
 
     # -- the restore's hand-over ---------------------------------------------
     async def _accept_loop(self) -> None:
@@ -1181,6 +1170,34 @@ def listen_unix(path: str) -> socket.socket:
 
 class NoImage(Exception):
     """A daemon started before its image (``images_later``) got none."""
+
+
+# -- for the agent that started a daemon (it watches it) ------------------------------
+def start_time(pid: int) -> int | None:
+    """``pid``'s start time (to tell it from a later process of that pid)."""
+    try:
+        return kproc.read_stat(pid).start_time
+    except errors.MigrateError:
+        return None
+
+
+def running(pid: int | None) -> bool:
+    """``pid`` runs (a zombie does not: a daemon forked by a worker is reaped
+    by the host's init, which may take its time)."""
+    if not pid:
+        return False
+    try:
+        return kproc.read_stat(pid).state != "Z"
+    except errors.MigrateError:
+        return False
+
+
+def kill_served(pid: int, start: int) -> list[int]:
+    """A daemon died without its figures: the pages it had not copied read
+    as zeros from now on.  Kill the tree it served (``pid``, if it is still
+    the process that started at ``start``), as the daemon itself would
+    have: the pids killed."""
+    return kproc.kill_tree(pid, start)
 
 
 def run(images_dir: str | None, sock_path: str, *, remote: tuple | None = None,

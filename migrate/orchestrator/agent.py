@@ -36,6 +36,7 @@ import aiohttp
 from aiohttp import web
 
 from migrate import __version__, errors
+from migrate.lazypages import daemon as lazyd
 from migrate.orchestrator import api
 from migrate.orchestrator import inventory as inv
 from migrate.orchestrator import migration as mig
@@ -73,13 +74,7 @@ def fault(agent: "Agent", point: str) -> None:
 
 
 def _alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return lazyd.running(pid)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -132,6 +127,7 @@ class Agent:
         self.pool = Pool()
         self.migrations: dict[str, mig.Migration] = {}
         self.incoming: dict[str, dict] = {}
+        self._restored_start: dict[str, int] = {}   # migration id -> its tree's start time
         self.stop_cost = STOP_COST_DEFAULT
         self.pageserver = None
         self.client: aiohttp.ClientSession | None = None
@@ -559,6 +555,8 @@ class Agent:
         if job.get("lazy_pages"):
             m.fill = {"mode": "post-copy" if job["lazy"].get("remote") else "lazy",
                       "daemon": res.get("lazy_daemon"), "done": False}
+            if m.restored_pid:    # (to tell its tree from a later process of that pid)
+                self._restored_start[m.id] = lazyd.start_time(m.restored_pid)
             asyncio.ensure_future(self._watch_fill(m, job["lazy"]["stats"]))
         else:
             m.fill = {"mode": "eager", "done": True}
@@ -606,8 +604,17 @@ class Agent:
                         m.fill.update(json.load(f), done=True)
                 except (FileNotFoundError, ValueError):
                     if not _alive(m.fill.get("daemon")):
+                        # It died (killed, crashed): the pages it had not
+                        # copied now read as zeros.  The process must not
+                        # run on with them (the daemon's own rule).
+                        killed = []
+                        start = self._restored_start.get(m.id)
+                        if m.restored_pid and start is not None:
+                            killed = lazyd.kill_served(m.restored_pid, start)
                         m.fill.update(done=True, error="the lazy-pages daemon ended without "
-                                      "its figures: see lazy-pages.log")
+                                      "its figures (see lazy-pages.log)" +
+                                      (f"; killed pid {', '.join(map(str, killed))} so that it "
+                                       "does not run on with missing memory" if killed else ""))
                         log.error("migration %s: %s", m.id, m.fill["error"])
                         return
                     await asyncio.sleep(0.2)

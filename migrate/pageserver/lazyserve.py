@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -47,7 +48,7 @@ RESPONSE_HEAD = P.HEADER.size + 32    # PAGE_DATA's header and fields, before th
 SWITCH_INTERVAL_S = 0.0002
 # With CAP_DONE: how long the source waits for a connection again once
 # every connection of its daemon has closed without DONE.
-GRACE_S = 60.0
+GRACE_S = float(os.environ.get("MIGRATE_LAZY_GRACE_S", "60"))
 # Runs per PAGE_MAP frame: each is encoded in one C call holding the GIL
 # (and decoded likewise by the daemon): small enough not to make a fault's
 # answer wait for it.

@@ -34,7 +34,7 @@ class Rig:
         self.dir = state_dir
         self.env = {"MIGRATE_RIG_PREFIX": PREFIX, "MIGRATE_RIG_DIR": state_dir,
                     "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    "MIGRATE_INCOMING_IDLE_S": "8"}
+                    "MIGRATE_INCOMING_IDLE_S": "8", "MIGRATE_LAZY_GRACE_S": "5"}
         self._saved = {k: os.environ.get(k) for k in self.env}
 
     def up(self) -> "Rig":

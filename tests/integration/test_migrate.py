@@ -352,6 +352,53 @@ def test_link_cut_during_the_stop(rig, logdir, workloads):
     assert rec["error"]["phase"] in ("stop", "restore"), rec["error"]
 
 
+def _post_copy_detached(rig, w, *extra) -> tuple[str, object]:
+    """`migrate run --detach --post-copy on` of ``w`` A -> B: (its id, a
+    function giving a host's record of it), once it is in post-copy."""
+    r = rig.run("C", "python3", "-m", "migrate", "run", "--inventory", rig.inventory,
+                "--src", "A", "--dst", "B", "--pid", str(w.pid), "--detach",
+                "--post-copy", "on", *extra)
+    mid = r.stdout.strip()
+
+    def record(host: str = "A") -> dict:
+        r = rig.run("C", "python3", "-m", "migrate", "status", "--inventory", rig.inventory,
+                    "--host", host, "--json", mid, check=False)
+        out = json.loads(r.stdout) if r.returncode == 0 else {}
+        return (out[0] if out else {}) if isinstance(out, list) else out
+    end = time.monotonic() + 120
+    while record().get("phase") != "post-copy":
+        assert time.monotonic() < end and record().get("status") in (None, "active"), record()
+        time.sleep(0.05)
+    return mid, record
+
+
+def test_lazy_daemon_killed_during_post_copy(rig, logdir, workloads):
+    """The destination's lazy-pages daemon is SIGKILLed while B runs the
+    process with pages still at A: those pages would now read as zeros, so
+    B's agent kills the process rather than let it run on with them; A's
+    frozen copy goes once the daemon has not come back for the grace period.
+    (Past the resume the process is lost with its destination, as in QEMU's
+    post-copy; what must never happen is a process running on zeros.)"""
+    w = start(rig, "A", logdir, workloads, "memhog", "1024")
+    mid, record = _post_copy_detached(rig, w, "--no-pre-copy")
+    daemon = (record("B").get("fill") or {}).get("daemon")
+    assert daemon, record("B")
+    rig.run("B", "kill", "-KILL", str(daemon))
+    w.moved("B")
+    end = time.monotonic() + 30
+    while w.where():
+        assert time.monotonic() < end, (w.where(), record("B"))
+        time.sleep(0.1)
+    while record().get("status") in (None, "active"):
+        assert time.monotonic() < end + 30, record()
+        time.sleep(0.2)
+    fill = record("B").get("fill") or {}
+    assert f"killed pid {w.pid}" in (fill.get("error") or ""), fill
+    assert "PASS" not in w.log() and "FAIL" not in w.log(), w.log()
+    w.reap()
+    nothing_left(rig)
+
+
 def test_link_cut_during_post_copy(rig, logdir, workloads):
     """B's cable pulled for 3 s while B runs the process and pulls its
     pages from A (pure post-copy of 1 GiB): the faults wait, nothing gives
@@ -360,20 +407,8 @@ def test_link_cut_during_post_copy(rig, logdir, workloads):
     sw = f"{rig.env['MIGRATE_RIG_PREFIX']}-sw"
     link = f"{rig.env['MIGRATE_RIG_PREFIX']}-B"
     w = start(rig, "A", logdir, workloads, "memhog", "1024")
-    r = rig.run("C", "python3", "-m", "migrate", "run", "--inventory", rig.inventory,
-                "--src", "A", "--dst", "B", "--pid", str(w.pid), "--detach",
-                "--post-copy", "on", "--no-pre-copy")
-    mid = r.stdout.strip()
-
-    def record() -> dict:
-        r = rig.run("C", "python3", "-m", "migrate", "status", "--inventory", rig.inventory,
-                    "--host", "A", "--json", mid, check=False)
-        out = json.loads(r.stdout) if r.returncode == 0 else {}
-        return (out[0] if out else {}) if isinstance(out, list) else out
+    mid, record = _post_copy_detached(rig, w, "--no-pre-copy")
     end = time.monotonic() + 120
-    while record().get("phase") != "post-copy":
-        assert time.monotonic() < end and record().get("status") in (None, "active"), record()
-        time.sleep(0.05)
     subprocess.run(["ip", "-n", sw, "link", "set", link, "down"], check=True)
     try:
         time.sleep(3)
