@@ -302,6 +302,23 @@ class Agent:
         m.task = asyncio.ensure_future(mig.Coordinator(self, m).run())
         return m
 
+    async def wait_filled(self, pid: int, timeout: float = 60) -> None:
+        """``pid`` was restored here by post-copy: until every page is in and
+        the lazy-pages daemon is gone (its userfaultfd registration with
+        it), a dump would take the pages not yet copied for zeros.  Wait
+        for that (MigrationFailed after ``timeout``)."""
+        end = time.monotonic() + timeout
+        while True:
+            m = next((x for x in self.migrations.values() if x.role == "destination"
+                      and x.restored_pid == pid and x.fill is not None
+                      and (not x.fill.get("done") or _alive(x.fill.get("daemon")))), None)
+            if m is None:
+                return
+            if time.monotonic() > end:
+                raise mig.MigrationFailed("prepare", f"pid {pid}: its memory is still arriving "
+                                          f"from {m.src} (post-copy of migration {m.id})")
+            await asyncio.sleep(0.05)
+
     # -- destination side ----------------------------------------------------
     def images_dir(self, mid: str) -> str:
         return os.path.join(self.work_dir, "images", mid)

@@ -312,6 +312,9 @@ class Coordinator:
         m.set_phase("prepare")
         from migrate.source import check
         loop = asyncio.get_running_loop()
+        wait = getattr(self.agent, "wait_filled", None)
+        if wait is not None:         # (a post-copy to here not done yet)
+            await wait(m.pid)
         try:
             self.req = await loop.run_in_executor(None, check.requirements, m.pid)
         except errors.NoSuchProcess:

@@ -104,6 +104,13 @@ def dump_vmas(pid: int, vmas: list[Vma], tolerant: bool = False) -> list:
     ``tolerant``: the task runs (pre-dump); a VMA that vanished is left out."""
     out = []
     for v in vmas:
+        if "um" in v.vmflags:
+            # A lazy restore's daemon still fills it: the pages it has not
+            # copied yet look absent (zero), and would be dumped so.
+            raise errors.UnsupportedResource(
+                pid, "vma", f"{v.start:#x}-{v.end:#x} is registered with a userfaultfd in "
+                            "missing mode: its pages may still be arriving (a lazy restore "
+                            "in progress); dump it once they are all in")
         try:
             kind, st = _classify(pid, v)
         except (errors.KernelError, OSError) as e:

@@ -103,6 +103,21 @@ def _check_done(d: Daemon, processes: int = 1) -> dict:
     return stats
 
 
+def test_dump_while_pages_still_arrive_is_refused(workdir, workloads, daemons):
+    """A process restored lazily whose pages are not all in yet: a dump
+    would take the missing pages for zeros, so it is refused (its memory is
+    registered with the daemon's userfaultfd) and the process runs on; once
+    it has every page it says PASS."""
+    w = _start("lazymem", workdir, workloads, "16")
+    images, d = _lazy_local(w, workdir, daemons, "--no-prefetch")
+    p = migrate("dump", "-t", str(w.pid), "-D", os.path.join(workdir, "again"), "-v4",
+                "-o", "dump.log")
+    assert p.returncode != 0 and "userfaultfd in missing mode" in p.stderr, p.stderr
+    assert alive(w.pid)
+    w.assert_pass()
+    _check_done(d)
+
+
 def test_dirtier_local(workdir, workloads, daemons):
     """Faults and prefetch racing: the dirtier rewrites, unmaps, mremaps and
     drops pages from the first instruction; every page is checked."""
