@@ -303,8 +303,9 @@ class LazyServer:
         return s
 
     async def run(self, on_listen=None, signals: bool = True) -> int:
-        """Serve until the daemon's lanes are done.  ``on_listen(port)`` once
-        listening; ``signals``: SIGTERM/SIGINT stop it (main thread only)."""
+        """Serve until the daemon says DONE (or gives up, or is gone; see the
+        module doc).  ``on_listen(port)`` once listening; ``signals``:
+        SIGTERM/SIGINT stop it (main thread only)."""
         listener = self._listen()
         loop = asyncio.get_running_loop()
         self.loop = loop
