@@ -352,9 +352,12 @@ def test_link_cut_during_the_stop(rig, logdir, workloads):
     assert rec["error"]["phase"] in ("stop", "restore"), rec["error"]
 
 
-def _post_copy_detached(rig, w, *extra) -> tuple[str, object]:
-    """`migrate run --detach --post-copy on` of ``w`` A -> B: (its id, a
-    function giving a host's record of it), once it is in post-copy."""
+def _post_copy_detached(rig, w, *extra) -> tuple[object, int]:
+    """`migrate run --detach --post-copy on` of ``w`` A -> B, once B runs
+    it and pulls its pages (B's lazy-pages daemon has the source's map,
+    which comes after the resume; read from its log on the shared file
+    system, at once): (a function giving a host's record of the migration,
+    the daemon's pid on B)."""
     r = rig.run("C", "python3", "-m", "migrate", "run", "--inventory", rig.inventory,
                 "--src", "A", "--dst", "B", "--pid", str(w.pid), "--detach",
                 "--post-copy", "on", *extra)
@@ -365,11 +368,19 @@ def _post_copy_detached(rig, w, *extra) -> tuple[str, object]:
                     "--host", host, "--json", mid, check=False)
         out = json.loads(r.stdout) if r.returncode == 0 else {}
         return (out[0] if out else {}) if isinstance(out, list) else out
+    path = os.path.join(rig.dir, "B", "work", "logs", mid, "lazy-pages.log")
     end = time.monotonic() + 120
-    while record().get("phase") != "post-copy":
-        assert time.monotonic() < end and record().get("status") in (None, "active"), record()
-        time.sleep(0.05)
-    return mid, record
+    text = ""
+    while "the source's map" not in text:
+        assert time.monotonic() < end, (record(), text)
+        time.sleep(0.01)
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            pass
+    daemon = int(text.split("lazy-pages daemon ", 1)[1].split()[0])
+    return record, daemon
 
 
 def test_lazy_daemon_killed_during_post_copy(rig, logdir, workloads):
@@ -380,9 +391,7 @@ def test_lazy_daemon_killed_during_post_copy(rig, logdir, workloads):
     (Past the resume the process is lost with its destination, as in QEMU's
     post-copy; what must never happen is a process running on zeros.)"""
     w = start(rig, "A", logdir, workloads, "memhog", "1024")
-    mid, record = _post_copy_detached(rig, w, "--no-pre-copy")
-    daemon = (record("B").get("fill") or {}).get("daemon")
-    assert daemon, record("B")
+    record, daemon = _post_copy_detached(rig, w, "--no-pre-copy")
     rig.run("B", "kill", "-KILL", str(daemon))
     w.moved("B")
     end = time.monotonic() + 30
@@ -407,7 +416,7 @@ def test_link_cut_during_post_copy(rig, logdir, workloads):
     sw = f"{rig.env['MIGRATE_RIG_PREFIX']}-sw"
     link = f"{rig.env['MIGRATE_RIG_PREFIX']}-B"
     w = start(rig, "A", logdir, workloads, "memhog", "1024")
-    mid, record = _post_copy_detached(rig, w, "--no-pre-copy")
+    record, _ = _post_copy_detached(rig, w, "--no-pre-copy")
     end = time.monotonic() + 120
     subprocess.run(["ip", "-n", sw, "link", "set", link, "down"], check=True)
     try:
