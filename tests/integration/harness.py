@@ -157,6 +157,16 @@ class Workload:
         self.reaped = True
         return status, self.log()
 
+    def usr1(self, word: str, timeout: float = 30) -> None:
+        """SIGUSR1 (memhog rewrites pages, mover moves its memory), then
+        wait until its log has one more ``word`` (what it says when done)."""
+        before = self.log().count(word)
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while self.log().count(word) == before:
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.005)
+
     def assert_pass(self, timeout: float = 60) -> None:
         status, log = self.stop(timeout)
         assert status == 0 and "PASS" in log, f"{self.name}: exit {status}\n{log[-3000:]}"

@@ -690,6 +690,22 @@ def _map_matches_memory(pid: int, runs: list, lazy: list, pre: str) -> None:
         chain.close()
 
 
+def _post_copy_stop_rolled_back(pid: int, workdir: str, lazy: list, maps: list,
+                                check) -> None:
+    """A post-copy stop of ``pid`` on top of the pre-dump WORKDIR/1 (as a
+    migration's worker makes it: dump.defer_lazy), ``check(stats)`` called
+    with the tree frozen; it raises "rolled back by the test", and the
+    process runs on."""
+    from migrate.source import dump as dumpmod
+
+    opts = dumpmod.DumpOptions(pid=pid, images_dir=os.path.join(workdir, "2"),
+                               prev_images_dir="../1", track_mem=True, leave_lazy=True,
+                               lazy_out=lazy, defer_lazy=True, lazy_map_out=maps,
+                               before_release=check)
+    with pytest.raises(RuntimeError, match="rolled back by the test"):
+        dumpmod.dump(opts)
+
+
 def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
     """A post-copy stop (dump.defer_lazy, as a migration's worker does it)
     leaves the root's lazy area unscanned and whole in the image; the map
@@ -735,12 +751,7 @@ def test_post_copy_stop_map_matches_the_frozen_process(workdir, workloads):
         seen["flagged"] = pagemap.ranges_of(rec[1:], pagemap.PE_LAZY)
         raise RuntimeError("rolled back by the test")
 
-    opts = dumpmod.DumpOptions(pid=w.pid, images_dir=os.path.join(workdir, "2"),
-                               prev_images_dir="../1", track_mem=True, leave_lazy=True,
-                               lazy_out=lazy, defer_lazy=True, lazy_map_out=maps,
-                               before_release=check)
-    with pytest.raises(RuntimeError, match="rolled back by the test"):
-        dumpmod.dump(opts)
+    _post_copy_stop_rolled_back(w.pid, workdir, lazy, maps, check)
     runs = seen["runs"]
     remote = sum(n for _, n, k in runs if k == dumpmod.MAP_REMOTE)
     local = sum(n for _, n, k in runs if k == dumpmod.MAP_LOCAL)
@@ -785,12 +796,7 @@ def test_post_copy_stop_map_when_memory_moved_after_the_pre_scan(workdir, worklo
 
     def pre_scan_then_move(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        n = w.log().count("MOVED")
-        os.kill(w.pid, signal.SIGUSR1)
-        end = time.monotonic() + 10
-        while w.log().count("MOVED") == n:
-            assert time.monotonic() < end, w.log()
-            time.sleep(0.005)
+        w.usr1("MOVED", 10)
     monkeypatch.setattr(dumpmod.PreMap, "__init__", pre_scan_then_move)
 
     def check(stats) -> None:
@@ -801,19 +807,10 @@ def test_post_copy_stop_map_when_memory_moved_after_the_pre_scan(workdir, worklo
         seen["moved"] = m.pre.key != [(e.start, e.end) for e in m.entries]
         raise RuntimeError("rolled back by the test")
 
-    opts = dumpmod.DumpOptions(pid=w.pid, images_dir=os.path.join(workdir, "2"),
-                               prev_images_dir="../1", track_mem=True, leave_lazy=True,
-                               lazy_out=lazy, defer_lazy=True, lazy_map_out=maps,
-                               before_release=check)
-    with pytest.raises(RuntimeError, match="rolled back by the test"):
-        dumpmod.dump(opts)
+    _post_copy_stop_rolled_back(w.pid, workdir, lazy, maps, check)
     assert seen["moved"], "the lazy VMAs did not change after the pre-scan"
     assert seen["local"] >= pages, seen          # the still area at least
-    os.kill(w.pid, signal.SIGUSR1)               # and it moves on, its memory intact
-    end = time.monotonic() + 10
-    while "MOVED 8" not in w.log():
-        assert time.monotonic() < end, w.log()
-        time.sleep(0.01)
+    w.usr1("MOVED", 10)                          # and it moves on, its memory intact
     w.assert_pass()
 
 
