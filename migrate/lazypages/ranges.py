@@ -103,12 +103,7 @@ class RangeMap:
     def pop_src(self, src: int, end: int) -> list[tuple[int, int, int]]:
         """Remove and return the parts whose data is [src, end) of the image,
         wherever they are now: (start, end, src)."""
-        out = []
-        for s, e, d in list(self._items):
-            a, b = max(s + d, src), min(e + d, end)
-            if a < b:
-                out.extend(self.pop(a - d, b - d))
-        return out
+        return self.pop_src_ranges([(src, end)])
 
     def pop_src_ranges(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         """``pop_src`` of many image ranges (sorted, disjoint) at once: one

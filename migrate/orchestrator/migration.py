@@ -227,7 +227,7 @@ class Coordinator:
     """Runs one migration from the source agent.  ``agent`` gives: ``pool``
     (workers), ``peer(host) -> client`` (the destination agent),
     ``dst_host(name)`` (inventory entry), ``work_dir``, ``tls``,
-    ``interface``."""
+    ``interface``, ``wait_filled(pid)`` (a post-copy to this host done)."""
 
     def __init__(self, agent, m: Migration) -> None:
         self.agent = agent
@@ -312,9 +312,7 @@ class Coordinator:
         m.set_phase("prepare")
         from migrate.source import check
         loop = asyncio.get_running_loop()
-        wait = getattr(self.agent, "wait_filled", None)
-        if wait is not None:         # (a post-copy to here not done yet)
-            await wait(m.pid)
+        await self.agent.wait_filled(m.pid)     # (a post-copy to here not done yet)
         try:
             self.req = await loop.run_in_executor(None, check.requirements, m.pid)
         except errors.NoSuchProcess:
